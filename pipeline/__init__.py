@@ -1,0 +1,7 @@
+"""pipeline: send every row of a table to an OpenAI-compatible API and get a clean Parquet table back."""
+
+from pipeline.errors import PipelineError
+from pipeline.estimate import Estimate, estimate
+from pipeline.job import Job
+
+__all__ = ["Estimate", "Job", "PipelineError", "estimate"]

@@ -1,0 +1,135 @@
+"""The pre-run estimate: exact prompt tokens, cost bounds, the time the limits impose, rows that cannot fit.
+
+Prompt tokens are exact (the provider's tokenizer and chat framing). Output tokens are unknowable before the
+run, so the estimate gives an upper bound (every answer uses ``max_tokens``) and, when the job states a typical
+answer length in ``[estimate].output_tokens``, an expected figure. Identical requests are counted once, as the
+executor sends them once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from pipeline.job import Job
+from pipeline.pricing import Price, Usage, lookup_price
+from pipeline.render import Renderer
+from pipeline.source import iter_chunks, open_source
+
+MAX_LISTED_IDS = 1000
+
+
+@dataclass
+class Estimate:
+    """What a run of the job will send, cost and take. Costs are None when the model has no price."""
+
+    job: str
+    model: str
+    rows: int = 0
+    rows_skipped: int = 0
+    requests: int = 0
+    duplicate_rows: int = 0
+    prompt_tokens: int = 0
+    max_output_tokens: int = 0
+    expected_output_tokens: int | None = None
+    largest_request_tokens: int = 0
+    cost_usd_max: float | None = None
+    cost_usd_expected: float | None = None
+    batch_cost_usd_max: float | None = None
+    batch_cost_usd_expected: float | None = None
+    duration_s: float | None = None
+    binding_limit: str | None = None
+    context_window: int | None = None
+    over_context_rows: int = 0
+    over_context_ids: list[Any] = field(default_factory=list)
+    price: dict[str, Any] | None = None
+    warnings: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class EstimateBuilder:
+    """Accumulates an estimate chunk by chunk, so the run can reuse the same pass."""
+
+    def __init__(self, job: Job, price: Price | None) -> None:
+        self.job, self.price = job, price
+        self.est = Estimate(job=job.name, model=job.request.model)
+        self._seen: set[str] = set()
+        self._costs = [0.0, 0.0, 0.0, 0.0]
+        self._budget_tokens = 0
+        if price is None:
+            self.est.warnings.append(
+                f"no price known for model {job.request.model!r}: cost columns will be null "
+                "(add a [pricing] table with input_per_mtok and output_per_mtok to the job)")
+        else:
+            self.est.price = price.describe()
+            self.est.context_window = price.context_window
+
+    def add(self, chunk: Any) -> None:
+        """Fold one RenderedChunk in."""
+        est, price = self.est, self.price
+        est.rows += len(chunk.requests) + len(chunk.skipped)
+        est.rows_skipped += len(chunk.skipped)
+        ctx = est.context_window
+        expected_out = self.job.estimate.output_tokens
+        costs = self._costs
+        for r in chunk.requests:
+            if ctx is not None and r.budget_tokens > ctx:
+                est.over_context_rows += 1
+                if len(est.over_context_ids) < MAX_LISTED_IDS:
+                    est.over_context_ids.append(r.row_id)
+            if r.key in self._seen:
+                est.duplicate_rows += 1
+                continue
+            self._seen.add(r.key)
+            est.requests += 1
+            est.prompt_tokens += r.prompt_tokens
+            est.max_output_tokens += r.max_output_tokens
+            self._budget_tokens += r.budget_tokens
+            est.largest_request_tokens = max(est.largest_request_tokens, r.budget_tokens)
+            if price is not None:
+                costs[0] += price.cost(Usage(r.prompt_tokens, r.max_output_tokens))
+                costs[1] += price.cost(Usage(r.prompt_tokens, r.max_output_tokens), batch=True)
+                if expected_out is not None:
+                    costs[2] += price.cost(Usage(r.prompt_tokens, expected_out))
+                    costs[3] += price.cost(Usage(r.prompt_tokens, expected_out), batch=True)
+
+    def finish(self) -> Estimate:
+        est, lim = self.est, self.job.limits
+        if self.job.estimate.output_tokens is not None:
+            est.expected_output_tokens = self.job.estimate.output_tokens * est.requests
+        if self.price is not None:
+            est.cost_usd_max, est.batch_cost_usd_max = self._costs[0], self._costs[1]
+            if est.expected_output_tokens is not None:
+                est.cost_usd_expected, est.batch_cost_usd_expected = self._costs[2], self._costs[3]
+        by_limit = {}
+        if lim.requests_per_minute:
+            by_limit["requests_per_minute"] = est.requests / lim.requests_per_minute * 60
+        if lim.tokens_per_minute:
+            by_limit["tokens_per_minute"] = self._budget_tokens / lim.tokens_per_minute * 60
+            if est.largest_request_tokens > lim.tokens_per_minute:
+                est.warnings.append(f"the largest request needs {est.largest_request_tokens} tokens, more than "
+                                    f"tokens_per_minute ({lim.tokens_per_minute}): it can never be sent")
+        if by_limit:
+            est.binding_limit = max(by_limit, key=lambda k: by_limit[k])
+            est.duration_s = by_limit[est.binding_limit]
+        if est.over_context_rows:
+            est.warnings.append(f"{est.over_context_rows} row(s) need more than the model's context window "
+                                f"({est.context_window} tokens, prompt + max_tokens); they will fail")
+        return est
+
+
+def estimate(job: Job, *, limit: int | None = None,
+             on_chunk: Callable[[int], None] | None = None) -> Estimate:
+    """Render every row (without sending anything) and add up what the run will cost."""
+    source = open_source(job.input.path)
+    renderer = Renderer(job, source)
+    builder = EstimateBuilder(job, lookup_price(job.request.model, job.pricing))
+    for chunk in iter_chunks(source, renderer.columns, limit=limit):
+        rendered = renderer.render_chunk(chunk)
+        builder.add(rendered)
+        if on_chunk is not None:
+            on_chunk(chunk.height)
+    return builder.finish()

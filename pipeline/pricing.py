@@ -1,0 +1,153 @@
+"""Model prices and cost math.
+
+Prices come from ``genai-prices`` (a maintained, offline price table) unless the job's ``[pricing]`` table
+overrides them. A model the table does not know gets no price: cost columns are null and the user is warned;
+a made-up price would be worse than none. Rates are resolved once per run so the per-row math is plain
+arithmetic (a million rows cannot afford a table lookup each).
+
+The Batch API price is the table's own ``processing = batch`` variant where it has one, else 50% of the
+standard rates, as OpenAI documents.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+from dataclasses import dataclass
+from datetime import UTC, date, datetime
+from decimal import Decimal
+from typing import Any
+
+from pipeline.job import PricingSpec
+
+PROVIDER = "openai"
+BATCH_DISCOUNT = 0.5
+
+
+@dataclass(frozen=True)
+class Rate:
+    """USD per million tokens, with the provider's cliff tiers: past ``start`` prompt tokens, all tokens pay more."""
+
+    base: float
+    tiers: tuple[tuple[int, float], ...] = ()
+
+    def at(self, prompt_tokens: int) -> float:
+        rate = self.base
+        for start, price in self.tiers:
+            if prompt_tokens > start:
+                rate = price
+        return rate
+
+    def scaled(self, factor: float) -> Rate:
+        return Rate(self.base * factor, tuple((s, p * factor) for s, p in self.tiers))
+
+
+@dataclass(frozen=True)
+class Usage:
+    """Tokens of one answer, as the response's ``usage`` reports them (details default to 0 when absent)."""
+
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_tokens: int = 0
+    reasoning_tokens: int = 0
+
+
+@dataclass(frozen=True)
+class Price:
+    """Resolved prices of one model, standard and batch, and where they came from."""
+
+    model: str
+    input: Rate
+    cached_input: Rate
+    output: Rate
+    batch_input: Rate
+    batch_cached_input: Rate
+    batch_output: Rate
+    source: str
+    source_date: str | None
+    context_window: int | None = None
+
+    def cost(self, usage: Usage, *, batch: bool = False) -> float:
+        """USD for one answer: uncached prompt, cached prompt and completion (reasoning is inside completion)."""
+        p = usage.prompt_tokens
+        cached = min(usage.cached_tokens, p)
+        if batch:
+            rates = (self.batch_input, self.batch_cached_input, self.batch_output)
+        else:
+            rates = (self.input, self.cached_input, self.output)
+        return ((p - cached) * rates[0].at(p) + cached * rates[1].at(p)
+                + usage.completion_tokens * rates[2].at(p)) / 1_000_000
+
+    def describe(self) -> dict[str, Any]:
+        """For manifests and reports: the rates in USD per 1M tokens and their source."""
+        return {"model": self.model, "input_per_mtok": self.input.base, "cached_input_per_mtok": self.cached_input.base,
+                "output_per_mtok": self.output.base, "batch_input_per_mtok": self.batch_input.base,
+                "batch_output_per_mtok": self.batch_output.base, "source": self.source,
+                "source_date": self.source_date}
+
+
+def _rate(value: Any) -> Rate | None:
+    if value is None:
+        return None
+    if isinstance(value, Decimal | int | float):
+        return Rate(float(value))
+    base = getattr(value, "base", None)
+    if base is None:
+        return None
+    return Rate(float(base), tuple((int(t.start), float(t.price)) for t in getattr(value, "tiers", ())))
+
+
+def _table_version() -> str:
+    try:
+        return importlib.metadata.version("genai-prices")
+    except importlib.metadata.PackageNotFoundError:  # pragma: no cover - it is a dependency
+        return "unknown"
+
+
+def _newest_price_date(model_info: Any) -> str | None:
+    """The newest price change the table knows for this model: the 'as of' date users need to judge staleness."""
+    dates: list[date] = []
+    prices = model_info.prices if isinstance(model_info.prices, list) else []
+    for cp in prices:
+        if getattr(cp, "constraint", None) is not None and hasattr(cp.constraint, "start_date"):
+            dates.append(cp.constraint.start_date)
+    for v in model_info.price_variants or ():
+        if v.constraint is not None and hasattr(v.constraint, "start_date"):
+            dates.append(v.constraint.start_date)
+    return max(dates).isoformat() if dates else None
+
+
+def lookup_price(model: str, overrides: PricingSpec | None = None, *, now: datetime | None = None) -> Price | None:
+    """The price of ``model``, or None when neither the job nor the price table knows it."""
+    overrides = overrides or PricingSpec()
+    if overrides.input_per_mtok is not None and overrides.output_per_mtok is not None:
+        inp = Rate(overrides.input_per_mtok)
+        cached = Rate(overrides.cached_input_per_mtok if overrides.cached_input_per_mtok is not None
+                      else overrides.input_per_mtok)
+        out = Rate(overrides.output_per_mtok)
+        return Price(model, inp, cached, out, inp.scaled(BATCH_DISCOUNT), cached.scaled(BATCH_DISCOUNT),
+                     out.scaled(BATCH_DISCOUNT), source="job [pricing] table", source_date=None,
+                     context_window=overrides.context_window)
+    from genai_prices import data_snapshot
+
+    when = now or datetime.now(tz=UTC)
+    try:
+        _provider, info = data_snapshot.get_snapshot().find_provider_model(model, None, PROVIDER, None)
+    except LookupError:
+        return None
+    std = info.get_prices(when)
+    inp, out = _rate(std.input_mtok), _rate(std.output_mtok)
+    if inp is None or out is None:
+        return None
+    cached = _rate(std.cache_read_mtok) or inp
+    batch = info.get_prices(when, {"processing": "batch"})
+    has_batch = any(v.when.get("processing") == "batch" for v in info.price_variants or ())
+    if has_batch:
+        b_in = _rate(batch.input_mtok) or inp.scaled(BATCH_DISCOUNT)
+        b_cached = _rate(batch.cache_read_mtok) or cached
+        b_out = _rate(batch.output_mtok) or out.scaled(BATCH_DISCOUNT)
+    else:
+        b_in, b_cached, b_out = (r.scaled(BATCH_DISCOUNT) for r in (inp, cached, out))
+    return Price(model, inp, cached, out, b_in, b_cached, b_out,
+                 source=f"genai-prices {_table_version()} (bundled table, model {info.id})",
+                 source_date=_newest_price_date(info),
+                 context_window=overrides.context_window or info.context_window)

@@ -1,0 +1,220 @@
+"""Rows -> request bodies, through sandboxed Jinja2 templates.
+
+The sandbox keeps a template from reaching Python internals, StrictUndefined turns a typo into an error
+instead of an empty prompt, and every column a template names is checked against the input schema before any
+row is rendered. A null cell renders as an empty string, or skips its row when the job says ``skip_nulls``.
+A request's key is a hash of the endpoint and its exact body: the journal and the dedup both rest on it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import jinja2
+import jinja2.meta
+import orjson
+import polars as pl
+from jinja2.sandbox import SandboxedEnvironment
+
+from pipeline.errors import TemplateError
+from pipeline.job import Job
+from pipeline.source import ROW, Source, check_columns
+from pipeline.tokens import REPLY_PRIMING, TOKENS_PER_MESSAGE, ChatTokenCounter
+
+ROW_VARIABLE = "row"  # a mapping of the whole row, for column names that are not identifiers
+ENDPOINT_PATHS = {"chat": "/chat/completions"}
+
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    """One row's request, ready to send: its body bytes, its key and its token cost."""
+
+    row: int
+    row_id: Any
+    key: str
+    body: bytes
+    prompt_tokens: int
+    max_output_tokens: int
+    keep: tuple[Any, ...]
+
+    @property
+    def budget_tokens(self) -> int:
+        """What the provider charges against tokens-per-minute when it admits this request."""
+        return self.prompt_tokens + self.max_output_tokens
+
+
+@dataclass(frozen=True, slots=True)
+class Skipped:
+    """A row not sent because a column its templates use is null and the job says ``skip_nulls``."""
+
+    row: int
+    row_id: Any
+    reason: str
+    keep: tuple[Any, ...]
+
+
+@dataclass(frozen=True)
+class RenderedChunk:
+    """What one input chunk became."""
+
+    requests: list[Request]
+    skipped: list[Skipped]
+
+
+@dataclass(frozen=True)
+class _Part:
+    role: str
+    source: str
+    template: jinja2.Template | None  # None: constant text, rendered once
+    text: str
+
+
+def request_key(endpoint: str, body: bytes) -> str:
+    """The identity of a request: the same endpoint and body is the same question, asked once."""
+    return hashlib.blake2b(endpoint.encode() + b"\n" + body, digest_size=16).hexdigest()
+
+
+def schema_name(job_name: str) -> str:
+    """A Structured Outputs schema name: ``[a-zA-Z0-9_-]``, at most 64 characters."""
+    return (re.sub(r"[^a-zA-Z0-9_-]", "_", job_name) or "result")[:64]
+
+
+def _finalize(value: object) -> object:
+    return "" if value is None else value
+
+
+class Renderer:
+    """Turns input chunks into requests for one job; built once, after the job and the input are checked."""
+
+    def __init__(self, job: Job, source: Source) -> None:
+        self.job = job
+        self.env = SandboxedEnvironment(undefined=jinja2.StrictUndefined, finalize=_finalize,
+                                        keep_trailing_newline=False, autoescape=False)
+        self.parts: list[_Part] = []
+        req = job.request
+        if req.system:
+            self.parts.append(self._compile("system", req.system, f"{job.source}: [request].system"))
+        for i, m in enumerate(req.messages):
+            self.parts.append(self._compile(m.role, m.content, f"{job.source}: [request].messages[{i}]"))
+        self.parts.append(self._compile("user", req.prompt, req.prompt_source))
+        self.template_columns = self._referenced_columns(source)
+        self.id_column = job.input.id
+        if self.id_column:
+            check_columns(source, [self.id_column], f"{job.source}: [input].id")
+        check_columns(source, job.input.keep, f"{job.source}: [input].keep")
+        self.counter = ChatTokenCounter(req.model)
+        self.fixed_tokens = REPLY_PRIMING + sum(
+            TOKENS_PER_MESSAGE + self.counter.fixed(p.role) + (self.counter.fixed(p.text) if p.template is None else 0)
+            for p in self.parts)
+        self._body_head = self._static_body()
+
+    @property
+    def columns(self) -> list[str]:
+        """Input columns a chunk must carry: template columns, the id and the kept columns."""
+        cols = [*self.template_columns, *self.job.input.keep]
+        if self.id_column:
+            cols.append(self.id_column)
+        return list(dict.fromkeys(cols))
+
+    def _compile(self, role: str, text: str, where: str) -> _Part:
+        try:
+            ast = self.env.parse(text)
+            variables = jinja2.meta.find_undeclared_variables(ast)
+            template = self.env.from_string(text) if variables else None
+        except jinja2.TemplateSyntaxError as e:
+            raise TemplateError(f"{where}: template syntax error on line {e.lineno}: {e.message}") from None
+        # A template without variables still goes through Jinja once, so `{{ "x" }}`-style constants work.
+        constant = text if template is not None else self.env.from_string(text).render()
+        return _Part(role=role, source=where, template=template, text=constant)
+
+    def _referenced_columns(self, source: Source) -> list[str]:
+        cols: list[str] = []
+        for p in self.parts:
+            if p.template is None:
+                continue
+            names = jinja2.meta.find_undeclared_variables(self.env.parse(p.text))
+            if ROW_VARIABLE in names and ROW_VARIABLE not in source.schema:
+                cols.extend(source.columns)  # `row["odd name"]` can use any column
+                names.discard(ROW_VARIABLE)
+            missing = sorted(n for n in names if n not in source.schema)
+            if missing:
+                raise TemplateError(f"{p.source}: template uses column(s) the input lacks: {', '.join(missing)} "
+                                    f"(available: {', '.join(source.columns)})")
+            cols.extend(sorted(names))
+        return list(dict.fromkeys(cols))
+
+    def _static_body(self) -> dict[str, Any]:
+        req = self.job.request
+        body: dict[str, Any] = {"model": req.model}
+        if req.temperature is not None:
+            body["temperature"] = req.temperature
+        if req.top_p is not None:
+            body["top_p"] = req.top_p
+        if req.seed is not None:
+            body["seed"] = req.seed
+        if req.stop:
+            body["stop"] = list(req.stop)
+        if req.reasoning_effort:
+            body["reasoning_effort"] = req.reasoning_effort
+        body["max_completion_tokens"] = req.max_tokens
+        if req.response_schema is not None:
+            body["response_format"] = {"type": "json_schema", "json_schema": {
+                "name": schema_name(self.job.name), "schema": req.response_schema, "strict": True}}
+        return body
+
+    def render_messages(self, values: dict[str, Any], row_id: Any) -> list[dict[str, str]]:
+        """The chat messages of one row."""
+        messages = []
+        for p in self.parts:
+            if p.template is None:
+                content = p.text
+            else:
+                try:
+                    content = p.template.render(values, row=values)
+                except jinja2.UndefinedError as e:
+                    raise TemplateError(f"{p.source}: row {row_id}: {e.message}") from None
+                except jinja2.exceptions.SecurityError as e:
+                    raise TemplateError(f"{p.source}: row {row_id}: not allowed in a template: {e}") from None
+                except Exception as e:  # a filter failing on this row's data
+                    raise TemplateError(f"{p.source}: row {row_id}: {type(e).__name__}: {e}") from None
+            messages.append({"role": p.role, "content": content})
+        return messages
+
+    def body(self, messages: list[dict[str, str]]) -> bytes:
+        """The exact JSON body; its bytes are hashed into the request key, so field order is fixed."""
+        return orjson.dumps({**self._body_head, "messages": messages})
+
+    def render_chunk(self, chunk: pl.DataFrame) -> RenderedChunk:
+        """Render every row of a chunk, counting prompt tokens in one batch."""
+        rows = chunk.get_column(ROW).to_list()
+        ids = chunk.get_column(self.id_column).to_list() if self.id_column else rows
+        keep_cols = [chunk.get_column(c).to_list() for c in self.job.input.keep]
+        keeps = list(zip(*keep_cols, strict=True)) if keep_cols else [()] * len(rows)
+        values_iter = chunk.select(self.template_columns).iter_rows(named=True) if self.template_columns \
+            else ({} for _ in rows)
+        skip_nulls = self.job.input.skip_nulls
+        pending: list[tuple[int, Any, tuple[Any, ...], list[dict[str, str]]]] = []
+        skipped: list[Skipped] = []
+        for row, row_id, keep, values in zip(rows, ids, keeps, values_iter, strict=True):
+            if skip_nulls:
+                nulls = [k for k, v in values.items() if v is None]
+                if nulls:
+                    skipped.append(Skipped(row, row_id, f"skipped: null in column(s) {', '.join(nulls)}", keep))
+                    continue
+            pending.append((row, row_id, keep, self.render_messages(values, row_id)))
+        variable = [i for i, p in enumerate(self.parts) if p.template is not None]
+        texts = [msgs[i]["content"] for _, _, _, msgs in pending for i in variable]
+        counts = self.counter.count_texts(texts)
+        per = len(variable)
+        max_out = self.job.request.max_tokens
+        endpoint = self.job.request.endpoint
+        requests = []
+        for n, (row, row_id, keep, msgs) in enumerate(pending):
+            prompt_tokens = self.fixed_tokens + sum(counts[n * per:(n + 1) * per])
+            body = self.body(msgs)
+            requests.append(Request(row, row_id, request_key(endpoint, body), body, prompt_tokens, max_out, keep))
+        return RenderedChunk(requests=requests, skipped=skipped)
+

