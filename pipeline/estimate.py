@@ -59,6 +59,7 @@ class EstimateBuilder:
         self._seen: set[str] = set()
         self._costs = [0.0, 0.0, 0.0, 0.0]
         self._budget_tokens = 0
+        self._flat = price is None or price.flat
         if price is None:
             self.est.warnings.append(
                 f"no price known for model {job.request.model!r}: cost columns will be null "
@@ -75,6 +76,7 @@ class EstimateBuilder:
         ctx = est.context_window
         expected_out = self.job.estimate.output_tokens
         costs = self._costs
+        per_request = price is not None and not self._flat
         for r in chunk.requests:
             if ctx is not None and r.budget_tokens > ctx:
                 est.over_context_rows += 1
@@ -89,7 +91,8 @@ class EstimateBuilder:
             est.max_output_tokens += r.max_output_tokens
             self._budget_tokens += r.budget_tokens
             est.largest_request_tokens = max(est.largest_request_tokens, r.budget_tokens)
-            if price is not None:
+            if per_request:
+                assert price is not None
                 costs[0] += price.cost(Usage(r.prompt_tokens, r.max_output_tokens))
                 costs[1] += price.cost(Usage(r.prompt_tokens, r.max_output_tokens), batch=True)
                 if expected_out is not None:
@@ -100,6 +103,12 @@ class EstimateBuilder:
         est, lim = self.est, self.job.limits
         if self.job.estimate.output_tokens is not None:
             est.expected_output_tokens = self.job.estimate.output_tokens * est.requests
+        if self.price is not None and self.price.flat:
+            expected_out = est.expected_output_tokens or 0
+            self._costs = [self.price.cost(Usage(est.prompt_tokens, est.max_output_tokens)),
+                           self.price.cost(Usage(est.prompt_tokens, est.max_output_tokens), batch=True),
+                           self.price.cost(Usage(est.prompt_tokens, expected_out)),
+                           self.price.cost(Usage(est.prompt_tokens, expected_out), batch=True)]
         if self.price is not None:
             est.cost_usd_max, est.batch_cost_usd_max = self._costs[0], self._costs[1]
             if est.expected_output_tokens is not None:

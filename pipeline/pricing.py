@@ -77,6 +77,12 @@ class Price:
         return ((p - cached) * rates[0].at(p) + cached * rates[1].at(p)
                 + usage.completion_tokens * rates[2].at(p)) / 1_000_000
 
+    @property
+    def flat(self) -> bool:
+        """No tiers: cost is linear in tokens, so sums can be priced once instead of per request."""
+        return not any(r.tiers for r in (self.input, self.cached_input, self.output, self.batch_input,
+                                         self.batch_cached_input, self.batch_output))
+
     def describe(self) -> dict[str, Any]:
         """For manifests and reports: the rates in USD per 1M tokens and their source."""
         return {"model": self.model, "input_per_mtok": self.input.base, "cached_input_per_mtok": self.cached_input.base,

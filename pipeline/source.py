@@ -94,7 +94,14 @@ def iter_chunks(source: Source, columns: Sequence[str], *, chunk_rows: int = DEF
 
     Raises InputError for an empty input or for data polars cannot parse (a ragged CSV row, a corrupt page).
     """
-    lf = _scan(source.files, source.format).select(list(dict.fromkeys(columns))).with_row_index(ROW)
+    wanted = [ROW, *dict.fromkeys(columns)]
+    lf = _scan(source.files, source.format)
+    # A CSV reader that reads only some columns does not notice a ragged row, and would silently shift data:
+    # read every column of a CSV and select afterwards.
+    project_late = source.format == "csv"
+    if not project_late:
+        lf = lf.select(wanted[1:])
+    lf = lf.with_row_index(ROW)
     if limit is not None:
         lf = lf.head(limit)
     seen = 0
@@ -102,7 +109,7 @@ def iter_chunks(source: Source, columns: Sequence[str], *, chunk_rows: int = DEF
         for chunk in lf.collect_batches(chunk_size=chunk_rows, lazy=True):
             if chunk.height:
                 seen += chunk.height
-                yield chunk
+                yield chunk.select(wanted) if project_late else chunk
     except pl.exceptions.PolarsError as e:
         where = _find_ragged_csv_row(source) if source.format == "csv" else None
         raise InputError(where or f"{source.pattern}: cannot read {source.format} input after row {seen}: "

@@ -1,0 +1,50 @@
+"""Benchmark: `pipeline estimate` on a 1,000,000-row Parquet input. Prints rows/s and peak RSS.
+
+Target (issue 2): a million rows in under 60 s on 2 cores, peak RSS under 1 GiB.
+Run: .venv/bin/python bench/estimate.py [ROWS]
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "data"))
+
+from make_reviews import make  # noqa: E402
+
+
+def main() -> None:
+    rows = int(sys.argv[1]) if len(sys.argv) > 1 else 1_000_000
+    work = ROOT / "bench" / "data"
+    work.mkdir(parents=True, exist_ok=True)
+    data = work / f"reviews-{rows}.parquet"
+    if not data.exists():
+        t = time.perf_counter()
+        make(rows, seed=42).write_parquet(data)
+        print(f"built {data.name} ({rows:,} rows, seed 42) in {time.perf_counter() - t:.1f} s")
+    job = work / "estimate-bench.toml"
+    job.write_text((ROOT / "jobs" / "summarise.toml").read_text()
+                   .replace('path = "../data/reviews.parquet"', f'path = "{data.name}"')
+                   .replace('path = "../out/review-summaries.parquet"', 'path = "out/bench.parquet"'))
+    t = time.perf_counter()
+    proc = subprocess.run([str(ROOT / ".venv/bin/pipeline"), "estimate", str(job), "--json"],
+                          capture_output=True, text=True)
+    wall = time.perf_counter() - t
+    if proc.returncode != 0:
+        sys.exit(f"estimate failed: {proc.stderr}")
+    est = json.loads(proc.stdout)
+    peak_mib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    print(f"rows: {est['rows']:,}  requests: {est['requests']:,}  prompt tokens: {est['prompt_tokens']:,}")
+    print(f"wall: {wall:.1f} s  rows/s: {est['rows'] / wall:,.0f}  peak RSS: {peak_mib:,.0f} MiB")
+    print(f"targets: < 60 s ({'met' if wall < 60 else 'MISSED'}), "
+          f"< 1024 MiB ({'met' if peak_mib < 1024 else 'MISSED'})")
+
+
+if __name__ == "__main__":
+    main()

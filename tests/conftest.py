@@ -1,0 +1,68 @@
+"""Shared fixtures: every test runs in its own folder with a clean environment, and builds jobs with factories."""
+
+from __future__ import annotations
+
+import textwrap
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+import pytest
+
+SECRET = "sk-test-SECRET-never-print-me-0123456789"
+
+
+@pytest.fixture(autouse=True)
+def isolated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Run in a temp folder; no real key or base URL can leak in from the developer's shell."""
+    monkeypatch.chdir(tmp_path)
+    for var in ("OPENAI_API_KEY", "PIPELINE_BASE_URL", "OPENAI_BASE_URL"):
+        monkeypatch.delenv(var, raising=False)
+    return tmp_path
+
+
+def reviews(n: int = 20) -> pl.DataFrame:
+    """A small deterministic input with text, a product, a rating and a string id."""
+    return pl.DataFrame({
+        "review_id": [f"r{i:04d}" for i in range(n)],
+        "product": [["lamp", "kettle", "tent"][i % 3] for i in range(n)],
+        "rating": [1 + i % 5 for i in range(n)],
+        "text": [f"Review number {i}: the product was {'great' if i % 2 else 'poor'} and arrived on day {i % 7}."
+                 for i in range(n)],
+    })
+
+
+@pytest.fixture
+def make_job(tmp_path: Path) -> Callable[..., Path]:
+    """Write an input file and a job file; keyword arguments replace whole sections of the TOML text."""
+
+    def make(*, rows: int = 20, data: pl.DataFrame | None = None, fmt: str = "parquet", name: str = "t",
+             request: str | None = None, input: str | None = None, extra: str = "", limits: str = "",
+             output: str | None = None) -> Path:
+        df = reviews(rows) if data is None else data
+        path = tmp_path / f"input.{fmt}"
+        {"parquet": df.write_parquet, "csv": df.write_csv, "jsonl": df.write_ndjson}[fmt](path)
+        input = input if input is not None else f'path = "input.{fmt}"\nid = "review_id"\nkeep = ["product"]'
+        request = request if request is not None else textwrap.dedent('''\
+            model = "gpt-4o-mini"
+            system = "Summarise in one sentence."
+            prompt = "Review of {{ product }}: {{ text }}"
+            max_tokens = 50''')
+        output = output if output is not None else 'path = "out/result.parquet"'
+        job = (f'name = "{name}"\n\n[input]\n{input}\n\n[request]\n{request}\n\n[output]\n{output}\n\n'
+               f'[limits]\n{limits}\n{extra}\n')
+        p = tmp_path / "job.toml"
+        p.write_text(job)
+        return p
+
+    return make
+
+
+def run_cli(*args: Any, input: str | None = None) -> Any:
+    """Invoke the click app in-process; returns click's Result."""
+    from click.testing import CliRunner
+
+    from pipeline.cli import main
+
+    return CliRunner().invoke(main, [str(a) for a in args], input=input, catch_exceptions=False)

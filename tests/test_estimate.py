@@ -1,0 +1,70 @@
+import json
+
+import polars as pl
+import pytest
+
+from pipeline.estimate import estimate
+from pipeline.job import Job
+from pipeline.tokens import ChatTokenCounter
+from tests.conftest import reviews, run_cli
+
+
+def _expected_prompt_tokens(df, system="Summarise in one sentence."):
+    c = ChatTokenCounter("gpt-4o-mini")
+    return [c.count_messages([{"role": "system", "content": system},
+                              {"role": "user", "content": f"Review of {p}: {t}"}])
+            for p, t in zip(df["product"], df["text"], strict=True)]
+
+
+def test_estimate_counts_tokens_cost_and_duration(make_job):
+    df = reviews(40)
+    job = Job.load(make_job(data=df, limits="requests_per_minute = 20\ntokens_per_minute = 1000000",
+                            extra="[estimate]\noutput_tokens = 10"))
+    est = estimate(job)
+    prompts = _expected_prompt_tokens(df)
+    assert est.rows == 40 and est.requests == 40 and est.duplicate_rows == 0
+    assert est.prompt_tokens == sum(prompts)
+    assert est.max_output_tokens == 40 * 50
+    assert est.expected_output_tokens == 400
+    assert est.cost_usd_max == pytest.approx((sum(prompts) * 0.15 + 2000 * 0.6) / 1e6)
+    assert est.cost_usd_expected == pytest.approx((sum(prompts) * 0.15 + 400 * 0.6) / 1e6)
+    assert est.batch_cost_usd_max == pytest.approx(est.cost_usd_max / 2)
+    assert est.binding_limit == "requests_per_minute"
+    assert est.duration_s == pytest.approx(40 / 20 * 60)
+
+
+def test_tokens_per_minute_can_bind(make_job):
+    est = estimate(Job.load(make_job(limits="requests_per_minute = 10000\ntokens_per_minute = 1000")))
+    assert est.binding_limit == "tokens_per_minute"
+    assert est.duration_s == pytest.approx((est.prompt_tokens + est.max_output_tokens) / 1000 * 60)
+
+
+def test_identical_rows_are_counted_once(make_job):
+    df = pl.concat([reviews(5)] * 3).with_columns(pl.Series("review_id", [f"x{i}" for i in range(15)]))
+    est = estimate(Job.load(make_job(data=df)))
+    assert est.rows == 15 and est.requests == 5 and est.duplicate_rows == 10
+
+
+def test_rows_over_context_window_are_listed(make_job):
+    df = reviews(5).with_columns(pl.when(pl.col("rating") == 3).then(pl.lit("word " * 400))
+                                 .otherwise(pl.col("text")).alias("text"))
+    est = estimate(Job.load(make_job(data=df, extra="[pricing]\ninput_per_mtok = 1.0\noutput_per_mtok = 2.0\n"
+                                                     "context_window = 300")))
+    assert est.over_context_rows == 1 and est.over_context_ids == ["r0002"]
+
+
+def test_unknown_model_warns_and_has_no_cost(make_job):
+    est = estimate(Job.load(make_job(request='model = "local-llama"\nprompt = "{{ text }}"')))
+    assert est.cost_usd_max is None and est.price is None
+    assert "no price known for model 'local-llama'" in est.warnings[0]
+
+
+def test_cli_json_and_table(make_job):
+    job = make_job()
+    result = run_cli("estimate", job.name, "--json")
+    assert result.exit_code == 0
+    data = json.loads(result.output)
+    assert data["rows"] == 20 and data["price"]["source"].startswith("genai-prices")
+    table = run_cli("estimate", job.name)
+    assert table.exit_code == 0
+    assert "cost at Batch API price" in table.output and "prompt tokens (exact)" in table.output

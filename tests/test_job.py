@@ -1,0 +1,139 @@
+from pathlib import Path
+
+import pytest
+
+from pipeline.errors import JobError
+from pipeline.job import Job
+from tests.conftest import run_cli
+
+
+def _bad(job: Path, expected: str) -> None:
+    if job.is_absolute():
+        job = job.relative_to(Path.cwd())  # users type relative paths, and the message echoes theirs
+    result = run_cli("validate", job)
+    assert result.exit_code == 2, result.output
+    assert result.output.strip() == f"error: {expected}"
+    assert "Traceback" not in result.output
+
+
+def test_valid_job_loads_with_defaults_and_resolves_paths_against_job_folder(make_job, tmp_path):
+    job = Job.load(make_job())
+    assert job.name == "t"
+    assert job.input.path == str(tmp_path / "input.parquet")
+    assert job.output.path == str(tmp_path / "out/result.parquet")
+    assert job.input.keep == ("product",)
+    assert job.limits.concurrency == 64 and job.limits.max_attempts == 6
+    assert job.api.api_key_env == "OPENAI_API_KEY"
+    assert job.request.max_tokens == 50
+
+
+def test_relative_paths_do_not_depend_on_working_directory(make_job, tmp_path, monkeypatch):
+    job_path = make_job()
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    assert Job.load(job_path).input.path == str(tmp_path / "input.parquet")
+
+
+def test_wrong_type_names_file_and_key(make_job):
+    _bad(make_job(limits='requests_per_minute = "fast"'),
+         'job.toml: [limits].requests_per_minute must be a positive integer, got "fast"')
+
+
+def test_negative_number(make_job):
+    _bad(make_job(limits="concurrency = -3"), "job.toml: [limits].concurrency must be a positive integer, got -3")
+
+
+def test_unknown_key(make_job):
+    _bad(make_job(limits="concurency = 3"),
+         "job.toml: [limits].concurency is not a known key (known keys: concurrency, max_attempts, "
+         "requests_per_minute, timeout_s, tokens_per_minute)")
+
+
+def test_unknown_top_level_table(make_job):
+    _bad(make_job(extra="[retries]\nx = 1"),
+         "job.toml: retries is not a known key (known keys: api, budget, estimate, input, limits, name, output, "
+         "pricing, request)")
+
+
+def test_missing_required_key(make_job):
+    _bad(make_job(request='prompt = "{{ text }}"'), "job.toml: [request].model is required")
+
+
+def test_missing_required_table(tmp_path):
+    p = tmp_path / "job.toml"
+    p.write_text('name = "x"\n[input]\npath = "a.csv"\n[output]\npath = "o.parquet"\n')
+    _bad(p, "job.toml: [request] is required")
+
+
+def test_conflicting_prompt_and_prompt_file(make_job):
+    _bad(make_job(request='model = "gpt-4o-mini"\nprompt = "x"\nprompt_file = "p.j2"'),
+         "job.toml: [request].prompt_file conflicts with [request].prompt: give one of them")
+
+
+def test_prompt_file_missing(make_job, tmp_path):
+    _bad(make_job(request='model = "gpt-4o-mini"\nprompt_file = "prompts/p.j2"'),
+         f"job.toml: [request].prompt_file file not found: {tmp_path / 'prompts/p.j2'}")
+
+
+def test_prompt_file_is_read_relative_to_job(make_job, tmp_path):
+    (tmp_path / "prompts").mkdir()
+    (tmp_path / "prompts/p.j2").write_text("About {{ product }}: {{ text }}")
+    job = Job.load(make_job(request='model = "gpt-4o-mini"\nprompt_file = "prompts/p.j2"'))
+    assert job.request.prompt == "About {{ product }}: {{ text }}"
+
+
+def test_bad_input_path(make_job, tmp_path):
+    _bad(make_job(input='path = "nope.parquet"'), f"{tmp_path / 'nope.parquet'}: input file not found")
+
+
+def test_bad_output_suffix(make_job):
+    _bad(make_job(output='path = "out.csv"'), 'job.toml: [output].path must end in .parquet, got "out.csv"')
+
+
+def test_invalid_toml(tmp_path):
+    p = tmp_path / "job.toml"
+    p.write_text('name = "x"\n[input\n')
+    result = run_cli("validate", "job.toml")
+    assert result.exit_code == 2
+    assert result.output.startswith("error: job.toml: invalid TOML: Expected ']'")
+
+
+def test_missing_job_file():
+    _bad(Path("nope.toml"), "nope.toml: job file not found")
+
+
+def test_temperature_range(make_job):
+    _bad(make_job(request='model = "m"\nprompt = "x"\ntemperature = 3'),
+         "job.toml: [request].temperature must be a number >= 0 and <= 2, got 3")
+
+
+def test_messages_role_checked(make_job):
+    _bad(make_job(request='model = "m"\nprompt = "x"\nmessages = [{role = "bot", content = "hi"}]'),
+         'job.toml: [request].messages[0].role must be one of system, developer, user, assistant, got "bot"')
+
+
+def test_embeddings_endpoint_is_refused_clearly(make_job):
+    _bad(make_job(request='endpoint = "embeddings"\nmodel = "text-embedding-3-small"\nprompt = "x"'),
+         'job.toml: [request].endpoint must be one of chat, got "embeddings" '
+         "(embeddings jobs are not supported yet)")
+
+
+def test_pricing_needs_both_prices(make_job):
+    _bad(make_job(extra="[pricing]\ninput_per_mtok = 1.0"),
+         "job.toml: [pricing].output_per_mtok is required when the other price is given")
+
+
+def test_expected_output_cannot_exceed_max_tokens(make_job):
+    _bad(make_job(extra="[estimate]\noutput_tokens = 500"),
+         "job.toml: [estimate].output_tokens (500) cannot exceed [request].max_tokens (50)")
+
+
+def test_api_base_url_scheme(make_job):
+    _bad(make_job(extra='[api]\nbase_url = "ftp://x"'),
+         'job.toml: [api].base_url must start with http:// or https://, got "ftp://x"')
+
+
+def test_library_raises_job_error(make_job):
+    with pytest.raises(JobError, match=r"\[limits\]\.timeout_s must be a number > 0"):
+        Job.load(make_job(limits="timeout_s = 0"))

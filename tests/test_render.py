@@ -1,0 +1,114 @@
+import json
+
+import polars as pl
+import pytest
+
+from pipeline.errors import InputError, TemplateError
+from pipeline.job import Job
+from pipeline.render import Renderer
+from pipeline.source import iter_chunks, open_source
+from tests.conftest import reviews, run_cli
+
+
+def _render(job_path):
+    job = Job.load(job_path)
+    src = open_source(job.input.path)
+    r = Renderer(job, src)
+    return r, [req for c in iter_chunks(src, r.columns) for req in r.render_chunk(c).requests]
+
+
+def test_body_is_the_chat_request(make_job):
+    _, reqs = _render(make_job(rows=3))
+    body = json.loads(reqs[0].body)
+    assert body == {"model": "gpt-4o-mini", "max_completion_tokens": 50, "messages": [
+        {"role": "system", "content": "Summarise in one sentence."},
+        {"role": "user", "content": "Review of lamp: Review number 0: the product was poor and arrived on day 0."}]}
+    assert [q.row_id for q in reqs] == ["r0000", "r0001", "r0002"]
+    assert reqs[0].keep == ("lamp",)
+
+
+def test_missing_column_lists_missing_and_available(make_job, tmp_path):
+    job = make_job(request='model = "gpt-4o-mini"\nprompt = "{{ title }} {{ text }} {{ body }}"')
+    result = run_cli("validate", job.name)
+    assert result.exit_code == 2
+    assert result.output.strip() == ("error: job.toml: [request].prompt: template uses column(s) the input lacks: "
+                                     "body, title (available: review_id, product, rating, text)")
+
+
+def test_missing_keep_and_id_columns(make_job):
+    with pytest.raises(InputError, match=r"\[input\]\.keep names column\(s\) the input lacks: colour"):
+        _render(make_job(input='path = "input.parquet"\nkeep = ["colour"]'))
+    with pytest.raises(InputError, match=r"\[input\]\.id names column\(s\) the input lacks: key"):
+        _render(make_job(input='path = "input.parquet"\nid = "key"'))
+
+
+def test_syntax_error_names_template_and_line(make_job):
+    result = run_cli("validate", make_job(request='model = "m"\nprompt = "ok\\n{{ text "').name)
+    assert result.exit_code == 2
+    assert result.output.startswith("error: job.toml: [request].prompt: template syntax error on line 2:")
+
+
+def test_null_renders_as_empty_string(make_job):
+    df = reviews(3).with_columns(pl.when(pl.col("rating") == 2).then(None).otherwise(pl.col("product"))
+                                 .alias("product"))
+    _, reqs = _render(make_job(data=df))
+    assert json.loads(reqs[1].body)["messages"][1]["content"].startswith("Review of : ")
+
+
+def test_skip_nulls_skips_and_counts(make_job):
+    df = reviews(6).with_columns(pl.when(pl.col("rating") == 2).then(None).otherwise(pl.col("text")).alias("text"))
+    job = Job.load(make_job(data=df, input='path = "input.parquet"\nid = "review_id"\nskip_nulls = true'))
+    src = open_source(job.input.path)
+    r = Renderer(job, src)
+    chunk = r.render_chunk(next(iter_chunks(src, r.columns)))
+    assert [s.row_id for s in chunk.skipped] == ["r0001"]
+    assert chunk.skipped[0].reason == "skipped: null in column(s) text"
+    assert len(chunk.requests) == 5
+
+
+def test_strict_undefined_attribute_names_row(make_job):
+    with pytest.raises(TemplateError, match=r"\[request\]\.prompt: row r0000: 'str object' has no attribute 'x'"):
+        _render(make_job(request='model = "m"\nprompt = "{{ text.x }}"'))
+
+
+def test_sandbox_blocks_python_internals(make_job):
+    with pytest.raises(TemplateError, match="row r0000"):
+        _render(make_job(request='model = "m"\nprompt = "{{ text.__class__.__mro__ }}"'))
+
+
+def test_row_mapping_reaches_odd_column_names(make_job):
+    df = reviews(2).rename({"text": "review text"})
+    _, reqs = _render(make_job(data=df, request='model = "m"\nprompt = "{{ row[\'review text\'] }}"'))
+    assert json.loads(reqs[0].body)["messages"][0]["content"].startswith("Review number 0")
+
+
+def test_few_shot_messages_and_options(make_job):
+    request = '''model = "gpt-4o-mini"
+system = "Label it."
+messages = [{role = "user", content = "great!"}, {role = "assistant", content = "positive"}]
+prompt = "{{ text }}"
+max_tokens = 5
+temperature = 0.2
+seed = 7
+stop = ["\\n"]'''
+    _, reqs = _render(make_job(rows=1, request=request))
+    body = json.loads(reqs[0].body)
+    assert [m["role"] for m in body["messages"]] == ["system", "user", "assistant", "user"]
+    assert body["temperature"] == 0.2 and body["seed"] == 7 and body["stop"] == ["\n"]
+
+
+def test_key_depends_on_exact_body(make_job):
+    _, a = _render(make_job(rows=2))
+    _, b = _render(make_job(rows=2, request='model = "gpt-4o-mini"\nsystem = "Summarise in one sentence."\n'
+                                            'prompt = "Review of {{ product }}: {{ text }}"\nmax_tokens = 51'))
+    assert a[0].key != a[1].key
+    assert a[0].key != b[0].key
+    _, again = _render(make_job(rows=2))
+    assert [q.key for q in again] == [q.key for q in a]
+
+
+def test_validate_shows_first_requests(make_job):
+    result = run_cli("validate", make_job().name)
+    assert result.exit_code == 0, result.output
+    assert result.output.count('"max_completion_tokens": 50') == 3
+    assert "row r0002" in result.output and "row r0003" not in result.output
