@@ -140,3 +140,139 @@ def estimate(job_path: str, as_json: bool, limit: int | None) -> None:
         click.echo(json.dumps(est.to_dict(), indent=2, default=str))
     else:
         print_estimate(est, _out_console())
+
+
+def _confirm_estimate(est: Any, job: Any, yes: bool) -> bool:
+    """Ask before spending more than the budget (or $1 without one); refuse when nobody can answer."""
+    print_estimate(est, _err_console())
+    cost = est.cost_usd_max
+    limit = job.budget.max_cost_usd
+    threshold = limit if limit is not None else 1.0
+    if yes or cost is None or cost <= threshold:
+        return True
+    what = f"[budget].max_cost_usd (${limit:g})" if limit is not None else "$1 (no [budget] set)"
+    question = f"The estimate (up to ${cost:,.2f}) is above {what}. Start anyway?"
+    if not sys.stdin.isatty():
+        from pipeline.errors import BudgetExceeded
+
+        raise BudgetExceeded(f"not started: the estimate (up to ${cost:,.2f}) is above {what}; "
+                             "pass --yes to run anyway")
+    return click.confirm(question, default=False, err=True)
+
+
+@main.command()
+@click.argument("job_path", metavar="JOB", type=click.Path(dir_okay=False))
+@click.option("--fresh", is_flag=True, help="Start over: move the journal aside instead of resuming.")
+@click.option("--retry-failed", is_flag=True, help="Re-send rows that ended in an error (not only unanswered).")
+@click.option("--limit", type=click.IntRange(min=1), help="Only the first N rows (a trial run).")
+@click.option("--base-url", help="Override [api].base_url (also PIPELINE_BASE_URL).")
+@click.option("--yes", "-y", is_flag=True, help="Do not ask before spending above the budget.")
+@click.option("--allow-insecure", is_flag=True, help="Allow sending the key over plain http:// to a remote host.")
+@click.option("--plain", is_flag=True, help="Log lines instead of a progress bar.")
+@handle_errors
+def run(job_path: str, fresh: bool, retry_failed: bool, limit: int | None, base_url: str | None, yes: bool,
+        allow_insecure: bool, plain: bool) -> None:
+    """Send every row's request and write the results; resumes where the last run stopped."""
+    from pipeline.job import Job
+    from pipeline.progress import ProgressDisplay, summary_line
+    from pipeline.run import run as run_job
+
+    job = Job.load(job_path)
+    with ProgressDisplay(force_plain=plain) as progress:
+        result = run_job(job, base_url=base_url, limit=limit, fresh=fresh, retry_failed=retry_failed,
+                         allow_insecure=allow_insecure, on_progress=progress.update,
+                         on_estimate=lambda est: _confirm_estimate(est, job, yes), handle_signals=True)
+    err = _err_console()
+    s = result.stats
+    err.print(summary_line(s), markup=False)
+    click.echo(f"wrote {result.output} ({s.rows_done:,} rows: {s.ok:,} ok, {s.failed:,} failed, "
+               f"{s.skipped:,} skipped, {s.resumed:,} from the journal, {s.deduplicated:,} deduplicated; "
+               f"${s.cost_usd:,.4f} spent this run)")
+    if s.errors:
+        click.echo("errors: " + ", ".join(f"{k} {v:,}" for k, v in s.errors.most_common()), err=True)
+    if result.stopped is not None:
+        click.echo(f"stopped: {result.stopped}", err=True)
+        click.echo(f"everything answered is saved; run `pipeline run {job_path}` again to resume", err=True)
+    sys.exit(result.exit_code)
+
+
+@main.command()
+@click.argument("output", type=click.Path(dir_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@handle_errors
+def report(output: str, as_json: bool) -> None:
+    """Totals, cost, errors by type and latency percentiles of an output file."""
+    from pipeline.report import build_report
+
+    r = build_report(output)
+    if as_json:
+        click.echo(json.dumps(r, indent=2, default=str))
+        return
+    console = _out_console()
+    t = Table(title=f"Report for {output}", show_header=False, title_justify="left")
+    t.add_column("what", style="bold")
+    t.add_column("value", justify="right")
+    t.add_row("job / model", f"{r['job']} / {r['model']}")
+    t.add_row("last run", str(r["run_status"]))
+    t.add_row("rows", f"{r['rows']:,}")
+    for status, n in r["by_status"].items():
+        t.add_row(f"  {status}", f"{n:,}")
+    t.add_row("deduplicated rows", f"{r['deduplicated_rows']:,}")
+    t.add_row("prompt / cached / completion tokens",
+              f"{r['prompt_tokens']:,} / {r['cached_tokens']:,} / {r['completion_tokens']:,}")
+    t.add_row("cost", _money(r["cost_usd"]))
+    if r["estimate_cost_usd_max"] is not None:
+        t.add_row("estimate before the run (expected / max)",
+                  f"{_money(r['estimate_cost_usd_expected'])} / {_money(r['estimate_cost_usd_max'])}")
+    lat = r["latency_ms"]
+    if lat["p50"] is not None:
+        t.add_row("latency p50 / p95 / p99", f"{lat['p50']:,.0f} / {lat['p95']:,.0f} / {lat['p99']:,.0f} ms")
+    console.print(t)
+    if r["price_source"]:
+        console.print(f"prices: {escape(r['price_source'])}" + (f", as of {r['price_date']}" if r["price_date"] else ""))
+    if r["errors_by_type"]:
+        console.print("errors by type: " + ", ".join(f"{k}: {v:,}" for k, v in r["errors_by_type"].items()))
+    for col, dist in r["distributions"].items():
+        console.print(f"{col}: " + ", ".join(f"{k} {v:,}" for k, v in dist.items()))
+
+
+@main.command()
+@click.option("--host", default="127.0.0.1", show_default=True, help="Interface to listen on.")
+@click.option("--port", default=8000, show_default=True, type=int, help="Port (0: pick a free one).")
+@click.option("--port-file", type=click.Path(dir_okay=False), help="Write the port here once listening.")
+@click.option("--rpm", type=click.IntRange(min=1), help="Requests per minute to enforce.")
+@click.option("--tpm", type=click.IntRange(min=1), help="Tokens per minute to enforce.")
+@click.option("--latency-ms", default=0.0, show_default=True, help="Fixed latency per answer.")
+@click.option("--latency-jitter-ms", default=0.0, show_default=True, help="Extra random latency, uniform.")
+@click.option("--error-rate", "--fail-rate", default=0.0, show_default=True, help="Share of 500/502/503 answers.")
+@click.option("--rate-429", default=0.0, show_default=True, help="Share of injected 429 answers.")
+@click.option("--drop-rate", default=0.0, show_default=True, help="Share of dropped connections.")
+@click.option("--slow-body-rate", default=0.0, show_default=True, help="Share of answers sent slowly.")
+@click.option("--malformed-rate", default=0.0, show_default=True, help="Share of 200s with broken JSON.")
+@click.option("--insufficient-quota", is_flag=True, help="Answer every request 429 insufficient_quota.")
+@click.option("--api-key", "api_key_env", metavar="ENV", help="Require the key held in this environment variable.")
+@click.option("--models", help="Comma-separated models to accept (others: 404).")
+@click.option("--seed", default=0, show_default=True, help="Seed of the fault injection.")
+def sim(host: str, port: int, port_file: str | None, rpm: int | None, tpm: int | None, latency_ms: float,
+        latency_jitter_ms: float, error_rate: float, rate_429: float, drop_rate: float, slow_body_rate: float,
+        malformed_rate: float, insufficient_quota: bool, api_key_env: str | None, models: str | None,
+        seed: int) -> None:
+    """Run the local OpenAI-compatible simulator (for demos, tests and benchmarks)."""
+    import os
+    from pathlib import Path
+
+    from pipeline.sim import BANNER, SimConfig, serve_forever
+    from pipeline.sim.server import free_port
+
+    port = port or free_port()
+    cfg = SimConfig(rpm=rpm, tpm=tpm, latency_ms=latency_ms, latency_jitter_ms=latency_jitter_ms,
+                    error_rate=error_rate, rate_429=rate_429, drop_rate=drop_rate, slow_body_rate=slow_body_rate,
+                    malformed_rate=malformed_rate, insufficient_quota=insufficient_quota,
+                    api_key=os.environ.get(api_key_env) if api_key_env else None,
+                    models=tuple(m.strip() for m in models.split(",")) if models else (), seed=seed)
+    click.echo(BANNER, err=True)
+    limits = ", ".join(f"{k}={v}" for k, v in (("rpm", rpm), ("tpm", tpm)) if v) or "no limits"
+    click.echo(f"listening on http://{host}:{port}/v1 ({limits}); Ctrl-C stops it", err=True)
+    if port_file:
+        Path(port_file).write_text(str(port))
+    serve_forever(cfg, host=host, port=port)

@@ -28,6 +28,7 @@ class Estimate:
     model: str
     rows: int = 0
     rows_skipped: int = 0
+    rows_already_done: int = 0
     requests: int = 0
     duplicate_rows: int = 0
     prompt_tokens: int = 0
@@ -68,8 +69,8 @@ class EstimateBuilder:
             self.est.price = price.describe()
             self.est.context_window = price.context_window
 
-    def add(self, chunk: Any) -> None:
-        """Fold one RenderedChunk in."""
+    def add(self, chunk: Any, done: set[str] | frozenset[str] = frozenset()) -> None:
+        """Fold one RenderedChunk in; rows whose key is in ``done`` (answered in an earlier run) cost nothing."""
         est, price = self.est, self.price
         est.rows += len(chunk.requests) + len(chunk.skipped)
         est.rows_skipped += len(chunk.skipped)
@@ -82,6 +83,10 @@ class EstimateBuilder:
                 est.over_context_rows += 1
                 if len(est.over_context_ids) < MAX_LISTED_IDS:
                     est.over_context_ids.append(r.row_id)
+            if r.key in done:
+                est.rows_already_done += 1
+                self._seen.add(r.key)
+                continue
             if r.key in self._seen:
                 est.duplicate_rows += 1
                 continue

@@ -1,0 +1,350 @@
+"""The async loop: rendered requests in, outcomes out, as fast as the limits allow and no faster.
+
+One producer renders input chunks (in a thread, so the event loop stays responsive) and feeds a bounded queue;
+``concurrency`` workers take requests from it, wait for the rate budget, send, and retry what can be retried.
+Before a request is queued, the journal is asked whether its key was answered already (resume) and the
+in-flight table whether an identical request is on its way (dedup): either way the row waits for that answer
+instead of paying again. Every outcome goes to the journal before its rows go to the output.
+
+Stopping is cooperative: ``request_stop`` (Ctrl-C, SIGTERM, the budget) stops taking new work and gives the
+requests in flight a grace period; a second request, or the end of the grace period, cancels them. A systemic
+error (bad key, unknown model, no quota) stops the run the same way, rather than failing every row.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, stop_after_attempt
+from tenacity.wait import wait_base, wait_random_exponential
+
+from pipeline.client import Answer, ApiClient
+from pipeline.errors import AbortError, BudgetExceeded, Interrupted, PipelineError, RowError, StopRun, TransientError
+from pipeline.journal import Journal, Outcome
+from pipeline.limits import RateBudget
+from pipeline.pricing import Price, Usage
+from pipeline.render import RenderedChunk, Request
+from pipeline.sink import PartWriter
+
+ABORT_AFTER = 3          # systemic errors tolerated once some rows succeeded (a flaky 403 is not a verdict)
+PROGRESS_EVERY_S = 0.5
+
+
+@dataclass
+class RunStats:
+    """Live totals of a run, passed to the progress callback and written to the manifest."""
+
+    rows_total: int = 0
+    rows_done: int = 0
+    ok: int = 0
+    failed: int = 0
+    skipped: int = 0
+    resumed: int = 0
+    deduplicated: int = 0
+    requests_sent: int = 0
+    retries: int = 0
+    rate_limited: int = 0
+    in_flight: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_tokens: int = 0
+    reasoning_tokens: int = 0
+    cost_usd: float = 0.0
+    errors: Counter[str] = field(default_factory=Counter)
+    started: float = field(default_factory=time.monotonic)
+
+    @property
+    def elapsed_s(self) -> float:
+        return time.monotonic() - self.started
+
+
+class wait_server_hint(wait_base):
+    """Wait what the server asked for (retry-after), else the fallback (exponential backoff, full jitter)."""
+
+    def __init__(self, fallback: wait_base, jitter_s: float = 0.05) -> None:
+        self.fallback, self.jitter_s = fallback, jitter_s
+
+    def __call__(self, retry_state: RetryCallState) -> float:
+        exc = retry_state.outcome.exception() if retry_state.outcome else None
+        hint = getattr(exc, "retry_after", None)
+        if hint is not None:
+            return float(hint) + self.jitter_s
+        return float(self.fallback(retry_state))
+
+
+def retry_policy(max_attempts: int, sleep: Callable[[float], Any] = asyncio.sleep) -> AsyncRetrying:
+    """The one retry policy: transient errors only, up to ``max_attempts`` tries, honouring retry-after."""
+    return AsyncRetrying(stop=stop_after_attempt(max_attempts),
+                         wait=wait_server_hint(wait_random_exponential(multiplier=0.5, max=30)),
+                         retry=retry_if_exception_type(TransientError), reraise=True, sleep=sleep)
+
+
+@dataclass
+class _Pending:
+    """A request on its way, and the rows waiting for its answer (more than one when rows are identical)."""
+
+    request: Request
+    followers: list[Request] = field(default_factory=list)
+
+
+class Executor:
+    """Runs one job's requests; owns nothing it did not get (client, budget, journal and sink are given)."""
+
+    def __init__(self, *, client: ApiClient, budget: RateBudget, journal: Journal, sink: PartWriter,
+                 price: Price | None, max_attempts: int, concurrency: int, key_of_row: Callable[[Request], tuple],
+                 max_cost_usd: float | None = None, retry_failed: bool = False, grace_s: float = 5.0,
+                 on_progress: Callable[[RunStats], None] | None = None) -> None:
+        self.client, self.budget, self.journal, self.sink = client, budget, journal, sink
+        self.price, self.max_attempts, self.concurrency = price, max_attempts, concurrency
+        self.key_of_row = key_of_row
+        self.max_cost_usd, self.retry_failed, self.grace_s = max_cost_usd, retry_failed, grace_s
+        self.on_progress = on_progress
+        self.stats = RunStats()
+        self._pending: dict[str, _Pending] = {}
+        self._seen: set[str] = set()
+        self._queue: asyncio.Queue[Request | None] = asyncio.Queue(maxsize=max(2 * concurrency, 64))
+        self._stopping = asyncio.Event()
+        self._stop_reason: PipelineError | None = None
+        self._abort_count = 0
+        self._reserved = 0.0
+        self._flush_scheduled = False
+        self._ready: list[tuple[str, Outcome]] = []
+        self._workers: list[asyncio.Task[None]] = []
+
+    # -- control ----------------------------------------------------------------------------------------------
+
+    def request_stop(self, reason: PipelineError | None = None) -> None:
+        """Stop taking new work. A second call while stopping cancels the requests in flight at once."""
+        if self._stopping.is_set():
+            for t in self._workers:
+                t.cancel()
+            return
+        self._stop_reason = reason or Interrupted("interrupted")
+        self._stopping.set()
+
+    # -- the run ----------------------------------------------------------------------------------------------
+
+    async def run(self, chunks: Iterator[RenderedChunk]) -> RunStats:
+        """Send everything ``chunks`` yields; returns the totals, or raises the StopRun/AbortError that ended it."""
+        ticker = asyncio.create_task(self._tick()) if self.on_progress else None
+        self._workers = [asyncio.create_task(self._worker()) for _ in range(self.concurrency)]
+        producer = asyncio.create_task(self._produce(chunks))
+        try:
+            await self._supervise(producer)
+        finally:
+            for t in (*self._workers, producer):
+                t.cancel()
+            await asyncio.gather(*self._workers, producer, return_exceptions=True)
+            self._flush()
+            if ticker is not None:
+                ticker.cancel()
+                await asyncio.gather(ticker, return_exceptions=True)
+                self.on_progress(self.stats)  # type: ignore[misc]
+        if self._stop_reason is not None:
+            raise self._stop_reason
+        return self.stats
+
+    async def _supervise(self, producer: asyncio.Task[None]) -> None:
+        workers_done = asyncio.gather(*self._workers)
+        stop_wait = asyncio.create_task(self._stopping.wait())
+        try:
+            done, _ = await asyncio.wait({producer, stop_wait}, return_when=asyncio.FIRST_COMPLETED)
+            if producer in done and producer.exception() is not None:
+                raise producer.exception()  # type: ignore[misc]
+            if not self._stopping.is_set():
+                # Everything is queued; the workers drain the queue and then meet the end markers.
+                done, _ = await asyncio.wait({workers_done, stop_wait}, return_when=asyncio.FIRST_COMPLETED)
+                if workers_done in done:
+                    workers_done.result()
+                    return
+            producer.cancel()
+            # Stopping: give the requests in flight their grace period, then cancel what is left.
+            try:
+                await asyncio.wait_for(asyncio.shield(workers_done), self.grace_s)
+            except TimeoutError:
+                pass
+        finally:
+            stop_wait.cancel()
+            workers_done.cancel()
+
+    async def _produce(self, chunks: Iterator[RenderedChunk]) -> None:
+        end = object()
+        while not self._stopping.is_set():
+            chunk = await asyncio.to_thread(next, chunks, end)
+            if chunk is end:
+                break
+            assert isinstance(chunk, RenderedChunk)
+            for s in chunk.skipped:
+                self.sink.add(s.row, self.key_of_row(s), None, skipped=s.reason)  # type: ignore[arg-type]
+                self.stats.skipped += 1
+                self.stats.rows_done += 1
+            self._flush()  # so the lookup sees every answer of this run so far
+            settled = self.journal.lookup([r.key for r in chunk.requests], retry_failed=self.retry_failed)
+            for req in chunk.requests:
+                if self._stopping.is_set():
+                    return
+                first = req.key not in self._seen
+                self._seen.add(req.key)
+                if req.key in self._pending:
+                    self._pending[req.key].followers.append(req)
+                    continue
+                outcome = settled.get(req.key)
+                if outcome is None and not first:
+                    # An identical row's request finished while this chunk was being queued.
+                    self._flush()
+                    outcome = self.journal.get(req.key)
+                if outcome is not None:
+                    self._emit(req, outcome, deduplicated=not first, resumed=first)
+                else:
+                    self._pending[req.key] = _Pending(req)
+                    await self._queue.put(req)
+        for _ in self._workers:
+            await self._queue.put(None)
+
+    async def _worker(self) -> None:
+        while True:
+            req = await self._queue.get()
+            if req is None or self._stopping.is_set():
+                return
+            self.stats.in_flight += 1
+            try:
+                outcome = await self._send(req)
+            finally:
+                self.stats.in_flight -= 1
+            if outcome is not None:
+                self._complete(req.key, outcome)
+
+    async def _send(self, req: Request) -> Outcome | None:
+        """One request through the retry policy; None when the run is stopping and it was not sent."""
+        if not self.budget.fits(req.budget_tokens):
+            return Outcome(req.key, "error", error=f"the request needs {req.budget_tokens} tokens, more than "
+                           f"tokens_per_minute ({self.budget.tpm}): it can never be admitted",
+                           error_type="too_large")
+        reserve = self._max_cost(req) if self.max_cost_usd is not None else None
+        if reserve is not None:
+            if self.stats.cost_usd + self._reserved + reserve > self.max_cost_usd:
+                self.request_stop(BudgetExceeded(
+                    f"stopped before crossing [budget].max_cost_usd = ${self.max_cost_usd:g}: spent "
+                    f"${self.stats.cost_usd:.4f} so far, with ${self._reserved:.4f} more in flight"))
+                return None
+            self._reserved += reserve
+        attempts = 0
+        t0 = time.perf_counter()
+        try:
+            async for attempt in retry_policy(self.max_attempts):
+                with attempt:
+                    if self._stopping.is_set() and attempts:
+                        return None
+                    attempts += 1
+                    await self.budget.acquire(req.budget_tokens)
+                    t0 = time.perf_counter()
+                    self.stats.requests_sent += 1
+                    try:
+                        answer = await self.client.chat(req.body)
+                    except TransientError as e:
+                        self.stats.retries += 1
+                        if e.kind == "rate_limit":
+                            self.stats.rate_limited += 1
+                            self.budget.pause(e.retry_after if e.retry_after is not None else 1.0)
+                        raise
+            return self._answered(req, answer, attempts, (time.perf_counter() - t0) * 1000)
+        except TransientError as e:
+            self.stats.retries -= 1  # the last try was not followed by a retry
+            return Outcome(req.key, "error", attempts=attempts, error=str(e), error_type=e.kind, retryable=True)
+        except RowError as e:
+            return Outcome(req.key, "error", attempts=attempts, error=str(e), error_type=e.kind)
+        except AbortError as e:
+            self._abort_count += 1
+            if self.stats.ok == 0 or self._abort_count >= ABORT_AFTER:
+                self.request_stop(e)
+            return None
+        finally:
+            if reserve is not None:
+                self._reserved -= reserve
+
+    def _max_cost(self, req: Request) -> float | None:
+        if self.price is None:
+            return None
+        return self.price.cost(Usage(prompt_tokens=req.prompt_tokens, completion_tokens=req.max_output_tokens))
+
+    def _answered(self, req: Request, a: Answer, attempts: int, latency_ms: float) -> Outcome:
+        self.budget.observe(a.rate)
+        cost = self.price.cost(a.usage) if self.price is not None else None
+        u = a.usage
+        if a.refusal and not a.content:
+            return Outcome(req.key, "error", refusal=a.refusal, finish_reason=a.finish_reason, model=a.model,
+                           prompt_tokens=u.prompt_tokens, cached_tokens=u.cached_tokens,
+                           completion_tokens=u.completion_tokens, reasoning_tokens=u.reasoning_tokens,
+                           cost_usd=cost, latency_ms=latency_ms, attempts=attempts,
+                           error="the model refused to answer", error_type="refusal")
+        return Outcome(req.key, "ok", content=a.content, finish_reason=a.finish_reason, refusal=a.refusal,
+                       model=a.model, prompt_tokens=u.prompt_tokens, cached_tokens=u.cached_tokens,
+                       completion_tokens=u.completion_tokens, reasoning_tokens=u.reasoning_tokens, cost_usd=cost,
+                       latency_ms=latency_ms, attempts=attempts)
+
+    def _complete(self, key: str, outcome: Outcome) -> None:
+        """Journal first, then the rows: answers reach the output only once they are committed.
+
+        Commits are grouped per event-loop turn (``call_soon``), so many answers share one transaction.
+        """
+        self.journal.add(outcome)
+        self._ready.append((key, outcome))
+        s = self.stats
+        if outcome.cost_usd is not None:
+            s.cost_usd += outcome.cost_usd
+        s.prompt_tokens += outcome.prompt_tokens or 0
+        s.completion_tokens += outcome.completion_tokens or 0
+        s.cached_tokens += outcome.cached_tokens or 0
+        s.reasoning_tokens += outcome.reasoning_tokens or 0
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush)
+
+    def _flush(self) -> None:
+        """Commit the journal, then hand the committed answers' rows to the output."""
+        self._flush_scheduled = False
+        try:
+            self.journal.flush()
+        except PipelineError as e:
+            self.request_stop(e)
+            return
+        ready, self._ready = self._ready, []
+        for key, outcome in ready:
+            pending = self._pending.pop(key)
+            self._emit(pending.request, outcome, deduplicated=False, resumed=False)
+            for follower in pending.followers:
+                self._emit(follower, outcome, deduplicated=True, resumed=False)
+
+    def _emit(self, req: Request, outcome: Outcome, *, deduplicated: bool, resumed: bool) -> None:
+        s = self.stats
+        self.sink.add(req.row, self.key_of_row(req), outcome, deduplicated=deduplicated)
+        s.rows_done += 1
+        if outcome.status == "ok":
+            s.ok += 1
+        else:
+            s.failed += 1
+            s.errors[outcome.error_type or "error"] += 1
+        if deduplicated:
+            s.deduplicated += 1
+        elif resumed:
+            s.resumed += 1
+
+    async def _tick(self) -> None:
+        assert self.on_progress is not None
+        while True:
+            await asyncio.sleep(PROGRESS_EVERY_S)
+            self.on_progress(self.stats)
+
+
+def stop_reason_kind(e: StopRun | AbortError) -> str:
+    """A short label for manifests: why the run ended early."""
+    if isinstance(e, BudgetExceeded):
+        return "budget"
+    if isinstance(e, Interrupted):
+        return "interrupted"
+    return getattr(e, "kind", "aborted")

@@ -1,0 +1,139 @@
+"""What has been answered, so a rerun resumes and never pays twice.
+
+The store is SQLite in WAL mode, one row per request key (a hash of endpoint + exact body). Why SQLite: a
+commit is atomic and survives ``kill -9`` at any instant (the WAL is replayed on open), lookups by key are
+indexed (a resume checks a million keys in seconds without loading them into memory), and it ships with
+Python. Commits are grouped: the executor adds outcomes as they arrive and commits once per event-loop turn,
+before any of those rows reach the output, so a kill loses at most what was in flight. ``synchronous=NORMAL``
+trades durability against power loss (not process death) for speed, as WAL allows.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import astuple, dataclass, fields
+from pathlib import Path
+
+from pipeline.errors import OutputError
+
+SCHEMA_VERSION = 1
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """The final answer to one request key: answered, or failed with its error after its attempts."""
+
+    key: str
+    status: str  # "ok" | "error"
+    content: str | None = None
+    finish_reason: str | None = None
+    refusal: str | None = None
+    model: str | None = None
+    prompt_tokens: int | None = None
+    cached_tokens: int | None = None
+    completion_tokens: int | None = None
+    reasoning_tokens: int | None = None
+    cost_usd: float | None = None
+    latency_ms: float | None = None
+    attempts: int = 0
+    error: str | None = None
+    error_type: str | None = None
+    retryable: bool = False  # failed on transient trouble (retries ran out): a plain rerun tries again
+
+
+_COLUMNS = [f.name for f in fields(Outcome)]
+_CREATE = f"""
+CREATE TABLE IF NOT EXISTS outcomes (
+    {', '.join(f'{c} {"TEXT PRIMARY KEY" if c == "key" else ""}' for c in _COLUMNS)},
+    recorded_at REAL
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value TEXT);
+"""
+_LOOKUP_BATCH = 900  # under SQLite's default limit of host parameters
+
+
+class Journal:
+    """The durable record of outcomes beside an output file."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            self._db.executescript(_CREATE)
+            self._db.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
+        except (sqlite3.Error, OSError) as e:
+            raise OutputError(f"{self.path}: cannot open the journal: {e}") from None
+        self._pending: list[tuple[object, ...]] = []
+
+    def close(self) -> None:
+        self.flush()
+        self._db.close()
+
+    def __enter__(self) -> Journal:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def get_meta(self, name: str) -> str | None:
+        row = self._db.execute("SELECT value FROM meta WHERE name = ?", (name,)).fetchone()
+        return None if row is None else str(row[0])
+
+    def set_meta(self, name: str, value: str) -> None:
+        self._db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (name, value))
+
+    def add(self, outcome: Outcome) -> None:
+        """Buffer an outcome; it is durable after the next ``flush``."""
+        self._pending.append((*astuple(outcome), time.time()))
+
+    @property
+    def pending(self) -> int:
+        return len(self._pending)
+
+    def flush(self) -> None:
+        """Commit every buffered outcome in one transaction."""
+        if not self._pending:
+            return
+        rows, self._pending = self._pending, []
+        marks = ", ".join("?" * (len(_COLUMNS) + 1))
+        try:
+            self._db.execute("BEGIN")
+            self._db.executemany(f"INSERT OR REPLACE INTO outcomes VALUES ({marks})", rows)
+            self._db.execute("COMMIT")
+        except sqlite3.Error as e:
+            self._pending = rows + self._pending
+            if self._db.in_transaction:
+                self._db.execute("ROLLBACK")
+            raise OutputError(f"{self.path}: cannot write the journal: {e}") from None
+
+    def lookup(self, keys: Sequence[str], *, retry_failed: bool = False) -> dict[str, Outcome]:
+        """The settled outcomes among ``keys``. Transient failures are never settled; with ``retry_failed``,
+        no failure is."""
+        found: dict[str, Outcome] = {}
+        cond = "status = 'ok'" if retry_failed else "(status = 'ok' OR retryable = 0)"
+        unique = list(dict.fromkeys(keys))
+        for i in range(0, len(unique), _LOOKUP_BATCH):
+            batch = unique[i:i + _LOOKUP_BATCH]
+            q = (f"SELECT {', '.join(_COLUMNS)} FROM outcomes WHERE {cond} AND key IN "
+                 f"({', '.join('?' * len(batch))})")
+            for row in self._db.execute(q, batch):
+                found[row[0]] = Outcome(*row[:-1], retryable=bool(row[-1]))
+        return found
+
+    def get(self, key: str) -> Outcome | None:
+        """The recorded outcome of ``key``, settled or not."""
+        row = self._db.execute(f"SELECT {', '.join(_COLUMNS)} FROM outcomes WHERE key = ?", (key,)).fetchone()
+        return None if row is None else Outcome(*row[:-1], retryable=bool(row[-1]))
+
+    def count(self) -> dict[str, int]:
+        """Outcomes by status, for reports."""
+        return {str(s): int(n) for s, n in self._db.execute("SELECT status, COUNT(*) FROM outcomes GROUP BY status")}
+
+    def outcomes(self) -> Iterable[Outcome]:
+        for row in self._db.execute(f"SELECT {', '.join(_COLUMNS)} FROM outcomes"):
+            yield Outcome(*row[:-1], retryable=bool(row[-1]))

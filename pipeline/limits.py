@@ -1,0 +1,78 @@
+"""Requests- and tokens-per-minute budgets, shared by all workers of a run.
+
+Providers charge a request against TPM at admission, as prompt tokens plus the maximum output tokens, and
+enforce their per-minute limits in sub-minute slices too. So each budget here is an aiolimiter leaky bucket
+that holds about one second of the limit: the steady rate is exactly the limit, and a burst is never more
+than a second's worth, which no provider's bucket refuses. The server's own view corrects ours: a 429 pauses
+every worker until the server's ``retry-after``, and ``x-ratelimit-remaining-*`` at zero pauses until enough
+budget is back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from aiolimiter import AsyncLimiter
+
+from pipeline.client import RateInfo
+
+BURST_WINDOW_S = 1.0
+
+
+def _bucket(per_minute: int) -> tuple[AsyncLimiter, float]:
+    capacity = max(1.0, per_minute * BURST_WINDOW_S / 60.0)
+    return AsyncLimiter(capacity, capacity * 60.0 / per_minute), capacity
+
+
+class RateBudget:
+    """The limits of one run; ``await budget.acquire(tokens)`` before each request is sent."""
+
+    def __init__(self, requests_per_minute: int | None, tokens_per_minute: int | None) -> None:
+        self.rpm, self.tpm = requests_per_minute, tokens_per_minute
+        self._requests, _ = _bucket(requests_per_minute) if requests_per_minute else (None, 0.0)
+        self._tokens, self._token_capacity = _bucket(tokens_per_minute) if tokens_per_minute else (None, 0.0)
+        self._resume_at = 0.0
+        self.pauses = 0
+        self._largest_request = 0
+
+    def fits(self, tokens: int) -> bool:
+        """False for a request larger than a whole minute of tokens: it can never be admitted."""
+        return self.tpm is None or tokens <= self.tpm
+
+    async def acquire(self, tokens: int) -> None:
+        """Wait until one more request of ``tokens`` tokens is within both limits and no pause is on."""
+        await self._wait_pause()
+        if self._requests is not None:
+            await self._requests.acquire(1)
+        self._largest_request = max(self._largest_request, tokens)
+        if self._tokens is not None:
+            left = float(tokens)
+            while left > 0:  # larger than the burst window: take it in window-sized pieces
+                piece = min(left, self._token_capacity)
+                await self._tokens.acquire(piece)
+                left -= piece
+        await self._wait_pause()
+
+    async def _wait_pause(self) -> None:
+        loop = asyncio.get_running_loop()
+        while (delay := self._resume_at - loop.time()) > 0:
+            await asyncio.sleep(delay)
+
+    def pause(self, seconds: float) -> None:
+        """Hold every worker for ``seconds`` (a 429 means the server's budget is gone for all of us)."""
+        if seconds <= 0:
+            return
+        resume = asyncio.get_running_loop().time() + seconds
+        if resume > self._resume_at:
+            self._resume_at = resume
+            self.pauses += 1
+
+    def observe(self, rate: RateInfo) -> None:
+        """Correct our view with the server's: out of requests or tokens means wait for them to come back."""
+        if rate.remaining_requests is not None and rate.remaining_requests < 1 and rate.limit_requests:
+            wait = 60.0 / rate.limit_requests
+            self.pause(min(wait, rate.reset_requests_s or wait))
+        if (rate.remaining_tokens is not None and rate.limit_tokens and self._largest_request
+                and rate.remaining_tokens < self._largest_request):
+            wait = (self._largest_request - rate.remaining_tokens) * 60.0 / rate.limit_tokens
+            self.pause(min(wait, rate.reset_tokens_s or wait))

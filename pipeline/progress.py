@@ -1,0 +1,72 @@
+"""Progress for people: a rich bar on a terminal, plain log lines when output is piped or logged.
+
+The executor never prints; it calls ``update(stats)`` every half second and this module decides how to show it.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import Any, TextIO
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+from pipeline.execute import RunStats
+
+LOG_EVERY_S = 5.0
+
+
+def _rates(stats: RunStats) -> tuple[float, float]:
+    elapsed = max(stats.elapsed_s, 1e-6)
+    return stats.requests_sent / elapsed, (stats.prompt_tokens + stats.completion_tokens) / elapsed
+
+
+def summary_line(stats: RunStats) -> str:
+    """One line with everything a person watching a run wants to know."""
+    req_s, tok_s = _rates(stats)
+    total = stats.rows_total or 0
+    pct = f" ({stats.rows_done / total:.0%})" if total else ""
+    eta = ""
+    if total and stats.rows_done and stats.rows_done < total:
+        left = (total - stats.rows_done) * stats.elapsed_s / stats.rows_done
+        eta = f" | ETA {left:,.0f}s"
+    return (f"rows {stats.rows_done:,}/{total:,}{pct} | {req_s:,.0f} req/s | {tok_s:,.0f} tok/s | "
+            f"${stats.cost_usd:,.4f} | errors {stats.failed:,} | retries {stats.retries:,} | "
+            f"429s {stats.rate_limited:,} | in flight {stats.in_flight}{eta}")
+
+
+class ProgressDisplay:
+    """``with ProgressDisplay() as p: run(..., on_progress=p.update)``."""
+
+    def __init__(self, stream: TextIO | None = None, force_plain: bool = False) -> None:
+        self.stream = stream or sys.stderr
+        self.plain = force_plain or not self.stream.isatty()
+        self._last_log = 0.0
+        self._progress: Progress | None = None
+        self._task: Any = None
+
+    def __enter__(self) -> ProgressDisplay:
+        if not self.plain:
+            self._progress = Progress(
+                TextColumn("[bold]rows"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[line]}"),
+                TimeRemainingColumn(), console=Console(file=self.stream), transient=False, refresh_per_second=4)
+            self._progress.__enter__()
+            self._task = self._progress.add_task("run", total=None, line="")
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._progress is not None:
+            self._progress.__exit__(None, None, None)
+
+    def update(self, stats: RunStats) -> None:
+        if self._progress is not None:
+            req_s, tok_s = _rates(stats)
+            line = (f"{req_s:,.0f} req/s  {tok_s:,.0f} tok/s  ${stats.cost_usd:,.4f}  errors {stats.failed:,}  "
+                    f"429s {stats.rate_limited:,}")
+            self._progress.update(self._task, total=stats.rows_total or None, completed=stats.rows_done, line=line)
+            return
+        now = time.monotonic()
+        if now - self._last_log >= LOG_EVERY_S or (stats.rows_total and stats.rows_done >= stats.rows_total):
+            self._last_log = now
+            print(summary_line(stats), file=self.stream, flush=True)

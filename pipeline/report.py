@@ -1,0 +1,64 @@
+"""``pipeline report``: what an output holds, read back from the Parquet file and its manifest."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+
+from pipeline.errors import InputError
+from pipeline.sink import OutputPaths, read_manifest
+
+
+def build_report(output: str | Path) -> dict[str, Any]:
+    """Totals, cost, errors by type, latency percentiles and (for enum-like text columns) distributions."""
+    path = Path(output)
+    if not path.is_file():
+        raise InputError(f"{path}: output file not found")
+    try:
+        df = pl.read_parquet(path)
+    except Exception as e:  # polars raises several unrelated types for unreadable files
+        raise InputError(f"{path}: cannot read the output: {str(e).splitlines()[0] if str(e) else e}") from None
+    if "status" not in df.columns:
+        raise InputError(f"{path}: not a pipeline output (no status column)")
+    manifest = read_manifest(OutputPaths(path)) or {}
+    ok = df.filter(pl.col("status") == "ok")
+    lat = ok.get_column("latency_ms").drop_nulls() if "latency_ms" in ok.columns else pl.Series([], dtype=pl.Float64)
+    charged = df.filter(~pl.col("deduplicated").fill_null(False))
+    report: dict[str, Any] = {
+        "output": str(path),
+        "job": manifest.get("job"),
+        "model": manifest.get("model"),
+        "run_status": manifest.get("status"),
+        "rows": df.height,
+        "by_status": dict(df.group_by("status").len().sort("status").iter_rows()),
+        "prompt_tokens": int(charged["prompt_tokens"].sum() or 0),
+        "cached_tokens": int(charged["cached_tokens"].sum() or 0),
+        "completion_tokens": int(charged["completion_tokens"].sum() or 0),
+        "reasoning_tokens": int(charged["reasoning_tokens"].sum() or 0),
+        "cost_usd": None if df["cost_usd"].null_count() == df.height else float(df["cost_usd"].sum()),
+        "deduplicated_rows": int(df["deduplicated"].sum() or 0),
+        "errors_by_type": dict(df.filter(pl.col("status") == "error").group_by("error_type").len()
+                               .sort("len", descending=True).iter_rows()),
+        "latency_ms": {q: (float(lat.quantile(v, "nearest")) if lat.len() else None)  # type: ignore[arg-type]
+                       for q, v in (("p50", 0.5), ("p95", 0.95), ("p99", 0.99))},
+        "price_source": (manifest.get("price") or {}).get("source"),
+        "price_date": (manifest.get("price") or {}).get("source_date"),
+        "estimate_cost_usd_max": (manifest.get("estimate") or {}).get("cost_usd_max"),
+        "estimate_cost_usd_expected": (manifest.get("estimate") or {}).get("cost_usd_expected"),
+    }
+    report["distributions"] = _distributions(df)
+    return report
+
+
+def _distributions(df: pl.DataFrame) -> dict[str, dict[str, int]]:
+    """Label counts for typed answer columns with few distinct values (classification jobs)."""
+    out: dict[str, dict[str, int]] = {}
+    answer_cols = df.columns[df.columns.index("deduplicated") + 1:] if "deduplicated" in df.columns else []
+    for c in answer_cols:
+        s = df.get_column(c)
+        if s.dtype in (pl.String, pl.Boolean, pl.Categorical, pl.Enum) and s.n_unique() <= 20:
+            counts = s.value_counts(sort=True)
+            out[c] = {str(k): int(v) for k, v in counts.iter_rows()}
+    return out

@@ -1,0 +1,230 @@
+"""``run(job)``: the whole flow for one job, wiring the stages together; the library entry point of a run.
+
+job -> source -> render -> estimate -> execute -> journal -> sink. Everything a user can get wrong is checked
+before the first request (the job, the input, the templates, the key, the output folder, the budget); after
+that, whatever ends the run, what was answered is flushed to the journal and the output, and the manifest says
+how the run ended.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import httpx
+import polars as pl
+
+from pipeline.client import ApiClient, _is_loopback, check_transport_security
+from pipeline.errors import AbortError, Interrupted, OutputError, PipelineError, StopRun, UsageError
+from pipeline.estimate import Estimate, EstimateBuilder
+from pipeline.execute import Executor, RunStats, stop_reason_kind
+from pipeline.job import Job
+from pipeline.journal import Journal
+from pipeline.limits import RateBudget
+from pipeline.pricing import lookup_price
+from pipeline.render import RenderedChunk, Renderer
+from pipeline.sink import RESULT_SCHEMA, OutputPaths, PartWriter, claim_output, write_manifest
+from pipeline.source import ROW, Source, iter_chunks, open_source
+
+RUN_CHUNK_ROWS = 2_000  # small chunks keep the first request early and the producer thread's bursts short
+
+
+@dataclass
+class RunResult:
+    """How a run ended: the output, its manifest, the totals, and the reason if it stopped early."""
+
+    output: Path
+    manifest: Path
+    stats: RunStats
+    estimate: Estimate
+    stopped: PipelineError | None = None
+    manifest_data: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def exit_code(self) -> int:
+        """0 all rows answered, 1 some failed, 3 stopped or aborted (the CLI's exit status)."""
+        if self.stopped is not None:
+            return self.stopped.exit_code
+        return 1 if self.stats.failed else 0
+
+
+def resolve_base_url(job: Job, override: str | None) -> str:
+    """--base-url, then PIPELINE_BASE_URL, then the job's [api].base_url."""
+    url = override or os.environ.get("PIPELINE_BASE_URL") or job.api.base_url
+    if not url.startswith(("http://", "https://")):
+        raise UsageError(f"base URL must start with http:// or https://, got {url!r}")
+    return url.rstrip("/")
+
+
+def resolve_api_key(job: Job, base_url: str) -> str | None:
+    """The key from the environment variable the job names; only a loopback server may go without one."""
+    key = os.environ.get(job.api.api_key_env) or None
+    if key is None and not _is_loopback(urlsplit(base_url).hostname or ""):
+        raise UsageError(f"{job.source}: the environment variable {job.api.api_key_env} (named by "
+                         f"[api].api_key_env) is not set; export your API key in it")
+    return key
+
+
+def _output_key_schema(job: Job, source: Source) -> tuple[dict[str, pl.DataType], str]:
+    id_name = job.input.id or "row"
+    schema: dict[str, pl.DataType] = {id_name: source.schema[job.input.id] if job.input.id else pl.Int64()}
+    for c in job.input.keep:
+        if c != id_name:
+            schema[c] = source.schema[c]
+    clash = [c for c in schema if c in RESULT_SCHEMA]
+    if clash:
+        raise UsageError(f"{job.source}: [input].keep column(s) {', '.join(clash)} clash with result columns of "
+                         "the same name; rename them in the input or leave them out of keep")
+    return schema, id_name
+
+
+def _move_aside(path: Path) -> Path | None:
+    if not path.exists():
+        return None
+    stamp = datetime.now(tz=UTC).strftime("%Y%m%dT%H%M%SZ")
+    aside = path.with_name(f"{path.stem}.{stamp}{path.suffix}")
+    path.replace(aside)
+    for extra in ("-wal", "-shm"):
+        sidecar = Path(str(path) + extra)
+        if sidecar.exists():
+            sidecar.replace(Path(str(aside) + extra))
+    return aside
+
+
+def prepare_estimate(job: Job, source: Source, renderer: Renderer, journal: Journal | None, *,
+                     limit: int | None, retry_failed: bool = False) -> Estimate:
+    """The estimate of what is left to do: rows the journal already settled cost nothing now."""
+    builder = EstimateBuilder(job, lookup_price(job.request.model, job.pricing))
+    for chunk in iter_chunks(source, renderer.columns, limit=limit):
+        rendered = renderer.render_chunk(chunk)
+        done: set[str] = set()
+        if journal is not None:
+            done = set(journal.lookup([r.key for r in rendered.requests], retry_failed=retry_failed))
+        builder.add(rendered, done=done)
+    return builder.finish()
+
+
+def run(job: Job, *, base_url: str | None = None, limit: int | None = None, fresh: bool = False,
+        retry_failed: bool = False, allow_insecure: bool = False, transport: httpx.AsyncBaseTransport | None = None,
+        on_progress: Callable[[RunStats], None] | None = None,
+        on_estimate: Callable[[Estimate], bool] | None = None, handle_signals: bool = False,
+        grace_s: float = 5.0) -> RunResult:
+    """Run a job to the end (or until stopped); resumes from the journal unless ``fresh``.
+
+    ``on_estimate`` sees the estimate before anything is sent and returns False to cancel (the CLI asks the
+    user there). Raises UsageError subclasses for anything to fix first; a stop or abort during the run is
+    returned in ``RunResult.stopped``, with everything answered so far written.
+    """
+    url = resolve_base_url(job, base_url)
+    key = resolve_api_key(job, url)
+    check_transport_security(url, key is not None, allow_insecure)
+    source = open_source(job.input.path)
+    renderer = Renderer(job, source)
+    key_schema, _ = _output_key_schema(job, source)
+    paths = OutputPaths(Path(job.output.path))
+    claim_output(paths, job.name, job.fingerprint())
+    if fresh:
+        _move_aside(paths.journal)
+    journal = Journal(paths.journal)
+    try:
+        owner = journal.get_meta("fingerprint")
+        if owner is not None and owner != job.fingerprint():
+            raise OutputError(f"{paths.journal}: the journal belongs to another job; use --fresh to start over")
+        journal.set_meta("fingerprint", job.fingerprint())
+        est = prepare_estimate(job, source, renderer, journal, limit=limit, retry_failed=retry_failed)
+        if on_estimate is not None and not on_estimate(est):
+            raise StopRun("not started: the estimate was not accepted")
+        return _execute(job, url, key, source, renderer, key_schema, paths, journal, est, limit=limit,
+                        retry_failed=retry_failed, transport=transport, on_progress=on_progress,
+                        handle_signals=handle_signals, grace_s=grace_s)
+    finally:
+        journal.close()
+
+
+def _execute(job: Job, url: str, key: str | None, source: Source, renderer: Renderer,
+             key_schema: dict[str, pl.DataType], paths: OutputPaths, journal: Journal, est: Estimate, *,
+             limit: int | None, retry_failed: bool, transport: httpx.AsyncBaseTransport | None,
+             on_progress: Callable[[RunStats], None] | None, handle_signals: bool, grace_s: float) -> RunResult:
+    started = datetime.now(tz=UTC)
+    t0 = time.monotonic()
+    sink = PartWriter(paths, key_schema)
+    price = lookup_price(job.request.model, job.pricing)
+    with_id = job.input.id is not None
+    keep = [c for c in job.input.keep if c != job.input.id]
+    keep_index = [job.input.keep.index(c) for c in keep]
+
+    def key_of_row(req: Any) -> tuple[Any, ...]:
+        return (req.row_id if with_id else req.row, *(req.keep[i] for i in keep_index))
+
+    def chunks() -> Iterator[RenderedChunk]:
+        for c in iter_chunks(source, renderer.columns, chunk_rows=RUN_CHUNK_ROWS, limit=limit):
+            yield renderer.render_chunk(c)
+
+    stopped: PipelineError | None = None
+    stats: RunStats
+
+    async def main() -> RunStats:
+        lim = job.limits
+        async with ApiClient(url, key, timeout_s=lim.timeout_s, concurrency=lim.concurrency,
+                             transport=transport) as client:
+            executor = Executor(client=client, budget=RateBudget(lim.requests_per_minute, lim.tokens_per_minute),
+                                journal=journal, sink=sink, price=price, max_attempts=lim.max_attempts,
+                                concurrency=lim.concurrency, key_of_row=key_of_row,
+                                max_cost_usd=job.budget.max_cost_usd, retry_failed=retry_failed, grace_s=grace_s,
+                                on_progress=on_progress)
+            executor.stats.rows_total = est.rows
+            loop = asyncio.get_running_loop()
+            if handle_signals:
+                for sig in (signal.SIGINT, signal.SIGTERM):
+                    loop.add_signal_handler(sig, executor.request_stop, Interrupted(f"stopped by {sig.name}"))
+            try:
+                return await executor.run(chunks())
+            except (StopRun, AbortError) as e:
+                nonlocal stopped
+                stopped = e
+                return executor.stats
+            finally:
+                if handle_signals:
+                    for sig in (signal.SIGINT, signal.SIGTERM):
+                        loop.remove_signal_handler(sig)
+
+    try:
+        stats = asyncio.run(main())
+    finally:
+        rows = sink.finish()
+    finished = datetime.now(tz=UTC)
+    status = "complete" if stopped is None else "stopped"
+    manifest = {
+        "job": job.name, "fingerprint": job.fingerprint(), "job_file": job.source, "status": status,
+        "stop_reason": None if stopped is None else {"kind": stop_reason_kind(stopped), "message": str(stopped)},
+        "input": job.input.path, "output": str(paths.output), "rows_in_output": rows,
+        "endpoint": job.request.endpoint, "model": job.request.model, "base_url": url,
+        "started_at": started.isoformat(), "finished_at": finished.isoformat(),
+        "duration_s": round(time.monotonic() - t0, 3),
+        "totals": {"rows": stats.rows_done, "ok": stats.ok, "failed": stats.failed, "skipped": stats.skipped,
+                   "resumed_from_journal": stats.resumed, "deduplicated": stats.deduplicated,
+                   "requests_sent": stats.requests_sent, "retries": stats.retries,
+                   "rate_limited_429": stats.rate_limited, "prompt_tokens": stats.prompt_tokens,
+                   "cached_tokens": stats.cached_tokens, "completion_tokens": stats.completion_tokens,
+                   "reasoning_tokens": stats.reasoning_tokens, "cost_usd_this_run": round(stats.cost_usd, 8)},
+        "errors_by_type": dict(stats.errors),
+        "price": price.describe() if price is not None else None,
+        "estimate": est.to_dict(),
+        "limits": {"concurrency": job.limits.concurrency, "requests_per_minute": job.limits.requests_per_minute,
+                   "tokens_per_minute": job.limits.tokens_per_minute, "max_attempts": job.limits.max_attempts},
+        "journal": str(paths.journal),
+    }
+    write_manifest(paths, manifest)
+    return RunResult(output=paths.output, manifest=paths.manifest, stats=stats, estimate=est, stopped=stopped,
+                     manifest_data=manifest)
+
+
+__all__ = ["ROW", "RunResult", "resolve_api_key", "resolve_base_url", "run"]

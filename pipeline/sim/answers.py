@@ -1,0 +1,91 @@
+"""Deterministic, plausible answers for the simulator: the same question always gets the same answer.
+
+A summary is drawn from the prompt's own text, a JSON answer is valid for whatever schema was asked (labels
+come from the schema's enums), and an embedding is a unit vector seeded by its input text.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import re
+from typing import Any
+
+import numpy as np
+
+_SENTENCE = re.compile(r"(?<=[.!?。])\s+")
+_WORDS = ("clear", "brief", "useful", "direct", "balanced", "concise", "specific", "helpful")
+
+
+def _seed(text: str) -> int:
+    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little")
+
+
+def summary(prompt: str) -> str:
+    """One sentence drawn from the material the prompt is about (after its instruction line, if any)."""
+    body = prompt.split("\n\n", 1)[1] if "\n\n" in prompt else prompt
+    body = " ".join(body.split())
+    if not body:
+        return "There is nothing to summarise."
+    first = _SENTENCE.split(body, 1)[0]
+    words = first.split()
+    if len(words) > 30:
+        first = " ".join(words[:30]) + "..."
+    return f"In short: {first}"
+
+
+def _value(schema: Any, seed: int, depth: int = 0) -> Any:
+    if not isinstance(schema, dict):
+        return None
+    if schema.get("enum"):
+        return schema["enum"][seed % len(schema["enum"])]
+    if "const" in schema:
+        return schema["const"]
+    for key in ("anyOf", "oneOf"):
+        if schema.get(key):
+            options = [o for o in schema[key] if isinstance(o, dict) and o.get("type") != "null"] or schema[key]
+            return _value(options[seed % len(options)], seed >> 3, depth)
+    kind = schema.get("type", "object")
+    if isinstance(kind, list):
+        kinds = [k for k in kind if k != "null"] or kind
+        kind = kinds[seed % len(kinds)]
+    if kind == "object":
+        props = schema.get("properties", {})
+        return {k: _value(v, _seed(f"{seed}:{k}"), depth + 1) for k, v in props.items()}
+    if kind == "array":
+        n = 1 + seed % 3 if depth < 4 else 0
+        n = max(n, int(schema.get("minItems", 0)))
+        if "maxItems" in schema:
+            n = min(n, int(schema["maxItems"]))
+        return [_value(schema.get("items", {"type": "string"}), _seed(f"{seed}:{i}"), depth + 1) for i in range(n)]
+    if kind == "string":
+        return f"{_WORDS[seed % len(_WORDS)]} answer"
+    if kind == "integer":
+        lo, hi = int(schema.get("minimum", 0)), int(schema.get("maximum", 100))
+        return lo + seed % max(1, hi - lo + 1)
+    if kind == "number":
+        lo, hi = float(schema.get("minimum", 0.0)), float(schema.get("maximum", 1.0))
+        return round(lo + (seed % 1000) / 999 * (hi - lo), 3)
+    if kind == "boolean":
+        return bool(seed & 1)
+    return None
+
+
+def structured(schema: dict[str, Any], prompt: str) -> Any:
+    """A JSON value valid for ``schema``, chosen deterministically from the prompt."""
+    return _value(schema, _seed(prompt))
+
+
+def embedding(text: str, dimensions: int) -> np.ndarray:
+    """A unit vector of ``dimensions`` float32, seeded by the text: same text, same vector."""
+    rng = np.random.default_rng(_seed(text))
+    v = rng.standard_normal(dimensions).astype(np.float32)
+    v /= np.linalg.norm(v) or 1.0
+    return v
+
+
+def encode_embedding(v: np.ndarray, encoding_format: str) -> Any:
+    """As the API sends it: a list of floats, or base64 of little-endian float32 bytes."""
+    if encoding_format == "base64":
+        return base64.b64encode(v.astype("<f4").tobytes()).decode()
+    return v.tolist()

@@ -1,0 +1,183 @@
+"""The output: a Parquet file with the input's id and kept columns next to each answer, and a manifest.
+
+Rows are written in Parquet parts as results arrive (memory stays flat), then compacted into one file in input
+order, written to a temporary name and renamed, so a reader never sees half a file. The manifest beside it
+records the job, the totals, the estimate made before the run and the price source, and marks the output as
+this job's: a different job's output is never overwritten.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+
+from pipeline.errors import OutputError
+from pipeline.journal import Outcome
+from pipeline.source import ROW
+
+RESULT_SCHEMA: dict[str, pl.DataType] = {
+    "status": pl.String(),             # ok | error | skipped
+    "content": pl.String(),
+    "finish_reason": pl.String(),
+    "refusal": pl.String(),
+    "prompt_tokens": pl.Int64(),
+    "cached_tokens": pl.Int64(),
+    "completion_tokens": pl.Int64(),
+    "reasoning_tokens": pl.Int64(),
+    "cost_usd": pl.Float64(),
+    "latency_ms": pl.Float64(),
+    "attempts": pl.Int32(),
+    "error": pl.String(),
+    "error_type": pl.String(),
+    "model": pl.String(),
+    "deduplicated": pl.Boolean(),      # answered by an identical earlier row's request; its cost is on that row
+}
+PART_ROWS = 10_000
+
+
+@dataclass(frozen=True)
+class OutputPaths:
+    """The files that belong to one output: the table, its manifest, its parts folder and its journal."""
+
+    output: Path
+
+    @property
+    def manifest(self) -> Path:
+        return self.output.with_suffix(".manifest.json")
+
+    @property
+    def parts(self) -> Path:
+        return self.output.with_suffix(".parts")
+
+    @property
+    def journal(self) -> Path:
+        return self.output.with_suffix(".journal.sqlite")
+
+
+def read_manifest(paths: OutputPaths) -> dict[str, Any] | None:
+    try:
+        return json.loads(paths.manifest.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, json.JSONDecodeError) as e:
+        raise OutputError(f"{paths.manifest}: unreadable manifest: {e}") from None
+
+
+def claim_output(paths: OutputPaths, job_name: str, fingerprint: str) -> None:
+    """Refuse an output that belongs to another job (or to no job of ours); check the folder is writable."""
+    manifest = read_manifest(paths)
+    if manifest is not None and manifest.get("fingerprint") != fingerprint:
+        raise OutputError(f"{paths.output}: belongs to job {manifest.get('job')!r}, not {job_name!r}; "
+                          "choose another [output].path or remove the old output")
+    if manifest is None and paths.output.exists():
+        raise OutputError(f"{paths.output}: exists and was not written by a pipeline job; "
+                          "choose another [output].path or remove it")
+    try:
+        paths.output.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise OutputError(f"{paths.output.parent}: cannot create the output folder: {e.strerror}") from None
+    if not os.access(paths.output.parent, os.W_OK):
+        raise OutputError(f"{paths.output.parent}: the output folder is not writable")
+
+
+class PartWriter:
+    """Collects result rows and writes them as Parquet parts; ``finish`` compacts them into the output."""
+
+    def __init__(self, paths: OutputPaths, key_schema: dict[str, pl.DataType], part_rows: int = PART_ROWS) -> None:
+        self.paths = paths
+        self.schema: dict[str, pl.DataType] = {ROW: pl.Int64(), **key_schema, **RESULT_SCHEMA}
+        self._cols: dict[str, list[Any]] = {c: [] for c in self.schema}
+        self._n = 0
+        self._part = 0
+        self.rows_written = 0
+        self.part_rows = part_rows
+        # A crashed run leaves parts of a table that the journal can rebuild: start clean.
+        shutil.rmtree(paths.parts, ignore_errors=True)
+        try:
+            paths.parts.mkdir(parents=True)
+        except OSError as e:
+            raise OutputError(f"{paths.parts}: cannot create the parts folder: {e.strerror}") from None
+
+    def add(self, row: int, keys: tuple[Any, ...], outcome: Outcome | None, *, skipped: str | None = None,
+            deduplicated: bool = False) -> None:
+        """One input row's result: its position, id and kept values, and its outcome (or why it was skipped)."""
+        c = self._cols
+        c[ROW].append(row)
+        for name, value in zip(list(self.schema)[1:1 + len(keys)], keys, strict=True):
+            c[name].append(value)
+        if outcome is None:
+            for name in RESULT_SCHEMA:
+                c[name].append(None)
+            c["status"][-1] = "skipped"
+            c["error"][-1] = skipped
+            c["deduplicated"][-1] = False
+        else:
+            o = outcome
+            c["status"].append(o.status)
+            c["content"].append(o.content)
+            c["finish_reason"].append(o.finish_reason)
+            c["refusal"].append(o.refusal)
+            c["prompt_tokens"].append(o.prompt_tokens)
+            c["cached_tokens"].append(o.cached_tokens)
+            c["completion_tokens"].append(o.completion_tokens)
+            c["reasoning_tokens"].append(o.reasoning_tokens)
+            c["cost_usd"].append(0.0 if deduplicated and o.cost_usd is not None else o.cost_usd)
+            c["latency_ms"].append(o.latency_ms)
+            c["attempts"].append(0 if deduplicated else o.attempts)
+            c["error"].append(o.error)
+            c["error_type"].append(o.error_type)
+            c["model"].append(o.model)
+            c["deduplicated"].append(deduplicated)
+        self._n += 1
+        if self._n >= self.part_rows:
+            self.flush()
+
+    def flush(self) -> None:
+        """Write the buffered rows as one part (to a temporary name, then renamed: no half-written parts)."""
+        if not self._n:
+            return
+        df = pl.DataFrame(self._cols, schema=self.schema, strict=False)
+        self._part += 1
+        final = self.paths.parts / f"part-{self._part:06d}.parquet"
+        tmp = final.with_suffix(".tmp")
+        try:
+            df.write_parquet(tmp, compression="zstd", statistics=False)
+            tmp.replace(final)
+        except OSError as e:
+            raise OutputError(f"{final}: cannot write output: {e.strerror}") from None
+        self.rows_written += self._n
+        self._cols = {c: [] for c in self.schema}
+        self._n = 0
+
+    def finish(self) -> int:
+        """Compact the parts into the output file in input order; returns the number of rows."""
+        self.flush()
+        parts = sorted(self.paths.parts.glob("part-*.parquet"))
+        tmp = self.paths.output.with_suffix(".parquet.tmp")
+        try:
+            if parts:
+                lf = pl.scan_parquet(parts).sort(ROW).drop(ROW)
+                lf.sink_parquet(tmp, compression="zstd")
+            else:
+                pl.DataFrame(schema=self.schema).drop(ROW).write_parquet(tmp)
+            tmp.replace(self.paths.output)
+        except OSError as e:
+            raise OutputError(f"{self.paths.output}: cannot write output: {e.strerror}") from None
+        shutil.rmtree(self.paths.parts, ignore_errors=True)
+        return self.rows_written
+
+
+def write_manifest(paths: OutputPaths, manifest: dict[str, Any]) -> None:
+    """Write the manifest atomically; it never contains the API key (nothing here ever holds it)."""
+    tmp = paths.manifest.with_suffix(".json.tmp")
+    try:
+        tmp.write_text(json.dumps(manifest, indent=2, default=str, sort_keys=False))
+        tmp.replace(paths.manifest)
+    except OSError as e:
+        raise OutputError(f"{paths.manifest}: cannot write the manifest: {e.strerror}") from None
