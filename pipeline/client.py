@@ -144,7 +144,9 @@ def classify(status: int, headers: Any, body: bytes) -> Answer:
     retryable = status in RETRYABLE_STATUS if should not in ("true", "false") else should == "true"
     if retryable and (wait is None or wait <= MAX_SERVER_WAIT_S):
         kind = "rate_limit" if status == 429 else "timeout" if status == 408 else "server_error"
-        raise TransientError(text, kind=kind, status=status, retry_after=wait)
+        err = TransientError(text, kind=kind, status=status, retry_after=wait)
+        err.rate = parse_rate(headers)
+        raise err
     kind = "context_length" if code == "context_length_exceeded" else f"http_{status}"
     raise RowError(text, kind=kind, status=status)
 
@@ -234,7 +236,12 @@ class ApiClient:
                 resp = await self._client.post(path, content=body)
             return resp.status_code, resp.headers, resp.content
         except (httpx.TimeoutException, TimeoutError) as e:
-            raise TransientError(f"timed out after {self._timeout:g} s ({type(e).__name__})", kind="timeout") from None
+            cause = e.__cause__
+            # httpx-aiohttp maps every aiohttp connection error (refused, reset) to ConnectTimeout; undo that.
+            if isinstance(cause, aiohttp.ClientConnectionError) and not isinstance(cause, aiohttp.ServerTimeoutError):
+                reason = redact(str(cause) or type(cause).__name__, self._key)
+                raise TransientError(f"connection error: {reason}", kind="connection") from None
+            raise TransientError(f"timed out after {self._timeout:g} s", kind="timeout") from None
         except (httpx.TransportError, aiohttp.ClientError, ConnectionError) as e:
             reason = redact(str(e) or type(e).__name__, self._key)
             raise TransientError(f"connection error: {reason}", kind="connection") from None

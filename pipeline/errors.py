@@ -62,6 +62,7 @@ class ProviderError(PipelineError):
         super().__init__(message)
         self.kind = kind
         self.status = status
+        self.rate: object | None = None  # the response's rate-limit headers (a client.RateInfo), when it had any
 
 
 class TransientError(ProviderError):

@@ -23,7 +23,7 @@ from typing import Any
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, stop_after_attempt
 from tenacity.wait import wait_base, wait_random_exponential
 
-from pipeline.client import Answer, ApiClient
+from pipeline.client import Answer, ApiClient, RateInfo
 from pipeline.errors import AbortError, BudgetExceeded, Interrupted, PipelineError, RowError, StopRun, TransientError
 from pipeline.journal import Journal, Outcome
 from pipeline.limits import RateBudget
@@ -119,13 +119,19 @@ class Executor:
     # -- control ----------------------------------------------------------------------------------------------
 
     def request_stop(self, reason: PipelineError | None = None) -> None:
-        """Stop taking new work. A second call while stopping cancels the requests in flight at once."""
+        """Stop taking new work; the requests in flight get ``grace_s`` to finish. The first reason wins."""
+        if self._stopping.is_set():
+            return
+        self._stop_reason = reason or Interrupted("interrupted")
+        self._stopping.set()
+
+    def interrupt(self, reason: PipelineError) -> None:
+        """A signal: the first stops taking work, a second cancels the requests in flight at once."""
         if self._stopping.is_set():
             for t in self._workers:
                 t.cancel()
             return
-        self._stop_reason = reason or Interrupted("interrupted")
-        self._stopping.set()
+        self.request_stop(reason)
 
     # -- the run ----------------------------------------------------------------------------------------------
 
@@ -150,27 +156,23 @@ class Executor:
         return self.stats
 
     async def _supervise(self, producer: asyncio.Task[None]) -> None:
-        workers_done = asyncio.gather(*self._workers)
         stop_wait = asyncio.create_task(self._stopping.wait())
+        pending: set[asyncio.Task[Any]] = {producer, *self._workers}
         try:
-            done, _ = await asyncio.wait({producer, stop_wait}, return_when=asyncio.FIRST_COMPLETED)
-            if producer in done and producer.exception() is not None:
-                raise producer.exception()  # type: ignore[misc]
-            if not self._stopping.is_set():
-                # Everything is queued; the workers drain the queue and then meet the end markers.
-                done, _ = await asyncio.wait({workers_done, stop_wait}, return_when=asyncio.FIRST_COMPLETED)
-                if workers_done in done:
-                    workers_done.result()
-                    return
-            producer.cancel()
-            # Stopping: give the requests in flight their grace period, then cancel what is left.
-            try:
-                await asyncio.wait_for(asyncio.shield(workers_done), self.grace_s)
-            except TimeoutError:
-                pass
+            while pending - {producer} and not self._stopping.is_set():
+                done, _ = await asyncio.wait(pending | {stop_wait}, return_when=asyncio.FIRST_COMPLETED)
+                for t in done - {stop_wait}:
+                    pending.discard(t)
+                    if not t.cancelled() and t.exception() is not None:
+                        raise t.exception()  # type: ignore[misc]
+            if self._stopping.is_set():
+                # Stopping: no new work; the requests in flight get their grace period, then are cancelled.
+                producer.cancel()
+                workers = pending - {producer}
+                if workers:
+                    await asyncio.wait(workers, timeout=self.grace_s)
         finally:
             stop_wait.cancel()
-            workers_done.cancel()
 
     async def _produce(self, chunks: Iterator[RenderedChunk]) -> None:
         end = object()
@@ -248,6 +250,8 @@ class Executor:
                         answer = await self.client.chat(req.body)
                     except TransientError as e:
                         self.stats.retries += 1
+                        if isinstance(e.rate, RateInfo):
+                            self.budget.observe(e.rate, rate_limited=e.kind == "rate_limit")
                         if e.kind == "rate_limit":
                             self.stats.rate_limited += 1
                             self.budget.pause(e.retry_after if e.retry_after is not None else 1.0)

@@ -67,8 +67,26 @@ class RateBudget:
             self._resume_at = resume
             self.pauses += 1
 
-    def observe(self, rate: RateInfo) -> None:
-        """Correct our view with the server's: out of requests or tokens means wait for them to come back."""
+    def observe(self, rate: RateInfo, *, rate_limited: bool = False) -> None:
+        """Correct our view with the server's: out of requests or tokens means wait for them to come back.
+
+        After a 429, a server limit below ours (or one the job did not state) becomes ours, so the workers pace
+        themselves instead of all retrying into the same empty bucket. Not before: until the server's bucket
+        runs dry, its burst allowance is ours to use.
+        """
+        if rate_limited:
+            self._adopt(rate)
+        self._pause_if_dry(rate)
+
+    def _adopt(self, rate: RateInfo) -> None:
+        if rate.limit_requests and (self.rpm is None or rate.limit_requests < self.rpm):
+            self.rpm = rate.limit_requests
+            self._requests, _ = _bucket(rate.limit_requests)
+        if rate.limit_tokens and (self.tpm is None or rate.limit_tokens < self.tpm):
+            self.tpm = rate.limit_tokens
+            self._tokens, self._token_capacity = _bucket(rate.limit_tokens)
+
+    def _pause_if_dry(self, rate: RateInfo) -> None:
         if rate.remaining_requests is not None and rate.remaining_requests < 1 and rate.limit_requests:
             wait = 60.0 / rate.limit_requests
             self.pause(min(wait, rate.reset_requests_s or wait))

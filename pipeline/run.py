@@ -184,7 +184,7 @@ def _execute(job: Job, url: str, key: str | None, source: Source, renderer: Rend
             loop = asyncio.get_running_loop()
             if handle_signals:
                 for sig in (signal.SIGINT, signal.SIGTERM):
-                    loop.add_signal_handler(sig, executor.request_stop, Interrupted(f"stopped by {sig.name}"))
+                    loop.add_signal_handler(sig, executor.interrupt, Interrupted(f"stopped by {sig.name}"))
             try:
                 return await executor.run(chunks())
             except (StopRun, AbortError) as e:

@@ -66,3 +66,14 @@ def run_cli(*args: Any, input: str | None = None) -> Any:
     from pipeline.cli import main
 
     return CliRunner().invoke(main, [str(a) for a in args], input=input, catch_exceptions=False)
+
+
+@pytest.fixture
+def sim() -> Any:
+    """Start simulators on free loopback ports: ``with sim(rpm=600) as s: s.base_url``."""
+    from pipeline.sim import SimConfig, SimServer
+
+    def start(**config: Any) -> SimServer:
+        return SimServer(SimConfig(**config))
+
+    return start
