@@ -229,7 +229,8 @@ def report(output: str, as_json: bool) -> None:
         t.add_row("latency p50 / p95 / p99", f"{lat['p50']:,.0f} / {lat['p95']:,.0f} / {lat['p99']:,.0f} ms")
     console.print(t)
     if r["price_source"]:
-        console.print(f"prices: {escape(r['price_source'])}" + (f", as of {r['price_date']}" if r["price_date"] else ""))
+        as_of = f", as of {r['price_date']}" if r["price_date"] else ""
+        console.print(f"prices: {escape(r['price_source'])}{as_of}")
     if r["errors_by_type"]:
         console.print("errors by type: " + ", ".join(f"{k}: {v:,}" for k, v in r["errors_by_type"].items()))
     for col, dist in r["distributions"].items():

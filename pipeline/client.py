@@ -163,8 +163,10 @@ def parse_chat(body: bytes, headers: Any) -> Answer:
     u = data.get("usage") or {}
     pd = u.get("prompt_tokens_details") or {}
     cd = u.get("completion_tokens_details") or {}
-    usage = Usage(prompt_tokens=int(u.get("prompt_tokens") or 0), completion_tokens=int(u.get("completion_tokens") or 0),
-                  cached_tokens=int(pd.get("cached_tokens") or 0), reasoning_tokens=int(cd.get("reasoning_tokens") or 0))
+    usage = Usage(prompt_tokens=int(u.get("prompt_tokens") or 0),
+                  completion_tokens=int(u.get("completion_tokens") or 0),
+                  cached_tokens=int(pd.get("cached_tokens") or 0),
+                  reasoning_tokens=int(cd.get("reasoning_tokens") or 0))
     return Answer(content=message.get("content"), finish_reason=choice.get("finish_reason"),
                   refusal=message.get("refusal"), model=data.get("model"), usage=usage, rate=parse_rate(headers))
 
@@ -185,6 +187,17 @@ def _is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host.strip("[]")).is_loopback
     except ValueError:
         return False
+
+
+def _env_proxy(base_url: str) -> httpx.Proxy | None:
+    """The HTTP(S)_PROXY that applies to ``base_url`` (honouring NO_PROXY), looked up once per run."""
+    import urllib.request
+
+    host = urlsplit(base_url).hostname or ""
+    if _is_loopback(host) or urllib.request.proxy_bypass(host):
+        return None
+    proxy = urllib.request.getproxies().get(urlsplit(base_url).scheme)
+    return httpx.Proxy(proxy) if proxy else None
 
 
 def check_transport_security(base_url: str, has_key: bool, allow_insecure: bool) -> None:
@@ -212,16 +225,25 @@ class ApiClient:
                    "User-Agent": "pipeline/0.1"}
         if self._key:
             headers["Authorization"] = f"Bearer {self._key}"
-        transport = self._transport or AiohttpTransport(client=self._session)
+        transport = self._transport or AiohttpTransport(client=self._session, proxy=_env_proxy(self.base_url))
         self._client = httpx.AsyncClient(base_url=self.base_url, headers=headers, transport=transport,
                                          timeout=httpx.Timeout(self._timeout, connect=min(10.0, self._timeout)))
+        self._urls: dict[str, httpx.URL] = {}
         return self
 
     def _session(self) -> aiohttp.ClientSession:
-        # One connection per worker, kept alive; no per-host cap below the concurrency.
+        # One connection per worker, kept alive. trust_env is off because aiohttp then looks up netrc and proxy
+        # settings in a thread on every request; the proxy is resolved once instead (``_env_proxy``).
         connector = aiohttp.TCPConnector(limit=self._concurrency, limit_per_host=self._concurrency,
                                          keepalive_timeout=30, ttl_dns_cache=300)
-        return aiohttp.ClientSession(connector=connector, trust_env=True)
+        return aiohttp.ClientSession(connector=connector, trust_env=False, cookie_jar=aiohttp.DummyCookieJar())
+
+    def url(self, path: str) -> httpx.URL:
+        """Parsed once per path: httpx would otherwise parse and merge the URL twice per request."""
+        u = self._urls.get(path)
+        if u is None:
+            u = self._urls[path] = httpx.URL(self.base_url + path)
+        return u
 
     async def __aexit__(self, *exc: object) -> None:
         if self._client is not None:
@@ -233,7 +255,7 @@ class ApiClient:
         try:
             # httpx's timeouts bound each socket read; a body that trickles in needs an overall deadline too.
             async with asyncio.timeout(self._timeout):
-                resp = await self._client.post(path, content=body)
+                resp = await self._client.post(self.url(path), content=body)
             return resp.status_code, resp.headers, resp.content
         except (httpx.TimeoutException, TimeoutError) as e:
             cause = e.__cause__

@@ -190,8 +190,9 @@ class Simulator:
             unit = "RPM" if kind == "requests" else "TPM"
             headers = {**self._rate_headers(), "retry-after": f"{max(1, round(wait))}",
                        "retry-after-ms": f"{wait * 1000:.0f}"}
+            asked = 1 if kind == "requests" else cost_tokens
             return _error(429, f"Rate limit reached for {model} on {kind} per min ({unit}): Limit {bucket.limit}, "
-                               f"Used {bucket.limit - int(bucket.level)}, Requested {1 if kind == 'requests' else cost_tokens}. "
+                               f"Used {bucket.limit - int(bucket.level)}, Requested {asked}. "
                                f"Please try again in {wait * 1000:.0f}ms.",
                           "requests" if kind == "requests" else "tokens", "rate_limit_exceeded", headers)
         if self.rpm is not None:

@@ -1,0 +1,106 @@
+"""Shared pieces of the benchmarks: data, the simulator in its own process, and timed runs of the CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+WORK = ROOT / "bench" / "data"
+BIN = Path(sys.executable).parent
+sys.path.insert(0, str(ROOT / "data"))
+
+
+def dataset(rows: int, seed: int = 42) -> Path:
+    """A reviews Parquet file of ``rows`` rows, built once per size with a fixed seed."""
+    from make_reviews import make
+
+    WORK.mkdir(parents=True, exist_ok=True)
+    path = WORK / f"reviews-{rows}.parquet"
+    if not path.exists():
+        make(rows, seed=seed).write_parquet(path)
+    return path
+
+
+@contextmanager
+def simulator(*args: str) -> Iterator[str]:
+    """``pipeline sim`` in its own process on a free loopback port; yields its base URL."""
+    with tempfile.TemporaryDirectory() as tmp:
+        port_file = Path(tmp) / "port"
+        proc = subprocess.Popen([str(BIN / "pipeline"), "sim", "--port", "0", "--port-file", str(port_file), *args],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            for _ in range(200):
+                if port_file.exists() and port_file.read_text():
+                    break
+                time.sleep(0.05)
+            port = port_file.read_text()
+            url = f"http://127.0.0.1:{port}/v1"
+            import httpx
+
+            for _ in range(100):
+                try:
+                    httpx.get(f"{url}/models", timeout=1)
+                    break
+                except httpx.HTTPError:
+                    time.sleep(0.05)
+            yield url
+        finally:
+            proc.terminate()
+            proc.wait(10)
+
+
+def sim_stats(url: str) -> dict[str, Any]:
+    import httpx
+
+    return httpx.get(f"{url}/sim/stats", timeout=5).json()
+
+
+def write_job(name: str, data: Path, *, concurrency: int = 128, rpm: int | None = None, tpm: int | None = None,
+              max_tokens: int = 120) -> Path:
+    limits = f"concurrency = {concurrency}\n"
+    if rpm:
+        limits += f"requests_per_minute = {rpm}\n"
+    if tpm:
+        limits += f"tokens_per_minute = {tpm}\n"
+    job = WORK / f"{name}.toml"
+    job.write_text(f'''name = "{name}"
+[input]
+path = "{data}"
+id = "review_id"
+keep = ["product", "rating"]
+[request]
+model = "gpt-4o-mini"
+system = "You summarise customer reviews in one sentence."
+prompt = "Summarise this {{{{ rating }}}}-star review of {{{{ product }}}}:\\n\\n{{{{ text }}}}"
+max_tokens = {max_tokens}
+[output]
+path = "{WORK / 'out' / name}.parquet"
+[limits]
+{limits}''')
+    return job
+
+
+def timed_run(job: Path, url: str, *extra: str) -> dict[str, Any]:
+    """Run ``pipeline run`` in a child process; returns wall time, peak RSS (MiB), CPU seconds and the manifest."""
+    t = time.perf_counter()
+    proc = subprocess.Popen([str(BIN / "pipeline"), "run", str(job), "--base-url", url, "--yes", "--plain", "--fresh",
+                             *extra], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OPENAI_API_KEY": "sk-bench"})
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - t
+    out, err = proc.stdout.read() if proc.stdout else "", proc.stderr.read() if proc.stderr else ""  # type: ignore[union-attr]
+    code = os.waitstatus_to_exitcode(status)
+    if code not in (0, 1):
+        raise SystemExit(f"run failed ({code}): {err[-2000:]}")
+    manifest = json.loads((WORK / "out" / f"{job.stem}.manifest.json").read_text())
+    return {"wall_s": wall, "peak_rss_mib": usage.ru_maxrss / 1024, "cpu_s": usage.ru_utime + usage.ru_stime,
+            "manifest": manifest, "stdout": out}
