@@ -142,9 +142,17 @@ def estimate(job_path: str, as_json: bool, limit: int | None) -> None:
         print_estimate(est, _out_console())
 
 
+def estimate_line(est: Any) -> str:
+    """The estimate in one line, for the start of a run."""
+    done = f"{est.rows_already_done:,} already answered, " if est.rows_already_done else ""
+    expected = f" (expected {_money(est.cost_usd_expected)})" if est.cost_usd_expected is not None else ""
+    return (f"estimate: {est.rows:,} rows, {done}{est.requests:,} requests to send, {est.prompt_tokens:,} prompt "
+            f"tokens, up to {_money(est.cost_usd_max)}{expected}; {_duration(est.duration_s)} under the limits")
+
+
 def _confirm_estimate(est: Any, job: Any, yes: bool) -> bool:
     """Ask before spending more than the budget (or $1 without one); refuse when nobody can answer."""
-    print_estimate(est, _err_console())
+    click.echo(estimate_line(est), err=True)
     cost = est.cost_usd_max
     limit = job.budget.max_cost_usd
     threshold = limit if limit is not None else 1.0
@@ -174,7 +182,7 @@ def run(job_path: str, fresh: bool, retry_failed: bool, limit: int | None, base_
         allow_insecure: bool, plain: bool) -> None:
     """Send every row's request and write the results; resumes where the last run stopped."""
     from pipeline.job import Job
-    from pipeline.progress import ProgressDisplay, summary_line
+    from pipeline.progress import ProgressDisplay
     from pipeline.run import run as run_job
 
     job = Job.load(job_path)
@@ -182,9 +190,7 @@ def run(job_path: str, fresh: bool, retry_failed: bool, limit: int | None, base_
         result = run_job(job, base_url=base_url, limit=limit, fresh=fresh, retry_failed=retry_failed,
                          allow_insecure=allow_insecure, on_progress=progress.update,
                          on_estimate=lambda est: _confirm_estimate(est, job, yes), handle_signals=True)
-    err = _err_console()
     s = result.stats
-    err.print(summary_line(s), markup=False)
     click.echo(f"wrote {result.output} ({s.rows_done:,} rows: {s.ok:,} ok, {s.failed:,} failed, "
                f"{s.skipped:,} skipped, {s.resumed:,} from the journal, {s.deduplicated:,} deduplicated; "
                f"${s.cost_usd:,.4f} spent this run)")

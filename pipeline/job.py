@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -230,7 +231,7 @@ def _known_hint(table: _Table) -> str:
 
 def _resolve(base: Path, value: str) -> str:
     p = Path(value).expanduser()
-    return str(p if p.is_absolute() else (base / p))
+    return os.path.normpath(p if p.is_absolute() else (base / p))
 
 
 def load_job(path: str | Path) -> Job:

@@ -67,6 +67,6 @@ class ProgressDisplay:
             self._progress.update(self._task, total=stats.rows_total or None, completed=stats.rows_done, line=line)
             return
         now = time.monotonic()
-        if now - self._last_log >= LOG_EVERY_S or (stats.rows_total and stats.rows_done >= stats.rows_total):
+        if now - self._last_log >= LOG_EVERY_S:
             self._last_log = now
             print(summary_line(stats), file=self.stream, flush=True)

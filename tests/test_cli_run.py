@@ -1,0 +1,125 @@
+"""The run, report and sim commands as a user meets them: exit codes, messages, signals."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import polars as pl
+import pytest
+
+from tests.conftest import reviews, run_cli
+
+PIPELINE = str(Path(sys.executable).parent / "pipeline")
+
+
+def test_run_then_report(make_job, sim):
+    job = make_job(rows=25)
+    with sim() as s:
+        result = run_cli("run", job.name, "--base-url", s.base_url, "--plain")
+    assert result.exit_code == 0, result.output
+    assert "estimate: 25 rows, 25 requests to send" in result.output
+    assert "wrote " in result.output and "25 ok, 0 failed" in result.output
+    rep = run_cli("report", "out/result.parquet", "--json")
+    assert rep.exit_code == 0
+    data = json.loads(rep.output)
+    assert data["rows"] == 25 and data["by_status"] == {"ok": 25}
+    assert data["latency_ms"]["p50"] is not None and data["cost_usd"] > 0
+    table = run_cli("report", "out/result.parquet")
+    assert "latency p50 / p95 / p99" in table.output and "estimate before the run" in table.output
+
+
+def test_run_exit_status_1_when_rows_fail(make_job, sim):
+    df = reviews(5).with_columns(pl.lit("SIM_400").alias("text"))
+    with sim() as s:
+        result = run_cli("run", make_job(data=df).name, "--base-url", s.base_url, "--plain")
+    assert result.exit_code == 1
+    assert "5 rows, 3 requests to send" in result.output  # three products: duplicates sent once
+    assert "errors: http_400 5" in result.output  # ...but every row carries its error
+
+
+def test_run_refuses_above_budget_without_yes(make_job, sim):
+    job = make_job(rows=50, extra="[budget]\nmax_cost_usd = 0.000001")
+    with sim() as s:
+        result = run_cli("run", job.name, "--base-url", s.base_url)
+        assert s.stats.requests == 0
+    assert result.exit_code == 3
+    assert "not started: the estimate (up to $0.00) is above [budget].max_cost_usd ($1e-06); pass --yes" \
+        in result.output
+
+
+def test_budget_stops_the_run_before_crossing_it(make_job, sim):
+    # ~$0.000013 per request at most: a budget of $0.0002 allows ~15 of 200.
+    job = make_job(rows=200, limits="concurrency = 4", extra="[budget]\nmax_cost_usd = 0.0002")
+    with sim() as s:
+        result = run_cli("run", job.name, "--base-url", s.base_url, "--yes", "--plain")
+    assert result.exit_code == 3
+    assert "stopped before crossing [budget].max_cost_usd" in result.output
+    manifest = json.loads(Path("out/result.manifest.json").read_text())
+    assert manifest["status"] == "stopped" and manifest["stop_reason"]["kind"] == "budget"
+    assert 0 < manifest["totals"]["cost_usd_this_run"] <= 0.0002
+    out = pl.read_parquet("out/result.parquet")
+    assert 0 < out.height < 200 and out["cost_usd"].sum() <= 0.0002
+
+
+def test_report_of_a_missing_file():
+    result = run_cli("report", "nope.parquet")
+    assert result.exit_code == 2 and result.output.strip() == "error: nope.parquet: output file not found"
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_signal_stops_flushes_and_a_rerun_finishes(make_job, sim, sig):
+    job = make_job(rows=300, limits="concurrency = 8")
+    with sim(latency_ms=100) as s:
+        proc = subprocess.Popen([PIPELINE, "run", job.name, "--base-url", s.base_url, "--plain"],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        time.sleep(2.5)
+        proc.send_signal(sig)
+        try:
+            out, err = proc.communicate(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            raise
+        assert proc.returncode == 3, err
+        assert f"stopped: stopped by {sig.name}" in err
+        assert f"run `pipeline run {job.name}` again to resume" in err
+        partial = pl.read_parquet("out/result.parquet")
+        assert 0 < partial.height < 300
+        assert json.loads(Path("out/result.manifest.json").read_text())["status"] == "stopped"
+        first_requests = s.stats.requests
+        again = subprocess.run([PIPELINE, "run", job.name, "--base-url", s.base_url, "--plain"],
+                               capture_output=True, text=True, timeout=120)
+        assert again.returncode == 0, again.stderr
+        assert s.stats.duplicate_ok <= 8  # at most what was in flight at the signal was paid twice
+        assert s.stats.requests - first_requests <= 300 - partial.height + 8
+    final = pl.read_parquet("out/result.parquet")
+    assert final.height == 300 and final["review_id"].n_unique() == 300
+    assert final["status"].unique().to_list() == ["ok"]
+
+
+def test_sim_command_serves_and_reports_itself(tmp_path):
+    port_file = tmp_path / "port"
+    proc = subprocess.Popen([PIPELINE, "sim", "--port", "0", "--port-file", str(port_file), "--rpm", "100"],
+                            stderr=subprocess.PIPE, text=True, env={**os.environ})
+    try:
+        for _ in range(100):
+            if port_file.exists() and port_file.read_text():
+                break
+            time.sleep(0.05)
+        import httpx
+
+        url = f"http://127.0.0.1:{port_file.read_text()}/v1"
+        for _ in range(50):
+            try:
+                r = httpx.get(f"{url}/models")
+                break
+            except httpx.HTTPError:
+                time.sleep(0.05)
+        assert r.json()["data"][0]["id"] == "gpt-4o-mini"
+    finally:
+        proc.terminate()
+        _, err = proc.communicate(timeout=10)
+    assert "simulator" in err and "not by a model" in err
