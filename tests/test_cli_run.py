@@ -79,7 +79,7 @@ def test_signal_stops_flushes_and_a_rerun_finishes(make_job, sim, sig):
         time.sleep(2.5)
         proc.send_signal(sig)
         try:
-            out, err = proc.communicate(timeout=15)
+            _, err = proc.communicate(timeout=15)
         except subprocess.TimeoutExpired:
             proc.kill()
             raise
