@@ -3,5 +3,6 @@
 from pipeline.errors import PipelineError
 from pipeline.estimate import Estimate, estimate
 from pipeline.job import Job
+from pipeline.run import RunResult, run
 
-__all__ = ["Estimate", "Job", "PipelineError", "estimate"]
+__all__ = ["Estimate", "Job", "PipelineError", "RunResult", "estimate", "run"]
