@@ -33,6 +33,7 @@ from pipeline.sink import PartWriter
 
 ABORT_AFTER = 3          # systemic errors tolerated once some rows succeeded (a flaky 403 is not a verdict)
 PROGRESS_EVERY_S = 0.5
+COMMIT_EVERY_S = 0.02   # group commit window: answers wait at most this long for the journal
 
 
 @dataclass
@@ -185,8 +186,7 @@ class Executor:
                 self.sink.add(s.row, self.key_of_row(s), None, skipped=s.reason)  # type: ignore[arg-type]
                 self.stats.skipped += 1
                 self.stats.rows_done += 1
-            self._flush()  # so the lookup sees every answer of this run so far
-            settled = self.journal.lookup([r.key for r in chunk.requests], retry_failed=self.retry_failed)
+            settled = chunk.settled  # looked up in the journal by the renderer, off the event loop
             for req in chunk.requests:
                 if self._stopping.is_set():
                     return
@@ -307,7 +307,7 @@ class Executor:
         s.reasoning_tokens += outcome.reasoning_tokens or 0
         if not self._flush_scheduled:
             self._flush_scheduled = True
-            asyncio.get_running_loop().call_soon(self._flush)
+            asyncio.get_running_loop().call_later(COMMIT_EVERY_S, self._flush)
 
     def _flush(self) -> None:
         """Commit the journal, then hand the committed answers' rows to the output."""

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import sqlite3
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, fields
 from operator import attrgetter
 from pathlib import Path
@@ -127,6 +127,17 @@ class Journal:
                 found[row[0]] = Outcome(*row[:-1], retryable=bool(row[-1]))
         return found
 
+    def reader(self, *, retry_failed: bool = False) -> Callable[[Sequence[str]], dict[str, Outcome]]:
+        """A lookup function with its own connection, for another thread (WAL lets it read while we write)."""
+        other = Journal.__new__(Journal)
+        other.path, other._pending = self.path, []
+        other._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+
+        def lookup(keys: Sequence[str]) -> dict[str, Outcome]:
+            return other.lookup(keys, retry_failed=retry_failed)
+
+        return lookup
+
     def get(self, key: str) -> Outcome | None:
         """The recorded outcome of ``key``, settled or not."""
         row = self._db.execute(f"SELECT {', '.join(_COLUMNS)} FROM outcomes WHERE key = ?", (key,)).fetchone()
@@ -139,3 +150,35 @@ class Journal:
     def outcomes(self) -> Iterable[Outcome]:
         for row in self._db.execute(f"SELECT {', '.join(_COLUMNS)} FROM outcomes"):
             yield Outcome(*row[:-1], retryable=bool(row[-1]))
+
+
+class NullJournal(Journal):
+    """Remembers nothing: for measuring what the journal costs (``bench/resume.py``), never for real runs."""
+
+    def __init__(self) -> None:
+        self.path = Path("/dev/null")
+        self._pending = []
+
+    def close(self) -> None:
+        pass
+
+    def get_meta(self, name: str) -> str | None:
+        return None
+
+    def set_meta(self, name: str, value: str) -> None:
+        pass
+
+    def add(self, outcome: Outcome) -> None:
+        self._pending.append(outcome)  # kept only until the next flush, so the executor sees it committed
+
+    def flush(self) -> None:
+        self._pending = []
+
+    def lookup(self, keys: Sequence[str], *, retry_failed: bool = False) -> dict[str, Outcome]:
+        return {}
+
+    def get(self, key: str) -> Outcome | None:
+        return None
+
+    def reader(self, *, retry_failed: bool = False) -> Callable[[Sequence[str]], dict[str, Outcome]]:
+        return lambda keys: {}

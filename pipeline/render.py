@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import hashlib
 import re
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 import jinja2
@@ -63,6 +64,7 @@ class RenderedChunk:
 
     requests: list[Request]
     skipped: list[Skipped]
+    settled: Mapping[str, Any] = field(default_factory=dict)  # key -> answer on record (not to be sent)
 
 
 @dataclass(frozen=True)
@@ -194,8 +196,14 @@ class Renderer:
         """The exact JSON body; its bytes are hashed into the request key, so field order is fixed."""
         return orjson.dumps({**self._body_head, "messages": messages})
 
-    def render_chunk(self, chunk: pl.DataFrame) -> RenderedChunk:
-        """Render every row of a chunk, counting prompt tokens in one batch."""
+    def render_chunk(self, chunk: pl.DataFrame,
+                     settled: Callable[[list[str]], Mapping[str, Any]] | None = None) -> RenderedChunk:
+        """Render every row of a chunk, counting prompt tokens in one batch.
+
+        ``settled`` (the journal's lookup) maps keys to answers already on record; those requests are not
+        sent again, so their tokens are not counted (``prompt_tokens`` is 0) and their answers come back in
+        ``RenderedChunk.settled``. Resuming a nearly finished job spends its time where the work is.
+        """
         rows = chunk.get_column(ROW).to_list()
         ids = chunk.get_column(self.id_column).to_list() if self.id_column else rows
         keep_cols = [chunk.get_column(c).to_list() for c in self.job.input.keep]
@@ -203,7 +211,8 @@ class Renderer:
         values_iter = chunk.select(self.template_columns).iter_rows(named=True) if self.template_columns \
             else ({} for _ in rows)
         skip_nulls = self.job.input.skip_nulls
-        pending: list[tuple[int, Any, tuple[Any, ...], list[dict[str, str]]]] = []
+        endpoint = self.job.request.endpoint
+        pending: list[tuple[int, Any, tuple[Any, ...], list[dict[str, str]], bytes, str]] = []
         skipped: list[Skipped] = []
         for row, row_id, keep, values in zip(rows, ids, keeps, values_iter, strict=True):
             if skip_nulls:
@@ -211,17 +220,16 @@ class Renderer:
                 if nulls:
                     skipped.append(Skipped(row, row_id, f"skipped: null in column(s) {', '.join(nulls)}", keep))
                     continue
-            pending.append((row, row_id, keep, self.render_messages(values, row_id)))
-        variable = [i for i, p in enumerate(self.parts) if p.template is not None]
-        texts = [msgs[i]["content"] for _, _, _, msgs in pending for i in variable]
-        counts = self.counter.count_texts(texts)
-        per = len(variable)
-        max_out = self.job.request.max_tokens
-        endpoint = self.job.request.endpoint
-        requests = []
-        for n, (row, row_id, keep, msgs) in enumerate(pending):
-            prompt_tokens = self.fixed_tokens + sum(counts[n * per:(n + 1) * per])
+            msgs = self.render_messages(values, row_id)
             body = self.body(msgs)
-            requests.append(Request(row, row_id, request_key(endpoint, body), body, prompt_tokens, max_out, keep))
-        return RenderedChunk(requests=requests, skipped=skipped)
-
+            pending.append((row, row_id, keep, msgs, body, request_key(endpoint, body)))
+        known = dict(settled([p[5] for p in pending])) if settled is not None else {}
+        variable = [i for i, p in enumerate(self.parts) if p.template is not None]
+        texts = [p[3][i]["content"] for p in pending if p[5] not in known for i in variable]
+        counts = iter(self.counter.count_texts(texts))
+        max_out = self.job.request.max_tokens
+        requests = []
+        for row, row_id, keep, _msgs, body, key in pending:
+            tokens = 0 if key in known else self.fixed_tokens + sum(next(counts) for _ in variable)
+            requests.append(Request(row, row_id, key, body, tokens, max_out, keep))
+        return RenderedChunk(requests=requests, skipped=skipped, settled=known)

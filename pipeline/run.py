@@ -12,6 +12,7 @@ import asyncio
 import os
 import signal
 import time
+from array import array
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -27,7 +28,7 @@ from pipeline.errors import AbortError, Interrupted, OutputError, PipelineError,
 from pipeline.estimate import Estimate, EstimateBuilder
 from pipeline.execute import Executor, RunStats, stop_reason_kind
 from pipeline.job import Job
-from pipeline.journal import Journal
+from pipeline.journal import Journal, NullJournal
 from pipeline.limits import RateBudget
 from pipeline.pricing import lookup_price
 from pipeline.render import RenderedChunk, Renderer
@@ -99,29 +100,32 @@ def _move_aside(path: Path) -> Path | None:
     return aside
 
 
-def prepare_estimate(job: Job, source: Source, renderer: Renderer, journal: Journal | None, *,
-                     limit: int | None, retry_failed: bool = False) -> Estimate:
-    """The estimate of what is left to do: rows the journal already settled cost nothing now."""
+def prepare_estimate(job: Job, source: Source, renderer: Renderer, journal: Journal, *,
+                     limit: int | None, retry_failed: bool = False) -> tuple[Estimate, array[int] | None]:
+    """The estimate of what is left to do (rows the journal settled cost nothing now), and the positions of
+    the rows still to send, or None when that is every row."""
     builder = EstimateBuilder(job, lookup_price(job.request.model, job.pricing))
+    lookup = journal.reader(retry_failed=retry_failed)
+    todo: array[int] = array("q")
     for chunk in iter_chunks(source, renderer.columns, limit=limit):
-        rendered = renderer.render_chunk(chunk)
-        done: set[str] = set()
-        if journal is not None:
-            done = set(journal.lookup([r.key for r in rendered.requests], retry_failed=retry_failed))
-        builder.add(rendered, done=done)
-    return builder.finish()
+        rendered = renderer.render_chunk(chunk, settled=lookup)
+        builder.add(rendered, done=rendered.settled.keys())
+        todo.extend(r.row for r in rendered.requests if r.key not in rendered.settled)
+    est = builder.finish()
+    return est, (None if len(todo) == est.rows else todo)
 
 
 def run(job: Job, *, base_url: str | None = None, limit: int | None = None, fresh: bool = False,
         retry_failed: bool = False, allow_insecure: bool = False, transport: httpx.AsyncBaseTransport | None = None,
         on_progress: Callable[[RunStats], None] | None = None,
         on_estimate: Callable[[Estimate], bool] | None = None, handle_signals: bool = False,
-        grace_s: float = 5.0) -> RunResult:
+        grace_s: float = 5.0, journal: bool = True) -> RunResult:
     """Run a job to the end (or until stopped); resumes from the journal unless ``fresh``.
 
     ``on_estimate`` sees the estimate before anything is sent and returns False to cancel (the CLI asks the
     user there). Raises UsageError subclasses for anything to fix first; a stop or abort during the run is
-    returned in ``RunResult.stopped``, with everything answered so far written.
+    returned in ``RunResult.stopped``, with everything answered so far written. ``journal=False`` runs
+    without resume (only for measuring the journal's overhead).
     """
     url = resolve_base_url(job, base_url)
     key = resolve_api_key(job, url)
@@ -133,24 +137,25 @@ def run(job: Job, *, base_url: str | None = None, limit: int | None = None, fres
     claim_output(paths, job.name, job.fingerprint())
     if fresh:
         _move_aside(paths.journal)
-    journal = Journal(paths.journal)
+    store = Journal(paths.journal) if journal else NullJournal()
     try:
-        owner = journal.get_meta("fingerprint")
+        owner = store.get_meta("fingerprint")
         if owner is not None and owner != job.fingerprint():
             raise OutputError(f"{paths.journal}: the journal belongs to another job; use --fresh to start over")
-        journal.set_meta("fingerprint", job.fingerprint())
-        est = prepare_estimate(job, source, renderer, journal, limit=limit, retry_failed=retry_failed)
+        store.set_meta("fingerprint", job.fingerprint())
+        est, todo = prepare_estimate(job, source, renderer, store, limit=limit, retry_failed=retry_failed)
         if on_estimate is not None and not on_estimate(est):
             raise StopRun("not started: the estimate was not accepted")
-        return _execute(job, url, key, source, renderer, key_schema, paths, journal, est, limit=limit,
+        return _execute(job, url, key, source, renderer, key_schema, paths, store, est, todo, limit=limit,
                         retry_failed=retry_failed, transport=transport, on_progress=on_progress,
                         handle_signals=handle_signals, grace_s=grace_s)
     finally:
-        journal.close()
+        store.close()
 
 
 def _execute(job: Job, url: str, key: str | None, source: Source, renderer: Renderer,
-             key_schema: dict[str, pl.DataType], paths: OutputPaths, journal: Journal, est: Estimate, *,
+             key_schema: dict[str, pl.DataType], paths: OutputPaths, journal: Journal, est: Estimate,
+             todo: array[int] | None, *,
              limit: int | None, retry_failed: bool, transport: httpx.AsyncBaseTransport | None,
              on_progress: Callable[[RunStats], None] | None, handle_signals: bool, grace_s: float) -> RunResult:
     started = datetime.now(tz=UTC)
@@ -164,9 +169,15 @@ def _execute(job: Job, url: str, key: str | None, source: Source, renderer: Rend
     def key_of_row(req: Any) -> tuple[Any, ...]:
         return (req.row_id if with_id else req.row, *(req.keep[i] for i in keep_index))
 
+    lookup = journal.reader(retry_failed=retry_failed)
+
     def chunks() -> Iterator[RenderedChunk]:
-        for c in iter_chunks(source, renderer.columns, chunk_rows=RUN_CHUNK_ROWS, limit=limit):
-            yield renderer.render_chunk(c)
+        # Rows still to send come first, so a resume starts sending at once; the rows answered before are
+        # then read back from the journal into the output while those requests are in flight.
+        phases = [{}] if todo is None else [{"rows": todo}, {"except_rows": todo}]
+        for phase in phases:
+            for c in iter_chunks(source, renderer.columns, chunk_rows=RUN_CHUNK_ROWS, limit=limit, **phase):
+                yield renderer.render_chunk(c, settled=lookup)
 
     stopped: PipelineError | None = None
     stats: RunStats

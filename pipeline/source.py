@@ -89,8 +89,11 @@ def check_columns(source: Source, needed: Sequence[str], what: str) -> None:
 
 
 def iter_chunks(source: Source, columns: Sequence[str], *, chunk_rows: int = DEFAULT_CHUNK_ROWS,
-                limit: int | None = None) -> Iterator[pl.DataFrame]:
+                limit: int | None = None, rows: Sequence[int] | None = None,
+                except_rows: Sequence[int] | None = None) -> Iterator[pl.DataFrame]:
     """Stream the input as DataFrames of ``columns`` plus ``__row`` (the row's input position).
+
+    ``rows`` keeps only those positions, ``except_rows`` drops them (a resume sends the unanswered rows first).
 
     Raises InputError for an empty input or for data polars cannot parse (a ragged CSV row, a corrupt page).
     """
@@ -104,6 +107,10 @@ def iter_chunks(source: Source, columns: Sequence[str], *, chunk_rows: int = DEF
     lf = lf.with_row_index(ROW)
     if limit is not None:
         lf = lf.head(limit)
+    if rows is not None:
+        lf = lf.filter(pl.col(ROW).is_in(pl.Series(rows, dtype=pl.UInt32).implode()))
+    if except_rows is not None and len(except_rows):
+        lf = lf.filter(~pl.col(ROW).is_in(pl.Series(except_rows, dtype=pl.UInt32).implode()))
     seen = 0
     try:
         for chunk in lf.collect_batches(chunk_size=chunk_rows, lazy=True):
@@ -114,7 +121,7 @@ def iter_chunks(source: Source, columns: Sequence[str], *, chunk_rows: int = DEF
         where = _find_ragged_csv_row(source) if source.format == "csv" else None
         raise InputError(where or f"{source.pattern}: cannot read {source.format} input after row {seen}: "
                                   f"{_polars_reason(e)}") from None
-    if seen == 0:
+    if seen == 0 and rows is None and except_rows is None:
         raise InputError(f"{source.pattern}: the input has no rows")
 
 

@@ -96,6 +96,7 @@ class SimStats:
     statuses: Counter[int] = field(default_factory=Counter)
     duplicate_ok: int = 0              # answered OK for a body it had already answered OK
     max_in_flight: int = 0
+    first_request_at: float | None = None   # wall clock (time.time()) of the first request
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -203,7 +204,7 @@ class Simulator:
         if cfg.rate_429 and r() < cfg.rate_429:
             self.stats.injected["429"] += 1
             return _error(429, "Rate limit reached (injected by the simulator).", "requests", "rate_limit_exceeded",
-                          {**self._rate_headers(), "retry-after-ms": "200"})
+                          {**self._rate_headers(), "retry-after-ms": "50"})
         if cfg.error_rate and r() < cfg.error_rate:
             status = self.rng.choice((500, 502, 503))
             self.stats.injected[str(status)] += 1
@@ -254,6 +255,8 @@ class Simulator:
 
     async def _read(self, request: web.Request) -> tuple[bytes, dict[str, Any]] | web.Response:
         self.stats.requests += 1
+        if self.stats.first_request_at is None:
+            self.stats.first_request_at = time.time()
         raw = await request.read()
         try:
             body = orjson.loads(raw)
