@@ -33,7 +33,6 @@ from pipeline.sink import PartWriter
 
 ABORT_AFTER = 3          # systemic errors tolerated once some rows succeeded (a flaky 403 is not a verdict)
 PROGRESS_EVERY_S = 0.5
-COMMIT_EVERY_S = 0.02   # group commit window: answers wait at most this long for the journal
 
 
 @dataclass
@@ -307,7 +306,7 @@ class Executor:
         s.reasoning_tokens += outcome.reasoning_tokens or 0
         if not self._flush_scheduled:
             self._flush_scheduled = True
-            asyncio.get_running_loop().call_later(COMMIT_EVERY_S, self._flush)
+            asyncio.get_running_loop().call_soon(self._flush)
 
     def _flush(self) -> None:
         """Commit the journal, then hand the committed answers' rows to the output."""

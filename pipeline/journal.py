@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import sqlite3
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, fields
 from operator import attrgetter
 from pathlib import Path
+from typing import Any
 
 from pipeline.errors import OutputError
 
@@ -66,6 +67,8 @@ class Journal:
             self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=NORMAL")
+            # Checkpoints are where WAL mode pays for fsync; fewer, larger ones keep commits cheap.
+            self._db.execute("PRAGMA wal_autocheckpoint=10000")
             self._db.executescript(_CREATE)
             self._db.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
         except (sqlite3.Error, OSError) as e:
@@ -127,16 +130,9 @@ class Journal:
                 found[row[0]] = Outcome(*row[:-1], retryable=bool(row[-1]))
         return found
 
-    def reader(self, *, retry_failed: bool = False) -> Callable[[Sequence[str]], dict[str, Outcome]]:
+    def reader(self, *, retry_failed: bool = False) -> JournalReader:
         """A lookup function with its own connection, for another thread (WAL lets it read while we write)."""
-        other = Journal.__new__(Journal)
-        other.path, other._pending = self.path, []
-        other._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-
-        def lookup(keys: Sequence[str]) -> dict[str, Outcome]:
-            return other.lookup(keys, retry_failed=retry_failed)
-
-        return lookup
+        return JournalReader(self.path, retry_failed=retry_failed)
 
     def get(self, key: str) -> Outcome | None:
         """The recorded outcome of ``key``, settled or not."""
@@ -150,6 +146,22 @@ class Journal:
     def outcomes(self) -> Iterable[Outcome]:
         for row in self._db.execute(f"SELECT {', '.join(_COLUMNS)} FROM outcomes"):
             yield Outcome(*row[:-1], retryable=bool(row[-1]))
+
+
+class JournalReader:
+    """``reader(keys) -> {key: Outcome}`` on a connection of its own; close it when the run ends."""
+
+    def __init__(self, path: Path, *, retry_failed: bool) -> None:
+        self._journal = Journal.__new__(Journal)
+        self._journal.path, self._journal._pending = path, []
+        self._journal._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        self.retry_failed = retry_failed
+
+    def __call__(self, keys: Sequence[str]) -> dict[str, Outcome]:
+        return self._journal.lookup(keys, retry_failed=self.retry_failed)
+
+    def close(self) -> None:
+        self._journal._db.close()
 
 
 class NullJournal(Journal):
@@ -180,5 +192,13 @@ class NullJournal(Journal):
     def get(self, key: str) -> Outcome | None:
         return None
 
-    def reader(self, *, retry_failed: bool = False) -> Callable[[Sequence[str]], dict[str, Outcome]]:
-        return lambda keys: {}
+    def reader(self, *, retry_failed: bool = False) -> Any:
+        return _NullReader()
+
+
+class _NullReader:
+    def __call__(self, keys: Sequence[str]) -> dict[str, Outcome]:
+        return {}
+
+    def close(self) -> None:
+        pass

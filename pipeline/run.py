@@ -92,6 +92,10 @@ def _move_aside(path: Path) -> Path | None:
         return None
     stamp = datetime.now(tz=UTC).strftime("%Y%m%dT%H%M%SZ")
     aside = path.with_name(f"{path.stem}.{stamp}{path.suffix}")
+    n = 1
+    while aside.exists():  # never overwrite an older journal set aside in the same second
+        aside = path.with_name(f"{path.stem}.{stamp}-{n}{path.suffix}")
+        n += 1
     path.replace(aside)
     for extra in ("-wal", "-shm"):
         sidecar = Path(str(path) + extra)
@@ -107,10 +111,13 @@ def prepare_estimate(job: Job, source: Source, renderer: Renderer, journal: Jour
     builder = EstimateBuilder(job, lookup_price(job.request.model, job.pricing))
     lookup = journal.reader(retry_failed=retry_failed)
     todo: array[int] = array("q")
-    for chunk in iter_chunks(source, renderer.columns, limit=limit):
-        rendered = renderer.render_chunk(chunk, settled=lookup)
-        builder.add(rendered, done=rendered.settled.keys())
-        todo.extend(r.row for r in rendered.requests if r.key not in rendered.settled)
+    try:
+        for chunk in iter_chunks(source, renderer.columns, limit=limit):
+            rendered = renderer.render_chunk(chunk, settled=lookup)
+            builder.add(rendered, done=rendered.settled.keys())
+            todo.extend(r.row for r in rendered.requests if r.key not in rendered.settled)
+    finally:
+        lookup.close()
     est = builder.finish()
     return est, (None if len(todo) == est.rows else todo)
 
@@ -210,6 +217,7 @@ def _execute(job: Job, url: str, key: str | None, source: Source, renderer: Rend
     try:
         stats = asyncio.run(main())
     finally:
+        lookup.close()
         rows = sink.finish()
     finished = datetime.now(tz=UTC)
     status = "complete" if stopped is None else "stopped"

@@ -71,6 +71,10 @@ def read_manifest(paths: OutputPaths) -> dict[str, Any] | None:
 
 def claim_output(paths: OutputPaths, job_name: str, fingerprint: str) -> None:
     """Refuse an output that belongs to another job (or to no job of ours); check the folder is writable."""
+    try:
+        paths.output.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise OutputError(f"{paths.output.parent}: cannot create the output folder: {e.strerror}") from None
     manifest = read_manifest(paths)
     if manifest is not None and manifest.get("fingerprint") != fingerprint:
         raise OutputError(f"{paths.output}: belongs to job {manifest.get('job')!r}, not {job_name!r}; "
@@ -78,10 +82,6 @@ def claim_output(paths: OutputPaths, job_name: str, fingerprint: str) -> None:
     if manifest is None and paths.output.exists():
         raise OutputError(f"{paths.output}: exists and was not written by a pipeline job; "
                           "choose another [output].path or remove it")
-    try:
-        paths.output.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise OutputError(f"{paths.output.parent}: cannot create the output folder: {e.strerror}") from None
     if not os.access(paths.output.parent, os.W_OK):
         raise OutputError(f"{paths.output.parent}: the output folder is not writable")
 
