@@ -70,8 +70,9 @@ def test_fresh_moves_the_journal_aside_and_sends_everything_again(make_job, sim,
 
 
 def test_retry_failed_resends_only_failed_rows(make_job, sim):
-    df = reviews(8).with_columns(pl.when(pl.col("review_id").is_in(["r0002", "r0005"]))
-                                 .then(pl.lit("SIM_400 ") + pl.col("review_id")).otherwise(pl.col("text")).alias("text"))
+    failing = pl.col("review_id").is_in(["r0002", "r0005"])
+    df = reviews(8).with_columns(pl.when(failing).then(pl.lit("SIM_400 ") + pl.col("review_id"))
+                                 .otherwise(pl.col("text")).alias("text"))
     job = make_job(data=df)
     with sim() as s:
         first = run(Job.load(job), base_url=s.base_url)
