@@ -17,7 +17,7 @@ import asyncio
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, stop_after_attempt
@@ -30,6 +30,7 @@ from pipeline.limits import RateBudget
 from pipeline.pricing import Price, Usage
 from pipeline.render import RenderedChunk, Request
 from pipeline.sink import PartWriter
+from pipeline.structured import AnswerChecker
 
 ABORT_AFTER = 3          # systemic errors tolerated once some rows succeeded (a flaky 403 is not a verdict)
 PROGRESS_EVERY_S = 0.5
@@ -98,12 +99,14 @@ class Executor:
     def __init__(self, *, client: ApiClient, budget: RateBudget, journal: Journal, sink: PartWriter,
                  price: Price | None, max_attempts: int, concurrency: int, key_of_row: Callable[[Request], tuple],
                  max_cost_usd: float | None = None, retry_failed: bool = False, grace_s: float = 5.0,
+                 checker: AnswerChecker | None = None, schema_retries: int = 1,
                  on_progress: Callable[[RunStats], None] | None = None) -> None:
         self.client, self.budget, self.journal, self.sink = client, budget, journal, sink
         self.price, self.max_attempts, self.concurrency = price, max_attempts, concurrency
         self.key_of_row = key_of_row
         self.max_cost_usd, self.retry_failed, self.grace_s = max_cost_usd, retry_failed, grace_s
         self.on_progress = on_progress
+        self.checker, self.schema_retries = checker, schema_retries
         self.stats = RunStats()
         self._pending: dict[str, _Pending] = {}
         self._seen: set[str] = set()
@@ -221,7 +224,11 @@ class Executor:
                 self._complete(req.key, outcome)
 
     async def _send(self, req: Request) -> Outcome | None:
-        """One request through the retry policy; None when the run is stopping and it was not sent."""
+        """One row's request to its final outcome; None when the run is stopping and it was not sent.
+
+        Transient failures are retried by the retry policy. With a response schema, an answer that is not
+        valid JSON for it is asked again up to ``schema_retries`` times; every answer paid for is counted.
+        """
         if not self.budget.fits(req.budget_tokens):
             return Outcome(req.key, "error", error=f"the request needs {req.budget_tokens} tokens, more than "
                            f"tokens_per_minute ({self.budget.tpm}): it can never be admitted",
@@ -234,33 +241,28 @@ class Executor:
                     f"${self.stats.cost_usd:.4f} so far, with ${self._reserved:.4f} more in flight"))
                 return None
             self._reserved += reserve
-        attempts = 0
-        t0 = time.perf_counter()
+        attempts = [0]
+        rejected: list[Usage] = []
         try:
-            async for attempt in retry_policy(self.max_attempts):
-                with attempt:
-                    if self._stopping.is_set() and attempts:
-                        return None
-                    attempts += 1
-                    await self.budget.acquire(req.budget_tokens)
-                    t0 = time.perf_counter()
-                    self.stats.requests_sent += 1
-                    try:
-                        answer = await self.client.chat(req.body)
-                    except TransientError as e:
-                        self.stats.retries += 1
-                        if isinstance(e.rate, RateInfo):
-                            self.budget.observe(e.rate, rate_limited=e.kind == "rate_limit")
-                        if e.kind == "rate_limit":
-                            self.stats.rate_limited += 1
-                            self.budget.pause(e.retry_after if e.retry_after is not None else 1.0)
-                        raise
-            return self._answered(req, answer, attempts, (time.perf_counter() - t0) * 1000)
+            rounds = 1 + (self.schema_retries if self.checker is not None else 0)
+            for _ in range(rounds):
+                got = await self._call(req, attempts)
+                if got is None:
+                    return None
+                answer, latency_ms = got
+                outcome = self._answered(req, answer, attempts[0], latency_ms, rejected)
+                if self.checker is None or outcome.status != "ok":
+                    return outcome
+                problem = self.checker.problem(answer.content)
+                if problem is None:
+                    return outcome
+                rejected.append(answer.usage)
+            return replace(outcome, status="error", error=problem, error_type="invalid_answer")
         except TransientError as e:
             self.stats.retries -= 1  # the last try was not followed by a retry
-            return Outcome(req.key, "error", attempts=attempts, error=str(e), error_type=e.kind, retryable=True)
+            return Outcome(req.key, "error", attempts=attempts[0], error=str(e), error_type=e.kind, retryable=True)
         except RowError as e:
-            return Outcome(req.key, "error", attempts=attempts, error=str(e), error_type=e.kind)
+            return Outcome(req.key, "error", attempts=attempts[0], error=str(e), error_type=e.kind)
         except AbortError as e:
             self._abort_count += 1
             if self.stats.ok == 0 or self._abort_count >= ABORT_AFTER:
@@ -270,25 +272,49 @@ class Executor:
             if reserve is not None:
                 self._reserved -= reserve
 
+    async def _call(self, req: Request, attempts: list[int]) -> tuple[Answer, float] | None:
+        """Send until an answer comes back or the retry policy gives up (then its error propagates)."""
+        async for attempt in retry_policy(self.max_attempts):
+            with attempt:
+                if self._stopping.is_set() and attempts[0]:
+                    return None
+                attempts[0] += 1
+                await self.budget.acquire(req.budget_tokens)
+                t0 = time.perf_counter()
+                self.stats.requests_sent += 1
+                try:
+                    answer = await self.client.chat(req.body)
+                except TransientError as e:
+                    self.stats.retries += 1
+                    if isinstance(e.rate, RateInfo):
+                        self.budget.observe(e.rate, rate_limited=e.kind == "rate_limit")
+                    if e.kind == "rate_limit":
+                        self.stats.rate_limited += 1
+                        self.budget.pause(e.retry_after if e.retry_after is not None else 1.0)
+                    raise
+        return answer, (time.perf_counter() - t0) * 1000
+
     def _max_cost(self, req: Request) -> float | None:
         if self.price is None:
             return None
         return self.price.cost(Usage(prompt_tokens=req.prompt_tokens, completion_tokens=req.max_output_tokens))
 
-    def _answered(self, req: Request, a: Answer, attempts: int, latency_ms: float) -> Outcome:
+    def _answered(self, req: Request, a: Answer, attempts: int, latency_ms: float,
+                  rejected: list[Usage]) -> Outcome:
+        """The outcome of an answer; answers rejected before it (invalid JSON) were paid too, so they count."""
         self.budget.observe(a.rate)
-        cost = self.price.cost(a.usage) if self.price is not None else None
-        u = a.usage
+        usages = [*rejected, a.usage]
+        cost = sum(self.price.cost(u) for u in usages) if self.price is not None else None
+        tokens = {"prompt_tokens": sum(u.prompt_tokens for u in usages),
+                  "cached_tokens": sum(u.cached_tokens for u in usages),
+                  "completion_tokens": sum(u.completion_tokens for u in usages),
+                  "reasoning_tokens": sum(u.reasoning_tokens for u in usages)}
         if a.refusal and not a.content:
             return Outcome(req.key, "error", refusal=a.refusal, finish_reason=a.finish_reason, model=a.model,
-                           prompt_tokens=u.prompt_tokens, cached_tokens=u.cached_tokens,
-                           completion_tokens=u.completion_tokens, reasoning_tokens=u.reasoning_tokens,
                            cost_usd=cost, latency_ms=latency_ms, attempts=attempts,
-                           error="the model refused to answer", error_type="refusal")
+                           error="the model refused to answer", error_type="refusal", **tokens)
         return Outcome(req.key, "ok", content=a.content, finish_reason=a.finish_reason, refusal=a.refusal,
-                       model=a.model, prompt_tokens=u.prompt_tokens, cached_tokens=u.cached_tokens,
-                       completion_tokens=u.completion_tokens, reasoning_tokens=u.reasoning_tokens, cost_usd=cost,
-                       latency_ms=latency_ms, attempts=attempts)
+                       model=a.model, cost_usd=cost, latency_ms=latency_ms, attempts=attempts, **tokens)
 
     def _complete(self, key: str, outcome: Outcome) -> None:
         """Journal first, then the rows: answers reach the output only once they are committed.

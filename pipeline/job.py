@@ -58,6 +58,7 @@ class RequestSpec:
     stop: tuple[str, ...] = ()
     reasoning_effort: str | None = None
     response_schema: Mapping[str, Any] | None = None
+    schema_retries: int = 1
 
 
 @dataclass(frozen=True)
@@ -352,9 +353,29 @@ def _parse_request(req: _Table, base: Path) -> RequestSpec:
     stop = req.str_list("stop")
     if len(stop) > 4:
         raise req.fail("stop", f"takes at most 4 strings, got {len(stop)}")
+    if req.has("response_schema") and req.has("response_schema_file"):
+        raise req.fail("response_schema_file", "conflicts with [request].response_schema: give one of them")
     schema = req.get("response_schema")
     if schema is not None and not isinstance(schema, dict):
         raise req.fail("response_schema", f"must be a table (a JSON Schema object), got {_type_name(schema)}")
+    schema_where = req.where("response_schema")
+    if req.has("response_schema_file"):
+        rel = req.str("response_schema_file", required=True)
+        assert rel is not None
+        path = Path(_resolve(base, rel))
+        try:
+            schema = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise req.fail("response_schema_file", f"file not found: {path}") from None
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise req.fail("response_schema_file", f"is not a readable JSON file: {path}: {e}") from None
+        if not isinstance(schema, dict):
+            raise req.fail("response_schema_file", f"must hold a JSON object: {path}")
+        schema_where = str(path)
+    if schema is not None:
+        from pipeline.structured import check_schema
+
+        check_schema(schema, schema_where)
     spec = RequestSpec(
         endpoint=endpoint,
         model=model,
@@ -369,6 +390,7 @@ def _parse_request(req: _Table, base: Path) -> RequestSpec:
         stop=stop,
         reasoning_effort=req.str("reasoning_effort"),
         response_schema=schema,
+        schema_retries=req.int("schema_retries", 1, minimum=0) or 0,
     )
     req.done()
     return spec

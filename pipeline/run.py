@@ -34,6 +34,7 @@ from pipeline.pricing import lookup_price
 from pipeline.render import RenderedChunk, Renderer
 from pipeline.sink import RESULT_SCHEMA, OutputPaths, PartWriter, claim_output, write_manifest
 from pipeline.source import ROW, Source, iter_chunks, open_source
+from pipeline.structured import AnswerChecker, columns_of
 
 RUN_CHUNK_ROWS = 2_000  # small chunks keep the first request early and the producer thread's bursts short
 
@@ -84,6 +85,12 @@ def _output_key_schema(job: Job, source: Source) -> tuple[dict[str, pl.DataType]
     if clash:
         raise UsageError(f"{job.source}: [input].keep column(s) {', '.join(clash)} clash with result columns of "
                          "the same name; rename them in the input or leave them out of keep")
+    if job.request.response_schema is not None:
+        taken = set(schema) | set(RESULT_SCHEMA)
+        clash = [c for c in columns_of(job.request.response_schema) if c in taken]
+        if clash:
+            raise UsageError(f"{job.source}: [request].response_schema propert(ies) {', '.join(clash)} would "
+                             "clash with output columns of the same name; rename them in the schema")
     return schema, id_name
 
 
@@ -167,7 +174,9 @@ def _execute(job: Job, url: str, key: str | None, source: Source, renderer: Rend
              on_progress: Callable[[RunStats], None] | None, handle_signals: bool, grace_s: float) -> RunResult:
     started = datetime.now(tz=UTC)
     t0 = time.monotonic()
-    sink = PartWriter(paths, key_schema)
+    schema = job.request.response_schema
+    checker = AnswerChecker(schema) if schema is not None else None
+    sink = PartWriter(paths, key_schema, answer_columns=columns_of(schema) if schema else None, checker=checker)
     price = lookup_price(job.request.model, job.pricing)
     with_id = job.input.id is not None
     keep = [c for c in job.input.keep if c != job.input.id]
@@ -197,6 +206,7 @@ def _execute(job: Job, url: str, key: str | None, source: Source, renderer: Rend
                                 journal=journal, sink=sink, price=price, max_attempts=lim.max_attempts,
                                 concurrency=lim.concurrency, key_of_row=key_of_row,
                                 max_cost_usd=job.budget.max_cost_usd, retry_failed=retry_failed, grace_s=grace_s,
+                                checker=checker, schema_retries=job.request.schema_retries,
                                 on_progress=on_progress)
             executor.stats.rows_total = est.rows
             loop = asyncio.get_running_loop()

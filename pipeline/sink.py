@@ -20,6 +20,7 @@ import polars as pl
 from pipeline.errors import OutputError
 from pipeline.journal import Outcome
 from pipeline.source import ROW
+from pipeline.structured import AnswerChecker
 
 RESULT_SCHEMA: dict[str, pl.DataType] = {
     "status": pl.String(),             # ok | error | skipped
@@ -89,9 +90,13 @@ def claim_output(paths: OutputPaths, job_name: str, fingerprint: str) -> None:
 class PartWriter:
     """Collects result rows and writes them as Parquet parts; ``finish`` compacts them into the output."""
 
-    def __init__(self, paths: OutputPaths, key_schema: dict[str, pl.DataType], part_rows: int = PART_ROWS) -> None:
+    def __init__(self, paths: OutputPaths, key_schema: dict[str, pl.DataType], part_rows: int = PART_ROWS, *,
+                 answer_columns: dict[str, pl.DataType] | None = None, checker: AnswerChecker | None = None) -> None:
         self.paths = paths
-        self.schema: dict[str, pl.DataType] = {ROW: pl.Int64(), **key_schema, **RESULT_SCHEMA}
+        self.answer_columns = answer_columns or {}
+        self.checker = checker
+        self.schema: dict[str, pl.DataType] = {ROW: pl.Int64(), **key_schema, **RESULT_SCHEMA,
+                                               **self.answer_columns}
         self._cols: dict[str, list[Any]] = {c: [] for c in self.schema}
         self._n = 0
         self._part = 0
@@ -134,6 +139,11 @@ class PartWriter:
             c["error_type"].append(o.error_type)
             c["model"].append(o.model)
             c["deduplicated"].append(deduplicated)
+        if self.checker is not None:
+            ok = outcome is not None and outcome.status == "ok"
+            values = self.checker.values(outcome.content if ok else None)  # type: ignore[union-attr]
+            for name, value in zip(self.answer_columns, values, strict=True):
+                c[name].append(value)
         self._n += 1
         if self._n >= self.part_rows:
             self.flush()

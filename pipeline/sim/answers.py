@@ -34,30 +34,55 @@ def summary(prompt: str) -> str:
     return f"In short: {first}"
 
 
-def _value(schema: Any, seed: int, depth: int = 0) -> Any:
+_POSITIVE = {"love", "great", "best", "excellent", "happy", "recommend", "premium", "good", "solid", "fast",
+             "exceeded", "strong", "gut", "buena", "empfehlung", "👍", "😊"}
+_NEGATIVE = {"terrible", "broke", "disappointed", "not", "cheap", "never", "returned", "returning", "scratch",
+             "stopped", "confusing", "hot", "disconnecting", "smaller", "don't", "tardó", "lenta"}
+
+
+def _pick(options: list[Any], prompt: str, seed: int) -> Any:
+    """An enum value that fits the prompt when the simulator can tell (sentiment words, a value named in
+    the text), else a stable choice: plausible labels, not a model's judgement."""
+    words = set(prompt.lower().replace(",", " ").replace(".", " ").replace("!", " ").split())
+    named = [o for o in options if isinstance(o, str) and o.lower() in words]
+    if named:
+        return named[seed % len(named)]
+    lowered = {str(o).lower(): o for o in options}
+    if {"positive", "negative"} <= set(lowered):
+        score = len(words & _POSITIVE) - len(words & _NEGATIVE)
+        if score > 0:
+            return lowered["positive"]
+        if score < 0:
+            return lowered["negative"]
+        return lowered.get("neutral", lowered["positive"])
+    return options[seed % len(options)]
+
+
+def _value(schema: Any, seed: int, depth: int = 0, prompt: str = "") -> Any:
     if not isinstance(schema, dict):
         return None
     if schema.get("enum"):
-        return schema["enum"][seed % len(schema["enum"])]
+        return _pick(schema["enum"], prompt, seed)
     if "const" in schema:
         return schema["const"]
     for key in ("anyOf", "oneOf"):
         if schema.get(key):
             options = [o for o in schema[key] if isinstance(o, dict) and o.get("type") != "null"] or schema[key]
-            return _value(options[seed % len(options)], seed >> 3, depth)
+            return _value(options[seed % len(options)], seed >> 3, depth, prompt)
     kind = schema.get("type", "object")
     if isinstance(kind, list):
         kinds = [k for k in kind if k != "null"] or kind
         kind = kinds[seed % len(kinds)]
     if kind == "object":
         props = schema.get("properties", {})
-        return {k: _value(v, _seed(f"{seed}:{k}"), depth + 1) for k, v in props.items()}
+        return {k: _value(v, _seed(f"{seed}:{k}"), depth + 1, prompt) for k, v in props.items()}
     if kind == "array":
         n = 1 + seed % 3 if depth < 4 else 0
         n = max(n, int(schema.get("minItems", 0)))
         if "maxItems" in schema:
             n = min(n, int(schema["maxItems"]))
-        return [_value(schema.get("items", {"type": "string"}), _seed(f"{seed}:{i}"), depth + 1) for i in range(n)]
+        return [_value(schema.get("items", {"type": "string"}), _seed(f"{seed}:{i}"), depth + 1, prompt)
+                for i in range(n)]
     if kind == "string":
         return f"{_WORDS[seed % len(_WORDS)]} answer"
     if kind == "integer":
@@ -73,7 +98,7 @@ def _value(schema: Any, seed: int, depth: int = 0) -> Any:
 
 def structured(schema: dict[str, Any], prompt: str) -> Any:
     """A JSON value valid for ``schema``, chosen deterministically from the prompt."""
-    return _value(schema, _seed(prompt))
+    return _value(schema, _seed(prompt), 0, prompt)
 
 
 def embedding(text: str, dimensions: int) -> np.ndarray:
