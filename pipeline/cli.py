@@ -58,7 +58,7 @@ def _money(v: float | None) -> str:
 
 def _duration(s: float | None) -> str:
     if s is None:
-        return "not bounded by limits (set [limits] to see it)"
+        return "not bounded by limits (set \\[limits] to see it)"
     if s < 90:
         return f"{s:,.0f} s"
     if s < 5400:
@@ -76,7 +76,8 @@ def print_estimate(est: Any, console: Console) -> None:
         t.add_row("rows skipped (null cells)", f"{est.rows_skipped:,}")
     if est.duplicate_rows:
         t.add_row("duplicate rows (sent once)", f"{est.duplicate_rows:,}")
-    t.add_row("requests to send", f"{est.requests:,}")
+    t.add_row("requests to send", f"{est.http_requests:,}" + (f" ({est.requests:,} inputs)"
+                                                                if est.http_requests != est.requests else ""))
     t.add_row("prompt tokens (exact)", f"{est.prompt_tokens:,}")
     t.add_row("output tokens (upper bound)", f"{est.max_output_tokens:,}")
     if est.expected_output_tokens is not None:
@@ -91,7 +92,8 @@ def print_estimate(est: Any, console: Console) -> None:
     t.add_row(f"duration under the limits{limit}", _duration(est.duration_s))
     t.add_row("Batch API duration", "up to 24 h (usually much less)")
     if est.context_window:
-        t.add_row("rows over the context window", f"{est.over_context_rows:,} (window {est.context_window:,})")
+        t.add_row("rows over the input limit" if est.http_requests != est.requests or est.max_output_tokens == 0
+                  else "rows over the context window", f"{est.over_context_rows:,} (window {est.context_window:,})")
     console.print(t)
     if est.price:
         console.print(f"prices: ${est.price['input_per_mtok']}/M input, ${est.price['cached_input_per_mtok']}/M "

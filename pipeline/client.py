@@ -9,6 +9,7 @@ and aiohttp's ~0.3 ms (see DESIGN.md).
 from __future__ import annotations
 
 import asyncio
+import base64
 import ipaddress
 import re
 import time
@@ -18,6 +19,7 @@ from urllib.parse import urlsplit
 
 import aiohttp
 import httpx
+import numpy as np
 import orjson
 from httpx_aiohttp import AiohttpTransport
 
@@ -127,6 +129,12 @@ def classify(status: int, headers: Any, body: bytes) -> Answer:
     """Turn one HTTP response into an Answer, or raise the error class that says what to do about it."""
     if status == 200:
         return parse_chat(body, headers)
+    raise_for_status(status, headers, body)
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def raise_for_status(status: int, headers: Any, body: bytes) -> None:
+    """Raise the error class a non-200 response calls for (see the table in DESIGN.md)."""
     message, type_, code = _error_fields(body)
     text = f"HTTP {status}" + (f" {code}" if code else "") + f": {message}"
     should = headers.get("x-should-retry")
@@ -169,6 +177,39 @@ def parse_chat(body: bytes, headers: Any) -> Answer:
                   reasoning_tokens=int(cd.get("reasoning_tokens") or 0))
     return Answer(content=message.get("content"), finish_reason=choice.get("finish_reason"),
                   refusal=message.get("refusal"), model=data.get("model"), usage=usage, rate=parse_rate(headers))
+
+
+@dataclass(frozen=True, slots=True)
+class EmbeddingAnswer:
+    """An embeddings response: one float32 vector (little-endian bytes) per input, in input order."""
+
+    vectors: list[bytes]
+    prompt_tokens: int
+    model: str | None
+    rate: RateInfo
+
+
+def parse_embeddings(body: bytes, headers: Any, n_inputs: int) -> EmbeddingAnswer:
+    """A 200 embeddings response, mapped back by ``index`` (the order of ``data`` is not promised)."""
+    try:
+        data = orjson.loads(body)
+        vectors: list[bytes | None] = [None] * n_inputs
+        for item in data["data"]:
+            emb = item["embedding"]
+            if isinstance(emb, str):
+                raw = base64.b64decode(emb)  # already float32 little-endian, as the API documents
+            else:
+                raw = np.asarray(emb, dtype="<f4").tobytes()
+            vectors[int(item["index"])] = raw
+        usage = data.get("usage") or {}
+    except (orjson.JSONDecodeError, KeyError, IndexError, TypeError, ValueError):
+        raise TransientError("HTTP 200 with a malformed body (not an embeddings list)", kind="malformed_response",
+                             status=200) from None
+    if any(v is None for v in vectors):
+        raise TransientError(f"embeddings response has {sum(v is not None for v in vectors)} vectors for "
+                             f"{n_inputs} inputs", kind="malformed_response", status=200)
+    return EmbeddingAnswer(vectors=vectors, prompt_tokens=int(usage.get("prompt_tokens") or 0),  # type: ignore[arg-type]
+                           model=data.get("model"), rate=parse_rate(headers))
 
 
 def redact(text: str, secret: str | None) -> str:
@@ -267,6 +308,17 @@ class ApiClient:
         except (httpx.TransportError, aiohttp.ClientError, ConnectionError) as e:
             reason = redact(str(e) or type(e).__name__, self._key)
             raise TransientError(f"connection error: {reason}", kind="connection") from None
+
+    async def embed(self, body: bytes, n_inputs: int) -> EmbeddingAnswer:
+        """One embeddings request of ``n_inputs`` inputs; errors as for ``chat``."""
+        status, headers, content = await self.post("/embeddings", body)
+        try:
+            if status != 200:
+                raise_for_status(status, headers, content)
+            return parse_embeddings(content, headers, n_inputs)
+        except (TransientError, RowError, AbortError) as e:
+            e.args = (redact(str(e), self._key),)
+            raise
 
     async def chat(self, body: bytes) -> Answer:
         """One chat completion; raises TransientError, RowError or AbortError with the key redacted."""

@@ -8,12 +8,13 @@ executor sends them once.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from pipeline.job import Job
-from pipeline.pricing import Price, Usage, lookup_price
+from pipeline.pricing import Price, Usage, price_for
 from pipeline.render import Renderer
 from pipeline.source import iter_chunks, open_source
 
@@ -30,6 +31,7 @@ class Estimate:
     rows_skipped: int = 0
     rows_already_done: int = 0
     requests: int = 0
+    http_requests: int = 0
     duplicate_rows: int = 0
     prompt_tokens: int = 0
     max_output_tokens: int = 0
@@ -68,6 +70,8 @@ class EstimateBuilder:
         else:
             self.est.price = price.describe()
             self.est.context_window = price.context_window
+        if job.request.is_embeddings:
+            self.est.context_window = job.request.max_input_tokens
 
     def add(self, chunk: Any, done: set[str] | frozenset[str] = frozenset()) -> None:
         """Fold one RenderedChunk in; rows whose key is in ``done`` (answered in an earlier run) cost nothing."""
@@ -118,9 +122,16 @@ class EstimateBuilder:
             est.cost_usd_max, est.batch_cost_usd_max = self._costs[0], self._costs[1]
             if est.expected_output_tokens is not None:
                 est.cost_usd_expected, est.batch_cost_usd_expected = self._costs[2], self._costs[3]
+        req = self.job.request
+        if req.is_embeddings:  # many rows per request: count the requests the batches will make
+            sendable = est.requests - est.over_context_rows
+            est.http_requests = max(math.ceil(sendable / req.batch_size),
+                                    math.ceil(self._budget_tokens / req.batch_tokens)) if sendable > 0 else 0
+        else:
+            est.http_requests = est.requests
         by_limit = {}
         if lim.requests_per_minute:
-            by_limit["requests_per_minute"] = est.requests / lim.requests_per_minute * 60
+            by_limit["requests_per_minute"] = est.http_requests / lim.requests_per_minute * 60
         if lim.tokens_per_minute:
             by_limit["tokens_per_minute"] = self._budget_tokens / lim.tokens_per_minute * 60
             if est.largest_request_tokens > lim.tokens_per_minute:
@@ -130,7 +141,9 @@ class EstimateBuilder:
             est.binding_limit = max(by_limit, key=lambda k: by_limit[k])
             est.duration_s = by_limit[est.binding_limit]
         if est.over_context_rows:
-            est.warnings.append(f"{est.over_context_rows} row(s) need more than the model's context window "
+            what = ("input limit" if self.job.request.is_embeddings
+                    else "context window")
+            est.warnings.append(f"{est.over_context_rows} row(s) need more than the model's {what} "
                                 f"({est.context_window} tokens, prompt + max_tokens); they will fail")
         return est
 
@@ -140,7 +153,7 @@ def estimate(job: Job, *, limit: int | None = None,
     """Render every row (without sending anything) and add up what the run will cost."""
     source = open_source(job.input.path)
     renderer = Renderer(job, source)
-    builder = EstimateBuilder(job, lookup_price(job.request.model, job.pricing))
+    builder = EstimateBuilder(job, price_for(job))
     for chunk in iter_chunks(source, renderer.columns, limit=limit):
         rendered = renderer.render_chunk(chunk)
         builder.add(rendered)

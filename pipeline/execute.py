@@ -16,15 +16,17 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, TypeVar
 
+import orjson
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, stop_after_attempt
 from tenacity.wait import wait_base, wait_random_exponential
 
-from pipeline.client import Answer, ApiClient, RateInfo
+from pipeline.client import Answer, ApiClient, EmbeddingAnswer, RateInfo
 from pipeline.errors import AbortError, BudgetExceeded, Interrupted, PipelineError, RowError, StopRun, TransientError
+from pipeline.job import RequestSpec
 from pipeline.journal import Journal, Outcome
 from pipeline.limits import RateBudget
 from pipeline.pricing import Price, Usage
@@ -32,6 +34,7 @@ from pipeline.render import RenderedChunk, Request
 from pipeline.sink import PartWriter
 from pipeline.structured import AnswerChecker
 
+T = TypeVar("T")
 ABORT_AFTER = 3          # systemic errors tolerated once some rows succeeded (a flaky 403 is not a verdict)
 PROGRESS_EVERY_S = 0.5
 
@@ -100,6 +103,7 @@ class Executor:
                  price: Price | None, max_attempts: int, concurrency: int, key_of_row: Callable[[Request], tuple],
                  max_cost_usd: float | None = None, retry_failed: bool = False, grace_s: float = 5.0,
                  checker: AnswerChecker | None = None, schema_retries: int = 1,
+                 embeddings: RequestSpec | None = None, embedding_dims: int | None = None,
                  on_progress: Callable[[RunStats], None] | None = None) -> None:
         self.client, self.budget, self.journal, self.sink = client, budget, journal, sink
         self.price, self.max_attempts, self.concurrency = price, max_attempts, concurrency
@@ -107,10 +111,13 @@ class Executor:
         self.max_cost_usd, self.retry_failed, self.grace_s = max_cost_usd, retry_failed, grace_s
         self.on_progress = on_progress
         self.checker, self.schema_retries = checker, schema_retries
+        self.embeddings, self.embedding_dims = embeddings, embedding_dims
+        self._batch: list[Request] = []
+        self._batch_tokens = 0
         self.stats = RunStats()
         self._pending: dict[str, _Pending] = {}
         self._seen: set[str] = set()
-        self._queue: asyncio.Queue[Request | None] = asyncio.Queue(maxsize=max(2 * concurrency, 64))
+        self._queue: asyncio.Queue[Request | list[Request] | None] = asyncio.Queue(maxsize=max(2 * concurrency, 64))
         self._stopping = asyncio.Event()
         self._stop_reason: PipelineError | None = None
         self._abort_count = 0
@@ -206,22 +213,124 @@ class Executor:
                     self._emit(req, outcome, deduplicated=not first, resumed=first)
                 else:
                     self._pending[req.key] = _Pending(req)
-                    await self._queue.put(req)
+                    if self.embeddings is None:
+                        await self._queue.put(req)
+                    else:
+                        await self._add_to_batch(req)
+        if self._batch and not self._stopping.is_set():
+            await self._queue.put(self._take_batch())
         for _ in self._workers:
             await self._queue.put(None)
 
+    async def _add_to_batch(self, req: Request) -> None:
+        """Embeddings: rows travel in batches of up to batch_size inputs and batch_tokens tokens."""
+        spec = self.embeddings
+        assert spec is not None
+        if req.prompt_tokens > spec.max_input_tokens or req.prompt_tokens == 0:
+            # Failed alone, never sent: one bad row must not fail the batch it would have joined.
+            why = (f"the input has {req.prompt_tokens} tokens, more than the model takes "
+                   f"({spec.max_input_tokens})" if req.prompt_tokens else "the input is empty")
+            self._complete(req.key, Outcome(req.key, "error", prompt_tokens=req.prompt_tokens, error=why,
+                                            error_type="input_too_long" if req.prompt_tokens else "empty_input"))
+            return
+        cap = min(spec.batch_tokens, self.budget.tpm or spec.batch_tokens)
+        if self._batch and (len(self._batch) >= spec.batch_size or self._batch_tokens + req.prompt_tokens > cap):
+            await self._queue.put(self._take_batch())
+        self._batch.append(req)
+        self._batch_tokens += req.prompt_tokens
+
+    def _take_batch(self) -> list[Request]:
+        batch, self._batch, self._batch_tokens = self._batch, [], 0
+        return batch
+
     async def _worker(self) -> None:
         while True:
-            req = await self._queue.get()
-            if req is None or self._stopping.is_set():
+            item = await self._queue.get()
+            if item is None or self._stopping.is_set():
                 return
             self.stats.in_flight += 1
             try:
-                outcome = await self._send(req)
+                if isinstance(item, list):
+                    results = await self._send_batch(item)
+                else:
+                    results = [(item, await self._send(item))]
             finally:
                 self.stats.in_flight -= 1
-            if outcome is not None:
-                self._complete(req.key, outcome)
+            for req, outcome in results:
+                if outcome is not None:
+                    self._complete(req.key, outcome)
+
+    async def _send_batch(self, batch: list[Request]) -> list[tuple[Request, Outcome | None]]:
+        """One embeddings request for many rows; usage and cost are shared by the rows' token counts.
+
+        A batch the API refuses as a whole (a 400) is split in halves and retried, so only the row at fault
+        fails, at a cost of a few extra requests for that batch alone.
+        """
+        tokens = sum(r.prompt_tokens for r in batch)
+        reserve = self._input_cost(tokens) if self.max_cost_usd is not None else None
+        if reserve is not None:
+            if self.stats.cost_usd + self._reserved + reserve > self.max_cost_usd:  # type: ignore[operator]
+                self.request_stop(BudgetExceeded(
+                    f"stopped before crossing [budget].max_cost_usd = ${self.max_cost_usd:g}: spent "
+                    f"${self.stats.cost_usd:.4f} so far, with ${self._reserved:.4f} more in flight"))
+                return [(r, None) for r in batch]
+            self._reserved += reserve
+        head = orjson.loads(batch[0].body)
+        head["input"] = [orjson.loads(r.body)["input"] for r in batch]
+        body = orjson.dumps(head)
+        attempts = [0]
+        try:
+            got = await self._call(tokens, lambda: self.client.embed(body, len(batch)), attempts)
+            if got is None:
+                return [(r, None) for r in batch]
+            answer, latency_ms = got
+            return self._shared(batch, answer, attempts[0], latency_ms)
+        except TransientError as e:
+            self.stats.retries -= 1
+            return [(r, Outcome(r.key, "error", attempts=attempts[0], error=str(e), error_type=e.kind,
+                                retryable=True)) for r in batch]
+        except RowError as e:
+            if len(batch) == 1:
+                return [(batch[0], Outcome(batch[0].key, "error", attempts=attempts[0], error=str(e),
+                                           error_type=e.kind))]
+            half = len(batch) // 2
+            return [*await self._send_batch(batch[:half]), *await self._send_batch(batch[half:])]
+        except AbortError as e:
+            self._abort_count += 1
+            if self.stats.ok == 0 or self._abort_count >= ABORT_AFTER:
+                self.request_stop(e)
+            return [(r, None) for r in batch]
+        finally:
+            if reserve is not None:
+                self._reserved -= reserve
+
+    def _input_cost(self, tokens: int) -> float | None:
+        return None if self.price is None else self.price.cost(Usage(prompt_tokens=tokens))
+
+    def _shared(self, batch: list[Request], a: EmbeddingAnswer, attempts: int,
+                latency_ms: float) -> list[tuple[Request, Outcome | None]]:
+        """Split the billed tokens over the rows by their own counts (largest remainder: the parts sum up)."""
+        self.budget.observe(a.rate)
+        counts = [r.prompt_tokens for r in batch]
+        total = sum(counts) or 1
+        exact = [a.prompt_tokens * c / total for c in counts]
+        shares = [int(x) for x in exact]
+        for i in sorted(range(len(batch)), key=lambda i: exact[i] - shares[i], reverse=True)[
+                :a.prompt_tokens - sum(shares)]:
+            shares[i] += 1
+        dims = self.embedding_dims
+        out: list[tuple[Request, Outcome | None]] = []
+        for r, vec, share in zip(batch, a.vectors, shares, strict=True):
+            cost = self._input_cost(share)
+            if dims is not None and len(vec) != 4 * dims:
+                out.append((r, Outcome(r.key, "error", model=a.model, prompt_tokens=share, cost_usd=cost,
+                                       attempts=attempts, latency_ms=latency_ms, error_type="wrong_dimensions",
+                                       error=f"the embedding has {len(vec) // 4} dimensions, expected {dims}")))
+                continue
+            out.append((r, Outcome(r.key, "ok", model=a.model, prompt_tokens=share, cached_tokens=0,
+                                   completion_tokens=0, reasoning_tokens=0, cost_usd=cost, latency_ms=latency_ms,
+                                   attempts=attempts, embedding=vec)))
+        return out
 
     async def _send(self, req: Request) -> Outcome | None:
         """One row's request to its final outcome; None when the run is stopping and it was not sent.
@@ -246,7 +355,7 @@ class Executor:
         try:
             rounds = 1 + (self.schema_retries if self.checker is not None else 0)
             for _ in range(rounds):
-                got = await self._call(req, attempts)
+                got = await self._call(req.budget_tokens, lambda: self.client.chat(req.body), attempts)
                 if got is None:
                     return None
                 answer, latency_ms = got
@@ -272,18 +381,19 @@ class Executor:
             if reserve is not None:
                 self._reserved -= reserve
 
-    async def _call(self, req: Request, attempts: list[int]) -> tuple[Answer, float] | None:
+    async def _call(self, tokens: int, send: Callable[[], Awaitable[T]],
+                    attempts: list[int]) -> tuple[T, float] | None:
         """Send until an answer comes back or the retry policy gives up (then its error propagates)."""
         async for attempt in retry_policy(self.max_attempts):
             with attempt:
                 if self._stopping.is_set() and attempts[0]:
                     return None
                 attempts[0] += 1
-                await self.budget.acquire(req.budget_tokens)
+                await self.budget.acquire(tokens)
                 t0 = time.perf_counter()
                 self.stats.requests_sent += 1
                 try:
-                    answer = await self.client.chat(req.body)
+                    answer = await send()
                 except TransientError as e:
                     self.stats.retries += 1
                     if isinstance(e.rate, RateInfo):

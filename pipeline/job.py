@@ -18,7 +18,8 @@ from typing import Any
 
 from pipeline.errors import JobError
 
-ENDPOINTS = ("chat",)
+ENDPOINTS = ("chat", "embeddings")
+EMBEDDING_FORMATS = ("base64", "float")
 ROLES = ("system", "developer", "user", "assistant")
 DEFAULT_BASE_URL = "https://api.openai.com/v1"
 
@@ -59,6 +60,16 @@ class RequestSpec:
     reasoning_effort: str | None = None
     response_schema: Mapping[str, Any] | None = None
     schema_retries: int = 1
+    # embeddings: `input` is the template (kept in `prompt`); many rows go in one request
+    dimensions: int | None = None
+    encoding_format: str = "base64"
+    batch_size: int = 2048
+    batch_tokens: int = 300_000
+    max_input_tokens: int = 8192
+
+    @property
+    def is_embeddings(self) -> bool:
+        return self.endpoint == "embeddings"
 
 
 @dataclass(frozen=True)
@@ -311,13 +322,16 @@ def parse_job(raw: Mapping[str, Any], *, file: str = "<job>", base: Path | None 
         context_window=pr.int("context_window"),
     )
     pr.done()
-    if (pricing.input_per_mtok is None) != (pricing.output_per_mtok is None):
+    if (pricing.input_per_mtok is None) != (pricing.output_per_mtok is None) and not (
+            request_spec.is_embeddings and pricing.input_per_mtok is not None):
         missing = "output_per_mtok" if pricing.output_per_mtok is None else "input_per_mtok"
         raise pr.fail(missing, "is required when the other price is given")
 
     est = _Table(file, "estimate", top.get("estimate") or {})
     estimate = EstimateSpec(output_tokens=est.int("output_tokens"))
     est.done()
+    if estimate.output_tokens is not None and request_spec.is_embeddings:
+        raise est.fail("output_tokens", 'does not apply to endpoint = "embeddings" (it has no output tokens)')
     if estimate.output_tokens is not None and estimate.output_tokens > request_spec.max_tokens:
         raise est.fail("output_tokens", f"({estimate.output_tokens}) cannot exceed [request].max_tokens "
                                         f"({request_spec.max_tokens})")
@@ -329,8 +343,12 @@ def parse_job(raw: Mapping[str, Any], *, file: str = "<job>", base: Path | None 
 def _parse_request(req: _Table, base: Path) -> RequestSpec:
     endpoint = req.str("endpoint", "chat") or "chat"
     if endpoint not in ENDPOINTS:
-        hint = " (embeddings jobs are not supported yet)" if endpoint == "embeddings" else ""
-        raise req.fail("endpoint", f"must be one of {', '.join(ENDPOINTS)}, got {_shown(endpoint)}{hint}")
+        raise req.fail("endpoint", f"must be one of {', '.join(ENDPOINTS)}, got {_shown(endpoint)}")
+    if endpoint == "embeddings":
+        return _parse_embeddings_request(req)
+    for key in ("input", "dimensions", "encoding_format", "batch_size", "batch_tokens", "max_input_tokens"):
+        if req.has(key):
+            raise req.fail(key, 'is for endpoint = "embeddings" only')
     model = req.str("model", required=True)
     assert model is not None
     if req.has("prompt") and req.has("prompt_file"):
@@ -392,6 +410,28 @@ def _parse_request(req: _Table, base: Path) -> RequestSpec:
         response_schema=schema,
         schema_retries=req.int("schema_retries", 1, minimum=0) or 0,
     )
+    req.done()
+    return spec
+
+
+def _parse_embeddings_request(req: _Table) -> RequestSpec:
+    for key in ("prompt", "prompt_file", "system", "messages", "max_tokens", "temperature", "top_p", "seed", "stop",
+                "reasoning_effort", "response_schema", "response_schema_file", "schema_retries"):
+        if req.has(key):
+            raise req.fail(key, 'does not apply to endpoint = "embeddings" (its template is [request].input)')
+    model = req.str("model", required=True)
+    template = req.str("input", required=True)
+    assert model is not None and template is not None
+    fmt = req.str("encoding_format", "base64") or "base64"
+    if fmt not in EMBEDDING_FORMATS:
+        raise req.fail("encoding_format", f"must be one of {', '.join(EMBEDDING_FORMATS)}, got {_shown(fmt)}")
+    batch_size = req.int("batch_size", 2048) or 2048
+    if batch_size > 2048:
+        raise req.fail("batch_size", f"can be at most 2048 (the API's limit of inputs per request), got {batch_size}")
+    spec = RequestSpec(endpoint="embeddings", model=model, prompt=template, prompt_source=req.where("input"),
+                       max_tokens=0, dimensions=req.int("dimensions"), encoding_format=fmt, batch_size=batch_size,
+                       batch_tokens=req.int("batch_tokens", 300_000) or 300_000,
+                       max_input_tokens=req.int("max_input_tokens", 8192) or 8192)
     req.done()
     return spec
 

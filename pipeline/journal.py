@@ -42,6 +42,7 @@ class Outcome:
     attempts: int = 0
     error: str | None = None
     error_type: str | None = None
+    embedding: bytes | None = None  # float32 little-endian, for embeddings jobs
     retryable: bool = False  # failed on transient trouble (retries ran out): a plain rerun tries again
 
 

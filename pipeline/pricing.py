@@ -17,7 +17,7 @@ from datetime import UTC, date, datetime
 from decimal import Decimal
 from typing import Any
 
-from pipeline.job import PricingSpec
+from pipeline.job import Job, PricingSpec
 
 PROVIDER = "openai"
 BATCH_DISCOUNT = 0.5
@@ -122,14 +122,23 @@ def _newest_price_date(model_info: Any) -> str | None:
     return max(dates).isoformat() if dates else None
 
 
-def lookup_price(model: str, overrides: PricingSpec | None = None, *, now: datetime | None = None) -> Price | None:
-    """The price of ``model``, or None when neither the job nor the price table knows it."""
+def price_for(job: Job) -> Price | None:
+    """The price of the job's model, with the job's overrides."""
+    return lookup_price(job.request.model, job.pricing, embeddings=job.request.is_embeddings)
+
+
+def lookup_price(model: str, overrides: PricingSpec | None = None, *, now: datetime | None = None,
+                 embeddings: bool = False) -> Price | None:
+    """The price of ``model``, or None when neither the job nor the price table knows it.
+
+    Embedding models bill input tokens only, so a missing output price means 0 for them (and only for them).
+    """
     overrides = overrides or PricingSpec()
-    if overrides.input_per_mtok is not None and overrides.output_per_mtok is not None:
+    if overrides.input_per_mtok is not None and (overrides.output_per_mtok is not None or embeddings):
         inp = Rate(overrides.input_per_mtok)
         cached = Rate(overrides.cached_input_per_mtok if overrides.cached_input_per_mtok is not None
                       else overrides.input_per_mtok)
-        out = Rate(overrides.output_per_mtok)
+        out = Rate(overrides.output_per_mtok or 0.0)
         return Price(model, inp, cached, out, inp.scaled(BATCH_DISCOUNT), cached.scaled(BATCH_DISCOUNT),
                      out.scaled(BATCH_DISCOUNT), source="job [pricing] table", source_date=None,
                      context_window=overrides.context_window)
@@ -142,6 +151,8 @@ def lookup_price(model: str, overrides: PricingSpec | None = None, *, now: datet
         return None
     std = info.get_prices(when)
     inp, out = _rate(std.input_mtok), _rate(std.output_mtok)
+    if embeddings and out is None:
+        out = Rate(0.0)
     if inp is None or out is None:
         return None
     cached = _rate(std.cache_read_mtok) or inp

@@ -27,7 +27,7 @@ from pipeline.source import ROW, Source, check_columns
 from pipeline.tokens import REPLY_PRIMING, TOKENS_PER_MESSAGE, ChatTokenCounter
 
 ROW_VARIABLE = "row"  # a mapping of the whole row, for column names that are not identifiers
-ENDPOINT_PATHS = {"chat": "/chat/completions"}
+ENDPOINT_PATHS = {"chat": "/chat/completions", "embeddings": "/embeddings"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,16 +104,19 @@ class Renderer:
             self.parts.append(self._compile("system", req.system, f"{job.source}: [request].system"))
         for i, m in enumerate(req.messages):
             self.parts.append(self._compile(m.role, m.content, f"{job.source}: [request].messages[{i}]"))
-        self.parts.append(self._compile("user", req.prompt, req.prompt_source))
+        self.parts.append(self._compile("input" if req.is_embeddings else "user", req.prompt, req.prompt_source))
         self.template_columns = self._referenced_columns(source)
         self.id_column = job.input.id
         if self.id_column:
             check_columns(source, [self.id_column], f"{job.source}: [input].id")
         check_columns(source, job.input.keep, f"{job.source}: [input].keep")
         self.counter = ChatTokenCounter(req.model)
-        self.fixed_tokens = REPLY_PRIMING + sum(
-            TOKENS_PER_MESSAGE + self.counter.fixed(p.role) + (self.counter.fixed(p.text) if p.template is None else 0)
-            for p in self.parts)
+        if req.is_embeddings:  # an embedding input is plain text: no chat framing
+            self.fixed_tokens = sum(self.counter.fixed(p.text) for p in self.parts if p.template is None)
+        else:
+            self.fixed_tokens = REPLY_PRIMING + sum(
+                TOKENS_PER_MESSAGE + self.counter.fixed(p.role)
+                + (self.counter.fixed(p.text) if p.template is None else 0) for p in self.parts)
         self._body_head = self._static_body()
 
     @property
@@ -154,6 +157,11 @@ class Renderer:
     def _static_body(self) -> dict[str, Any]:
         req = self.job.request
         body: dict[str, Any] = {"model": req.model}
+        if req.is_embeddings:
+            if req.dimensions is not None:
+                body["dimensions"] = req.dimensions
+            body["encoding_format"] = req.encoding_format
+            return body
         if req.temperature is not None:
             body["temperature"] = req.temperature
         if req.top_p is not None:
@@ -194,6 +202,10 @@ class Renderer:
 
     def body(self, messages: list[dict[str, str]]) -> bytes:
         """The exact JSON body; its bytes are hashed into the request key, so field order is fixed."""
+        if self.job.request.is_embeddings:
+            # One row's input; the executor sends many rows' inputs in one request. The key still hashes
+            # model, dimensions, format and text, so changing any of them re-embeds.
+            return orjson.dumps({**self._body_head, "input": messages[0]["content"]})
         return orjson.dumps({**self._body_head, "messages": messages})
 
     def render_chunk(self, chunk: pl.DataFrame,

@@ -30,9 +30,9 @@ from pipeline.execute import Executor, RunStats, stop_reason_kind
 from pipeline.job import Job
 from pipeline.journal import Journal, NullJournal
 from pipeline.limits import RateBudget
-from pipeline.pricing import lookup_price
+from pipeline.pricing import price_for
 from pipeline.render import RenderedChunk, Renderer
-from pipeline.sink import RESULT_SCHEMA, OutputPaths, PartWriter, claim_output, write_manifest
+from pipeline.sink import RESULT_SCHEMA, OutputPaths, PartWriter, claim_output, embedding_dims, write_manifest
 from pipeline.source import ROW, Source, iter_chunks, open_source
 from pipeline.structured import AnswerChecker, columns_of
 
@@ -115,7 +115,7 @@ def prepare_estimate(job: Job, source: Source, renderer: Renderer, journal: Jour
                      limit: int | None, retry_failed: bool = False) -> tuple[Estimate, array[int] | None]:
     """The estimate of what is left to do (rows the journal settled cost nothing now), and the positions of
     the rows still to send, or None when that is every row."""
-    builder = EstimateBuilder(job, lookup_price(job.request.model, job.pricing))
+    builder = EstimateBuilder(job, price_for(job))
     lookup = journal.reader(retry_failed=retry_failed)
     todo: array[int] = array("q")
     try:
@@ -176,8 +176,11 @@ def _execute(job: Job, url: str, key: str | None, source: Source, renderer: Rend
     t0 = time.monotonic()
     schema = job.request.response_schema
     checker = AnswerChecker(schema) if schema is not None else None
-    sink = PartWriter(paths, key_schema, answer_columns=columns_of(schema) if schema else None, checker=checker)
-    price = lookup_price(job.request.model, job.pricing)
+    embeddings = job.request.is_embeddings
+    dims = embedding_dims(job.request.model, job.request.dimensions) if embeddings else None
+    sink = PartWriter(paths, key_schema, answer_columns=columns_of(schema) if schema else None, checker=checker,
+                      embeddings=embeddings, embedding_dims=dims)
+    price = price_for(job)
     with_id = job.input.id is not None
     keep = [c for c in job.input.keep if c != job.input.id]
     keep_index = [job.input.keep.index(c) for c in keep]
@@ -207,6 +210,7 @@ def _execute(job: Job, url: str, key: str | None, source: Source, renderer: Rend
                                 concurrency=lim.concurrency, key_of_row=key_of_row,
                                 max_cost_usd=job.budget.max_cost_usd, retry_failed=retry_failed, grace_s=grace_s,
                                 checker=checker, schema_retries=job.request.schema_retries,
+                                embeddings=job.request if embeddings else None, embedding_dims=dims,
                                 on_progress=on_progress)
             executor.stats.rows_total = est.rows
             loop = asyncio.get_running_loop()

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import polars as pl
 
 from pipeline.errors import OutputError
@@ -40,6 +41,12 @@ RESULT_SCHEMA: dict[str, pl.DataType] = {
     "deduplicated": pl.Boolean(),      # answered by an identical earlier row's request; its cost is on that row
 }
 PART_ROWS = 10_000
+EMBEDDING_DIMS = {"text-embedding-3-small": 1536, "text-embedding-3-large": 3072, "text-embedding-ada-002": 1536}
+
+
+def embedding_dims(model: str, dimensions: int | None) -> int | None:
+    """The vector size to expect: the job's ``dimensions``, else the model's default when we know it."""
+    return dimensions or EMBEDDING_DIMS.get(model)
 
 
 @dataclass(frozen=True)
@@ -91,12 +98,17 @@ class PartWriter:
     """Collects result rows and writes them as Parquet parts; ``finish`` compacts them into the output."""
 
     def __init__(self, paths: OutputPaths, key_schema: dict[str, pl.DataType], part_rows: int = PART_ROWS, *,
-                 answer_columns: dict[str, pl.DataType] | None = None, checker: AnswerChecker | None = None) -> None:
+                 answer_columns: dict[str, pl.DataType] | None = None, checker: AnswerChecker | None = None,
+                 embeddings: bool = False, embedding_dims: int | None = None) -> None:
         self.paths = paths
+        self.embeddings, self.embedding_dims = embeddings, embedding_dims
         self.answer_columns = answer_columns or {}
         self.checker = checker
         self.schema: dict[str, pl.DataType] = {ROW: pl.Int64(), **key_schema, **RESULT_SCHEMA,
                                                **self.answer_columns}
+        if embeddings:  # float32 vectors; a fixed-size array when the size is known up front
+            self.schema["embedding"] = (pl.Array(pl.Float32, embedding_dims) if embedding_dims
+                                        else pl.List(pl.Float32))
         self._cols: dict[str, list[Any]] = {c: [] for c in self.schema}
         self._n = 0
         self._part = 0
@@ -139,6 +151,8 @@ class PartWriter:
             c["error_type"].append(o.error_type)
             c["model"].append(o.model)
             c["deduplicated"].append(deduplicated)
+        if self.embeddings:
+            c["embedding"].append(outcome.embedding if outcome is not None and outcome.status == "ok" else None)
         if self.checker is not None:
             ok = outcome is not None and outcome.status == "ok"
             values = self.checker.values(outcome.content if ok else None)  # type: ignore[union-attr]
@@ -152,7 +166,13 @@ class PartWriter:
         """Write the buffered rows as one part (to a temporary name, then renamed: no half-written parts)."""
         if not self._n:
             return
-        df = pl.DataFrame(self._cols, schema=self.schema, strict=False)
+        if self.embeddings:
+            vectors = self._cols.pop("embedding")
+            schema = {k: v for k, v in self.schema.items() if k != "embedding"}
+            df = pl.DataFrame(self._cols, schema=schema, strict=False).with_columns(self._vectors(vectors))
+            self._cols["embedding"] = vectors
+        else:
+            df = pl.DataFrame(self._cols, schema=self.schema, strict=False)
         self._part += 1
         final = self.paths.parts / f"part-{self._part:06d}.parquet"
         tmp = final.with_suffix(".tmp")
@@ -164,6 +184,22 @@ class PartWriter:
         self.rows_written += self._n
         self._cols = {c: [] for c in self.schema}
         self._n = 0
+
+    def _vectors(self, raw: list[bytes | None]) -> pl.Series:
+        """Float32 bytes to a vector column in one numpy step, not a Python float per element."""
+        dims = self.embedding_dims
+        if dims:
+            arr = np.zeros((len(raw), dims), dtype=np.float32)
+            for i, b in enumerate(raw):
+                if b is not None:
+                    arr[i] = np.frombuffer(b, dtype="<f4")
+            series = pl.Series("embedding", arr, dtype=pl.Array(pl.Float32, dims))
+            if any(b is None for b in raw):  # rows without a vector get null, not zeros
+                present = pl.Series([b is not None for b in raw])
+                series = pl.select(pl.when(present).then(series).otherwise(None)).to_series()
+            return series
+        return pl.Series("embedding", [None if b is None else np.frombuffer(b, dtype="<f4") for b in raw],
+                         dtype=pl.List(pl.Float32))
 
     def finish(self) -> int:
         """Compact the parts into the output file in input order; returns the number of rows."""

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pipeline.job import Job
-from pipeline.pricing import lookup_price
+from pipeline.pricing import price_for
 from pipeline.render import Renderer, Request
 from pipeline.source import Source, open_source, read_head
 
@@ -29,7 +29,7 @@ def validate_job(path: str | Path, rows: int = 3) -> ValidationReport:
     head = read_head(source, renderer.columns, max(rows, 1))
     rendered = renderer.render_chunk(head)
     warnings = []
-    if lookup_price(job.request.model, job.pricing) is None:
+    if price_for(job) is None:
         warnings.append(f"no price known for model {job.request.model!r}: cost columns will be null "
                         "(add a [pricing] table with input_per_mtok and output_per_mtok)")
     return ValidationReport(job=job, source=source, requests=rendered.requests[:rows], warnings=warnings)

@@ -113,10 +113,9 @@ def test_messages_role_checked(make_job):
          'job.toml: [request].messages[0].role must be one of system, developer, user, assistant, got "bot"')
 
 
-def test_embeddings_endpoint_is_refused_clearly(make_job):
-    _bad(make_job(request='endpoint = "embeddings"\nmodel = "text-embedding-3-small"\nprompt = "x"'),
-         'job.toml: [request].endpoint must be one of chat, got "embeddings" '
-         "(embeddings jobs are not supported yet)")
+def test_unknown_endpoint_is_refused_clearly(make_job):
+    _bad(make_job(request='endpoint = "responses"\nmodel = "m"\nprompt = "x"'),
+         'job.toml: [request].endpoint must be one of chat, embeddings, got "responses"')
 
 
 def test_pricing_needs_both_prices(make_job):

@@ -351,17 +351,17 @@ class Simulator:
             inputs = [inputs]
         if not isinstance(inputs, list) or not inputs or not all(isinstance(x, str) and x for x in inputs):
             return self._finish(_error(400, "'input' must be a non-empty string or array of non-empty strings",
-                                       "invalid_request_error", None, "input"))
+                                       "invalid_request_error", None, param="input"))
         if len(inputs) > 2048:
             return self._finish(_error(400, "'input' has more than 2048 items", "invalid_request_error", None,
-                                       "input"))
+                                       param="input"))
         enc = get_encoding(encoding_name_for_model(model))
         counts = [len(t) for t in enc.encode_ordinary_batch(inputs, num_threads=1)]
         too_long = [i for i, c in enumerate(counts) if c > 8192]
         if too_long:
             return self._finish(_error(400, f"This model's maximum context length is 8192 tokens, however you "
                                             f"requested {counts[too_long[0]]} tokens in input {too_long[0]}.",
-                                       "invalid_request_error", "context_length_exceeded", "input"))
+                                       "invalid_request_error", "context_length_exceeded", param="input"))
         refused = await self._admit(request, raw, body, sum(counts), model)
         if refused is not None:
             return self._finish(refused)
