@@ -52,7 +52,7 @@ _CREATE = f"""
 CREATE TABLE IF NOT EXISTS outcomes (
     {', '.join(f'{c} {"TEXT PRIMARY KEY" if c == "key" else ""}' for c in _COLUMNS)},
     recorded_at REAL
-) WITHOUT ROWID;
+);
 CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value TEXT);
 """
 _LOOKUP_BATCH = 900  # under SQLite's default limit of host parameters

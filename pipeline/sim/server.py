@@ -356,7 +356,7 @@ class Simulator:
             return self._finish(_error(400, "'input' has more than 2048 items", "invalid_request_error", None,
                                        param="input"))
         enc = get_encoding(encoding_name_for_model(model))
-        counts = [len(t) for t in enc.encode_ordinary_batch(inputs, num_threads=1)]
+        counts = [len(enc.encode_ordinary(t)) for t in inputs]
         too_long = [i for i, c in enumerate(counts) if c > 8192]
         if too_long:
             return self._finish(_error(400, f"This model's maximum context length is 8192 tokens, however you "
@@ -368,8 +368,9 @@ class Simulator:
         await self._delay()
         dims = int(body.get("dimensions") or EMBEDDING_DIMS.get(model, 1536))
         fmt = body.get("encoding_format") or "float"
-        data = [{"object": "embedding", "index": i,
-                 "embedding": answers.encode_embedding(answers.embedding(t, dims), fmt)} for i, t in enumerate(inputs)]
+        vectors = answers.embeddings(inputs, dims)
+        data = [{"object": "embedding", "index": i, "embedding": answers.encode_embedding(v, fmt)}
+                for i, v in enumerate(vectors)]
         payload = {"object": "list", "model": model, "data": data,
                    "usage": {"prompt_tokens": sum(counts), "total_tokens": sum(counts)}}
         return self._finish(await self._respond(request, raw, payload))
