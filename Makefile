@@ -23,8 +23,7 @@ demo: $(STAMP)
 	$(PY) scripts/demo.py
 
 bench: $(STAMP)
-	$(PY) bench/estimate.py
-	$(PY) bench/throughput.py
+	cd bench && ../$(PY) estimate.py && ../$(PY) throughput.py && ../$(PY) resume.py && ../$(PY) embed.py
 
 clean:
 	rm -rf $(VENV) out bench/out

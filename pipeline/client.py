@@ -221,7 +221,7 @@ def redact(text: str, secret: str | None) -> str:
     return text
 
 
-def _is_loopback(host: str) -> bool:
+def is_loopback(host: str) -> bool:
     if host in ("localhost", "localhost.localdomain"):
         return True
     try:
@@ -235,7 +235,7 @@ def _env_proxy(base_url: str) -> httpx.Proxy | None:
     import urllib.request
 
     host = urlsplit(base_url).hostname or ""
-    if _is_loopback(host) or urllib.request.proxy_bypass(host):
+    if is_loopback(host) or urllib.request.proxy_bypass(host):
         return None
     proxy = urllib.request.getproxies().get(urlsplit(base_url).scheme)
     return httpx.Proxy(proxy) if proxy else None
@@ -244,7 +244,7 @@ def _env_proxy(base_url: str) -> httpx.Proxy | None:
 def check_transport_security(base_url: str, has_key: bool, allow_insecure: bool) -> None:
     """Refuse to send a key in clear text over a network; loopback (the simulator) is fine."""
     parts = urlsplit(base_url)
-    if parts.scheme == "http" and has_key and not allow_insecure and not _is_loopback(parts.hostname or ""):
+    if parts.scheme == "http" and has_key and not allow_insecure and not is_loopback(parts.hostname or ""):
         raise UsageError(f"{base_url}: refusing to send the API key over plain http:// to a host that is not "
                          "loopback; use https:// or pass --allow-insecure")
 

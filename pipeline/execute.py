@@ -268,13 +268,8 @@ class Executor:
         """
         tokens = sum(r.prompt_tokens for r in batch)
         reserve = self._input_cost(tokens) if self.max_cost_usd is not None else None
-        if reserve is not None:
-            if self.stats.cost_usd + self._reserved + reserve > self.max_cost_usd:  # type: ignore[operator]
-                self.request_stop(BudgetExceeded(
-                    f"stopped before crossing [budget].max_cost_usd = ${self.max_cost_usd:g}: spent "
-                    f"${self.stats.cost_usd:.4f} so far, with ${self._reserved:.4f} more in flight"))
-                return [(r, None) for r in batch]
-            self._reserved += reserve
+        if not self._reserve(reserve):
+            return [(r, None) for r in batch]
         head = orjson.loads(batch[0].body)
         head["input"] = [orjson.loads(r.body)["input"] for r in batch]
         body = orjson.dumps(head)
@@ -343,13 +338,8 @@ class Executor:
                            f"tokens_per_minute ({self.budget.tpm}): it can never be admitted",
                            error_type="too_large")
         reserve = self._max_cost(req) if self.max_cost_usd is not None else None
-        if reserve is not None:
-            if self.stats.cost_usd + self._reserved + reserve > self.max_cost_usd:
-                self.request_stop(BudgetExceeded(
-                    f"stopped before crossing [budget].max_cost_usd = ${self.max_cost_usd:g}: spent "
-                    f"${self.stats.cost_usd:.4f} so far, with ${self._reserved:.4f} more in flight"))
-                return None
-            self._reserved += reserve
+        if not self._reserve(reserve):
+            return None
         attempts = [0]
         rejected: list[Usage] = []
         try:
@@ -403,6 +393,20 @@ class Executor:
                         self.budget.pause(e.retry_after if e.retry_after is not None else 1.0)
                     raise
         return answer, (time.perf_counter() - t0) * 1000
+
+    def _reserve(self, cost: float | None) -> bool:
+        """Hold a request's maximum cost against the budget while it is in flight; False (and stop) when
+        spending it could cross ``max_cost_usd``: counting in-flight requests at their maximum keeps the
+        budget from being crossed by answers already on their way."""
+        if cost is None or self.max_cost_usd is None:
+            return True
+        if self.stats.cost_usd + self._reserved + cost > self.max_cost_usd:
+            self.request_stop(BudgetExceeded(
+                f"stopped before crossing [budget].max_cost_usd = ${self.max_cost_usd:g}: spent "
+                f"${self.stats.cost_usd:.4f} so far, with ${self._reserved:.4f} more in flight"))
+            return False
+        self._reserved += cost
+        return True
 
     def _max_cost(self, req: Request) -> float | None:
         if self.price is None:

@@ -16,6 +16,7 @@ from typing import Any
 
 import jinja2
 import jinja2.meta
+import jinja2.nodes
 import orjson
 import polars as pl
 from jinja2.runtime import new_context
@@ -73,6 +74,25 @@ class _Part:
     source: str
     template: jinja2.Template | None  # None: constant text, rendered once
     text: str
+    pieces: tuple[tuple[bool, str], ...] | None = None  # (is_column, literal or column): a plain substitution
+
+
+_PLAIN_DTYPES = (pl.String, pl.Int8, pl.Int16, pl.Int32, pl.Int64, pl.UInt8, pl.UInt16, pl.UInt32, pl.UInt64)
+
+
+def _plain_pieces(ast: jinja2.nodes.Template) -> tuple[tuple[bool, str], ...] | None:
+    """The template as literal text and bare ``{{ column }}`` references, or None if it does anything more."""
+    if len(ast.body) != 1 or not isinstance(ast.body[0], jinja2.nodes.Output):
+        return None
+    pieces: list[tuple[bool, str]] = []
+    for node in ast.body[0].nodes:
+        if isinstance(node, jinja2.nodes.TemplateData):
+            pieces.append((False, node.data))
+        elif isinstance(node, jinja2.nodes.Name) and node.ctx == "load" and node.name != ROW_VARIABLE:
+            pieces.append((True, node.name))
+        else:
+            return None
+    return tuple(pieces)
 
 
 def request_key(endpoint: str, body: bytes) -> str:
@@ -106,6 +126,11 @@ class Renderer:
             self.parts.append(self._compile(m.role, m.content, f"{job.source}: [request].messages[{i}]"))
         self.parts.append(self._compile("input" if req.is_embeddings else "user", req.prompt, req.prompt_source))
         self.template_columns = self._referenced_columns(source)
+        # Plain substitutions of string and integer columns render in polars, a chunk at a time: the same text
+        # Jinja would produce (nulls as "", integers in decimal), without a Python call per row.
+        self.parts = [p if p.pieces is None or all(not is_col or isinstance(source.schema[v], _PLAIN_DTYPES)
+                                                  for is_col, v in p.pieces)
+                      else _Part(p.role, p.source, p.template, p.text, None) for p in self.parts]
         self.id_column = job.input.id
         if self.id_column:
             check_columns(source, [self.id_column], f"{job.source}: [input].id")
@@ -136,7 +161,8 @@ class Renderer:
             raise TemplateError(f"{where}: template syntax error on line {e.lineno}: {e.message}") from None
         # A template without variables still goes through Jinja once, so `{{ "x" }}`-style constants work.
         constant = text if template is not None else self.env.from_string(text).render()
-        return _Part(role=role, source=where, template=template, text=constant)
+        pieces = _plain_pieces(ast) if template is not None else None
+        return _Part(role=role, source=where, template=template, text=constant, pieces=pieces)
 
     def _referenced_columns(self, source: Source) -> list[str]:
         cols: list[str] = []
@@ -178,12 +204,15 @@ class Renderer:
                 "name": schema_name(self.job.name), "schema": req.response_schema, "strict": True}}
         return body
 
-    def render_messages(self, values: dict[str, Any], row_id: Any) -> list[dict[str, str]]:
-        """The chat messages of one row."""
+    def render_messages(self, values: dict[str, Any], row_id: Any,
+                        prerendered: dict[int, str] | None = None) -> list[dict[str, str]]:
+        """The chat messages of one row (``prerendered``: parts already rendered for the whole chunk)."""
         messages = []
-        for p in self.parts:
+        for i, p in enumerate(self.parts):
             if p.template is None:
                 content = p.text
+            elif prerendered is not None and i in prerendered:
+                content = prerendered[i]
             else:
                 try:
                     # Template.render copies the globals ChainMap into every context; a prebuilt plain dict
@@ -199,6 +228,13 @@ class Renderer:
                     raise TemplateError(f"{p.source}: row {row_id}: {type(e).__name__}: {e}") from None
             messages.append({"role": p.role, "content": content})
         return messages
+
+    @staticmethod
+    def _render_column(chunk: pl.DataFrame, part: _Part) -> list[str]:
+        assert part.pieces is not None
+        exprs = [pl.col(v).cast(pl.String).fill_null("") if is_col else pl.lit(v, dtype=pl.String)
+                 for is_col, v in part.pieces]
+        return chunk.select(pl.concat_str(exprs).alias("t")).get_column("t").to_list()
 
     def body(self, messages: list[dict[str, str]]) -> bytes:
         """The exact JSON body; its bytes are hashed into the request key, so field order is fixed."""
@@ -220,19 +256,22 @@ class Renderer:
         ids = chunk.get_column(self.id_column).to_list() if self.id_column else rows
         keep_cols = [chunk.get_column(c).to_list() for c in self.job.input.keep]
         keeps = list(zip(*keep_cols, strict=True)) if keep_cols else [()] * len(rows)
-        values_iter = chunk.select(self.template_columns).iter_rows(named=True) if self.template_columns \
-            else ({} for _ in rows)
+        needs_values = self.job.input.skip_nulls or any(
+            p.template is not None and p.pieces is None for p in self.parts)
+        values_iter = chunk.select(self.template_columns).iter_rows(named=True) \
+            if self.template_columns and needs_values else ({} for _ in rows)
         skip_nulls = self.job.input.skip_nulls
         endpoint = self.job.request.endpoint
         pending: list[tuple[int, Any, tuple[Any, ...], list[dict[str, str]], bytes, str]] = []
         skipped: list[Skipped] = []
-        for row, row_id, keep, values in zip(rows, ids, keeps, values_iter, strict=True):
+        fast = {i: self._render_column(chunk, p) for i, p in enumerate(self.parts) if p.pieces is not None}
+        for n, (row, row_id, keep, values) in enumerate(zip(rows, ids, keeps, values_iter, strict=True)):
             if skip_nulls:
                 nulls = [k for k, v in values.items() if v is None]
                 if nulls:
                     skipped.append(Skipped(row, row_id, f"skipped: null in column(s) {', '.join(nulls)}", keep))
                     continue
-            msgs = self.render_messages(values, row_id)
+            msgs = self.render_messages(values, row_id, {i: col[n] for i, col in fast.items()} if fast else None)
             body = self.body(msgs)
             pending.append((row, row_id, keep, msgs, body, request_key(endpoint, body)))
         known = dict(settled([p[5] for p in pending])) if settled is not None else {}

@@ -14,7 +14,7 @@ import signal
 import time
 from array import array
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -23,7 +23,7 @@ from urllib.parse import urlsplit
 import httpx
 import polars as pl
 
-from pipeline.client import ApiClient, _is_loopback, check_transport_security
+from pipeline.client import ApiClient, check_transport_security, is_loopback
 from pipeline.errors import AbortError, Interrupted, OutputError, PipelineError, StopRun, UsageError
 from pipeline.estimate import Estimate, EstimateBuilder
 from pipeline.execute import Executor, RunStats, stop_reason_kind
@@ -50,6 +50,10 @@ class RunResult:
     stopped: PipelineError | None = None
     manifest_data: dict[str, Any] = field(default_factory=dict)
 
+    def frame(self) -> pl.DataFrame:
+        """The output table, read back (for notebooks: ``run(job, data=df).frame()``)."""
+        return pl.read_parquet(self.output)
+
     @property
     def exit_code(self) -> int:
         """0 all rows answered, 1 some failed, 3 stopped or aborted (the CLI's exit status)."""
@@ -69,7 +73,7 @@ def resolve_base_url(job: Job, override: str | None) -> str:
 def resolve_api_key(job: Job, base_url: str) -> str | None:
     """The key from the environment variable the job names; only a loopback server may go without one."""
     key = os.environ.get(job.api.api_key_env) or None
-    if key is None and not _is_loopback(urlsplit(base_url).hostname or ""):
+    if key is None and not is_loopback(urlsplit(base_url).hostname or ""):
         raise UsageError(f"{job.source}: the environment variable {job.api.api_key_env} (named by "
                          f"[api].api_key_env) is not set; export your API key in it")
     return key
@@ -111,6 +115,16 @@ def _move_aside(path: Path) -> Path | None:
     return aside
 
 
+def _with_frame_input(job: Job, data: pl.DataFrame) -> Job:
+    path = Path(job.output.path).with_suffix(".input.parquet")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        data.write_parquet(path)
+    except OSError as e:
+        raise OutputError(f"{path}: cannot save the input frame: {e.strerror}") from None
+    return replace(job, input=replace(job.input, path=str(path)))
+
+
 def prepare_estimate(job: Job, source: Source, renderer: Renderer, journal: Journal, *,
                      limit: int | None, retry_failed: bool = False) -> tuple[Estimate, array[int] | None]:
     """The estimate of what is left to do (rows the journal settled cost nothing now), and the positions of
@@ -133,14 +147,17 @@ def run(job: Job, *, base_url: str | None = None, limit: int | None = None, fres
         retry_failed: bool = False, allow_insecure: bool = False, transport: httpx.AsyncBaseTransport | None = None,
         on_progress: Callable[[RunStats], None] | None = None,
         on_estimate: Callable[[Estimate], bool] | None = None, handle_signals: bool = False,
-        grace_s: float = 5.0, journal: bool = True) -> RunResult:
+        grace_s: float = 5.0, journal: bool = True, data: pl.DataFrame | None = None) -> RunResult:
     """Run a job to the end (or until stopped); resumes from the journal unless ``fresh``.
 
     ``on_estimate`` sees the estimate before anything is sent and returns False to cancel (the CLI asks the
     user there). Raises UsageError subclasses for anything to fix first; a stop or abort during the run is
     returned in ``RunResult.stopped``, with everything answered so far written. ``journal=False`` runs
-    without resume (only for measuring the journal's overhead).
+    without resume (only for measuring the journal's overhead). ``data`` runs the job on a DataFrame instead
+    of its [input].path (it is saved beside the output, so resume works for it too).
     """
+    if data is not None:
+        job = _with_frame_input(job, data)
     url = resolve_base_url(job, base_url)
     key = resolve_api_key(job, url)
     check_transport_security(url, key is not None, allow_insecure)

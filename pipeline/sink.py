@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 import polars as pl
+import pyarrow.parquet as pq
 
 from pipeline.errors import OutputError
 from pipeline.journal import Outcome
@@ -41,6 +42,8 @@ RESULT_SCHEMA: dict[str, pl.DataType] = {
     "deduplicated": pl.Boolean(),      # answered by an identical earlier row's request; its cost is on that row
 }
 PART_ROWS = 10_000
+PART_GROUP_ROWS = 2_048
+COMPACT_ROWS = 50_000  # rows held in memory at once while compacting
 EMBEDDING_DIMS = {"text-embedding-3-small": 1536, "text-embedding-3-large": 3072, "text-embedding-ada-002": 1536}
 
 
@@ -177,7 +180,8 @@ class PartWriter:
         final = self.paths.parts / f"part-{self._part:06d}.parquet"
         tmp = final.with_suffix(".tmp")
         try:
-            df.write_parquet(tmp, compression="zstd", statistics=False)
+            # Sorted, with statistics and small row groups, so compaction can read one row range at a time.
+            df.sort(ROW).write_parquet(tmp, compression="zstd", statistics=True, row_group_size=PART_GROUP_ROWS)
             tmp.replace(final)
         except OSError as e:
             raise OutputError(f"{final}: cannot write output: {e.strerror}") from None
@@ -201,6 +205,21 @@ class PartWriter:
         return pl.Series("embedding", [None if b is None else np.frombuffer(b, dtype="<f4") for b in raw],
                          dtype=pl.List(pl.Float32))
 
+    def _merge(self, parts: list[Path], dest: Path) -> None:
+        """Write the parts in input order, one row range at a time: memory stays flat however many rows.
+
+        A global sort would hold the whole table; instead each range is read with the parts' row-group
+        statistics (so only the groups that hold it are read), sorted, and appended as a row group.
+        """
+        lf = pl.scan_parquet(parts)
+        top = lf.select(pl.col(ROW).max()).collect().item()
+        arrow_schema = pl.DataFrame(schema=self.schema).drop(ROW).to_arrow().schema
+        with pq.ParquetWriter(dest, arrow_schema, compression="zstd") as writer:
+            for lo in range(0, int(top) + 1, COMPACT_ROWS):
+                df = lf.filter(pl.col(ROW).is_between(lo, lo + COMPACT_ROWS - 1)).collect().sort(ROW).drop(ROW)
+                if df.height:
+                    writer.write_table(df.to_arrow().cast(arrow_schema))
+
     def finish(self) -> int:
         """Compact the parts into the output file in input order; returns the number of rows."""
         self.flush()
@@ -208,8 +227,7 @@ class PartWriter:
         tmp = self.paths.output.with_suffix(".parquet.tmp")
         try:
             if parts:
-                lf = pl.scan_parquet(parts).sort(ROW).drop(ROW)
-                lf.sink_parquet(tmp, compression="zstd")
+                self._merge(parts, tmp)
             else:
                 pl.DataFrame(schema=self.schema).drop(ROW).write_parquet(tmp)
             tmp.replace(self.paths.output)

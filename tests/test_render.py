@@ -112,3 +112,32 @@ def test_validate_shows_first_requests(make_job):
     assert result.exit_code == 0, result.output
     assert result.output.count('"max_completion_tokens": 50') == 3
     assert "row r0002" in result.output and "row r0003" not in result.output
+
+
+def test_plain_templates_render_in_polars_exactly_as_jinja_would(make_job, tmp_path):
+    from pipeline.render import _Part
+
+    df = pl.DataFrame({
+        "review_id": ["a", "b", "c", "d"],
+        "product": ["lamp", None, "ünïcödé 👍", "{{ not a template }}"],
+        "rating": [5, None, -3, 10**12],
+        "text": ["line one\nline two\n", "", "tab\there", "{% raw %} and }} {{"],
+    })
+    (tmp_path / "p.j2").write_text("Product: {{ product }} ({{ rating }} stars)\n\n{{ text }}\n")
+    job = Job.load(make_job(data=df, request='model = "gpt-4o-mini"\nsystem = "S {{ product }}"\n'
+                                            'prompt_file = "p.j2"'))
+    src = open_source(job.input.path)
+    fast = Renderer(job, src)
+    assert all(p.pieces is not None for p in fast.parts if p.template is not None)
+    slow = Renderer(job, src)
+    slow.parts = [_Part(p.role, p.source, p.template, p.text, None) for p in slow.parts]
+    chunk = next(iter_chunks(src, fast.columns))
+    a, b = fast.render_chunk(chunk).requests, slow.render_chunk(chunk).requests
+    assert [r.body for r in a] == [r.body for r in b]
+    assert [r.prompt_tokens for r in a] == [r.prompt_tokens for r in b]
+
+
+def test_templates_that_do_more_than_substitute_use_jinja(make_job):
+    job = Job.load(make_job(request='model = "m"\nprompt = "{{ text | upper }} {% if rating > 3 %}!{% endif %}"'))
+    r = Renderer(job, open_source(job.input.path))
+    assert all(p.pieces is None for p in r.parts)

@@ -231,3 +231,13 @@ def test_key_never_leaks_into_output_manifest_journal_or_logs(make_job, sim, mon
         result = run_cli("run", job.name, "--base-url", s.base_url, "--plain", "--yes", "--fresh")
     assert result.exit_code == 3
     assert "sk-other" not in result.output and SECRET not in result.output
+
+
+def test_python_api_runs_a_dataframe_and_returns_one(make_job, sim):
+    job = Job.load(make_job(rows=2))
+    df = reviews(7).with_columns(pl.col("text").str.to_uppercase())
+    with sim() as s:
+        result = run(job, base_url=s.base_url, data=df)
+    out = result.frame()
+    assert out.height == 7 and out["review_id"].to_list() == df["review_id"].to_list()
+    assert out["content"].str.contains("REVIEW NUMBER").all()
