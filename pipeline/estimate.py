@@ -59,7 +59,7 @@ class EstimateBuilder:
     def __init__(self, job: Job, price: Price | None) -> None:
         self.job, self.price = job, price
         self.est = Estimate(job=job.name, model=job.request.model)
-        self._seen: set[str] = set()
+        self._seen: set[int] = set()  # 64 bits of each key: a third of the memory of the strings
         self._costs = [0.0, 0.0, 0.0, 0.0]
         self._budget_tokens = 0
         self._flat = price is None or price.flat
@@ -87,14 +87,15 @@ class EstimateBuilder:
                 est.over_context_rows += 1
                 if len(est.over_context_ids) < MAX_LISTED_IDS:
                     est.over_context_ids.append(r.row_id)
+            seen_id = int(r.key[:16], 16)
             if r.key in done:
                 est.rows_already_done += 1
-                self._seen.add(r.key)
+                self._seen.add(seen_id)
                 continue
-            if r.key in self._seen:
+            if seen_id in self._seen:
                 est.duplicate_rows += 1
                 continue
-            self._seen.add(r.key)
+            self._seen.add(seen_id)
             est.requests += 1
             est.prompt_tokens += r.prompt_tokens
             est.max_output_tokens += r.max_output_tokens

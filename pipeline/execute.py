@@ -116,7 +116,7 @@ class Executor:
         self._batch_tokens = 0
         self.stats = RunStats()
         self._pending: dict[str, _Pending] = {}
-        self._seen: set[str] = set()
+        self._seen: set[int] = set()
         self._queue: asyncio.Queue[Request | list[Request] | None] = asyncio.Queue(maxsize=max(2 * concurrency, 64))
         self._stopping = asyncio.Event()
         self._stop_reason: PipelineError | None = None
@@ -199,8 +199,9 @@ class Executor:
             for req in chunk.requests:
                 if self._stopping.is_set():
                     return
-                first = req.key not in self._seen
-                self._seen.add(req.key)
+                seen_id = int(req.key[:16], 16)  # 64 bits of the key: a third of the memory of the string
+                first = seen_id not in self._seen
+                self._seen.add(seen_id)
                 if req.key in self._pending:
                     self._pending[req.key].followers.append(req)
                     continue

@@ -32,7 +32,15 @@ from pipeline.journal import Journal, NullJournal
 from pipeline.limits import RateBudget
 from pipeline.pricing import price_for
 from pipeline.render import RenderedChunk, Renderer
-from pipeline.sink import RESULT_SCHEMA, OutputPaths, PartWriter, claim_output, embedding_dims, write_manifest
+from pipeline.sink import (
+    RESULT_SCHEMA,
+    OutputPaths,
+    PartWriter,
+    check_free_space,
+    claim_output,
+    embedding_dims,
+    write_manifest,
+)
 from pipeline.source import ROW, Source, iter_chunks, open_source
 from pipeline.structured import AnswerChecker, columns_of
 
@@ -175,6 +183,7 @@ def run(job: Job, *, base_url: str | None = None, limit: int | None = None, fres
             raise OutputError(f"{paths.journal}: the journal belongs to another job; use --fresh to start over")
         store.set_meta("fingerprint", job.fingerprint())
         est, todo = prepare_estimate(job, source, renderer, store, limit=limit, retry_failed=retry_failed)
+        check_free_space(paths, est.rows)
         if on_estimate is not None and not on_estimate(est):
             raise StopRun("not started: the estimate was not accepted")
         return _execute(job, url, key, source, renderer, key_schema, paths, store, est, todo, limit=limit,

@@ -43,7 +43,7 @@ RESULT_SCHEMA: dict[str, pl.DataType] = {
 }
 PART_ROWS = 10_000
 PART_GROUP_ROWS = 2_048
-COMPACT_ROWS = 50_000  # rows held in memory at once while compacting
+COMPACT_ROWS = 10_000  # rows held in memory at once while compacting
 EMBEDDING_DIMS = {"text-embedding-3-small": 1536, "text-embedding-3-large": 3072, "text-embedding-ada-002": 1536}
 
 
@@ -78,6 +78,19 @@ def read_manifest(paths: OutputPaths) -> dict[str, Any] | None:
         return None
     except (OSError, json.JSONDecodeError) as e:
         raise OutputError(f"{paths.manifest}: unreadable manifest: {e}") from None
+
+
+MIN_FREE_BYTES = 64 * 1024 * 1024
+BYTES_PER_ROW_FLOOR = 256  # journal + output, the least a row takes; real answers take more
+
+
+def check_free_space(paths: OutputPaths, rows: int) -> None:
+    """Refuse to start when the output's disk clearly cannot hold the run (a floor, not a promise)."""
+    need = MIN_FREE_BYTES + rows * BYTES_PER_ROW_FLOOR
+    free = shutil.disk_usage(paths.output.parent).free
+    if free < need:
+        raise OutputError(f"{paths.output.parent}: only {free / 2**20:,.0f} MiB free, and {rows:,} rows need at "
+                          f"least {need / 2**20:,.0f} MiB for the journal and the output; free some space first")
 
 
 def claim_output(paths: OutputPaths, job_name: str, fingerprint: str) -> None:

@@ -18,7 +18,7 @@ from pipeline.errors import InputError
 
 ROW = "__row"  # the input position of a row; the default id, and the output order
 FORMATS = {".parquet": "parquet", ".pq": "parquet", ".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl"}
-DEFAULT_CHUNK_ROWS = 20_000
+DEFAULT_CHUNK_ROWS = 5_000  # rendered requests of a chunk live at once: keep that transient small
 
 
 @dataclass(frozen=True)

@@ -123,3 +123,35 @@ def test_sim_command_serves_and_reports_itself(tmp_path):
         proc.terminate()
         _, err = proc.communicate(timeout=10)
     assert "simulator" in err and "not by a model" in err
+
+
+def test_second_interrupt_cancels_requests_in_flight_at_once(make_job, sim):
+    job = make_job(rows=100, limits="concurrency = 4\ntimeout_s = 60")
+    with sim(latency_ms=8_000) as s:  # answers that would take 8 s each, longer than the 5 s grace
+        proc = subprocess.Popen([PIPELINE, "run", job.name, "--base-url", s.base_url, "--plain"],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for _ in range(200):
+            if s.stats.requests >= 4:
+                break
+            time.sleep(0.05)
+        t = time.monotonic()
+        proc.send_signal(signal.SIGINT)
+        time.sleep(0.3)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=15)
+        elapsed = time.monotonic() - t
+    assert proc.returncode == 3, err
+    assert elapsed < 4  # neither the 8 s answers nor the 5 s grace period were waited for
+    assert "again to resume" in err
+
+
+def test_not_enough_disk_space_is_refused_before_sending(make_job, sim, monkeypatch):
+    import shutil
+    from collections import namedtuple
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**9, 10**9 - 10**6, 10**6))
+    with sim() as s:
+        result = run_cli("run", make_job(rows=5).name, "--base-url", s.base_url)
+        assert s.stats.requests == 0
+    assert result.exit_code == 2 and "MiB free" in result.output
