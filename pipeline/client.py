@@ -77,6 +77,7 @@ def _int(value: str | None) -> int | None:
 
 
 def parse_rate(headers: Any) -> RateInfo:
+    """The x-ratelimit-* headers of a response (absent ones stay None)."""
     g = headers.get
     return RateInfo(
         limit_requests=_int(g("x-ratelimit-limit-requests")), limit_tokens=_int(g("x-ratelimit-limit-tokens")),
@@ -222,6 +223,7 @@ def redact(text: str, secret: str | None) -> str:
 
 
 def is_loopback(host: str) -> bool:
+    """True for localhost and loopback addresses, where a key in clear text never leaves the machine."""
     if host in ("localhost", "localhost.localdomain"):
         return True
     try:

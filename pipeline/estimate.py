@@ -50,6 +50,7 @@ class Estimate:
     warnings: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready copy, for --json output and the manifest."""
         return asdict(self)
 
 
@@ -110,6 +111,7 @@ class EstimateBuilder:
                     costs[3] += price.cost(Usage(r.prompt_tokens, expected_out), batch=True)
 
     def finish(self) -> Estimate:
+        """Close the estimate: costs, duration under the limits, warnings."""
         est, lim = self.est, self.job.limits
         if self.job.estimate.output_tokens is not None:
             est.expected_output_tokens = self.job.estimate.output_tokens * est.requests

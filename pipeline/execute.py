@@ -64,6 +64,7 @@ class RunStats:
 
     @property
     def elapsed_s(self) -> float:
+        """Seconds since the run started."""
         return time.monotonic() - self.started
 
 
@@ -74,6 +75,7 @@ class wait_server_hint(wait_base):
         self.fallback, self.jitter_s = fallback, jitter_s
 
     def __call__(self, retry_state: RetryCallState) -> float:
+        """The wait before the next try."""
         exc = retry_state.outcome.exception() if retry_state.outcome else None
         hint = getattr(exc, "retry_after", None)
         if hint is not None:

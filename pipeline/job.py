@@ -69,6 +69,7 @@ class RequestSpec:
 
     @property
     def is_embeddings(self) -> bool:
+        """True for embeddings jobs (many rows per request, vectors out)."""
         return self.endpoint == "embeddings"
 
 

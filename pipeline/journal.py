@@ -77,6 +77,7 @@ class Journal:
         self._pending: list[tuple[object, ...]] = []
 
     def close(self) -> None:
+        """Release the connection (flushing what is buffered, where there is a buffer)."""
         self.flush()
         self._db.close()
 
@@ -87,10 +88,12 @@ class Journal:
         self.close()
 
     def get_meta(self, name: str) -> str | None:
+        """A value of the journal's meta table (e.g. the job fingerprint)."""
         row = self._db.execute("SELECT value FROM meta WHERE name = ?", (name,)).fetchone()
         return None if row is None else str(row[0])
 
     def set_meta(self, name: str, value: str) -> None:
+        """Record a meta value."""
         self._db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (name, value))
 
     def add(self, outcome: Outcome) -> None:
@@ -99,6 +102,7 @@ class Journal:
 
     @property
     def pending(self) -> int:
+        """Outcomes added but not yet committed."""
         return len(self._pending)
 
     def flush(self) -> None:
@@ -145,6 +149,7 @@ class Journal:
         return {str(s): int(n) for s, n in self._db.execute("SELECT status, COUNT(*) FROM outcomes GROUP BY status")}
 
     def outcomes(self) -> Iterable[Outcome]:
+        """Every recorded outcome, for reports and tools."""
         for row in self._db.execute(f"SELECT {', '.join(_COLUMNS)} FROM outcomes"):
             yield Outcome(*row[:-1], retryable=bool(row[-1]))
 
@@ -159,9 +164,11 @@ class JournalReader:
         self.retry_failed = retry_failed
 
     def __call__(self, keys: Sequence[str]) -> dict[str, Outcome]:
+        """The settled outcomes among ``keys``."""
         return self._journal.lookup(keys, retry_failed=self.retry_failed)
 
     def close(self) -> None:
+        """Release the connection (flushing what is buffered, where there is a buffer)."""
         self._journal._db.close()
 
 
@@ -173,27 +180,35 @@ class NullJournal(Journal):
         self._pending = []
 
     def close(self) -> None:
+        """Release the connection (flushing what is buffered, where there is a buffer)."""
         pass
 
     def get_meta(self, name: str) -> str | None:
+        """A value of the journal's meta table (e.g. the job fingerprint)."""
         return None
 
     def set_meta(self, name: str, value: str) -> None:
+        """Record a meta value."""
         pass
 
     def add(self, outcome: Outcome) -> None:
+        """Accept an outcome (remembered only until the next flush)."""
         self._pending.append(outcome)  # kept only until the next flush, so the executor sees it committed
 
     def flush(self) -> None:
+        """Forget the buffered outcomes."""
         self._pending = []
 
     def lookup(self, keys: Sequence[str], *, retry_failed: bool = False) -> dict[str, Outcome]:
+        """Nothing is ever settled."""
         return {}
 
     def get(self, key: str) -> Outcome | None:
+        """Nothing is ever recorded."""
         return None
 
     def reader(self, *, retry_failed: bool = False) -> Any:
+        """A lookup that finds nothing."""
         return _NullReader()
 
 

@@ -31,6 +31,7 @@ class Rate:
     tiers: tuple[tuple[int, float], ...] = ()
 
     def at(self, prompt_tokens: int) -> float:
+        """The rate that applies to a request of ``prompt_tokens`` prompt tokens."""
         rate = self.base
         for start, price in self.tiers:
             if prompt_tokens > start:
@@ -38,6 +39,7 @@ class Rate:
         return rate
 
     def scaled(self, factor: float) -> Rate:
+        """Every tier times ``factor`` (the Batch API discount)."""
         return Rate(self.base * factor, tuple((s, p * factor) for s, p in self.tiers))
 
 

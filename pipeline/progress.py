@@ -60,6 +60,7 @@ class ProgressDisplay:
             self._progress.__exit__(None, None, None)
 
     def update(self, stats: RunStats) -> None:
+        """Show the latest totals (the executor calls this twice a second)."""
         if self._progress is not None:
             req_s, tok_s = _rates(stats)
             line = (f"{req_s:,.0f} req/s  {tok_s:,.0f} tok/s  ${stats.cost_usd:,.4f}  errors {stats.failed:,}  "

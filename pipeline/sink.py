@@ -60,18 +60,22 @@ class OutputPaths:
 
     @property
     def manifest(self) -> Path:
+        """NAME.manifest.json beside the output."""
         return self.output.with_suffix(".manifest.json")
 
     @property
     def parts(self) -> Path:
+        """The folder of Parquet parts written during a run."""
         return self.output.with_suffix(".parts")
 
     @property
     def journal(self) -> Path:
+        """NAME.journal.sqlite beside the output."""
         return self.output.with_suffix(".journal.sqlite")
 
 
 def read_manifest(paths: OutputPaths) -> dict[str, Any] | None:
+    """The output's manifest, or None when there is none yet."""
     try:
         return json.loads(paths.manifest.read_text())
     except FileNotFoundError:

@@ -32,6 +32,7 @@ class Source:
 
     @property
     def columns(self) -> list[str]:
+        """The input's column names, in order."""
         return list(self.schema)
 
 

@@ -99,6 +99,7 @@ class SimStats:
     first_request_at: float | None = None   # wall clock (time.time()) of the first request
 
     def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready copy, for --json output and the manifest."""
         d = asdict(self)
         d["injected"] = dict(self.injected)
         d["statuses"] = {str(k): v for k, v in self.statuses.items()}
@@ -125,6 +126,7 @@ class Simulator:
         self._in_flight = 0
 
     def app(self) -> web.Application:
+        """The aiohttp application with the OpenAI-compatible routes."""
         app = web.Application(client_max_size=256 * 1024 * 1024)
         app.router.add_post("/v1/chat/completions", self.chat)
         app.router.add_post("/v1/embeddings", self.embeddings)
@@ -134,20 +136,24 @@ class Simulator:
         return app
 
     def counter(self, model: str) -> ChatTokenCounter:
+        """The token counter of ``model``, built once."""
         c = self._counters.get(model)
         if c is None:
             c = self._counters[model] = ChatTokenCounter(model)
         return c
 
     async def get_stats(self, request: web.Request) -> web.Response:
+        """GET /v1/sim/stats: what the simulator has seen and injected."""
         return web.json_response(self.stats.to_dict())
 
     async def reset(self, request: web.Request) -> web.Response:
+        """POST /v1/sim/reset: start the counts over."""
         self.stats = SimStats()
         self._answered.clear()
         return web.json_response({"ok": True})
 
     async def models(self, request: web.Request) -> web.Response:
+        """GET /v1/models."""
         names = self.config.models or ("gpt-4o-mini", "gpt-4o", "text-embedding-3-small")
         return web.json_response({"object": "list", "data": [
             {"id": m, "object": "model", "created": 0, "owned_by": "pipeline-sim"} for m in names]})
@@ -273,6 +279,7 @@ class Simulator:
     # -- endpoints ---------------------------------------------------------------------------------------------
 
     async def chat(self, request: web.Request) -> web.StreamResponse:
+        """POST /v1/chat/completions."""
         self._in_flight += 1
         self.stats.max_in_flight = max(self.stats.max_in_flight, self._in_flight)
         try:
@@ -342,6 +349,7 @@ class Simulator:
         return await self._respond(request, raw, payload)
 
     async def embeddings(self, request: web.Request) -> web.StreamResponse:
+        """POST /v1/embeddings."""
         read = await self._read(request)
         if isinstance(read, web.Response):
             return self._finish(read)
@@ -377,6 +385,7 @@ class Simulator:
 
 
 def free_port() -> int:
+    """A free TCP port on 127.0.0.1."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
@@ -395,10 +404,12 @@ class SimServer:
 
     @property
     def base_url(self) -> str:
+        """The simulator's base URL, ending in /v1."""
         return f"http://127.0.0.1:{self.port}/v1"
 
     @property
     def stats(self) -> SimStats:
+        """The live counts (shared with the server thread; read them, do not change them)."""
         return self.sim.stats
 
     def __enter__(self) -> SimServer:
