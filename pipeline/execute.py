@@ -318,8 +318,9 @@ class Executor:
             shares[i] += 1
         dims = self.embedding_dims
         out: list[tuple[Request, Outcome | None]] = []
+        rate = self.price.input.at(0) / 1_000_000 if self.price is not None and self.price.flat else None
         for r, vec, share in zip(batch, a.vectors, shares, strict=True):
-            cost = self._input_cost(share)
+            cost = share * rate if rate is not None else self._input_cost(share)
             if dims is not None and len(vec) != 4 * dims:
                 out.append((r, Outcome(r.key, "error", model=a.model, prompt_tokens=share, cost_usd=cost,
                                        attempts=attempts, latency_ms=latency_ms, error_type="wrong_dimensions",
