@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import sqlite3
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, fields
 from operator import attrgetter
 from pathlib import Path
@@ -55,6 +55,7 @@ CREATE TABLE IF NOT EXISTS outcomes (
 );
 CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value TEXT);
 """
+_SELECT = ", ".join(_COLUMNS)
 _LOOKUP_BATCH = 900  # under SQLite's default limit of host parameters
 
 
@@ -100,11 +101,6 @@ class Journal:
         """Buffer an outcome; it is durable after the next ``flush``."""
         self._pending.append((*_as_row(outcome), time.time()))
 
-    @property
-    def pending(self) -> int:
-        """Outcomes added but not yet committed."""
-        return len(self._pending)
-
     def flush(self) -> None:
         """Commit every buffered outcome in one transaction."""
         if not self._pending:
@@ -124,16 +120,7 @@ class Journal:
     def lookup(self, keys: Sequence[str], *, retry_failed: bool = False) -> dict[str, Outcome]:
         """The settled outcomes among ``keys``. Transient failures are never settled; with ``retry_failed``,
         no failure is."""
-        found: dict[str, Outcome] = {}
-        cond = "status = 'ok'" if retry_failed else "(status = 'ok' OR retryable = 0)"
-        unique = list(dict.fromkeys(keys))
-        for i in range(0, len(unique), _LOOKUP_BATCH):
-            batch = unique[i:i + _LOOKUP_BATCH]
-            q = (f"SELECT {', '.join(_COLUMNS)} FROM outcomes WHERE {cond} AND key IN "
-                 f"({', '.join('?' * len(batch))})")
-            for row in self._db.execute(q, batch):
-                found[row[0]] = Outcome(*row[:-1], retryable=bool(row[-1]))
-        return found
+        return _lookup(self._db, keys, retry_failed)
 
     def reader(self, *, retry_failed: bool = False) -> JournalReader:
         """A lookup function with its own connection, for another thread (WAL lets it read while we write)."""
@@ -141,35 +128,44 @@ class Journal:
 
     def get(self, key: str) -> Outcome | None:
         """The recorded outcome of ``key``, settled or not."""
-        row = self._db.execute(f"SELECT {', '.join(_COLUMNS)} FROM outcomes WHERE key = ?", (key,)).fetchone()
-        return None if row is None else Outcome(*row[:-1], retryable=bool(row[-1]))
+        row = self._db.execute(f"SELECT {_SELECT} FROM outcomes WHERE key = ?", (key,)).fetchone()
+        return None if row is None else _outcome(row)
 
     def count(self) -> dict[str, int]:
         """Outcomes by status, for reports."""
         return {str(s): int(n) for s, n in self._db.execute("SELECT status, COUNT(*) FROM outcomes GROUP BY status")}
-
-    def outcomes(self) -> Iterable[Outcome]:
-        """Every recorded outcome, for reports and tools."""
-        for row in self._db.execute(f"SELECT {', '.join(_COLUMNS)} FROM outcomes"):
-            yield Outcome(*row[:-1], retryable=bool(row[-1]))
 
 
 class JournalReader:
     """``reader(keys) -> {key: Outcome}`` on a connection of its own; close it when the run ends."""
 
     def __init__(self, path: Path, *, retry_failed: bool) -> None:
-        self._journal = Journal.__new__(Journal)
-        self._journal.path, self._journal._pending = path, []
-        self._journal._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         self.retry_failed = retry_failed
 
     def __call__(self, keys: Sequence[str]) -> dict[str, Outcome]:
         """The settled outcomes among ``keys``."""
-        return self._journal.lookup(keys, retry_failed=self.retry_failed)
+        return _lookup(self._db, keys, self.retry_failed)
 
     def close(self) -> None:
-        """Release the connection (flushing what is buffered, where there is a buffer)."""
-        self._journal._db.close()
+        """Release the connection."""
+        self._db.close()
+
+
+def _outcome(row: Sequence[Any]) -> Outcome:
+    return Outcome(*row[:-1], retryable=bool(row[-1]))  # SQLite hands the flag back as 0/1
+
+
+def _lookup(db: sqlite3.Connection, keys: Sequence[str], retry_failed: bool) -> dict[str, Outcome]:
+    found: dict[str, Outcome] = {}
+    cond = "status = 'ok'" if retry_failed else "(status = 'ok' OR retryable = 0)"
+    unique = list(dict.fromkeys(keys))
+    for i in range(0, len(unique), _LOOKUP_BATCH):
+        batch = unique[i:i + _LOOKUP_BATCH]
+        q = f"SELECT {_SELECT} FROM outcomes WHERE {cond} AND key IN ({', '.join('?' * len(batch))})"
+        for row in db.execute(q, batch):
+            found[row[0]] = _outcome(row)
+    return found
 
 
 class NullJournal(Journal):
@@ -177,27 +173,22 @@ class NullJournal(Journal):
 
     def __init__(self) -> None:
         self.path = Path("/dev/null")
-        self._pending = []
 
     def close(self) -> None:
-        """Release the connection (flushing what is buffered, where there is a buffer)."""
-        pass
+        """Nothing to release."""
 
     def get_meta(self, name: str) -> str | None:
-        """A value of the journal's meta table (e.g. the job fingerprint)."""
+        """No meta values are kept."""
         return None
 
     def set_meta(self, name: str, value: str) -> None:
-        """Record a meta value."""
-        pass
+        """Drop the value."""
 
     def add(self, outcome: Outcome) -> None:
-        """Accept an outcome (remembered only until the next flush)."""
-        self._pending.append(outcome)  # kept only until the next flush, so the executor sees it committed
+        """Drop the outcome."""
 
     def flush(self) -> None:
-        """Forget the buffered outcomes."""
-        self._pending = []
+        """Nothing to commit."""
 
     def lookup(self, keys: Sequence[str], *, retry_failed: bool = False) -> dict[str, Outcome]:
         """Nothing is ever settled."""
