@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import re
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import jinja2
@@ -28,7 +28,6 @@ from pipeline.source import ROW, Source, check_columns
 from pipeline.tokens import REPLY_PRIMING, TOKENS_PER_MESSAGE, ChatTokenCounter
 
 ROW_VARIABLE = "row"  # a mapping of the whole row, for column names that are not identifiers
-ENDPOINT_PATHS = {"chat": "/chat/completions", "embeddings": "/embeddings"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,6 +74,7 @@ class _Part:
     template: jinja2.Template | None  # None: constant text, rendered once
     text: str
     pieces: tuple[tuple[bool, str], ...] | None = None  # (is_column, literal or column): a plain substitution
+    variables: frozenset[str] = frozenset()  # the names the template reads
 
 
 _PLAIN_DTYPES = (pl.String, pl.Int8, pl.Int16, pl.Int32, pl.Int64, pl.UInt8, pl.UInt16, pl.UInt32, pl.UInt64)
@@ -130,7 +130,7 @@ class Renderer:
         # Jinja would produce (nulls as "", integers in decimal), without a Python call per row.
         self.parts = [p if p.pieces is None or all(not is_col or isinstance(source.schema[v], _PLAIN_DTYPES)
                                                   for is_col, v in p.pieces)
-                      else _Part(p.role, p.source, p.template, p.text, None) for p in self.parts]
+                      else replace(p, pieces=None) for p in self.parts]
         self.id_column = job.input.id
         if self.id_column:
             check_columns(source, [self.id_column], f"{job.source}: [input].id")
@@ -155,21 +155,22 @@ class Renderer:
     def _compile(self, role: str, text: str, where: str) -> _Part:
         try:
             ast = self.env.parse(text)
-            variables = jinja2.meta.find_undeclared_variables(ast)
-            template = self.env.from_string(text) if variables else None
+            variables = frozenset(jinja2.meta.find_undeclared_variables(ast))
+            template = self.env.from_string(ast)  # compiled from the parsed tree: the text is parsed once
         except jinja2.TemplateSyntaxError as e:
             raise TemplateError(f"{where}: template syntax error on line {e.lineno}: {e.message}") from None
-        # A template without variables still goes through Jinja once, so `{{ "x" }}`-style constants work.
-        constant = text if template is not None else self.env.from_string(text).render()
-        pieces = _plain_pieces(ast) if template is not None else None
-        return _Part(role=role, source=where, template=template, text=constant, pieces=pieces)
+        if not variables:
+            # A template without variables still goes through Jinja once, so `{{ "x" }}`-style constants work.
+            return _Part(role=role, source=where, template=None, text=template.render())
+        return _Part(role=role, source=where, template=template, text=text, pieces=_plain_pieces(ast),
+                     variables=variables)
 
     def _referenced_columns(self, source: Source) -> list[str]:
         cols: list[str] = []
         for p in self.parts:
             if p.template is None:
                 continue
-            names = jinja2.meta.find_undeclared_variables(self.env.parse(p.text))
+            names = set(p.variables)
             if ROW_VARIABLE in names and ROW_VARIABLE not in source.schema:
                 cols.extend(source.columns)  # `row["odd name"]` can use any column
                 names.discard(ROW_VARIABLE)
