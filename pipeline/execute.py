@@ -294,9 +294,7 @@ class Executor:
             half = len(batch) // 2
             return [*await self._send_batch(batch[:half]), *await self._send_batch(batch[half:])]
         except AbortError as e:
-            self._abort_count += 1
-            if self.stats.ok == 0 or self._abort_count >= ABORT_AFTER:
-                self.request_stop(e)
+            self._aborted(e)
             return [(r, None) for r in batch]
         finally:
             if reserve is not None:
@@ -318,9 +316,8 @@ class Executor:
             shares[i] += 1
         dims = self.embedding_dims
         out: list[tuple[Request, Outcome | None]] = []
-        rate = self.price.input.at(0) / 1_000_000 if self.price is not None and self.price.flat else None
         for r, vec, share in zip(batch, a.vectors, shares, strict=True):
-            cost = share * rate if rate is not None else self._input_cost(share)
+            cost = self._input_cost(share)
             if dims is not None and len(vec) != 4 * dims:
                 out.append((r, Outcome(r.key, "error", model=a.model, prompt_tokens=share, cost_usd=cost,
                                        attempts=attempts, latency_ms=latency_ms, error_type="wrong_dimensions",
@@ -367,9 +364,7 @@ class Executor:
         except RowError as e:
             return Outcome(req.key, "error", attempts=attempts[0], error=str(e), error_type=e.kind)
         except AbortError as e:
-            self._abort_count += 1
-            if self.stats.ok == 0 or self._abort_count >= ABORT_AFTER:
-                self.request_stop(e)
+            self._aborted(e)
             return None
         finally:
             if reserve is not None:
@@ -397,6 +392,12 @@ class Executor:
                         self.budget.pause(e.retry_after if e.retry_after is not None else 1.0)
                     raise
         return answer, (time.perf_counter() - t0) * 1000
+
+    def _aborted(self, e: AbortError) -> None:
+        """A systemic error stops the run at once if nothing has succeeded yet, else on the ABORT_AFTER-th."""
+        self._abort_count += 1
+        if self.stats.ok == 0 or self._abort_count >= ABORT_AFTER:
+            self.request_stop(e)
 
     def _reserve(self, cost: float | None) -> bool:
         """Hold a request's maximum cost against the budget while it is in flight; False (and stop) when
