@@ -13,8 +13,9 @@ import binascii
 import ipaddress
 import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 import aiohttp
@@ -23,9 +24,10 @@ import numpy as np
 import orjson
 from httpx_aiohttp import AiohttpTransport
 
-from pipeline.errors import AbortError, RowError, TransientError, UsageError
+from pipeline.errors import AbortError, ProviderError, RowError, TransientError, UsageError
 from pipeline.pricing import Usage
 
+T = TypeVar("T")
 RETRYABLE_STATUS = frozenset({408, 409, 429, 500, 502, 503, 504})
 MAX_SERVER_WAIT_S = 120.0  # the SDK's rule: a server asking for longer than this is not worth waiting for
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|us|µs|ns|h|m|s)")
@@ -313,21 +315,19 @@ class ApiClient:
 
     async def embed(self, body: bytes, n_inputs: int) -> EmbeddingAnswer:
         """One embeddings request of ``n_inputs`` inputs; errors as for ``chat``."""
-        status, headers, content = await self.post("/embeddings", body)
-        try:
-            if status != 200:
-                raise_for_status(status, headers, content)
-            return parse_embeddings(content, headers, n_inputs)
-        except (TransientError, RowError, AbortError) as e:
-            e.args = (redact(str(e), self._key),)
-            raise
+        return await self._exchange("/embeddings", body, lambda c, h: parse_embeddings(c, h, n_inputs))
 
     async def chat(self, body: bytes) -> Answer:
         """One chat completion; raises TransientError, RowError or AbortError with the key redacted."""
-        status, headers, content = await self.post("/chat/completions", body)
+        return await self._exchange("/chat/completions", body, parse_chat)
+
+    async def _exchange(self, path: str, body: bytes, parse: Callable[[bytes, Any], T]) -> T:
+        status, headers, content = await self.post(path, body)
         try:
-            return classify(status, headers, content)
-        except (TransientError, RowError, AbortError) as e:
+            if status != 200:
+                raise_for_status(status, headers, content)
+            return parse(content, headers)
+        except ProviderError as e:
             e.args = (redact(str(e), self._key),)
             raise
 
