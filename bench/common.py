@@ -6,7 +6,6 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -33,29 +32,10 @@ def dataset(rows: int, seed: int = 42) -> Path:
 @contextmanager
 def simulator(*args: str) -> Iterator[str]:
     """``pipeline sim`` in its own process on a free loopback port; yields its base URL."""
-    with tempfile.TemporaryDirectory() as tmp:
-        port_file = Path(tmp) / "port"
-        proc = subprocess.Popen([str(BIN / "pipeline"), "sim", "--port", "0", "--port-file", str(port_file), *args],
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        try:
-            for _ in range(200):
-                if port_file.exists() and port_file.read_text():
-                    break
-                time.sleep(0.05)
-            port = port_file.read_text()
-            url = f"http://127.0.0.1:{port}/v1"
-            import httpx
+    from pipeline.sim import simulator_process
 
-            for _ in range(100):
-                try:
-                    httpx.get(f"{url}/models", timeout=1)
-                    break
-                except httpx.HTTPError:
-                    time.sleep(0.05)
-            yield url
-        finally:
-            proc.terminate()
-            proc.wait(10)
+    with simulator_process(*args) as (url, _):
+        yield url
 
 
 def sim_stats(url: str) -> dict[str, Any]:

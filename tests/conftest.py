@@ -86,32 +86,14 @@ def sim_process() -> Any:
     ``with sim_process("--rpm", "600") as (base_url, stats): ...``; ``stats()`` reads /v1/sim/stats.
     """
     import contextlib
-    import subprocess
-    import sys
-    import time
 
     import httpx
 
+    from pipeline.sim import simulator_process
+
     @contextlib.contextmanager
     def start(*args: str) -> Any:
-        port_file = Path.cwd() / f"sim-port-{time.monotonic_ns()}"
-        proc = subprocess.Popen([str(Path(sys.executable).parent / "pipeline"), "sim", "--port", "0",
-                                 "--port-file", str(port_file), *args],
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        try:
-            for _ in range(400):
-                if port_file.exists() and port_file.read_text():
-                    break
-                time.sleep(0.025)
-            url = f"http://127.0.0.1:{port_file.read_text()}/v1"
-            for _ in range(200):
-                with contextlib.suppress(httpx.HTTPError):
-                    httpx.get(f"{url}/models", timeout=1)
-                    break
-                time.sleep(0.025)
+        with simulator_process(*args) as (url, _):
             yield url, lambda: httpx.get(f"{url}/sim/stats", timeout=5).json()
-        finally:
-            proc.terminate()
-            proc.wait(10)
 
     return start

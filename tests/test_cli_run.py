@@ -1,7 +1,6 @@
 """The run, report and sim commands as a user meets them: exit codes, messages, signals."""
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -100,28 +99,14 @@ def test_signal_stops_flushes_and_a_rerun_finishes(make_job, sim, sig):
     assert final["status"].unique().to_list() == ["ok"]
 
 
-def test_sim_command_serves_and_reports_itself(tmp_path):
-    port_file = tmp_path / "port"
-    proc = subprocess.Popen([PIPELINE, "sim", "--port", "0", "--port-file", str(port_file), "--rpm", "100"],
-                            stderr=subprocess.PIPE, text=True, env={**os.environ})
-    try:
-        for _ in range(100):
-            if port_file.exists() and port_file.read_text():
-                break
-            time.sleep(0.05)
-        import httpx
+def test_sim_command_serves_and_reports_itself():
+    import httpx
 
-        url = f"http://127.0.0.1:{port_file.read_text()}/v1"
-        for _ in range(50):
-            try:
-                r = httpx.get(f"{url}/models")
-                break
-            except httpx.HTTPError:
-                time.sleep(0.05)
-        assert r.json()["data"][0]["id"] == "gpt-4o-mini"
-    finally:
-        proc.terminate()
-        _, err = proc.communicate(timeout=10)
+    from pipeline.sim import simulator_process
+
+    with simulator_process("--rpm", "100", stderr=subprocess.PIPE) as (url, proc):
+        assert httpx.get(f"{url}/models").json()["data"][0]["id"] == "gpt-4o-mini"
+    err = proc.stderr.read() if proc.stderr else ""
     assert "simulator" in err and "not by a model" in err
 
 

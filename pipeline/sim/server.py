@@ -12,13 +12,19 @@ Test hooks (documented so tests can aim at one row): a prompt containing ``SIM_4
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import random
 import socket
+import subprocess
+import sys
+import tempfile
 import threading
 import time
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -438,6 +444,39 @@ class SimServer:
         self._ready.set()
         await self._stop.wait()
         await runner.cleanup()
+
+
+@contextlib.contextmanager
+def simulator_process(*args: str, stderr: Any = subprocess.DEVNULL,
+                      timeout_s: float = 15.0) -> Iterator[tuple[str, subprocess.Popen[str]]]:
+    """``pipeline sim ARGS`` in its own process (its own core) on a free loopback port.
+
+    Yields the base URL once the server answers, and the process; terminates it on exit. The demo, the
+    benchmarks and the tests that need full speed all start the simulator this way.
+    """
+    import httpx
+
+    with tempfile.TemporaryDirectory() as tmp:
+        port_file = Path(tmp) / "port"
+        proc = subprocess.Popen([str(Path(sys.executable).parent / "pipeline"), "sim", "--port", "0",
+                                 "--port-file", str(port_file), *args],
+                                stdout=subprocess.DEVNULL, stderr=stderr, text=True)
+        try:
+            deadline = time.monotonic() + timeout_s
+            while proc.poll() is None and time.monotonic() < deadline:
+                port = port_file.read_text() if port_file.exists() else ""
+                if port:
+                    url = f"http://127.0.0.1:{port}/v1"
+                    with contextlib.suppress(httpx.HTTPError):
+                        httpx.get(f"{url}/models", timeout=1)
+                        break
+                time.sleep(0.025)
+            else:
+                raise RuntimeError(f"the simulator did not start (exit status {proc.poll()})")
+            yield url, proc
+        finally:
+            proc.terminate()
+            proc.wait(10)
 
 
 def serve_forever(config: SimConfig, host: str = "127.0.0.1", port: int = 8000) -> None:
