@@ -9,14 +9,15 @@ executor sends them once.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from array import array
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from pipeline.job import Job
 from pipeline.pricing import Price, Usage, price_for
 from pipeline.render import Renderer
-from pipeline.source import iter_chunks, open_source
+from pipeline.source import Source, iter_chunks, open_source
 
 MAX_LISTED_IDS = 1000
 
@@ -151,15 +152,29 @@ class EstimateBuilder:
         return est
 
 
+def estimate_source(job: Job, source: Source, renderer: Renderer, price: Price | None, *,
+                    limit: int | None = None, settled: Callable[[list[str]], Mapping[str, Any]] | None = None,
+                    on_chunk: Callable[[int], None] | None = None) -> tuple[Estimate, array[int] | None]:
+    """Render every row (sending nothing) and add up what a run will cost.
+
+    With ``settled`` (the journal's lookup), rows answered before cost nothing, and the positions of the rows
+    still to send come back too (None when that is every row, or without ``settled``).
+    """
+    builder = EstimateBuilder(job, price)
+    todo: array[int] = array("q")
+    for chunk in iter_chunks(source, renderer.columns, limit=limit):
+        rendered = renderer.render_chunk(chunk, settled=settled)
+        builder.add(rendered, done=rendered.settled.keys())
+        if settled is not None:
+            todo.extend(r.row for r in rendered.requests if r.key not in rendered.settled)
+        if on_chunk is not None:
+            on_chunk(chunk.height)
+    est = builder.finish()
+    return est, (None if settled is None or len(todo) == est.rows else todo)
+
+
 def estimate(job: Job, *, limit: int | None = None,
              on_chunk: Callable[[int], None] | None = None) -> Estimate:
     """Render every row (without sending anything) and add up what the run will cost."""
     source = open_source(job.input.path)
-    renderer = Renderer(job, source)
-    builder = EstimateBuilder(job, price_for(job))
-    for chunk in iter_chunks(source, renderer.columns, limit=limit):
-        rendered = renderer.render_chunk(chunk)
-        builder.add(rendered)
-        if on_chunk is not None:
-            on_chunk(chunk.height)
-    return builder.finish()
+    return estimate_source(job, source, Renderer(job, source), price_for(job), limit=limit, on_chunk=on_chunk)[0]

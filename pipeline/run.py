@@ -25,12 +25,12 @@ import polars as pl
 
 from pipeline.client import ApiClient, check_transport_security, is_loopback
 from pipeline.errors import AbortError, Interrupted, OutputError, PipelineError, StopRun, UsageError
-from pipeline.estimate import Estimate, EstimateBuilder
+from pipeline.estimate import Estimate, estimate_source
 from pipeline.execute import Executor, RunStats, stop_reason_kind
 from pipeline.job import Job
 from pipeline.journal import Journal, NullJournal
 from pipeline.limits import RateBudget
-from pipeline.pricing import price_for
+from pipeline.pricing import Price, price_for
 from pipeline.render import RenderedChunk, Renderer
 from pipeline.sink import (
     RESULT_SCHEMA,
@@ -41,7 +41,7 @@ from pipeline.sink import (
     embedding_dims,
     write_manifest,
 )
-from pipeline.source import ROW, Source, iter_chunks, open_source
+from pipeline.source import Source, iter_chunks, open_source
 from pipeline.structured import AnswerChecker, columns_of
 
 RUN_CHUNK_ROWS = 2_000  # small chunks keep the first request early and the producer thread's bursts short
@@ -133,24 +133,6 @@ def _with_frame_input(job: Job, data: pl.DataFrame) -> Job:
     return replace(job, input=replace(job.input, path=str(path)))
 
 
-def prepare_estimate(job: Job, source: Source, renderer: Renderer, journal: Journal, *,
-                     limit: int | None, retry_failed: bool = False) -> tuple[Estimate, array[int] | None]:
-    """The estimate of what is left to do (rows the journal settled cost nothing now), and the positions of
-    the rows still to send, or None when that is every row."""
-    builder = EstimateBuilder(job, price_for(job))
-    lookup = journal.reader(retry_failed=retry_failed)
-    todo: array[int] = array("q")
-    try:
-        for chunk in iter_chunks(source, renderer.columns, limit=limit):
-            rendered = renderer.render_chunk(chunk, settled=lookup)
-            builder.add(rendered, done=rendered.settled.keys())
-            todo.extend(r.row for r in rendered.requests if r.key not in rendered.settled)
-    finally:
-        lookup.close()
-    est = builder.finish()
-    return est, (None if len(todo) == est.rows else todo)
-
-
 def run(job: Job, *, base_url: str | None = None, limit: int | None = None, fresh: bool = False,
         retry_failed: bool = False, allow_insecure: bool = False, transport: httpx.AsyncBaseTransport | None = None,
         on_progress: Callable[[RunStats], None] | None = None,
@@ -171,6 +153,7 @@ def run(job: Job, *, base_url: str | None = None, limit: int | None = None, fres
     check_transport_security(url, key is not None, allow_insecure)
     source = open_source(job.input.path)
     renderer = Renderer(job, source)
+    price = price_for(job)
     key_schema, _ = _output_key_schema(job, source)
     paths = OutputPaths(Path(job.output.path))
     claim_output(paths, job.name, job.fingerprint())
@@ -182,11 +165,15 @@ def run(job: Job, *, base_url: str | None = None, limit: int | None = None, fres
         if owner is not None and owner != job.fingerprint():
             raise OutputError(f"{paths.journal}: the journal belongs to another job; use --fresh to start over")
         store.set_meta("fingerprint", job.fingerprint())
-        est, todo = prepare_estimate(job, source, renderer, store, limit=limit, retry_failed=retry_failed)
+        lookup = store.reader(retry_failed=retry_failed)
+        try:
+            est, todo = estimate_source(job, source, renderer, price, limit=limit, settled=lookup)
+        finally:
+            lookup.close()
         check_free_space(paths, est.rows)
         if on_estimate is not None and not on_estimate(est):
             raise StopRun("not started: the estimate was not accepted")
-        return _execute(job, url, key, source, renderer, key_schema, paths, store, est, todo, limit=limit,
+        return _execute(job, url, key, source, renderer, key_schema, paths, store, est, todo, price, limit=limit,
                         retry_failed=retry_failed, transport=transport, on_progress=on_progress,
                         handle_signals=handle_signals, grace_s=grace_s)
     finally:
@@ -195,7 +182,7 @@ def run(job: Job, *, base_url: str | None = None, limit: int | None = None, fres
 
 def _execute(job: Job, url: str, key: str | None, source: Source, renderer: Renderer,
              key_schema: dict[str, pl.DataType], paths: OutputPaths, journal: Journal, est: Estimate,
-             todo: array[int] | None, *,
+             todo: array[int] | None, price: Price | None, *,
              limit: int | None, retry_failed: bool, transport: httpx.AsyncBaseTransport | None,
              on_progress: Callable[[RunStats], None] | None, handle_signals: bool, grace_s: float) -> RunResult:
     started = datetime.now(tz=UTC)
@@ -206,7 +193,6 @@ def _execute(job: Job, url: str, key: str | None, source: Source, renderer: Rend
     dims = embedding_dims(job.request.model, job.request.dimensions) if embeddings else None
     sink = PartWriter(paths, key_schema, answer_columns=columns_of(schema) if schema else None, checker=checker,
                       embeddings=embeddings, embedding_dims=dims)
-    price = price_for(job)
     with_id = job.input.id is not None
     keep = [c for c in job.input.keep if c != job.input.id]
     keep_index = [job.input.keep.index(c) for c in keep]
@@ -286,4 +272,4 @@ def _execute(job: Job, url: str, key: str | None, source: Source, renderer: Rend
                      manifest_data=manifest)
 
 
-__all__ = ["ROW", "RunResult", "resolve_api_key", "resolve_base_url", "run"]
+__all__ = ["RunResult", "resolve_api_key", "resolve_base_url", "run"]
