@@ -129,6 +129,7 @@ class PartWriter:
         if embeddings:  # float32 vectors; a fixed-size array when the size is known up front
             self.schema["embedding"] = (pl.Array(pl.Float32, embedding_dims) if embedding_dims
                                         else pl.List(pl.Float32))
+        self._key_columns = list(key_schema)
         self._cols: dict[str, list[Any]] = {c: [] for c in self.schema}
         self._n = 0
         self._part = 0
@@ -146,7 +147,7 @@ class PartWriter:
         """One input row's result: its position, id and kept values, and its outcome (or why it was skipped)."""
         c = self._cols
         c[ROW].append(row)
-        for name, value in zip(list(self.schema)[1:1 + len(keys)], keys, strict=True):
+        for name, value in zip(self._key_columns, keys, strict=True):
             c[name].append(value)
         if outcome is None:
             for name in RESULT_SCHEMA:
