@@ -128,10 +128,11 @@ def _error_fields(body: bytes) -> tuple[str, str | None, str | None]:
     return str(data)[:300], None, None
 
 
-def classify(status: int, headers: Any, body: bytes) -> Answer:
-    """Turn one HTTP response into an Answer, or raise the error class that says what to do about it."""
+def classify(status: int, headers: Any, body: bytes, parse: Callable[[bytes, Any], Any] | None = None) -> Any:
+    """Turn one HTTP response into an answer (``parse`` reads a 200; a chat completion by default), or raise
+    the error class that says what to do about it."""
     if status == 200:
-        return parse_chat(body, headers)
+        return (parse or parse_chat)(body, headers)
     raise_for_status(status, headers, body)
     raise AssertionError("unreachable")  # pragma: no cover
 
@@ -324,9 +325,7 @@ class ApiClient:
     async def _exchange(self, path: str, body: bytes, parse: Callable[[bytes, Any], T]) -> T:
         status, headers, content = await self.post(path, body)
         try:
-            if status != 200:
-                raise_for_status(status, headers, content)
-            return parse(content, headers)
+            return classify(status, headers, content, parse)
         except ProviderError as e:
             e.args = (redact(str(e), self._key),)
             raise
