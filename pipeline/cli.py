@@ -144,18 +144,24 @@ def estimate(job_path: str, as_json: bool, limit: int | None) -> None:
         print_estimate(est, _out_console())
 
 
-def estimate_line(est: Any) -> str:
+def estimate_line(est: Any, *, batch: bool = False) -> str:
     """The estimate in one line, for the start of a run."""
     done = f"{est.rows_already_done:,} already answered, " if est.rows_already_done else ""
+    if batch:
+        expected = (f" (expected {_money(est.batch_cost_usd_expected)})"
+                    if est.batch_cost_usd_expected is not None else "")
+        return (f"estimate: {est.rows:,} rows, {done}{est.requests:,} requests to submit, {est.prompt_tokens:,} "
+                f"prompt tokens, up to {_money(est.batch_cost_usd_max)}{expected} at the Batch API price "
+                f"(online: up to {_money(est.cost_usd_max)}); results within 24 h")
     expected = f" (expected {_money(est.cost_usd_expected)})" if est.cost_usd_expected is not None else ""
     return (f"estimate: {est.rows:,} rows, {done}{est.requests:,} requests to send, {est.prompt_tokens:,} prompt "
             f"tokens, up to {_money(est.cost_usd_max)}{expected}; {_duration(est.duration_s)} under the limits")
 
 
-def _confirm_estimate(est: Any, job: Any, yes: bool) -> bool:
+def _confirm_estimate(est: Any, job: Any, yes: bool, *, batch: bool = False) -> bool:
     """Ask before spending more than the budget (or $1 without one); refuse when nobody can answer."""
-    click.echo(estimate_line(est), err=True)
-    cost = est.cost_usd_max
+    click.echo(estimate_line(est, batch=batch), err=True)
+    cost = est.batch_cost_usd_max if batch else est.cost_usd_max
     limit = job.budget.max_cost_usd
     threshold = limit if limit is not None else 1.0
     if yes or cost is None or cost <= threshold:
@@ -179,29 +185,85 @@ def _confirm_estimate(est: Any, job: Any, yes: bool) -> bool:
 @click.option("--yes", "-y", is_flag=True, help="Do not ask before spending above the budget.")
 @click.option("--allow-insecure", is_flag=True, help="Allow sending the key over plain http:// to a remote host.")
 @click.option("--plain", is_flag=True, help="Log lines instead of a progress bar.")
+@click.option("--mode", type=click.Choice(["online", "batch"]),
+              help="Override [request].mode: batch sends through the Batch API (half the price, within 24 h).")
+@click.option("--no-wait", is_flag=True, help="Batch mode: submit (and collect what has ended), then exit.")
 @handle_errors
 def run(job_path: str, fresh: bool, retry_failed: bool, limit: int | None, base_url: str | None, yes: bool,
-        allow_insecure: bool, plain: bool) -> None:
+        allow_insecure: bool, plain: bool, mode: str | None, no_wait: bool) -> None:
     """Send every row's request and write the results; resumes where the last run stopped."""
     from pipeline.job import Job
-    from pipeline.progress import ProgressDisplay
+    from pipeline.progress import BatchDisplay, ProgressDisplay
     from pipeline.run import run as run_job
 
     job = Job.load(job_path)
-    with ProgressDisplay(force_plain=plain) as progress:
+    mode = mode or job.request.mode
+    if no_wait and mode != "batch":
+        raise click.UsageError("--no-wait applies to --mode batch only")
+    with ProgressDisplay(force_plain=plain or mode == "batch") as progress:
         result = run_job(job, base_url=base_url, limit=limit, fresh=fresh, retry_failed=retry_failed,
                          allow_insecure=allow_insecure, on_progress=progress.update,
-                         on_estimate=lambda est: _confirm_estimate(est, job, yes), handle_signals=True)
+                         on_estimate=lambda est: _confirm_estimate(est, job, yes, batch=mode == "batch"),
+                         handle_signals=True, mode=mode, wait=not no_wait, on_batches=BatchDisplay().update)
     s = result.stats
+    spent = "at the Batch API price " if mode == "batch" else ""
     click.echo(f"wrote {result.output} ({s.rows_done:,} rows: {s.ok:,} ok, {s.failed:,} failed, "
                f"{s.skipped:,} skipped, {s.resumed:,} from the journal, {s.deduplicated:,} deduplicated; "
-               f"${s.cost_usd:,.4f} spent this run)")
+               f"${s.cost_usd:,.4f} spent {spent}this run)")
     if s.errors:
         click.echo("errors: " + ", ".join(f"{k} {v:,}" for k, v in s.errors.most_common()), err=True)
+    if s.pending and result.stopped is None:
+        click.echo(f"{s.pending:,} rows are still in batches at the provider; run `pipeline run {job_path} "
+                   f"--mode batch` again to collect them (`pipeline batches {job_path}` shows them)", err=True)
     if result.stopped is not None:
         click.echo(f"stopped: {result.stopped}", err=True)
         click.echo(f"everything answered is saved; run `pipeline run {job_path}` again to resume", err=True)
     sys.exit(result.exit_code)
+
+
+@main.command()
+@click.argument("args", metavar="[cancel] [JOB]...", nargs=-1)
+@click.option("--base-url", help="Override [api].base_url (also PIPELINE_BASE_URL).")
+@click.option("--offline", is_flag=True, help="Show what the journal recorded; do not ask the provider.")
+@handle_errors
+def batches(args: tuple[str, ...], base_url: str | None, offline: bool) -> None:
+    """List a job's Batch API batches with status and counts (every job in jobs/ without JOB);
+    `pipeline batches cancel JOB` cancels the job's open batches (their finished rows are kept)."""
+    from pathlib import Path
+
+    from pipeline.batch import cancel_batches, list_batches
+
+    cancel = bool(args) and args[0] == "cancel"
+    jobs = list(args[1:] if cancel else args)
+    if cancel and not jobs:
+        raise click.UsageError("name the job whose batches to cancel: pipeline batches cancel JOB")
+    if not jobs:
+        jobs = sorted(str(p) for p in Path("jobs").glob("*.toml"))
+        if not jobs:
+            raise click.UsageError("no JOB given and no jobs/*.toml here")
+    console = _out_console()
+    for job_path in jobs:
+        if cancel:
+            for line in cancel_batches(job_path, base_url=base_url):
+                console.print(escape(line))
+            console.print(f"run `pipeline run {job_path} --mode batch` to collect what they finished")
+            continue
+        listing = list_batches(job_path, base_url=base_url, refresh=not offline)
+        console.print(f"[bold]{escape(job_path)}[/]: " + (f"{len(listing.parts)} batch file(s)"
+                                                          if listing.parts else "no batches"))
+        for w in listing.warnings:
+            console.print(f"[yellow]warning:[/] {escape(w)}")
+        if listing.parts:
+            t = Table(show_header=True, header_style="bold")
+            for col in ("part", "batch", "status", "total", "completed", "failed", "collected"):
+                t.add_column(col, justify="right" if col in ("part", "total", "completed", "failed") else "left")
+            for p in listing.parts:
+                counts = json.loads(p.counts) if p.counts else {}
+                t.add_row(str(p.part), p.batch_id or (f"(file {p.file_id})" if p.file_id else "(not uploaded)"),
+                          p.status or "-", f"{counts.get('total') or p.requests:,}",
+                          f"{counts.get('completed', 0):,}", f"{counts.get('failed', 0):,}",
+                          "yes" if p.collected else "no")
+            console.print(t)
 
 
 @main.command()
@@ -262,10 +324,19 @@ def report(output: str, as_json: bool) -> None:
 @click.option("--api-key", "api_key_env", metavar="ENV", help="Require the key held in this environment variable.")
 @click.option("--models", help="Comma-separated models to accept (others: 404).")
 @click.option("--seed", default=0, show_default=True, help="Seed of the fault injection.")
+@click.option("--batch-delay-s", default=1.0, show_default=True, help="Batch API: time from creation to completion.")
+@click.option("--batch-line-error-rate", default=0.0, show_default=True, help="Batch API: share of lines failing 500.")
+@click.option("--batch-fail", is_flag=True, help="Batch API: every batch fails validation.")
+@click.option("--batch-expire-fraction", type=float, help="Batch API: batches expire after this share of lines.")
+@click.option("--batch-create-hold-s", default=0.0, show_default=True,
+              help="Batch API: hold each create this long (nothing is made if the client has gone).")
+@click.option("--batch-create-drop-replies", default=0, show_default=True,
+              help="Batch API: this many creates succeed but their reply is lost.")
 def sim(host: str, port: int, port_file: str | None, rpm: int | None, tpm: int | None, latency_ms: float,
         latency_jitter_ms: float, error_rate: float, rate_429: float, drop_rate: float, slow_body_rate: float,
         malformed_rate: float, insufficient_quota: bool, api_key_env: str | None, models: str | None,
-        seed: int) -> None:
+        seed: int, batch_delay_s: float, batch_line_error_rate: float, batch_fail: bool,
+        batch_expire_fraction: float | None, batch_create_hold_s: float, batch_create_drop_replies: int) -> None:
     """Run the local OpenAI-compatible simulator (for demos, tests and benchmarks)."""
     import os
     from pathlib import Path
@@ -278,7 +349,10 @@ def sim(host: str, port: int, port_file: str | None, rpm: int | None, tpm: int |
                     error_rate=error_rate, rate_429=rate_429, drop_rate=drop_rate, slow_body_rate=slow_body_rate,
                     malformed_rate=malformed_rate, insufficient_quota=insufficient_quota,
                     api_key=os.environ.get(api_key_env) if api_key_env else None,
-                    models=tuple(m.strip() for m in models.split(",")) if models else (), seed=seed)
+                    models=tuple(m.strip() for m in models.split(",")) if models else (), seed=seed,
+                    batch_delay_s=batch_delay_s, batch_line_error_rate=batch_line_error_rate, batch_fail=batch_fail,
+                    batch_expire_fraction=batch_expire_fraction, batch_create_hold_s=batch_create_hold_s,
+                    batch_create_drop_replies=batch_create_drop_replies)
     click.echo(BANNER, err=True)
     limits = ", ".join(f"{k}={v}" for k, v in (("rpm", rpm), ("tpm", tpm)) if v) or "no limits"
     click.echo(f"listening on http://{host}:{port}/v1 ({limits}); Ctrl-C stops it", err=True)

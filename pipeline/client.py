@@ -11,10 +11,12 @@ from __future__ import annotations
 import asyncio
 import binascii
 import ipaddress
+import os
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
@@ -23,8 +25,11 @@ import httpx
 import numpy as np
 import orjson
 from httpx_aiohttp import AiohttpTransport
+from tenacity import RetryCallState, Retrying, retry_if_exception_type, stop_after_attempt
+from tenacity.wait import wait_base, wait_random_exponential
 
 from pipeline.errors import AbortError, ProviderError, RowError, TransientError, UsageError
+from pipeline.job import Job
 from pipeline.pricing import Usage
 
 T = TypeVar("T")
@@ -44,6 +49,9 @@ class RateInfo:
     remaining_tokens: int | None = None
     reset_requests_s: float | None = None
     reset_tokens_s: float | None = None
+
+
+NO_RATE = RateInfo()
 
 
 @dataclass(frozen=True, slots=True)
@@ -167,20 +175,28 @@ def parse_chat(body: bytes, headers: Any) -> Answer:
     """A 200 chat completion; a body that is not the expected JSON is a transient fault (a proxy, a cut stream)."""
     try:
         data = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        data = None
+    return chat_answer(data, parse_rate(headers))
+
+
+def chat_answer(data: Any, rate: RateInfo = NO_RATE) -> Answer:
+    """A chat completion already parsed from JSON (a Batch API result line carries it that way)."""
+    try:
         choice = data["choices"][0]
         message = choice.get("message") or {}
-    except (orjson.JSONDecodeError, KeyError, IndexError, TypeError, AttributeError):
+        u = data.get("usage") or {}
+        pd = u.get("prompt_tokens_details") or {}
+        cd = u.get("completion_tokens_details") or {}
+        usage = Usage(prompt_tokens=int(u.get("prompt_tokens") or 0),
+                      completion_tokens=int(u.get("completion_tokens") or 0),
+                      cached_tokens=int(pd.get("cached_tokens") or 0),
+                      reasoning_tokens=int(cd.get("reasoning_tokens") or 0))
+    except (KeyError, IndexError, TypeError, AttributeError, ValueError):
         raise TransientError("HTTP 200 with a malformed body (not a chat completion)", kind="malformed_response",
                              status=200) from None
-    u = data.get("usage") or {}
-    pd = u.get("prompt_tokens_details") or {}
-    cd = u.get("completion_tokens_details") or {}
-    usage = Usage(prompt_tokens=int(u.get("prompt_tokens") or 0),
-                  completion_tokens=int(u.get("completion_tokens") or 0),
-                  cached_tokens=int(pd.get("cached_tokens") or 0),
-                  reasoning_tokens=int(cd.get("reasoning_tokens") or 0))
     return Answer(content=message.get("content"), finish_reason=choice.get("finish_reason"),
-                  refusal=message.get("refusal"), model=data.get("model"), usage=usage, rate=parse_rate(headers))
+                  refusal=message.get("refusal"), model=data.get("model"), usage=usage, rate=rate)
 
 
 @dataclass(frozen=True, slots=True)
@@ -197,6 +213,14 @@ def parse_embeddings(body: bytes, headers: Any, n_inputs: int) -> EmbeddingAnswe
     """A 200 embeddings response, mapped back by ``index`` (the order of ``data`` is not promised)."""
     try:
         data = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        data = None
+    return embeddings_answer(data, n_inputs, parse_rate(headers))
+
+
+def embeddings_answer(data: Any, n_inputs: int, rate: RateInfo = NO_RATE) -> EmbeddingAnswer:
+    """An embeddings list already parsed from JSON (as in a Batch API result line)."""
+    try:
         vectors: list[bytes | None] = [None] * n_inputs
         for item in data["data"]:
             emb = item["embedding"]
@@ -206,14 +230,14 @@ def parse_embeddings(body: bytes, headers: Any, n_inputs: int) -> EmbeddingAnswe
                 raw = np.asarray(emb, dtype="<f4").tobytes()
             vectors[int(item["index"])] = raw
         usage = data.get("usage") or {}
-    except (orjson.JSONDecodeError, KeyError, IndexError, TypeError, ValueError):
+    except (KeyError, IndexError, TypeError, ValueError, AttributeError, binascii.Error):
         raise TransientError("HTTP 200 with a malformed body (not an embeddings list)", kind="malformed_response",
                              status=200) from None
     if any(v is None for v in vectors):
         raise TransientError(f"embeddings response has {sum(v is not None for v in vectors)} vectors for "
                              f"{n_inputs} inputs", kind="malformed_response", status=200)
     return EmbeddingAnswer(vectors=vectors, prompt_tokens=int(usage.get("prompt_tokens") or 0),  # type: ignore[arg-type]
-                           model=data.get("model"), rate=parse_rate(headers))
+                           model=data.get("model"), rate=rate)
 
 
 def redact(text: str, secret: str | None) -> str:
@@ -252,6 +276,23 @@ def check_transport_security(base_url: str, has_key: bool, allow_insecure: bool)
     if parts.scheme == "http" and has_key and not allow_insecure and not is_loopback(parts.hostname or ""):
         raise UsageError(f"{base_url}: refusing to send the API key over plain http:// to a host that is not "
                          "loopback; use https:// or pass --allow-insecure")
+
+
+def resolve_base_url(job: Job, override: str | None) -> str:
+    """--base-url, then PIPELINE_BASE_URL, then the job's [api].base_url."""
+    url = override or os.environ.get("PIPELINE_BASE_URL") or job.api.base_url
+    if not url.startswith(("http://", "https://")):
+        raise UsageError(f"base URL must start with http:// or https://, got {url!r}")
+    return url.rstrip("/")
+
+
+def resolve_api_key(job: Job, base_url: str) -> str | None:
+    """The key from the environment variable the job names; only a loopback server may go without one."""
+    key = os.environ.get(job.api.api_key_env) or None
+    if key is None and not is_loopback(urlsplit(base_url).hostname or ""):
+        raise UsageError(f"{job.source}: the environment variable {job.api.api_key_env} (named by "
+                         f"[api].api_key_env) is not set; export your API key in it")
+    return key
 
 
 class ApiClient:
@@ -330,3 +371,143 @@ class ApiClient:
             e.args = (redact(str(e), self._key),)
             raise
 
+
+
+class wait_server_hint(wait_base):
+    """Wait what the server asked for (retry-after), else the fallback (exponential backoff, full jitter)."""
+
+    def __init__(self, fallback: wait_base, jitter_s: float = 0.05) -> None:
+        self.fallback, self.jitter_s = fallback, jitter_s
+
+    def __call__(self, retry_state: RetryCallState) -> float:
+        """The wait before the next try."""
+        exc = retry_state.outcome.exception() if retry_state.outcome else None
+        hint = getattr(exc, "retry_after", None)
+        if hint is not None:
+            return float(hint) + self.jitter_s
+        return float(self.fallback(retry_state))
+
+
+class BatchClient:
+    """The Files and Batches endpoints, for Batch API mode: a handful of calls a minute, so a plain
+    synchronous httpx client; every call retries transient trouble like the online requests do.
+
+    ``with BatchClient(base_url, key, timeout_s=60, max_attempts=6) as api: api.upload(path, name)``.
+    """
+
+    def __init__(self, base_url: str, api_key: str | None, *, timeout_s: float, max_attempts: int,
+                 sleep: Callable[[float], None] = time.sleep) -> None:
+        headers = {"User-Agent": "pipeline/0.1", "Accept": "application/json"}
+        if api_key:
+            headers["Authorization"] = f"Bearer {api_key}"
+        self._key = api_key
+        self._client = httpx.Client(base_url=base_url.rstrip("/"), headers=headers,
+                                    timeout=httpx.Timeout(timeout_s, connect=min(10.0, timeout_s)))
+        self._max_attempts, self._sleep = max_attempts, sleep
+
+    def __enter__(self) -> BatchClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._client.close()
+
+    def retrying(self) -> Retrying:
+        """The retry policy of these calls (transient errors only, honouring retry-after)."""
+        return Retrying(stop=stop_after_attempt(self._max_attempts), reraise=True, sleep=self._sleep,
+                        wait=wait_server_hint(wait_random_exponential(multiplier=1, max=60)),
+                        retry=retry_if_exception_type(TransientError))
+
+    def _once(self, method: str, path: str, **kwargs: Any) -> Any:
+        try:
+            resp = self._client.request(method, path, **kwargs)
+        except httpx.TimeoutException:
+            raise TransientError(f"{method} {path}: timed out", kind="timeout") from None
+        except httpx.TransportError as e:
+            reason = redact(str(e) or type(e).__name__, self._key)
+            raise TransientError(f"{method} {path}: connection error: {reason}", kind="connection") from None
+        try:
+            return classify(resp.status_code, resp.headers, resp.content, _json_object)
+        except ProviderError as e:
+            e.args = (redact(f"{method} {path}: {e}", self._key),)
+            raise
+
+    def call(self, method: str, path: str, **kwargs: Any) -> dict[str, Any]:
+        """One JSON call, retried on transient errors; raises RowError/AbortError for the rest."""
+        for attempt in self.retrying():
+            with attempt:
+                return self._once(method, path, **kwargs)  # type: ignore[no-any-return]
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def upload(self, path: Path, filename: str) -> str:
+        """Upload a Batch input file (``purpose = batch``); returns its file id."""
+        def send() -> dict[str, Any]:
+            with path.open("rb") as fh:  # reopened on each try: a retry must send the whole file again
+                return self._once("POST", "/files", data={"purpose": "batch"},  # type: ignore[no-any-return]
+                                  files={"file": (filename, fh, "application/jsonl")})
+
+        for attempt in self.retrying():
+            with attempt:
+                return str(send()["id"])
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def create(self, file_id: str, endpoint: str, metadata: dict[str, str]) -> dict[str, Any]:
+        """Create a batch (one try: the caller checks for a batch already made before trying again)."""
+        return self._once("POST", "/batches", json={  # type: ignore[no-any-return]
+            "input_file_id": file_id, "endpoint": endpoint, "completion_window": "24h", "metadata": metadata})
+
+    def find(self, input_file_id: str, since: float) -> dict[str, Any] | None:
+        """The batch made from ``input_file_id``, if there is one: batches are listed newest first, so the
+        search stops at the first batch created before ``since``."""
+        after: str | None = None
+        while True:
+            params = {"limit": "100", **({"after": after} if after else {})}
+            page = self.call("GET", "/batches", params=params)
+            data = page.get("data") or []
+            for b in data:
+                if b.get("input_file_id") == input_file_id:
+                    return b  # type: ignore[no-any-return]
+            if not page.get("has_more") or not data or (data[-1].get("created_at") or 0) < since - 60:
+                return None
+            after = data[-1].get("id")
+
+    def retrieve(self, batch_id: str) -> dict[str, Any]:
+        """The batch object (status, request_counts, output and error file ids)."""
+        return self.call("GET", f"/batches/{batch_id}")
+
+    def cancel(self, batch_id: str) -> dict[str, Any]:
+        """Ask the provider to cancel; finished lines stay in its output file."""
+        return self.call("POST", f"/batches/{batch_id}/cancel")
+
+    def lines(self, file_id: str) -> Iterator[bytes]:
+        """The lines of a file's content, streamed (output files can be hundreds of MB)."""
+        path = f"/files/{file_id}/content"
+        try:
+            with self._client.stream("GET", path) as resp:
+                if resp.status_code != 200:
+                    resp.read()
+                    classify(resp.status_code, resp.headers, resp.content, _json_object)
+                buf = b""
+                for chunk in resp.iter_bytes():
+                    buf += chunk
+                    *complete, buf = buf.split(b"\n")
+                    yield from (line for line in complete if line.strip())
+                if buf.strip():
+                    yield buf
+        except httpx.TimeoutException:
+            raise TransientError(f"GET {path}: timed out", kind="timeout") from None
+        except httpx.TransportError as e:
+            raise TransientError(f"GET {path}: connection error: {redact(str(e), self._key)}",
+                                 kind="connection") from None
+        except ProviderError as e:
+            e.args = (redact(f"GET {path}: {e}", self._key),)
+            raise
+
+
+def _json_object(body: bytes, headers: Any) -> dict[str, Any]:
+    try:
+        data = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        data = None
+    if not isinstance(data, dict):
+        raise TransientError("HTTP 200 with a body that is not a JSON object", kind="malformed_response", status=200)
+    return data

@@ -16,15 +16,15 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
 
 import orjson
-from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, stop_after_attempt
-from tenacity.wait import wait_base, wait_random_exponential
+from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt
+from tenacity.wait import wait_random_exponential
 
-from pipeline.client import Answer, ApiClient, EmbeddingAnswer, RateInfo
+from pipeline.client import Answer, ApiClient, EmbeddingAnswer, RateInfo, wait_server_hint
 from pipeline.errors import AbortError, BudgetExceeded, Interrupted, PipelineError, RowError, StopRun, TransientError
 from pipeline.job import RequestSpec
 from pipeline.journal import Journal, Outcome
@@ -48,6 +48,7 @@ class RunStats:
     ok: int = 0
     failed: int = 0
     skipped: int = 0
+    pending: int = 0                   # Batch API mode: rows still waiting in a batch at the provider
     resumed: int = 0
     deduplicated: int = 0
     requests_sent: int = 0
@@ -66,21 +67,6 @@ class RunStats:
     def elapsed_s(self) -> float:
         """Seconds since the run started."""
         return time.monotonic() - self.started
-
-
-class wait_server_hint(wait_base):
-    """Wait what the server asked for (retry-after), else the fallback (exponential backoff, full jitter)."""
-
-    def __init__(self, fallback: wait_base, jitter_s: float = 0.05) -> None:
-        self.fallback, self.jitter_s = fallback, jitter_s
-
-    def __call__(self, retry_state: RetryCallState) -> float:
-        """The wait before the next try."""
-        exc = retry_state.outcome.exception() if retry_state.outcome else None
-        hint = getattr(exc, "retry_after", None)
-        if hint is not None:
-            return float(hint) + self.jitter_s
-        return float(self.fallback(retry_state))
 
 
 def retry_policy(max_attempts: int, sleep: Callable[[float], Any] = asyncio.sleep) -> AsyncRetrying:
@@ -420,20 +406,8 @@ class Executor:
 
     def _answered(self, req: Request, a: Answer, attempts: int, latency_ms: float,
                   rejected: list[Usage]) -> Outcome:
-        """The outcome of an answer; answers rejected before it (invalid JSON) were paid too, so they count."""
         self.budget.observe(a.rate)
-        usages = [*rejected, a.usage]
-        cost = sum(self.price.cost(u) for u in usages) if self.price is not None else None
-        tokens = {"prompt_tokens": sum(u.prompt_tokens for u in usages),
-                  "cached_tokens": sum(u.cached_tokens for u in usages),
-                  "completion_tokens": sum(u.completion_tokens for u in usages),
-                  "reasoning_tokens": sum(u.reasoning_tokens for u in usages)}
-        if a.refusal and not a.content:
-            return Outcome(req.key, "error", refusal=a.refusal, finish_reason=a.finish_reason, model=a.model,
-                           cost_usd=cost, latency_ms=latency_ms, attempts=attempts,
-                           error="the model refused to answer", error_type="refusal", **tokens)
-        return Outcome(req.key, "ok", content=a.content, finish_reason=a.finish_reason, refusal=a.refusal,
-                       model=a.model, cost_usd=cost, latency_ms=latency_ms, attempts=attempts, **tokens)
+        return answer_outcome(req.key, a, self.price, attempts=attempts, latency_ms=latency_ms, rejected=rejected)
 
     def _complete(self, key: str, outcome: Outcome) -> None:
         """Journal first, then the rows: answers reach the output only once they are committed.
@@ -487,6 +461,24 @@ class Executor:
         while True:
             await asyncio.sleep(PROGRESS_EVERY_S)
             self.on_progress(self.stats)
+
+
+def answer_outcome(key: str, a: Answer, price: Price | None, *, attempts: int, latency_ms: float | None,
+                   rejected: Sequence[Usage] = (), batch: bool = False) -> Outcome:
+    """The outcome of a chat answer, priced (at the Batch API price with ``batch``); answers rejected before
+    it (invalid JSON for the schema) were paid too, so they count. A bare refusal is a failed row."""
+    usages = [*rejected, a.usage]
+    cost = sum(price.cost(u, batch=batch) for u in usages) if price is not None else None
+    tokens = {"prompt_tokens": sum(u.prompt_tokens for u in usages),
+              "cached_tokens": sum(u.cached_tokens for u in usages),
+              "completion_tokens": sum(u.completion_tokens for u in usages),
+              "reasoning_tokens": sum(u.reasoning_tokens for u in usages)}
+    if a.refusal and not a.content:
+        return Outcome(key, "error", refusal=a.refusal, finish_reason=a.finish_reason, model=a.model,
+                       cost_usd=cost, latency_ms=latency_ms, attempts=attempts,
+                       error="the model refused to answer", error_type="refusal", **tokens)
+    return Outcome(key, "ok", content=a.content, finish_reason=a.finish_reason, refusal=a.refusal,
+                   model=a.model, cost_usd=cost, latency_ms=latency_ms, attempts=attempts, **tokens)
 
 
 def stop_reason_kind(e: StopRun | AbortError) -> str:

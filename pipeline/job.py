@@ -19,6 +19,7 @@ from typing import Any
 from pipeline.errors import JobError
 
 ENDPOINTS = ("chat", "embeddings")
+MODES = ("online", "batch")
 EMBEDDING_FORMATS = ("base64", "float")
 ROLES = ("system", "developer", "user", "assistant")
 DEFAULT_BASE_URL = "https://api.openai.com/v1"
@@ -66,6 +67,7 @@ class RequestSpec:
     batch_size: int = 2048
     batch_tokens: int = 300_000
     max_input_tokens: int = 8192
+    mode: str = "online"  # or "batch": the Batch API (half the price, results within 24 h)
 
     @property
     def is_embeddings(self) -> bool:
@@ -117,6 +119,16 @@ class PricingSpec:
 
 
 @dataclass(frozen=True)
+class BatchSpec:
+    """How Batch API mode splits, submits and polls (the defaults are OpenAI's limits)."""
+
+    max_requests_per_file: int = 50_000
+    max_bytes_per_file: int = 200_000_000
+    poll_interval_s: float = 10.0      # the first wait between polls; it grows while nothing changes
+    poll_max_interval_s: float = 120.0
+
+
+@dataclass(frozen=True)
 class EstimateSpec:
     """What the user expects a typical answer to cost, for an estimate below the max_tokens bound."""
 
@@ -136,6 +148,7 @@ class Job:
     budget: BudgetSpec = field(default_factory=BudgetSpec)
     pricing: PricingSpec = field(default_factory=PricingSpec)
     estimate: EstimateSpec = field(default_factory=EstimateSpec)
+    batch: BatchSpec = field(default_factory=BatchSpec)
     source: str = "<job>"
 
     @classmethod
@@ -336,9 +349,30 @@ def parse_job(raw: Mapping[str, Any], *, file: str = "<job>", base: Path | None 
     if estimate.output_tokens is not None and estimate.output_tokens > request_spec.max_tokens:
         raise est.fail("output_tokens", f"({estimate.output_tokens}) cannot exceed [request].max_tokens "
                                         f"({request_spec.max_tokens})")
+    bt = _Table(file, "batch", top.get("batch") or {})
+    batch = BatchSpec(
+        max_requests_per_file=bt.int("max_requests_per_file", 50_000) or 50_000,
+        max_bytes_per_file=bt.int("max_bytes_per_file", 200_000_000) or 200_000_000,
+        poll_interval_s=bt.number("poll_interval_s", 10.0) or 10.0,
+        poll_max_interval_s=bt.number("poll_max_interval_s", 120.0) or 120.0,
+    )
+    if batch.max_requests_per_file > 50_000:
+        raise bt.fail("max_requests_per_file", f"can be at most 50000 (the Batch API's limit), got "
+                                               f"{batch.max_requests_per_file}")
+    if batch.poll_max_interval_s < batch.poll_interval_s:
+        raise bt.fail("poll_max_interval_s", f"({batch.poll_max_interval_s:g}) cannot be below poll_interval_s "
+                                             f"({batch.poll_interval_s:g})")
+    bt.done()
     top.done()
     return Job(name=name, input=input_spec, request=request_spec, output=output_spec, api=api_spec,
-               limits=limits, budget=budget, pricing=pricing, estimate=estimate, source=file)
+               limits=limits, budget=budget, pricing=pricing, estimate=estimate, batch=batch, source=file)
+
+
+def _mode(req: _Table) -> str:
+    mode = req.str("mode", "online") or "online"
+    if mode not in MODES:
+        raise req.fail("mode", f"must be one of {', '.join(MODES)}, got {_shown(mode)}")
+    return mode
 
 
 def _parse_request(req: _Table, base: Path) -> RequestSpec:
@@ -410,6 +444,7 @@ def _parse_request(req: _Table, base: Path) -> RequestSpec:
         reasoning_effort=req.str("reasoning_effort"),
         response_schema=schema,
         schema_retries=req.int("schema_retries", 1, minimum=0) or 0,
+        mode=_mode(req),
     )
     req.done()
     return spec
@@ -432,7 +467,7 @@ def _parse_embeddings_request(req: _Table) -> RequestSpec:
     spec = RequestSpec(endpoint="embeddings", model=model, prompt=template, prompt_source=req.where("input"),
                        max_tokens=0, dimensions=req.int("dimensions"), encoding_format=fmt, batch_size=batch_size,
                        batch_tokens=req.int("batch_tokens", 300_000) or 300_000,
-                       max_input_tokens=req.int("max_input_tokens", 8192) or 8192)
+                       max_input_tokens=req.int("max_input_tokens", 8192) or 8192, mode=_mode(req))
     req.done()
     return spec
 

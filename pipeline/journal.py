@@ -54,8 +54,35 @@ CREATE TABLE IF NOT EXISTS outcomes (
     recorded_at REAL
 );
 CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value TEXT);
+CREATE TABLE IF NOT EXISTS batch_parts (
+    part INTEGER PRIMARY KEY, path TEXT, requests INTEGER, bytes INTEGER, file_id TEXT, batch_id TEXT,
+    status TEXT, counts TEXT, output_file_id TEXT, error_file_id TEXT, created_at REAL, collected INTEGER
+);
+CREATE TABLE IF NOT EXISTS batch_items (key TEXT PRIMARY KEY, part INTEGER);
 """
 _SELECT = ", ".join(_COLUMNS)
+_PART_COLUMNS = ("part, path, requests, bytes, file_id, batch_id, status, counts, output_file_id, error_file_id, "
+                 "created_at, collected")
+
+
+@dataclass(frozen=True)
+class BatchPart:
+    """One Batch API input file of a job and what became of it: written locally, uploaded, submitted as a
+    batch, then collected (its results are outcomes). Recorded at each step, so a rerun picks up where the
+    last one stopped and never submits a file twice."""
+
+    part: int
+    path: str
+    requests: int
+    bytes: int
+    file_id: str | None = None
+    batch_id: str | None = None
+    status: str | None = None          # the provider's batch status
+    counts: str | None = None          # the provider's request_counts, as JSON
+    output_file_id: str | None = None
+    error_file_id: str | None = None
+    created_at: float | None = None
+    collected: bool = False
 _LOOKUP_BATCH = 900  # under SQLite's default limit of host parameters
 
 
@@ -122,14 +149,83 @@ class Journal:
         no failure is."""
         return _lookup(self._db, keys, retry_failed)
 
-    def reader(self, *, retry_failed: bool = False) -> JournalReader:
-        """A lookup function with its own connection, for another thread (WAL lets it read while we write)."""
-        return JournalReader(self.path, retry_failed=retry_failed)
+    def reader(self, *, retry_failed: bool = False, any_outcome: bool = False) -> JournalReader:
+        """A lookup function with its own connection, for another thread (WAL lets it read while we write).
+        With ``any_outcome`` it finds every recorded outcome, settled or not (for writing the output)."""
+        return JournalReader(self.path, retry_failed=retry_failed, any_outcome=any_outcome)
 
     def get(self, key: str) -> Outcome | None:
         """The recorded outcome of ``key``, settled or not."""
         row = self._db.execute(f"SELECT {_SELECT} FROM outcomes WHERE key = ?", (key,)).fetchone()
         return None if row is None else _outcome(row)
+
+    # -- Batch API parts ---------------------------------------------------------------------------------------
+
+    def add_part(self, path: str, keys: Sequence[str], size: int) -> BatchPart:
+        """Record a written batch input file and the request keys in it, in one transaction."""
+        try:
+            self._db.execute("BEGIN")
+            cur = self._db.execute("INSERT INTO batch_parts (path, requests, bytes, created_at, collected) "
+                                   "VALUES (?, ?, ?, ?, 0)", (path, len(keys), size, time.time()))
+            part = int(cur.lastrowid or 0)
+            self._db.executemany("INSERT OR REPLACE INTO batch_items VALUES (?, ?)", ((k, part) for k in keys))
+            self._db.execute("COMMIT")
+        except sqlite3.Error as e:
+            if self._db.in_transaction:
+                self._db.execute("ROLLBACK")
+            raise OutputError(f"{self.path}: cannot write the journal: {e}") from None
+        found = self.part(part)
+        assert found is not None
+        return found
+
+    def update_part(self, part: int, **values: Any) -> BatchPart:
+        """Record what the provider said about a part (its file id, batch id, status, counts)."""
+        names = ", ".join(f"{k} = ?" for k in values)
+        try:
+            self._db.execute(f"UPDATE batch_parts SET {names} WHERE part = ?", (*values.values(), part))
+        except sqlite3.Error as e:
+            raise OutputError(f"{self.path}: cannot write the journal: {e}") from None
+        found = self.part(part)
+        assert found is not None
+        return found
+
+    def part(self, part: int) -> BatchPart | None:
+        """One part by number."""
+        row = self._db.execute(f"SELECT {_PART_COLUMNS} FROM batch_parts WHERE part = ?", (part,)).fetchone()
+        return None if row is None else BatchPart(*row[:-1], collected=bool(row[-1]))
+
+    def parts(self, *, active: bool = False) -> list[BatchPart]:
+        """Every part in order; with ``active``, those whose results are not collected yet."""
+        where = " WHERE collected = 0" if active else ""
+        rows = self._db.execute(f"SELECT {_PART_COLUMNS} FROM batch_parts{where} ORDER BY part")
+        return [BatchPart(*r[:-1], collected=bool(r[-1])) for r in rows]
+
+    def part_keys(self, part: int) -> list[str]:
+        """The request keys a part carries."""
+        return [str(r[0]) for r in self._db.execute("SELECT key FROM batch_items WHERE part = ?", (part,))]
+
+    def drop_part(self, part: int) -> None:
+        """Forget a part that never reached the provider (its local file is gone): its rows are planned again."""
+        self._db.execute("BEGIN")
+        self._db.execute("DELETE FROM batch_items WHERE part = ?", (part,))
+        self._db.execute("DELETE FROM batch_parts WHERE part = ?", (part,))
+        self._db.execute("COMMIT")
+
+    def collect_part(self, part: int, outcomes: Sequence[Outcome]) -> None:
+        """Record a finished batch's outcomes and mark it collected, in one transaction: a kill during
+        collection leaves it uncollected, and the rerun downloads its results again."""
+        marks = ", ".join("?" * (len(_COLUMNS) + 1))
+        now = time.time()
+        try:
+            self._db.execute("BEGIN")
+            self._db.executemany(f"INSERT OR REPLACE INTO outcomes VALUES ({marks})",
+                                 ((*_as_row(o), now) for o in outcomes))
+            self._db.execute("UPDATE batch_parts SET collected = 1 WHERE part = ?", (part,))
+            self._db.execute("COMMIT")
+        except sqlite3.Error as e:
+            if self._db.in_transaction:
+                self._db.execute("ROLLBACK")
+            raise OutputError(f"{self.path}: cannot write the journal: {e}") from None
 
     def count(self) -> dict[str, int]:
         """Outcomes by status, for reports."""
@@ -139,13 +235,13 @@ class Journal:
 class JournalReader:
     """``reader(keys) -> {key: Outcome}`` on a connection of its own; close it when the run ends."""
 
-    def __init__(self, path: Path, *, retry_failed: bool) -> None:
+    def __init__(self, path: Path, *, retry_failed: bool, any_outcome: bool = False) -> None:
         self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-        self.retry_failed = retry_failed
+        self.retry_failed, self.any_outcome = retry_failed, any_outcome
 
     def __call__(self, keys: Sequence[str]) -> dict[str, Outcome]:
         """The settled outcomes among ``keys``."""
-        return _lookup(self._db, keys, self.retry_failed)
+        return _lookup(self._db, keys, self.retry_failed, self.any_outcome)
 
     def close(self) -> None:
         """Release the connection."""
@@ -156,9 +252,10 @@ def _outcome(row: Sequence[Any]) -> Outcome:
     return Outcome(*row[:-1], retryable=bool(row[-1]))  # SQLite hands the flag back as 0/1
 
 
-def _lookup(db: sqlite3.Connection, keys: Sequence[str], retry_failed: bool) -> dict[str, Outcome]:
+def _lookup(db: sqlite3.Connection, keys: Sequence[str], retry_failed: bool,
+            any_outcome: bool = False) -> dict[str, Outcome]:
     found: dict[str, Outcome] = {}
-    cond = "status = 'ok'" if retry_failed else "(status = 'ok' OR retryable = 0)"
+    cond = "1" if any_outcome else "status = 'ok'" if retry_failed else "(status = 'ok' OR retryable = 0)"
     unique = list(dict.fromkeys(keys))
     for i in range(0, len(unique), _LOOKUP_BATCH):
         batch = unique[i:i + _LOOKUP_BATCH]
@@ -198,7 +295,7 @@ class NullJournal(Journal):
         """Nothing is ever recorded."""
         return None
 
-    def reader(self, *, retry_failed: bool = False) -> Any:
+    def reader(self, *, retry_failed: bool = False, any_outcome: bool = False) -> Any:
         """A lookup that finds nothing."""
         return _NullReader()
 

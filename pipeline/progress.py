@@ -12,7 +12,9 @@ from typing import Any, TextIO
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+from pipeline.batch import describe_part
 from pipeline.execute import RunStats
+from pipeline.journal import BatchPart
 
 LOG_EVERY_S = 5.0
 
@@ -71,3 +73,20 @@ class ProgressDisplay:
         if now - self._last_log >= LOG_EVERY_S:
             self._last_log = now
             print(summary_line(stats), file=self.stream, flush=True)
+
+
+class BatchDisplay:
+    """Batch API mode: one line per batch whenever its status or counts change (polls are minutes apart, so
+    a line per change reads better than a bar)."""
+
+    def __init__(self, stream: TextIO | None = None) -> None:
+        self.stream = stream or sys.stderr
+        self._shown: dict[int, str] = {}
+
+    def update(self, parts: list[BatchPart]) -> None:
+        """Print the batches that changed since the last call."""
+        for p in parts:
+            line = describe_part(p)
+            if self._shown.get(p.part) != line:
+                self._shown[p.part] = line
+                print(line, file=self.stream, flush=True)

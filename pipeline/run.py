@@ -9,8 +9,9 @@ how the run ended.
 from __future__ import annotations
 
 import asyncio
-import os
+import json
 import signal
+import threading
 import time
 from array import array
 from collections.abc import Callable, Iterator
@@ -18,17 +19,31 @@ from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 import httpx
 import polars as pl
 
-from pipeline.client import ApiClient, check_transport_security, is_loopback
-from pipeline.errors import AbortError, Interrupted, OutputError, PipelineError, StopRun, UsageError
+from pipeline.batch import BatchRun, key_id, write_rows
+from pipeline.client import (
+    ApiClient,
+    BatchClient,
+    check_transport_security,
+    resolve_api_key,
+    resolve_base_url,
+)
+from pipeline.errors import (
+    AbortError,
+    BudgetExceeded,
+    Interrupted,
+    OutputError,
+    PipelineError,
+    StopRun,
+    UsageError,
+)
 from pipeline.estimate import Estimate, estimate_source
 from pipeline.execute import Executor, RunStats, stop_reason_kind
-from pipeline.job import Job
-from pipeline.journal import Journal, NullJournal
+from pipeline.job import MODES, Job
+from pipeline.journal import BatchPart, Journal, NullJournal, Outcome
 from pipeline.limits import RateBudget
 from pipeline.pricing import Price, price_for
 from pipeline.render import RenderedChunk, Renderer
@@ -68,23 +83,6 @@ class RunResult:
         if self.stopped is not None:
             return self.stopped.exit_code
         return 1 if self.stats.failed else 0
-
-
-def resolve_base_url(job: Job, override: str | None) -> str:
-    """--base-url, then PIPELINE_BASE_URL, then the job's [api].base_url."""
-    url = override or os.environ.get("PIPELINE_BASE_URL") or job.api.base_url
-    if not url.startswith(("http://", "https://")):
-        raise UsageError(f"base URL must start with http:// or https://, got {url!r}")
-    return url.rstrip("/")
-
-
-def resolve_api_key(job: Job, base_url: str) -> str | None:
-    """The key from the environment variable the job names; only a loopback server may go without one."""
-    key = os.environ.get(job.api.api_key_env) or None
-    if key is None and not is_loopback(urlsplit(base_url).hostname or ""):
-        raise UsageError(f"{job.source}: the environment variable {job.api.api_key_env} (named by "
-                         f"[api].api_key_env) is not set; export your API key in it")
-    return key
 
 
 def _output_key_schema(job: Job, source: Source) -> tuple[dict[str, pl.DataType], str]:
@@ -137,7 +135,8 @@ def run(job: Job, *, base_url: str | None = None, limit: int | None = None, fres
         retry_failed: bool = False, allow_insecure: bool = False, transport: httpx.AsyncBaseTransport | None = None,
         on_progress: Callable[[RunStats], None] | None = None,
         on_estimate: Callable[[Estimate], bool] | None = None, handle_signals: bool = False,
-        grace_s: float = 5.0, journal: bool = True, data: pl.DataFrame | None = None) -> RunResult:
+        grace_s: float = 5.0, journal: bool = True, data: pl.DataFrame | None = None, mode: str | None = None,
+        wait: bool = True, on_batches: Callable[[list[BatchPart]], None] | None = None) -> RunResult:
     """Run a job to the end (or until stopped); resumes from the journal unless ``fresh``.
 
     ``on_estimate`` sees the estimate before anything is sent and returns False to cancel (the CLI asks the
@@ -145,7 +144,13 @@ def run(job: Job, *, base_url: str | None = None, limit: int | None = None, fres
     returned in ``RunResult.stopped``, with everything answered so far written. ``journal=False`` runs
     without resume (only for measuring the journal's overhead). ``data`` runs the job on a DataFrame instead
     of its [input].path (it is saved beside the output, so resume works for it too).
+
+    ``mode`` overrides ``[request].mode``: ``"batch"`` goes through the Batch API (``wait=False`` submits and
+    returns; a later run collects), reporting the job's batches to ``on_batches`` as they move.
     """
+    mode = mode or job.request.mode
+    if mode not in MODES:
+        raise UsageError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
     if data is not None:
         job = _with_frame_input(job, data)
     url = resolve_base_url(job, base_url)
@@ -165,19 +170,146 @@ def run(job: Job, *, base_url: str | None = None, limit: int | None = None, fres
         if owner is not None and owner != job.fingerprint():
             raise OutputError(f"{paths.journal}: the journal belongs to another job; use --fresh to start over")
         store.set_meta("fingerprint", job.fingerprint())
+        open_parts = store.parts(active=True) if journal else []
+        if open_parts and mode == "online":
+            raise UsageError(f"{job.source}: {len(open_parts)} Batch API batch(es) of this job are still open; "
+                             f"collect them with `pipeline run {job.source} --mode batch`, or cancel them with "
+                             f"`pipeline batches cancel {job.source}`, before running online")
+        in_batches = {key_id(k) for p in open_parts for k in store.part_keys(p.part)}
         lookup = store.reader(retry_failed=retry_failed)
         try:
-            est, todo = estimate_source(job, source, renderer, price, limit=limit, settled=lookup)
+            settled = _with_batched_as_done(lookup, in_batches) if in_batches else lookup
+            est, todo = estimate_source(job, source, renderer, price, limit=limit, settled=settled)
         finally:
             lookup.close()
         check_free_space(paths, est.rows)
         if on_estimate is not None and not on_estimate(est):
             raise StopRun("not started: the estimate was not accepted")
+        if mode == "batch":
+            _check_batch_budget(job, est)
+            return _run_batches(job, url, key, source, renderer, key_schema, paths, store, est, todo, in_batches,
+                                price, limit=limit, retry_failed=retry_failed, wait=wait, on_batches=on_batches,
+                                handle_signals=handle_signals)
         return _execute(job, url, key, source, renderer, key_schema, paths, store, est, todo, price, limit=limit,
                         retry_failed=retry_failed, transport=transport, on_progress=on_progress,
                         handle_signals=handle_signals, grace_s=grace_s)
     finally:
         store.close()
+
+
+_IN_BATCH = Outcome("", "in_batch")
+
+
+def _with_batched_as_done(lookup: Callable[[list[str]], dict[str, Outcome]],
+                          in_batches: set[int]) -> Callable[[list[str]], dict[str, Outcome]]:
+    """The estimate's lookup, counting rows already in an open batch as done: they are paid for there."""
+    def settled(keys: list[str]) -> dict[str, Outcome]:
+        found = lookup(keys)
+        found.update((k, _IN_BATCH) for k in keys if k not in found and key_id(k) in in_batches)
+        return found
+
+    return settled
+
+
+def _check_batch_budget(job: Job, est: Estimate) -> None:
+    """A batch cannot be stopped half-way once submitted, so the budget is checked before, on its maximum."""
+    cap, cost = job.budget.max_cost_usd, est.batch_cost_usd_max
+    if cap is not None and cost is not None and est.requests and cost > cap:
+        raise BudgetExceeded(f"not submitted: the batches could cost up to ${cost:,.4f} at the Batch API price, "
+                             f"above [budget].max_cost_usd (${cap:g}); a batch cannot be stopped half-way, so "
+                             f"raise the budget or submit fewer rows (--limit)")
+
+
+def _sink(job: Job, paths: OutputPaths, key_schema: dict[str, pl.DataType]) -> tuple[PartWriter, Any]:
+    """The output writer of this job, and the function giving a row's id and kept values."""
+    schema = job.request.response_schema
+    embeddings = job.request.is_embeddings
+    dims = embedding_dims(job.request.model, job.request.dimensions) if embeddings else None
+    sink = PartWriter(paths, key_schema, answer_columns=columns_of(schema) if schema else None,
+                      checker=AnswerChecker(schema) if schema is not None else None,
+                      embeddings=embeddings, embedding_dims=dims)
+    with_id = job.input.id is not None
+    keep = [c for c in job.input.keep if c != job.input.id]
+    keep_index = [job.input.keep.index(c) for c in keep]
+
+    def key_of_row(req: Any) -> tuple[Any, ...]:
+        return (req.row_id if with_id else req.row, *(req.keep[i] for i in keep_index))
+
+    return sink, key_of_row
+
+
+def _run_batches(job: Job, url: str, key: str | None, source: Source, renderer: Renderer,
+                 key_schema: dict[str, pl.DataType], paths: OutputPaths, journal: Journal, est: Estimate,
+                 todo: array[int] | None, in_batches: set[int], price: Price | None, *, limit: int | None,
+                 retry_failed: bool, wait: bool, on_batches: Callable[[list[BatchPart]], None] | None,
+                 handle_signals: bool) -> RunResult:
+    started = datetime.now(tz=UTC)
+    t0 = time.monotonic()
+    stats = RunStats(rows_total=est.rows)
+    sink, key_of_row = _sink(job, paths, key_schema)
+    stop = threading.Event()
+    reasons: list[StopRun] = []
+    restore = _stop_on_signals(stop, reasons, job) if handle_signals else None
+    stopped: PipelineError | None = None
+    lookup = journal.reader(retry_failed=retry_failed)
+    try:
+        with BatchClient(url, key, timeout_s=job.limits.timeout_s, max_attempts=job.limits.max_attempts) as api:
+            batches = BatchRun(job, api, journal, paths, price, checker=sink.checker,
+                               embedding_dims=sink.embedding_dims, stats=stats, stop=stop, on_batches=on_batches)
+            rows = {} if todo is None else {"rows": todo}
+            chunks = (renderer.render_chunk(c, settled=lookup)
+                      for c in iter_chunks(source, renderer.columns, chunk_rows=RUN_CHUNK_ROWS, limit=limit, **rows))
+            try:
+                batches.submit(chunks, in_batches)
+                batches.poll(wait=wait)
+            except (StopRun, AbortError) as e:
+                stopped = e
+        if stopped is None and reasons:
+            stopped = reasons[0]
+    finally:
+        if restore is not None:
+            restore()
+        lookup.close()
+        answered = journal.reader(any_outcome=True)
+        try:
+            write_rows((renderer.render_chunk(c, settled=answered)
+                        for c in iter_chunks(source, renderer.columns, chunk_rows=RUN_CHUNK_ROWS, limit=limit)),
+                       sink, key_of_row, stats)
+        finally:
+            answered.close()
+        written = sink.finish()
+    parts = journal.parts()
+    status = "stopped" if stopped is not None else "submitted" if stats.pending else "complete"
+    manifest = _manifest(job, url, paths, est, price, stats, stopped, started, t0, written, mode="batch",
+                         status=status)
+    manifest["batches"] = [{"part": p.part, "batch_id": p.batch_id, "input_file_id": p.file_id, "status": p.status,
+                            "request_counts": json.loads(p.counts) if p.counts else None, "requests": p.requests,
+                            "collected": p.collected} for p in parts]
+    manifest["totals"]["rows_pending_in_batches"] = stats.pending
+    write_manifest(paths, manifest)
+    return RunResult(output=paths.output, manifest=paths.manifest, stats=stats, estimate=est, stopped=stopped,
+                     manifest_data=manifest)
+
+
+def _stop_on_signals(stop: threading.Event, reasons: list[StopRun], job: Job) -> Callable[[], None]:
+    """SIGINT/SIGTERM during a batch run: the first stops after the current call, a second at once. Batches
+    already submitted keep running at the provider either way."""
+    def handler(signum: int, frame: Any) -> None:
+        name = signal.Signals(signum).name
+        if stop.is_set():
+            raise Interrupted(f"stopped by a second {name}")
+        reasons.append(Interrupted(f"stopped by {name}: the batches already submitted keep running at the "
+                                   f"provider; run again to collect them, or `pipeline batches cancel "
+                                   f"{job.source}`"))
+        stop.set()
+
+    old = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+    def restore() -> None:
+        for sig, h in old.items():
+            signal.signal(sig, h)
+
+    return restore
 
 
 def _execute(job: Job, url: str, key: str | None, source: Source, renderer: Renderer,
@@ -187,19 +319,8 @@ def _execute(job: Job, url: str, key: str | None, source: Source, renderer: Rend
              on_progress: Callable[[RunStats], None] | None, handle_signals: bool, grace_s: float) -> RunResult:
     started = datetime.now(tz=UTC)
     t0 = time.monotonic()
-    schema = job.request.response_schema
-    checker = AnswerChecker(schema) if schema is not None else None
-    embeddings = job.request.is_embeddings
-    dims = embedding_dims(job.request.model, job.request.dimensions) if embeddings else None
-    sink = PartWriter(paths, key_schema, answer_columns=columns_of(schema) if schema else None, checker=checker,
-                      embeddings=embeddings, embedding_dims=dims)
-    with_id = job.input.id is not None
-    keep = [c for c in job.input.keep if c != job.input.id]
-    keep_index = [job.input.keep.index(c) for c in keep]
-
-    def key_of_row(req: Any) -> tuple[Any, ...]:
-        return (req.row_id if with_id else req.row, *(req.keep[i] for i in keep_index))
-
+    sink, key_of_row = _sink(job, paths, key_schema)
+    checker, embeddings, dims = sink.checker, sink.embeddings, sink.embedding_dims
     lookup = journal.reader(retry_failed=retry_failed)
 
     def chunks() -> Iterator[RenderedChunk]:
@@ -245,10 +366,20 @@ def _execute(job: Job, url: str, key: str | None, source: Source, renderer: Rend
     finally:
         lookup.close()
         rows = sink.finish()
+    manifest = _manifest(job, url, paths, est, price, stats, stopped, started, t0, rows, mode="online",
+                         status="complete" if stopped is None else "stopped")
+    write_manifest(paths, manifest)
+    return RunResult(output=paths.output, manifest=paths.manifest, stats=stats, estimate=est, stopped=stopped,
+                     manifest_data=manifest)
+
+
+def _manifest(job: Job, url: str, paths: OutputPaths, est: Estimate, price: Price | None, stats: RunStats,
+              stopped: PipelineError | None, started: datetime, t0: float, rows: int, *, mode: str,
+              status: str) -> dict[str, Any]:
+    """What the manifest says about a run, in either mode."""
     finished = datetime.now(tz=UTC)
-    status = "complete" if stopped is None else "stopped"
-    manifest = {
-        "job": job.name, "fingerprint": job.fingerprint(), "job_file": job.source, "status": status,
+    return {
+        "job": job.name, "fingerprint": job.fingerprint(), "job_file": job.source, "status": status, "mode": mode,
         "stop_reason": None if stopped is None else {"kind": stop_reason_kind(stopped), "message": str(stopped)},
         "input": job.input.path, "output": str(paths.output), "rows_in_output": rows,
         "endpoint": job.request.endpoint, "model": job.request.model, "base_url": url,
@@ -262,14 +393,12 @@ def _execute(job: Job, url: str, key: str | None, source: Source, renderer: Rend
                    "reasoning_tokens": stats.reasoning_tokens, "cost_usd_this_run": round(stats.cost_usd, 8)},
         "errors_by_type": dict(stats.errors),
         "price": price.describe() if price is not None else None,
+        "price_basis": "Batch API" if mode == "batch" else "standard",
         "estimate": est.to_dict(),
         "limits": {"concurrency": job.limits.concurrency, "requests_per_minute": job.limits.requests_per_minute,
                    "tokens_per_minute": job.limits.tokens_per_minute, "max_attempts": job.limits.max_attempts},
         "journal": str(paths.journal),
     }
-    write_manifest(paths, manifest)
-    return RunResult(output=paths.output, manifest=paths.manifest, stats=stats, estimate=est, stopped=stopped,
-                     manifest_data=manifest)
 
 
 __all__ = ["RunResult", "resolve_api_key", "resolve_base_url", "run"]

@@ -69,6 +69,11 @@ class OutputPaths:
         return self.output.with_suffix(".parts")
 
     @property
+    def batches(self) -> Path:
+        """The folder of Batch API input files waiting to be uploaded (Batch API mode)."""
+        return self.output.with_suffix(".batches")
+
+    @property
     def journal(self) -> Path:
         """NAME.journal.sqlite beside the output."""
         return self.output.with_suffix(".journal.sqlite")

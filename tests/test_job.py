@@ -52,7 +52,7 @@ def test_unknown_key(make_job):
 
 def test_unknown_top_level_table(make_job):
     _bad(make_job(extra="[retries]\nx = 1"),
-         "job.toml: retries is not a known key (known keys: api, budget, estimate, input, limits, name, output, "
+         "job.toml: retries is not a known key (known keys: api, batch, budget, estimate, input, limits, name, output, "
          "pricing, request)")
 
 

@@ -31,6 +31,7 @@ import orjson
 from aiohttp import web
 
 from pipeline.sim import answers
+from pipeline.sim.batches import BatchService
 from pipeline.tokens import ChatTokenCounter, encoding_name_for_model, get_encoding
 
 BANNER = ("pipeline simulator: a local stand-in for an OpenAI-compatible API. "
@@ -57,6 +58,13 @@ class SimConfig:
     models: tuple[str, ...] = ()     # when set, other models get 404 model_not_found
     context_window: int = 128_000
     seed: int = 0
+    # the Batch API
+    batch_delay_s: float = 1.0        # from creation to completion
+    batch_line_error_rate: float = 0.0  # lines answered with a 500 in the error file
+    batch_fail: bool = False          # every batch fails validation
+    batch_expire_fraction: float | None = None  # batches expire after this share of their lines
+    batch_create_hold_s: float = 0.0  # POST /v1/batches waits this long; a client gone by then made nothing
+    batch_create_drop_replies: int = 0  # this many creates succeed but their reply is lost
 
 
 class _Bucket:
@@ -103,11 +111,17 @@ class SimStats:
     duplicate_ok: int = 0              # answered OK for a body it had already answered OK
     max_in_flight: int = 0
     first_request_at: float | None = None   # wall clock (time.time()) of the first request
+    files_uploaded: int = 0
+    batches_created: int = 0
+    batches_by_input_file: Counter[str] = field(default_factory=Counter)  # >1 for a file: a duplicate batch
+    batch_polls: int = 0
+    batch_lines: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready copy, for --json output and the manifest."""
         d = asdict(self)
         d["injected"] = dict(self.injected)
+        d["batches_by_input_file"] = dict(self.batches_by_input_file)
         d["statuses"] = {str(k): v for k, v in self.statuses.items()}
         return d
 
@@ -116,6 +130,46 @@ def _error(status: int, message: str, type_: str, code: str | None, headers: dic
            param: str | None = None) -> web.Response:
     body = {"error": {"message": message, "type": type_, "param": param, "code": code}}
     return web.Response(status=status, body=orjson.dumps(body), content_type="application/json", headers=headers)
+
+
+class SimFailure(Exception):
+    """A request the simulator refuses, as an OpenAI error body: an HTTP response online, an error line in
+    a batch's error file."""
+
+    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", code: str | None = None,
+                 param: str | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.type, self.code, self.param = status, message, type_, code, param
+
+    def body(self) -> dict[str, Any]:
+        """The JSON error body."""
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+    def response(self) -> web.Response:
+        """The HTTP answer."""
+        return web.Response(status=self.status, body=orjson.dumps(self.body()), content_type="application/json")
+
+
+@dataclass
+class ChatCall:
+    """A checked chat body and its prompt tokens."""
+
+    body: dict[str, Any]
+    model: str
+    messages: list[Any]
+    max_out: int
+    prompt_tokens: int
+    counter: ChatTokenCounter
+
+
+@dataclass
+class EmbeddingsCall:
+    """A checked embeddings body and each input's tokens."""
+
+    body: dict[str, Any]
+    model: str
+    inputs: list[str]
+    counts: list[int]
 
 
 class Simulator:
@@ -130,6 +184,7 @@ class Simulator:
         self._counters: dict[str, ChatTokenCounter] = {}
         self._answered: set[bytes] = set()
         self._in_flight = 0
+        self.batch_api = BatchService(self)
 
     def app(self) -> web.Application:
         """The aiohttp application with the OpenAI-compatible routes."""
@@ -139,6 +194,7 @@ class Simulator:
         app.router.add_get("/v1/models", self.models)
         app.router.add_get("/v1/sim/stats", self.get_stats)
         app.router.add_post("/v1/sim/reset", self.reset)
+        self.batch_api.routes(app)
         return app
 
     def counter(self, model: str) -> ChatTokenCounter:
@@ -298,31 +354,47 @@ class Simulator:
         if isinstance(read, web.Response):
             return read
         raw, body = read
-        model, messages = body["model"], body.get("messages")
+        try:
+            call = self.chat_call(body)
+            refused = await self._admit(request, raw, body, call.prompt_tokens + call.max_out, call.model)
+            if refused is not None:
+                return refused
+            payload = self.chat_answer(call)
+        except SimFailure as f:
+            return f.response()
+        await self._delay()
+        return await self._respond(request, raw, payload)
+
+    def chat_call(self, body: dict[str, Any]) -> ChatCall:
+        """Check a chat body and count its prompt tokens (what admission needs); raises SimFailure."""
+        model, messages = body.get("model"), body.get("messages")
+        if not isinstance(model, str):
+            raise SimFailure(400, "you must provide a model parameter", param="model")
         if not isinstance(messages, list) or not messages:
-            return _error(400, "'messages' must be a non-empty array", "invalid_request_error", None, "messages")
-        max_out = body.get("max_completion_tokens") or body.get("max_tokens") or 0
+            raise SimFailure(400, "'messages' must be a non-empty array", param="messages")
+        max_out = int(body.get("max_completion_tokens") or body.get("max_tokens") or 0)
         try:
             counter = self.counter(model)
             prompt_tokens = counter.count_messages(
                 {k: v for k, v in m.items() if isinstance(v, str)} for m in messages if isinstance(m, dict))
         except Exception:
-            return _error(400, "Invalid 'messages'.", "invalid_request_error", None, "messages")
-        refused = await self._admit(request, raw, body, prompt_tokens + int(max_out), model)
-        if refused is not None:
-            return refused
-        if prompt_tokens + int(max_out) > self.config.context_window:
-            return _error(400, f"This model's maximum context length is {self.config.context_window} tokens. "
-                               f"However, you requested {prompt_tokens + int(max_out)} tokens "
-                               f"({prompt_tokens} in the messages, {max_out} in the completion).",
-                          "invalid_request_error", "context_length_exceeded", param="messages")
+            raise SimFailure(400, "Invalid 'messages'.", param="messages") from None
+        return ChatCall(body, model, messages, max_out, prompt_tokens, counter)
+
+    def chat_answer(self, call: ChatCall) -> dict[str, Any]:
+        """The chat completion for an admitted call (also a Batch API line's body); raises SimFailure."""
+        model, messages, max_out, prompt_tokens = call.model, call.messages, call.max_out, call.prompt_tokens
+        if prompt_tokens + max_out > self.config.context_window:
+            raise SimFailure(400, f"This model's maximum context length is {self.config.context_window} tokens. "
+                                  f"However, you requested {prompt_tokens + max_out} tokens "
+                                  f"({prompt_tokens} in the messages, {max_out} in the completion).",
+                             code="context_length_exceeded", param="messages")
         prompt = str(messages[-1].get("content", "")) if isinstance(messages[-1], dict) else ""
         if "SIM_400" in prompt:
-            return _error(400, "Invalid request (the simulator's SIM_400 hook).", "invalid_request_error", None)
-        await self._delay()
+            raise SimFailure(400, "Invalid request (the simulator's SIM_400 hook).")
         content: str | None
         refusal = None
-        fmt = body.get("response_format") or {}
+        fmt = call.body.get("response_format") or {}
         if "SIM_REFUSE" in prompt:
             content, refusal = None, "I'm sorry, I can't help with that request."
         elif "SIM_BAD_JSON" in prompt and fmt.get("type") in ("json_schema", "json_object"):
@@ -334,13 +406,13 @@ class Simulator:
             content = orjson.dumps({"answer": answers.summary(prompt)}).decode()
         else:
             content = answers.summary(prompt)
-        enc = counter.encoding
+        enc = call.counter.encoding
         finish = "stop"
         completion = len(enc.encode_ordinary(content or refusal or ""))
         if max_out and completion > max_out and content is not None:
-            content = enc.decode(enc.encode_ordinary(content)[: int(max_out)])
-            completion, finish = int(max_out), "length"
-        payload = {
+            content = enc.decode(enc.encode_ordinary(content)[:max_out])
+            completion, finish = max_out, "length"
+        return {
             "id": f"chatcmpl-sim{self.stats.requests}", "object": "chat.completion", "created": int(time.time()),
             "model": model, "system_fingerprint": "fp_sim", "service_tier": "default",
             "choices": [{"index": 0, "message": {"role": "assistant", "content": content, "refusal": refusal},
@@ -352,7 +424,6 @@ class Simulator:
                                                     "accepted_prediction_tokens": 0,
                                                     "rejected_prediction_tokens": 0}},
         }
-        return await self._respond(request, raw, payload)
 
     async def embeddings(self, request: web.Request) -> web.StreamResponse:
         """POST /v1/embeddings."""
@@ -360,34 +431,46 @@ class Simulator:
         if isinstance(read, web.Response):
             return self._finish(read)
         raw, body = read
-        model, inputs = body["model"], body.get("input")
+        try:
+            call = self.embeddings_call(body)
+            refused = await self._admit(request, raw, body, sum(call.counts), call.model)
+            if refused is not None:
+                return self._finish(refused)
+            payload = self.embeddings_answer(call)
+        except SimFailure as f:
+            return self._finish(f.response())
+        await self._delay()
+        return self._finish(await self._respond(request, raw, payload))
+
+    def embeddings_call(self, body: dict[str, Any]) -> EmbeddingsCall:
+        """Check an embeddings body and count its tokens; raises SimFailure."""
+        model, inputs = body.get("model"), body.get("input")
+        if not isinstance(model, str):
+            raise SimFailure(400, "you must provide a model parameter", param="model")
         if isinstance(inputs, str):
             inputs = [inputs]
         if not isinstance(inputs, list) or not inputs or not all(isinstance(x, str) and x for x in inputs):
-            return self._finish(_error(400, "'input' must be a non-empty string or array of non-empty strings",
-                                       "invalid_request_error", None, param="input"))
+            raise SimFailure(400, "'input' must be a non-empty string or array of non-empty strings", param="input")
         if len(inputs) > 2048:
-            return self._finish(_error(400, "'input' has more than 2048 items", "invalid_request_error", None,
-                                       param="input"))
+            raise SimFailure(400, "'input' has more than 2048 items", param="input")
         enc = get_encoding(encoding_name_for_model(model))
         counts = [len(enc.encode_ordinary(t)) for t in inputs]
         too_long = [i for i, c in enumerate(counts) if c > 8192]
         if too_long:
-            return self._finish(_error(400, f"This model's maximum context length is 8192 tokens, however you "
-                                            f"requested {counts[too_long[0]]} tokens in input {too_long[0]}.",
-                                       "invalid_request_error", "context_length_exceeded", param="input"))
-        refused = await self._admit(request, raw, body, sum(counts), model)
-        if refused is not None:
-            return self._finish(refused)
-        await self._delay()
-        dims = int(body.get("dimensions") or EMBEDDING_DIMS.get(model, 1536))
-        fmt = body.get("encoding_format") or "float"
-        vectors = answers.embeddings(inputs, dims)
+            raise SimFailure(400, f"This model's maximum context length is 8192 tokens, however you requested "
+                                  f"{counts[too_long[0]]} tokens in input {too_long[0]}.",
+                             code="context_length_exceeded", param="input")
+        return EmbeddingsCall(body, model, inputs, counts)
+
+    def embeddings_answer(self, call: EmbeddingsCall) -> dict[str, Any]:
+        """The embeddings list of an admitted call (also a Batch API line's body)."""
+        dims = int(call.body.get("dimensions") or EMBEDDING_DIMS.get(call.model, 1536))
+        fmt = call.body.get("encoding_format") or "float"
+        vectors = answers.embeddings(call.inputs, dims)
         data = [{"object": "embedding", "index": i, "embedding": answers.encode_embedding(v, fmt)}
                 for i, v in enumerate(vectors)]
-        payload = {"object": "list", "model": model, "data": data,
-                   "usage": {"prompt_tokens": sum(counts), "total_tokens": sum(counts)}}
-        return self._finish(await self._respond(request, raw, payload))
+        return {"object": "list", "model": call.model, "data": data,
+                "usage": {"prompt_tokens": sum(call.counts), "total_tokens": sum(call.counts)}}
 
 
 def free_port() -> int:
