@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install test lint demo bench clean
+.PHONY: install test lint demo demo-batch bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -21,6 +21,9 @@ lint: $(STAMP)
 
 demo: $(STAMP)
 	$(PY) scripts/demo.py
+
+demo-batch: $(STAMP)
+	$(PY) scripts/demo_batch.py
 
 bench: $(STAMP)
 	cd bench && ../$(PY) estimate.py && ../$(PY) throughput.py && ../$(PY) resume.py && ../$(PY) embed.py

@@ -148,6 +148,7 @@ def estimate_line(est: Any, *, batch: bool = False) -> str:
     """The estimate in one line, for the start of a run."""
     done = f"{est.rows_already_done:,} already answered, " if est.rows_already_done else ""
     if batch:
+        done = f"{est.rows_already_done:,} already answered or in open batches, " if est.rows_already_done else ""
         expected = (f" (expected {_money(est.batch_cost_usd_expected)})"
                     if est.batch_cost_usd_expected is not None else "")
         return (f"estimate: {est.rows:,} rows, {done}{est.requests:,} requests to submit, {est.prompt_tokens:,} "
@@ -256,7 +257,8 @@ def batches(args: tuple[str, ...], base_url: str | None, offline: bool) -> None:
         if listing.parts:
             t = Table(show_header=True, header_style="bold")
             for col in ("part", "batch", "status", "total", "completed", "failed", "collected"):
-                t.add_column(col, justify="right" if col in ("part", "total", "completed", "failed") else "left")
+                t.add_column(col, justify="right" if col in ("part", "total", "completed", "failed") else "left",
+                             no_wrap=col == "batch")
             for p in listing.parts:
                 counts = json.loads(p.counts) if p.counts else {}
                 t.add_row(str(p.part), p.batch_id or (f"(file {p.file_id})" if p.file_id else "(not uploaded)"),
@@ -283,7 +285,7 @@ def report(output: str, as_json: bool) -> None:
     t.add_column("what", style="bold")
     t.add_column("value", justify="right")
     t.add_row("job / model", f"{r['job']} / {r['model']}")
-    t.add_row("last run", str(r["run_status"]))
+    t.add_row("last run", str(r["run_status"]) + (" (Batch API prices)" if r["mode"] == "batch" else ""))
     t.add_row("rows", f"{r['rows']:,}")
     for status, n in r["by_status"].items():
         t.add_row(f"  {status}", f"{n:,}")

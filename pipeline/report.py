@@ -31,6 +31,7 @@ def build_report(output: str | Path) -> dict[str, Any]:
         "job": manifest.get("job"),
         "model": manifest.get("model"),
         "run_status": manifest.get("status"),
+        "mode": manifest.get("mode", "online"),
         "rows": df.height,
         "by_status": dict(df.group_by("status").len().sort("status").iter_rows()),
         "prompt_tokens": int(charged["prompt_tokens"].sum() or 0),
@@ -45,9 +46,11 @@ def build_report(output: str | Path) -> dict[str, Any]:
                        for q, v in (("p50", 0.5), ("p95", 0.95), ("p99", 0.99))},
         "price_source": (manifest.get("price") or {}).get("source"),
         "price_date": (manifest.get("price") or {}).get("source_date"),
-        "estimate_cost_usd_max": (manifest.get("estimate") or {}).get("cost_usd_max"),
-        "estimate_cost_usd_expected": (manifest.get("estimate") or {}).get("cost_usd_expected"),
     }
+    est = manifest.get("estimate") or {}
+    basis = "batch_" if report["mode"] == "batch" else ""  # batch runs are priced (and estimated) at that price
+    report["estimate_cost_usd_max"] = est.get(f"{basis}cost_usd_max")
+    report["estimate_cost_usd_expected"] = est.get(f"{basis}cost_usd_expected")
     report["distributions"] = _distributions(df)
     return report
 

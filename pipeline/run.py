@@ -282,6 +282,11 @@ def _run_batches(job: Job, url: str, key: str | None, source: Source, renderer: 
     status = "stopped" if stopped is not None else "submitted" if stats.pending else "complete"
     manifest = _manifest(job, url, paths, est, price, stats, stopped, started, t0, written, mode="batch",
                          status=status)
+    # A run that only collects estimated nothing; the estimate worth comparing with is the submitting run's.
+    if est.requests:
+        journal.set_meta("batch_estimate", json.dumps(est.to_dict(), default=str))
+    elif (submitted := journal.get_meta("batch_estimate")) is not None:
+        manifest["estimate"] = json.loads(submitted)
     manifest["batches"] = [{"part": p.part, "batch_id": p.batch_id, "input_file_id": p.file_id, "status": p.status,
                             "request_counts": json.loads(p.counts) if p.counts else None, "requests": p.requests,
                             "collected": p.collected} for p in parts]
