@@ -258,7 +258,7 @@ def batches(args: tuple[str, ...], base_url: str | None, offline: bool) -> None:
             t = Table(show_header=True, header_style="bold")
             for col in ("part", "batch", "status", "total", "completed", "failed", "collected"):
                 t.add_column(col, justify="right" if col in ("part", "total", "completed", "failed") else "left",
-                             no_wrap=col == "batch")
+                             no_wrap=col in ("batch", "status"))
             for p in listing.parts:
                 counts = json.loads(p.counts) if p.counts else {}
                 t.add_row(str(p.part), p.batch_id or (f"(file {p.file_id})" if p.file_id else "(not uploaded)"),

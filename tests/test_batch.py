@@ -265,3 +265,25 @@ def test_mode_and_batch_settings_are_validated(make_job):
 def test_no_wait_is_for_batch_mode_only(make_job):
     r = run_cli("run", make_job(), "--no-wait")
     assert r.exit_code == 2 and "--no-wait" in r.output
+
+
+def test_finding_a_batch_by_its_input_file_pages_through_the_providers_list(sim):
+    import httpx
+
+    from pipeline.client import BatchClient
+
+    with sim(batch_delay_s=0.05) as s:
+        ids = []
+        for i in range(130):
+            line = json.dumps({"custom_id": "a", "method": "POST", "url": "/v1/chat/completions",
+                               "body": {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": str(i)}]}})
+            f = httpx.post(f"{s.base_url}/files", files={"file": ("x.jsonl", line.encode())},
+                           data={"purpose": "batch"}).json()["id"]
+            ids.append(f)
+            httpx.post(f"{s.base_url}/batches", json={"input_file_id": f, "endpoint": "/v1/chat/completions",
+                                                      "completion_window": "24h"}).raise_for_status()
+        with BatchClient(s.base_url, None, timeout_s=10, max_attempts=2) as api:
+            oldest = api.find(ids[0], since=0)  # on the second page of 100
+            assert oldest is not None and oldest["input_file_id"] == ids[0]
+            assert api.find("file-unknown", since=0) is None
+            assert api.find(ids[0], since=time.time() + 3600) is None  # stops at batches older than asked
