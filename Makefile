@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install test lint demo demo-batch bench clean
+.PHONY: install test lint demo demo-batch bench bench-detail clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -25,7 +25,12 @@ demo: $(STAMP)
 demo-batch: $(STAMP)
 	$(PY) scripts/demo_batch.py
 
+# The side-by-side table against the peers (their virtualenvs are created under bench/.venvs on first use).
 bench: $(STAMP)
+	cd bench && ../$(PY) compare.py
+
+# Our own figures in more depth: 1M-row estimate, throughput, journal overhead and resume, embeddings.
+bench-detail: $(STAMP)
 	cd bench && ../$(PY) estimate.py && ../$(PY) throughput.py && ../$(PY) resume.py && ../$(PY) embed.py
 
 clean:

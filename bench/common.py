@@ -69,11 +69,24 @@ path = "{WORK / 'out' / name}.parquet"
     return job
 
 
+def clear_output(name: str) -> None:
+    """Remove a bench job's earlier output, manifest and journal: each measurement starts from nothing
+    (``--fresh`` would keep every old journal, renamed, and fill the disk over many runs)."""
+    for f in (WORK / "out").glob(f"{name}.*"):
+        if f.is_dir():
+            import shutil
+
+            shutil.rmtree(f, ignore_errors=True)
+        else:
+            f.unlink(missing_ok=True)
+
+
 def timed_run(job: Path, url: str, *extra: str) -> dict[str, Any]:
     """Run ``pipeline run`` in a child process; returns wall time, peak RSS (MiB), CPU seconds and the manifest."""
+    clear_output(job.stem)
     t = time.perf_counter()
-    proc = subprocess.Popen([str(BIN / "pipeline"), "run", str(job), "--base-url", url, "--yes", "--plain", "--fresh",
-                             *extra], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    proc = subprocess.Popen([str(BIN / "pipeline"), "run", str(job), "--base-url", url, "--yes", "--plain", *extra],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "OPENAI_API_KEY": "sk-bench"})
     _, status, usage = os.wait4(proc.pid, 0)
     wall = time.perf_counter() - t

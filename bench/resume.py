@@ -14,7 +14,7 @@ import subprocess
 import sys
 import time
 
-from common import BIN, WORK, dataset, sim_stats, simulator, write_job
+from common import BIN, WORK, clear_output, dataset, sim_stats, simulator, write_job
 
 from pipeline.job import Job
 from pipeline.journal import Journal, Outcome
@@ -30,7 +30,8 @@ def overhead(rows: int = 20_000, rounds: int = 3) -> None:
     with simulator() as url:
         for _ in range(rounds):
             for with_journal in (True, False):
-                r = run(job, base_url=url, fresh=True, journal=with_journal)
+                clear_output("journal-overhead")
+                r = run(job, base_url=url, journal=with_journal)
                 rates[with_journal].append(r.stats.requests_sent / r.manifest_data["duration_s"])
     best = {k: max(v) for k, v in rates.items()}
     slower = 1 - best[True] / best[False]

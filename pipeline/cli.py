@@ -315,6 +315,8 @@ def report(output: str, as_json: bool) -> None:
 @click.option("--port-file", type=click.Path(dir_okay=False), help="Write the port here once listening.")
 @click.option("--rpm", type=click.IntRange(min=1), help="Requests per minute to enforce.")
 @click.option("--tpm", type=click.IntRange(min=1), help="Tokens per minute to enforce.")
+@click.option("--limit-window-s", default=60.0, show_default=True,
+              help="Seconds of the limits the server lets through at once (OpenAI enforces sub-minute slices).")
 @click.option("--latency-ms", default=0.0, show_default=True, help="Fixed latency per answer.")
 @click.option("--latency-jitter-ms", default=0.0, show_default=True, help="Extra random latency, uniform.")
 @click.option("--error-rate", "--fail-rate", default=0.0, show_default=True, help="Share of 500/502/503 answers.")
@@ -334,7 +336,8 @@ def report(output: str, as_json: bool) -> None:
               help="Batch API: hold each create this long (nothing is made if the client has gone).")
 @click.option("--batch-create-drop-replies", default=0, show_default=True,
               help="Batch API: this many creates succeed but their reply is lost.")
-def sim(host: str, port: int, port_file: str | None, rpm: int | None, tpm: int | None, latency_ms: float,
+def sim(host: str, port: int, port_file: str | None, rpm: int | None, tpm: int | None, limit_window_s: float,
+        latency_ms: float,
         latency_jitter_ms: float, error_rate: float, rate_429: float, drop_rate: float, slow_body_rate: float,
         malformed_rate: float, insufficient_quota: bool, api_key_env: str | None, models: str | None,
         seed: int, batch_delay_s: float, batch_line_error_rate: float, batch_fail: bool,
@@ -347,7 +350,8 @@ def sim(host: str, port: int, port_file: str | None, rpm: int | None, tpm: int |
     from pipeline.sim.server import free_port
 
     port = port or free_port()
-    cfg = SimConfig(rpm=rpm, tpm=tpm, latency_ms=latency_ms, latency_jitter_ms=latency_jitter_ms,
+    cfg = SimConfig(rpm=rpm, tpm=tpm, limit_window_s=limit_window_s, latency_ms=latency_ms,
+                    latency_jitter_ms=latency_jitter_ms,
                     error_rate=error_rate, rate_429=rate_429, drop_rate=drop_rate, slow_body_rate=slow_body_rate,
                     malformed_rate=malformed_rate, insufficient_quota=insufficient_quota,
                     api_key=os.environ.get(api_key_env) if api_key_env else None,

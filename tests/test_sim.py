@@ -59,3 +59,11 @@ def test_context_window_is_enforced(sim):
     with sim() as s:
         r = httpx.post(f"{s.base_url}/chat/completions", json=body)
     assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
+
+
+def test_limits_enforced_over_a_short_window_refuse_bursts(sim):
+    with sim(rpm=120, limit_window_s=1.0) as s:  # 2 requests a second, at most 2 at once
+        codes = [httpx.post(f"{s.base_url}/chat/completions", json=BODY).status_code for _ in range(3)]
+        assert codes == [200, 200, 429]
+        stats = httpx.get(f"{s.base_url}/sim/stats").json()
+    assert sum(stats["admitted_per_s"]) == 2 and stats["rate_limited"] == 1

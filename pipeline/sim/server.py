@@ -45,6 +45,8 @@ class SimConfig:
 
     rpm: int | None = None
     tpm: int | None = None
+    limit_window_s: float = 60.0     # the slice the limits are enforced over: 60 lets a full minute through at
+    #                                  once; OpenAI documents sub-minute slices (e.g. 1 s: 60,000 RPM as 1,000/s)
     latency_ms: float = 0.0
     latency_jitter_ms: float = 0.0
     error_rate: float = 0.0          # 500/502/503
@@ -68,20 +70,24 @@ class SimConfig:
 
 
 class _Bucket:
-    """A per-minute budget refilled continuously, capped at the limit: OpenAI's model of RPM/TPM."""
+    """A per-minute budget refilled continuously, holding at most ``window_s`` seconds of it: OpenAI's model of
+    RPM/TPM (a 60 s window lets a client spend a whole minute's worth at once; shorter windows model the
+    sub-minute slices OpenAI says it also enforces)."""
 
-    def __init__(self, limit: int) -> None:
+    def __init__(self, limit: int, window_s: float = 60.0) -> None:
         self.limit = limit
-        self.level = float(limit)
+        self.capacity = max(1.0, limit * window_s / 60.0)
+        self.level = self.capacity
         self.t = time.monotonic()
 
     def _refill(self, now: float) -> None:
-        self.level = min(self.limit, self.level + (now - self.t) * self.limit / 60.0)
+        self.level = min(self.capacity, self.level + (now - self.t) * self.limit / 60.0)
         self.t = now
 
     def wait_for(self, amount: float, now: float) -> float:
-        """Seconds until ``amount`` fits (0 when it fits now)."""
+        """Seconds until ``amount`` fits (0 when it fits now); more than the window holds fits a full bucket."""
         self._refill(now)
+        amount = min(amount, self.capacity)
         return 0.0 if self.level >= amount else (amount - self.level) * 60.0 / self.limit
 
     def take(self, amount: float) -> None:
@@ -89,7 +95,7 @@ class _Bucket:
 
     def reset_s(self) -> float:
         """Time until the bucket is full again, which is what x-ratelimit-reset-* means."""
-        return (self.limit - self.level) * 60.0 / self.limit
+        return (self.capacity - self.level) * 60.0 / self.limit
 
 
 def _go_duration(seconds: float) -> str:
@@ -111,6 +117,8 @@ class SimStats:
     duplicate_ok: int = 0              # answered OK for a body it had already answered OK
     max_in_flight: int = 0
     first_request_at: float | None = None   # wall clock (time.time()) of the first request
+    last_request_at: float | None = None
+    admitted_per_s: Counter[int] = field(default_factory=Counter)  # requests past the limits, per second of the run
     files_uploaded: int = 0
     batches_created: int = 0
     batches_by_input_file: Counter[str] = field(default_factory=Counter)  # >1 for a file: a duplicate batch
@@ -122,6 +130,7 @@ class SimStats:
         d = asdict(self)
         d["injected"] = dict(self.injected)
         d["batches_by_input_file"] = dict(self.batches_by_input_file)
+        d["admitted_per_s"] = [self.admitted_per_s.get(i, 0) for i in range(max(self.admitted_per_s, default=-1) + 1)]
         d["statuses"] = {str(k): v for k, v in self.statuses.items()}
         return d
 
@@ -179,11 +188,12 @@ class Simulator:
         self.config = config
         self.stats = SimStats()
         self.rng = random.Random(config.seed)
-        self.rpm = _Bucket(config.rpm) if config.rpm else None
-        self.tpm = _Bucket(config.tpm) if config.tpm else None
+        self.rpm = _Bucket(config.rpm, config.limit_window_s) if config.rpm else None
+        self.tpm = _Bucket(config.tpm, config.limit_window_s) if config.tpm else None
         self._counters: dict[str, ChatTokenCounter] = {}
         self._answered: set[bytes] = set()
         self._in_flight = 0
+        self._t0 = time.monotonic()
         self.batch_api = BatchService(self)
 
     def app(self) -> web.Application:
@@ -212,6 +222,7 @@ class Simulator:
         """POST /v1/sim/reset: start the counts over."""
         self.stats = SimStats()
         self._answered.clear()
+        self._t0 = time.monotonic()
         return web.json_response({"ok": True})
 
     async def models(self, request: web.Request) -> web.Response:
@@ -268,6 +279,7 @@ class Simulator:
             self.rpm.take(1)
         if self.tpm is not None:
             self.tpm.take(cost_tokens)
+        self.stats.admitted_per_s[int(now - self._t0)] += 1
         r = self.rng.random
         if cfg.rate_429 and r() < cfg.rate_429:
             self.stats.injected["429"] += 1
@@ -323,8 +335,10 @@ class Simulator:
 
     async def _read(self, request: web.Request) -> tuple[bytes, dict[str, Any]] | web.Response:
         self.stats.requests += 1
+        self.stats.last_request_at = time.time()
         if self.stats.first_request_at is None:
-            self.stats.first_request_at = time.time()
+            self.stats.first_request_at = self.stats.last_request_at
+            self._t0 = time.monotonic()
         raw = await request.read()
         try:
             body = orjson.loads(raw)
