@@ -305,16 +305,16 @@ class ApiClient:
         self._timeout = timeout_s
         self._concurrency = concurrency
         self._transport = transport
-        self._client: httpx.AsyncClient | None = None
+        self._open: httpx.AsyncBaseTransport | None = None
 
     async def __aenter__(self) -> ApiClient:
         headers = {"Content-Type": "application/json", "Accept": "application/json",
                    "User-Agent": "pipeline/0.1"}
         if self._key:
             headers["Authorization"] = f"Bearer {self._key}"
-        transport = self._transport or AiohttpTransport(client=self._session, proxy=_env_proxy(self.base_url))
-        self._client = httpx.AsyncClient(base_url=self.base_url, headers=headers, transport=transport,
-                                         timeout=httpx.Timeout(self._timeout, connect=min(10.0, self._timeout)))
+        self._headers = list(headers.items())
+        self._timeouts = httpx.Timeout(self._timeout, connect=min(10.0, self._timeout)).as_dict()
+        self._open = self._transport or AiohttpTransport(client=self._session, proxy=_env_proxy(self.base_url))
         self._urls: dict[str, httpx.URL] = {}
         return self
 
@@ -333,17 +333,28 @@ class ApiClient:
         return u
 
     async def __aexit__(self, *exc: object) -> None:
-        if self._client is not None:
-            await self._client.aclose()
+        if self._open is not None:
+            await self._open.aclose()
 
     async def post(self, path: str, body: bytes) -> tuple[int, httpx.Headers, bytes]:
-        """Send one body; connection-level failures become TransientError (retried)."""
-        assert self._client is not None, "use ApiClient as an async context manager"
+        """Send one body; connection-level failures become TransientError (retried).
+
+        The request goes straight to the transport: httpx.AsyncClient's layers (URL and header merging,
+        auth flow, redirects, cookies, event hooks) did nothing for these requests but took a quarter of the
+        client's CPU at full speed (py-spy, bench/compare.py workload 1).
+        """
+        assert self._open is not None, "use ApiClient as an async context manager"
+        request = httpx.Request("POST", self.url(path), headers=self._headers, content=body,
+                                extensions={"timeout": self._timeouts})
         try:
             # httpx's timeouts bound each socket read; a body that trickles in needs an overall deadline too.
             async with asyncio.timeout(self._timeout):
-                resp = await self._client.post(self.url(path), content=body)
-            return resp.status_code, resp.headers, resp.content
+                resp = await self._open.handle_async_request(request)
+                try:
+                    content = await resp.aread()
+                finally:
+                    await resp.aclose()
+            return resp.status_code, resp.headers, content
         except (httpx.TimeoutException, TimeoutError) as e:
             cause = e.__cause__
             # httpx-aiohttp maps every aiohttp connection error (refused, reset) to ConnectTimeout; undo that.

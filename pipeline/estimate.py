@@ -154,11 +154,13 @@ class EstimateBuilder:
 
 def estimate_source(job: Job, source: Source, renderer: Renderer, price: Price | None, *,
                     limit: int | None = None, settled: Callable[[list[str]], Mapping[str, Any]] | None = None,
-                    on_chunk: Callable[[int], None] | None = None) -> tuple[Estimate, array[int] | None]:
+                    on_chunk: Callable[[int], None] | None = None,
+                    counted: array[int] | None = None) -> tuple[Estimate, array[int] | None]:
     """Render every row (sending nothing) and add up what a run will cost.
 
     With ``settled`` (the journal's lookup), rows answered before cost nothing, and the positions of the rows
-    still to send come back too (None when that is every row, or without ``settled``).
+    still to send come back too (None when that is every row, or without ``settled``). ``counted`` is filled
+    with each row's prompt tokens by position (0 for rows not counted), for the run to reuse.
     """
     builder = EstimateBuilder(job, price)
     todo: array[int] = array("q")
@@ -167,6 +169,10 @@ def estimate_source(job: Job, source: Source, renderer: Renderer, price: Price |
         builder.add(rendered, done=rendered.settled.keys())
         if settled is not None:
             todo.extend(r.row for r in rendered.requests if r.key not in rendered.settled)
+        if counted is not None:  # chunks come in input order, so positions index the array directly
+            counted.extend(array(counted.typecode, bytes(counted.itemsize * chunk.height)))
+            for r in rendered.requests:
+                counted[r.row] = r.prompt_tokens
         if on_chunk is not None:
             on_chunk(chunk.height)
     est = builder.finish()

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -245,13 +245,15 @@ class Renderer:
             return orjson.dumps({**self._body_head, "input": messages[0]["content"]})
         return orjson.dumps({**self._body_head, "messages": messages})
 
-    def render_chunk(self, chunk: pl.DataFrame,
-                     settled: Callable[[list[str]], Mapping[str, Any]] | None = None) -> RenderedChunk:
+    def render_chunk(self, chunk: pl.DataFrame, settled: Callable[[list[str]], Mapping[str, Any]] | None = None,
+                     counted: Sequence[int] | None = None) -> RenderedChunk:
         """Render every row of a chunk, counting prompt tokens in one batch.
 
         ``settled`` (the journal's lookup) maps keys to answers already on record; those requests are not
         sent again, so their tokens are not counted (``prompt_tokens`` is 0) and their answers come back in
         ``RenderedChunk.settled``. Resuming a nearly finished job spends its time where the work is.
+        ``counted`` holds prompt tokens by row position from an earlier pass (the estimate), so a run does
+        not tokenize every row twice; rows it has no count for (0) are counted here.
         """
         rows = chunk.get_column(ROW).to_list()
         ids = chunk.get_column(self.id_column).to_list() if self.id_column else rows
@@ -276,12 +278,21 @@ class Renderer:
             body = self.body(msgs)
             pending.append((row, row_id, keep, msgs, body, request_key(endpoint, body)))
         known = dict(settled([p[5] for p in pending])) if settled is not None else {}
+        have = counted if counted is not None else ()
+        n_have = len(have)
+
+        def recorded(row: int) -> int:
+            return have[row] if row < n_have else 0
+
         variable = [i for i, p in enumerate(self.parts) if p.template is not None]
-        texts = [p[3][i]["content"] for p in pending if p[5] not in known for i in variable]
+        texts = [p[3][i]["content"] for p in pending if p[5] not in known and not recorded(p[0]) for i in variable]
         counts = iter(self.counter.count_texts(texts))
         max_out = self.job.request.max_tokens
         requests = []
         for row, row_id, keep, _msgs, body, key in pending:
-            tokens = 0 if key in known else self.fixed_tokens + sum(next(counts) for _ in variable)
+            if key in known:
+                tokens = 0
+            else:
+                tokens = recorded(row) or self.fixed_tokens + sum(next(counts) for _ in variable)
             requests.append(Request(row, row_id, key, body, tokens, max_out, keep))
         return RenderedChunk(requests=requests, skipped=skipped, settled=known)

@@ -179,7 +179,8 @@ def run(job: Job, *, base_url: str | None = None, limit: int | None = None, fres
         lookup = store.reader(retry_failed=retry_failed)
         try:
             settled = _with_batched_as_done(lookup, in_batches) if in_batches else lookup
-            est, todo = estimate_source(job, source, renderer, price, limit=limit, settled=settled)
+            counted: array[int] = array("i")
+            est, todo = estimate_source(job, source, renderer, price, limit=limit, settled=settled, counted=counted)
         finally:
             lookup.close()
         check_free_space(paths, est.rows)
@@ -188,9 +189,10 @@ def run(job: Job, *, base_url: str | None = None, limit: int | None = None, fres
         if mode == "batch":
             _check_batch_budget(job, est)
             return _run_batches(job, url, key, source, renderer, key_schema, paths, store, est, todo, in_batches,
-                                price, limit=limit, retry_failed=retry_failed, wait=wait, on_batches=on_batches,
-                                handle_signals=handle_signals)
-        return _execute(job, url, key, source, renderer, key_schema, paths, store, est, todo, price, limit=limit,
+                                price, counted, limit=limit, retry_failed=retry_failed, wait=wait,
+                                on_batches=on_batches, handle_signals=handle_signals)
+        return _execute(job, url, key, source, renderer, key_schema, paths, store, est, todo, price, counted,
+                        limit=limit,
                         retry_failed=retry_failed, transport=transport, on_progress=on_progress,
                         handle_signals=handle_signals, grace_s=grace_s)
     finally:
@@ -240,7 +242,8 @@ def _sink(job: Job, paths: OutputPaths, key_schema: dict[str, pl.DataType]) -> t
 
 def _run_batches(job: Job, url: str, key: str | None, source: Source, renderer: Renderer,
                  key_schema: dict[str, pl.DataType], paths: OutputPaths, journal: Journal, est: Estimate,
-                 todo: array[int] | None, in_batches: set[int], price: Price | None, *, limit: int | None,
+                 todo: array[int] | None, in_batches: set[int], price: Price | None, counted: array[int], *,
+                 limit: int | None,
                  retry_failed: bool, wait: bool, on_batches: Callable[[list[BatchPart]], None] | None,
                  handle_signals: bool) -> RunResult:
     started = datetime.now(tz=UTC)
@@ -257,7 +260,7 @@ def _run_batches(job: Job, url: str, key: str | None, source: Source, renderer: 
             batches = BatchRun(job, api, journal, paths, price, checker=sink.checker,
                                embedding_dims=sink.embedding_dims, stats=stats, stop=stop, on_batches=on_batches)
             rows = {} if todo is None else {"rows": todo}
-            chunks = (renderer.render_chunk(c, settled=lookup)
+            chunks = (renderer.render_chunk(c, settled=lookup, counted=counted)
                       for c in iter_chunks(source, renderer.columns, chunk_rows=RUN_CHUNK_ROWS, limit=limit, **rows))
             try:
                 batches.submit(chunks, in_batches)
@@ -319,7 +322,7 @@ def _stop_on_signals(stop: threading.Event, reasons: list[StopRun], job: Job) ->
 
 def _execute(job: Job, url: str, key: str | None, source: Source, renderer: Renderer,
              key_schema: dict[str, pl.DataType], paths: OutputPaths, journal: Journal, est: Estimate,
-             todo: array[int] | None, price: Price | None, *,
+             todo: array[int] | None, price: Price | None, counted: array[int], *,
              limit: int | None, retry_failed: bool, transport: httpx.AsyncBaseTransport | None,
              on_progress: Callable[[RunStats], None] | None, handle_signals: bool, grace_s: float) -> RunResult:
     started = datetime.now(tz=UTC)
@@ -334,7 +337,7 @@ def _execute(job: Job, url: str, key: str | None, source: Source, renderer: Rend
         phases = [{}] if todo is None else [{"rows": todo}, {"except_rows": todo}]
         for phase in phases:
             for c in iter_chunks(source, renderer.columns, chunk_rows=RUN_CHUNK_ROWS, limit=limit, **phase):
-                yield renderer.render_chunk(c, settled=lookup)
+                yield renderer.render_chunk(c, settled=lookup, counted=counted)
 
     stopped: PipelineError | None = None
     stats: RunStats

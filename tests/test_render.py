@@ -141,3 +141,27 @@ def test_templates_that_do_more_than_substitute_use_jinja(make_job):
     job = Job.load(make_job(request='model = "m"\nprompt = "{{ text | upper }} {% if rating > 3 %}!{% endif %}"'))
     r = Renderer(job, open_source(job.input.path))
     assert all(p.pieces is None for p in r.parts)
+
+
+def test_token_counts_from_the_estimate_pass_are_reused_not_recounted(make_job, monkeypatch):
+    from array import array
+
+    from pipeline.estimate import estimate_source
+    from pipeline.pricing import price_for
+
+    job = Job.load(make_job(rows=30))
+    src = open_source(job.input.path)
+    r = Renderer(job, src)
+    counted: array[int] = array("i")
+    estimate_source(job, src, r, price_for(job), counted=counted)
+    fresh = [q.prompt_tokens for c in iter_chunks(src, r.columns, chunk_rows=7) for q in r.render_chunk(c).requests]
+    assert list(counted) == fresh and all(fresh)
+
+    def no_counting(texts):
+        assert not texts, "rows with a count from the estimate pass were tokenized again"
+        return []
+
+    monkeypatch.setattr(r.counter, "count_texts", no_counting)
+    reused = [q.prompt_tokens for c in iter_chunks(src, r.columns, chunk_rows=7)
+              for q in r.render_chunk(c, counted=counted).requests]
+    assert reused == fresh
