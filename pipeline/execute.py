@@ -20,7 +20,6 @@ from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
 
-import orjson
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt
 from tenacity.wait import wait_random_exponential
 
@@ -30,7 +29,7 @@ from pipeline.job import RequestSpec
 from pipeline.journal import Journal, Outcome
 from pipeline.limits import RateBudget
 from pipeline.pricing import Price, Usage
-from pipeline.render import RenderedChunk, Request
+from pipeline.render import RenderedChunk, Request, embeddings_batch_body
 from pipeline.sink import PartWriter
 from pipeline.structured import AnswerChecker
 
@@ -259,9 +258,7 @@ class Executor:
         reserve = self._input_cost(tokens) if self.max_cost_usd is not None else None
         if not self._reserve(reserve):
             return [(r, None) for r in batch]
-        head = orjson.loads(batch[0].body)
-        head["input"] = [orjson.loads(r.body)["input"] for r in batch]
-        body = orjson.dumps(head)
+        body = embeddings_batch_body([r.body for r in batch])
         attempts = [0]
         try:
             got = await self._call(tokens, lambda: self.client.embed(body, len(batch)), attempts)
@@ -301,9 +298,12 @@ class Executor:
                 :a.prompt_tokens - sum(shares)]:
             shares[i] += 1
         dims = self.embedding_dims
+        # One price for the request, split like its tokens (embeddings have no tiers: cost is linear in tokens).
+        batch_cost = self._input_cost(a.prompt_tokens)
+        per_token = batch_cost / a.prompt_tokens if batch_cost is not None and a.prompt_tokens else 0.0
         out: list[tuple[Request, Outcome | None]] = []
         for r, vec, share in zip(batch, a.vectors, shares, strict=True):
-            cost = self._input_cost(share)
+            cost = None if batch_cost is None else share * per_token
             if dims is not None and len(vec) != 4 * dims:
                 out.append((r, Outcome(r.key, "error", model=a.model, prompt_tokens=share, cost_usd=cost,
                                        attempts=attempts, latency_ms=latency_ms, error_type="wrong_dimensions",

@@ -100,6 +100,18 @@ def request_key(endpoint: str, body: bytes) -> str:
     return hashlib.blake2b(endpoint.encode() + b"\n" + body, digest_size=16).hexdigest()
 
 
+def embeddings_batch_body(bodies: list[bytes]) -> bytes:
+    """One embeddings request for many rows, spliced from their own bodies without parsing them.
+
+    Every row body of a job is ``{<the same head>,"input":<JSON string>}`` ("input" last, see ``body``), and
+    ``,"input":`` cannot occur inside the head or inside a JSON string (its quotes would be escaped), so the
+    inputs are the bytes after it, up to the closing brace.
+    """
+    cut = bodies[0].index(b',"input":')
+    start = cut + len(b',"input":')
+    return bodies[0][:cut] + b',"input":[' + b",".join(b[start:-1] for b in bodies) + b"]}"
+
+
 def schema_name(job_name: str) -> str:
     """A Structured Outputs schema name: ``[a-zA-Z0-9_-]``, at most 64 characters."""
     return (re.sub(r"[^a-zA-Z0-9_-]", "_", job_name) or "result")[:64]
