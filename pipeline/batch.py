@@ -208,13 +208,8 @@ class BatchRun:
                 found[k] = Outcome(k, "error", error=f"no result: the batch ended {status}{why}",
                                    error_type=f"batch_{status}", retryable=status in RETRY_AFTER_END)
         self.journal.collect_part(part.part, list(found.values()))
-        s = self.stats
         for o in found.values():
-            s.cost_usd += o.cost_usd or 0.0
-            s.prompt_tokens += o.prompt_tokens or 0
-            s.completion_tokens += o.completion_tokens or 0
-            s.cached_tokens += o.cached_tokens or 0
-            s.reasoning_tokens += o.reasoning_tokens or 0
+            self.stats.spend(o)
 
     def _read_results(self, file_id: str, wanted: set[str]) -> dict[str, Outcome]:
         """Stream-parse a results file (retried whole if the download breaks off)."""
@@ -341,13 +336,7 @@ def write_rows(chunks: Iterator[RenderedChunk], sink: PartWriter, key_of_row: Ca
             duplicate = kid in seen
             seen.add(kid)
             sink.add(req.row, key_of_row(req), outcome, deduplicated=duplicate)
-            stats.rows_done += 1
-            if outcome.status == "ok":
-                stats.ok += 1
-            else:
-                stats.failed += 1
-                stats.errors[outcome.error_type or "error"] += 1
-            stats.deduplicated += duplicate
+            stats.count(outcome, deduplicated=duplicate)
 
 
 def describe_part(part: BatchPart) -> str:

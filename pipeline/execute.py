@@ -67,6 +67,27 @@ class RunStats:
         """Seconds since the run started."""
         return time.monotonic() - self.started
 
+    def spend(self, outcome: Outcome) -> None:
+        """What an answer received in this run cost: its tokens and dollars."""
+        self.cost_usd += outcome.cost_usd or 0.0
+        self.prompt_tokens += outcome.prompt_tokens or 0
+        self.completion_tokens += outcome.completion_tokens or 0
+        self.cached_tokens += outcome.cached_tokens or 0
+        self.reasoning_tokens += outcome.reasoning_tokens or 0
+
+    def count(self, outcome: Outcome, *, deduplicated: bool = False, resumed: bool = False) -> None:
+        """One row written to the output with ``outcome`` (either mode counts rows the same way)."""
+        self.rows_done += 1
+        if outcome.status == "ok":
+            self.ok += 1
+        else:
+            self.failed += 1
+            self.errors[outcome.error_type or "error"] += 1
+        if deduplicated:
+            self.deduplicated += 1
+        elif resumed:
+            self.resumed += 1
+
 
 def retry_policy(max_attempts: int, sleep: Callable[[float], Any] = asyncio.sleep) -> AsyncRetrying:
     """The one retry policy: transient errors only, up to ``max_attempts`` tries, honouring retry-after."""
@@ -416,13 +437,7 @@ class Executor:
         """
         self.journal.add(outcome)
         self._ready.append((key, outcome))
-        s = self.stats
-        if outcome.cost_usd is not None:
-            s.cost_usd += outcome.cost_usd
-        s.prompt_tokens += outcome.prompt_tokens or 0
-        s.completion_tokens += outcome.completion_tokens or 0
-        s.cached_tokens += outcome.cached_tokens or 0
-        s.reasoning_tokens += outcome.reasoning_tokens or 0
+        self.stats.spend(outcome)
         if not self._flush_scheduled:
             self._flush_scheduled = True
             asyncio.get_running_loop().call_soon(self._flush)
@@ -443,18 +458,8 @@ class Executor:
                 self._emit(follower, outcome, deduplicated=True, resumed=False)
 
     def _emit(self, req: Request, outcome: Outcome, *, deduplicated: bool, resumed: bool) -> None:
-        s = self.stats
         self.sink.add(req.row, self.key_of_row(req), outcome, deduplicated=deduplicated)
-        s.rows_done += 1
-        if outcome.status == "ok":
-            s.ok += 1
-        else:
-            s.failed += 1
-            s.errors[outcome.error_type or "error"] += 1
-        if deduplicated:
-            s.deduplicated += 1
-        elif resumed:
-            s.resumed += 1
+        self.stats.count(outcome, deduplicated=deduplicated, resumed=resumed)
 
     async def _tick(self) -> None:
         assert self.on_progress is not None
