@@ -13,6 +13,7 @@ from functools import wraps
 from typing import Any, TypeVar
 
 import click
+from rich import box
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
@@ -255,7 +256,7 @@ def batches(args: tuple[str, ...], base_url: str | None, offline: bool) -> None:
         for w in listing.warnings:
             console.print(f"[yellow]warning:[/] {escape(w)}")
         if listing.parts:
-            t = Table(show_header=True, header_style="bold")
+            t = Table(show_header=True, header_style="bold", box=box.SIMPLE)  # fits 80 columns
             for col in ("part", "batch", "status", "total", "completed", "failed", "collected"):
                 t.add_column(col, justify="right" if col in ("part", "total", "completed", "failed") else "left",
                              no_wrap=col in ("batch", "status"))
