@@ -390,6 +390,11 @@ def cancel_batches(job_path: str, *, base_url: str | None = None) -> list[str]:
         return [f"{job_path}: no batches (no journal at {paths.journal})"]
     lines: list[str] = []
     with Journal(paths.journal) as journal, _client(job, base_url) as api:
+        for p in journal.parts(active=True):
+            if p.batch_id is None:  # written (maybe uploaded) but never a batch: forget it, its rows go back to plan
+                journal.drop_part(p.part)
+                Path(p.path).unlink(missing_ok=True)
+                lines.append(f"part {p.part}: not submitted yet; dropped ({p.requests:,} rows will be planned again)")
         open_parts = [p for p in journal.parts(active=True) if p.batch_id and p.status not in FINAL]
         for p in open_parts:
             assert p.batch_id is not None
@@ -400,7 +405,7 @@ def cancel_batches(job_path: str, *, base_url: str | None = None) -> list[str]:
                 continue
             p = journal.update_part(p.part, status=str(b.get("status")), counts=_counts(b))
             lines.append(describe_part(p))
-        if not open_parts:
+        if not open_parts and not lines:
             lines.append(f"{job_path}: no open batches")
     return lines
 

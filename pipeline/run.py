@@ -151,6 +151,8 @@ def run(job: Job, *, base_url: str | None = None, limit: int | None = None, fres
     mode = mode or job.request.mode
     if mode not in MODES:
         raise UsageError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+    if mode == "batch" and not journal:
+        raise UsageError("Batch API mode needs the journal: it is where submitted files and batches are recorded")
     if data is not None:
         job = _with_frame_input(job, data)
     url = resolve_base_url(job, base_url)

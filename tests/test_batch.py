@@ -287,3 +287,19 @@ def test_finding_a_batch_by_its_input_file_pages_through_the_providers_list(sim)
             assert oldest is not None and oldest["input_file_id"] == ids[0]
             assert api.find("file-unknown", since=0) is None
             assert api.find(ids[0], since=time.time() + 3600) is None  # stops at batches older than asked
+
+
+def test_cancel_drops_files_never_submitted_so_the_job_can_run_online(make_job, sim):
+    job = batch_job(make_job, rows=40)
+    with Journal("out/result.journal.sqlite") as j:  # as a run killed between writing a file and its batch leaves it
+        Path("out/result.batches").mkdir(parents=True)
+        left = Path("out/result.batches/part-x.jsonl")
+        left.write_text("{}\n")
+        j.add_part(str(left), ["k1", "k2"], 3)
+    with sim() as s:
+        assert "still open" in run_cli("run", job, "--base-url", s.base_url, "--mode", "online", "--yes").output
+        cancelled = run_cli("batches", "cancel", job, "--base-url", s.base_url)
+        assert cancelled.exit_code == 0 and "not submitted yet; dropped" in cancelled.output
+        assert not left.exists()
+        online = run_cli("run", job, "--base-url", s.base_url, "--mode", "online", "--yes")
+        assert online.exit_code == 0, online.output
