@@ -10,9 +10,10 @@ trades durability against power loss (not process death) for speed, as WAL allow
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, fields
 from operator import attrgetter
 from pathlib import Path
@@ -61,6 +62,7 @@ CREATE TABLE IF NOT EXISTS batch_parts (
 CREATE TABLE IF NOT EXISTS batch_items (key TEXT PRIMARY KEY, part INTEGER);
 """
 _SELECT = ", ".join(_COLUMNS)
+_INSERT = f"INSERT OR REPLACE INTO outcomes VALUES ({', '.join('?' * (len(_COLUMNS) + 1))})"
 _PART_COLUMNS = ("part, path, requests, bytes, file_id, batch_id, status, counts, output_file_id, error_file_id, "
                  "created_at, collected")
 
@@ -133,13 +135,21 @@ class Journal:
         if not self._pending:
             return
         rows, self._pending = self._pending, []
-        marks = ", ".join("?" * (len(_COLUMNS) + 1))
+        try:
+            with self._transaction():
+                self._db.executemany(_INSERT, rows)
+        except OutputError:
+            self._pending = rows + self._pending
+            raise
+
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[None]:
+        """One atomic write: all of it is committed, or none of it (and the error names the journal)."""
         try:
             self._db.execute("BEGIN")
-            self._db.executemany(f"INSERT OR REPLACE INTO outcomes VALUES ({marks})", rows)
+            yield
             self._db.execute("COMMIT")
         except sqlite3.Error as e:
-            self._pending = rows + self._pending
             if self._db.in_transaction:
                 self._db.execute("ROLLBACK")
             raise OutputError(f"{self.path}: cannot write the journal: {e}") from None
@@ -163,17 +173,11 @@ class Journal:
 
     def add_part(self, path: str, keys: Sequence[str], size: int) -> BatchPart:
         """Record a written batch input file and the request keys in it, in one transaction."""
-        try:
-            self._db.execute("BEGIN")
+        with self._transaction():
             cur = self._db.execute("INSERT INTO batch_parts (path, requests, bytes, created_at, collected) "
                                    "VALUES (?, ?, ?, ?, 0)", (path, len(keys), size, time.time()))
             part = int(cur.lastrowid or 0)
             self._db.executemany("INSERT OR REPLACE INTO batch_items VALUES (?, ?)", ((k, part) for k in keys))
-            self._db.execute("COMMIT")
-        except sqlite3.Error as e:
-            if self._db.in_transaction:
-                self._db.execute("ROLLBACK")
-            raise OutputError(f"{self.path}: cannot write the journal: {e}") from None
         found = self.part(part)
         assert found is not None
         return found
@@ -181,10 +185,8 @@ class Journal:
     def update_part(self, part: int, **values: Any) -> BatchPart:
         """Record what the provider said about a part (its file id, batch id, status, counts)."""
         names = ", ".join(f"{k} = ?" for k in values)
-        try:
+        with self._transaction():
             self._db.execute(f"UPDATE batch_parts SET {names} WHERE part = ?", (*values.values(), part))
-        except sqlite3.Error as e:
-            raise OutputError(f"{self.path}: cannot write the journal: {e}") from None
         found = self.part(part)
         assert found is not None
         return found
@@ -206,26 +208,17 @@ class Journal:
 
     def drop_part(self, part: int) -> None:
         """Forget a part that never reached the provider (its local file is gone): its rows are planned again."""
-        self._db.execute("BEGIN")
-        self._db.execute("DELETE FROM batch_items WHERE part = ?", (part,))
-        self._db.execute("DELETE FROM batch_parts WHERE part = ?", (part,))
-        self._db.execute("COMMIT")
+        with self._transaction():
+            self._db.execute("DELETE FROM batch_items WHERE part = ?", (part,))
+            self._db.execute("DELETE FROM batch_parts WHERE part = ?", (part,))
 
     def collect_part(self, part: int, outcomes: Sequence[Outcome]) -> None:
         """Record a finished batch's outcomes and mark it collected, in one transaction: a kill during
         collection leaves it uncollected, and the rerun downloads its results again."""
-        marks = ", ".join("?" * (len(_COLUMNS) + 1))
         now = time.time()
-        try:
-            self._db.execute("BEGIN")
-            self._db.executemany(f"INSERT OR REPLACE INTO outcomes VALUES ({marks})",
-                                 ((*_as_row(o), now) for o in outcomes))
+        with self._transaction():
+            self._db.executemany(_INSERT, ((*_as_row(o), now) for o in outcomes))
             self._db.execute("UPDATE batch_parts SET collected = 1 WHERE part = ?", (part,))
-            self._db.execute("COMMIT")
-        except sqlite3.Error as e:
-            if self._db.in_transaction:
-                self._db.execute("ROLLBACK")
-            raise OutputError(f"{self.path}: cannot write the journal: {e}") from None
 
     def count(self) -> dict[str, int]:
         """Outcomes by status, for reports."""
