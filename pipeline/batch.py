@@ -33,7 +33,7 @@ from pipeline.client import (
     resolve_base_url,
 )
 from pipeline.errors import AbortError, OutputError, ProviderError, TransientError
-from pipeline.execute import RunStats, answer_outcome
+from pipeline.execute import RunStats, answer_outcome, unsendable_input
 from pipeline.job import Job
 from pipeline.journal import BatchPart, Journal, Outcome
 from pipeline.pricing import Price, Usage
@@ -109,21 +109,19 @@ class BatchRun:
 
     def _unsendable(self, req: Request) -> bool:
         """Embeddings rows too long for the model (or empty) fail alone, before anything is sent."""
-        spec = self.job.request
-        if not spec.is_embeddings or 0 < req.prompt_tokens <= spec.max_input_tokens:
+        if not self.job.request.is_embeddings:
             return False
-        why = (f"the input has {req.prompt_tokens} tokens, more than the model takes ({spec.max_input_tokens})"
-               if req.prompt_tokens else "the input is empty")
-        self.journal.add(Outcome(req.key, "error", prompt_tokens=req.prompt_tokens, error=why,
-                                 error_type="input_too_long" if req.prompt_tokens else "empty_input"))
-        return True
+        refused = unsendable_input(req, self.job.request)
+        if refused is not None:
+            self.journal.add(refused)
+        return refused is not None
 
     def _submit(self, part: BatchPart, *, resumed: bool) -> None:
         """Upload a written part and create its batch, recording each id at once."""
         if part.file_id is None:
             path = Path(part.path)
-            if not path.exists():  # written by a run killed before the upload, then removed: plan it again
-                self.journal.drop_part(part.part)
+            if not path.exists():  # written by a killed run, then removed: forget it; the next run plans its rows
+                self.journal.drop_part(part.part)  # (this one counted them as in a batch before it got here)
                 return
             name = f"{self.job.name}-part{part.part:04d}.jsonl"
             file_id = self._provider(lambda: self.api.upload(path, name), f"uploading {path.name}")

@@ -235,12 +235,9 @@ class Executor:
         """Embeddings: rows travel in batches of up to batch_size inputs and batch_tokens tokens."""
         spec = self.embeddings
         assert spec is not None
-        if req.prompt_tokens > spec.max_input_tokens or req.prompt_tokens == 0:
-            # Failed alone, never sent: one bad row must not fail the batch it would have joined.
-            why = (f"the input has {req.prompt_tokens} tokens, more than the model takes "
-                   f"({spec.max_input_tokens})" if req.prompt_tokens else "the input is empty")
-            self._complete(req.key, Outcome(req.key, "error", prompt_tokens=req.prompt_tokens, error=why,
-                                            error_type="input_too_long" if req.prompt_tokens else "empty_input"))
+        refused = unsendable_input(req, spec)
+        if refused is not None:
+            self._complete(req.key, refused)
             return
         cap = min(spec.batch_tokens, self.budget.tpm or spec.batch_tokens)
         if self._batch and (len(self._batch) >= spec.batch_size or self._batch_tokens + req.prompt_tokens > cap):
@@ -466,6 +463,20 @@ class Executor:
         while True:
             await asyncio.sleep(PROGRESS_EVERY_S)
             self.on_progress(self.stats)
+
+
+def unsendable_input(req: Request, spec: RequestSpec) -> Outcome | None:
+    """The failed outcome of an embeddings row too long for the model, or empty; None when it can be sent.
+
+    Such a row fails alone, before anything is sent: it must not fail the request (or Batch API file) it
+    would have joined.
+    """
+    if 0 < req.prompt_tokens <= spec.max_input_tokens:
+        return None
+    why = (f"the input has {req.prompt_tokens} tokens, more than the model takes ({spec.max_input_tokens})"
+           if req.prompt_tokens else "the input is empty")
+    return Outcome(req.key, "error", prompt_tokens=req.prompt_tokens, error=why,
+                   error_type="input_too_long" if req.prompt_tokens else "empty_input")
 
 
 def answer_outcome(key: str, a: Answer, price: Price | None, *, attempts: int, latency_ms: float | None,
