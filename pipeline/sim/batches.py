@@ -18,6 +18,8 @@ from typing import TYPE_CHECKING, Any
 import orjson
 from aiohttp import web
 
+from pipeline.sim.errors import SimFailure, error_response
+
 if TYPE_CHECKING:
     from pipeline.sim.server import Simulator
 
@@ -42,14 +44,11 @@ class _File:
 
 
 def _not_found(what: str, id_: str) -> web.Response:
-    body = {"error": {"message": f"No such {what}: '{id_}'", "type": "invalid_request_error", "param": None,
-                      "code": None}}
-    return web.Response(status=404, body=orjson.dumps(body), content_type="application/json")
+    return error_response(404, f"No such {what}: '{id_}'")
 
 
 def _bad(message: str) -> web.Response:
-    body = {"error": {"message": message, "type": "invalid_request_error", "param": None, "code": None}}
-    return web.Response(status=400, body=orjson.dumps(body), content_type="application/json")
+    return error_response(400, message)
 
 
 class BatchService:
@@ -79,19 +78,11 @@ class BatchService:
         self._n += 1
         return f"{prefix}-sim{self._n:06d}" if prefix == "file" else f"{prefix}_sim{self._n:06d}"
 
-    def _authorised(self, request: web.Request) -> web.Response | None:
-        key = self.sim.config.api_key
-        if key is not None and request.headers.get("Authorization") != f"Bearer {key}":
-            body = {"error": {"message": "Incorrect API key provided.", "type": "invalid_request_error",
-                              "param": None, "code": "invalid_api_key"}}
-            return web.Response(status=401, body=orjson.dumps(body), content_type="application/json")
-        return None
-
     # -- files -------------------------------------------------------------------------------------------------
 
     async def upload(self, request: web.Request) -> web.Response:
         """POST /v1/files (multipart: ``file`` and ``purpose``)."""
-        if (denied := self._authorised(request)) is not None:
+        if (denied := self.sim.unauthorised(request)) is not None:
             return denied
         try:
             form = await request.post()
@@ -129,7 +120,7 @@ class BatchService:
 
     async def create(self, request: web.Request) -> web.StreamResponse:
         """POST /v1/batches."""
-        if (denied := self._authorised(request)) is not None:
+        if (denied := self.sim.unauthorised(request)) is not None:
             return denied
         try:
             body = orjson.loads(await request.read())
@@ -243,8 +234,6 @@ class BatchService:
 
     def _answer(self, line: dict[str, Any], endpoint: str) -> tuple[bool, dict[str, Any]]:
         """One line's result line: (ok, line as written to the output or error file)."""
-        from pipeline.sim.server import SimFailure
-
         sim = self.sim
         rid = f"batch_req_{sim.stats.batch_lines:08d}"
         sim.stats.batch_lines += 1

@@ -32,6 +32,7 @@ from aiohttp import web
 
 from pipeline.sim import answers
 from pipeline.sim.batches import BatchService
+from pipeline.sim.errors import SimFailure, error_response
 from pipeline.tokens import ChatTokenCounter, encoding_name_for_model, get_encoding
 
 BANNER = ("pipeline simulator: a local stand-in for an OpenAI-compatible API. "
@@ -135,30 +136,6 @@ class SimStats:
         return d
 
 
-def _error(status: int, message: str, type_: str, code: str | None, headers: dict[str, str] | None = None,
-           param: str | None = None) -> web.Response:
-    body = {"error": {"message": message, "type": type_, "param": param, "code": code}}
-    return web.Response(status=status, body=orjson.dumps(body), content_type="application/json", headers=headers)
-
-
-class SimFailure(Exception):
-    """A request the simulator refuses, as an OpenAI error body: an HTTP response online, an error line in
-    a batch's error file."""
-
-    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", code: str | None = None,
-                 param: str | None = None) -> None:
-        super().__init__(message)
-        self.status, self.message, self.type, self.code, self.param = status, message, type_, code, param
-
-    def body(self) -> dict[str, Any]:
-        """The JSON error body."""
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
-
-    def response(self) -> web.Response:
-        """The HTTP answer."""
-        return web.Response(status=self.status, body=orjson.dumps(self.body()), content_type="application/json")
-
-
 @dataclass
 class ChatCall:
     """A checked chat body and its prompt tokens."""
@@ -242,19 +219,26 @@ class Simulator:
                 h[f"x-ratelimit-reset-{name}"] = _go_duration(bucket.reset_s())
         return h
 
+    def unauthorised(self, request: web.Request) -> web.Response | None:
+        """The 401 a request without the simulator's key gets (when it was started with one)."""
+        key = self.config.api_key
+        if key is not None and request.headers.get("Authorization") != f"Bearer {key}":
+            return error_response(401, "Incorrect API key provided. You can find your API key in your account "
+                                       "settings.", "invalid_request_error", "invalid_api_key")
+        return None
+
     async def _admit(self, request: web.Request, raw: bytes, body: dict[str, Any], cost_tokens: int,
                      model: str) -> web.Response | None:
         """Everything that can refuse a request before it is answered; None means: answer it."""
         cfg = self.config
-        if cfg.api_key is not None and request.headers.get("Authorization") != f"Bearer {cfg.api_key}":
-            return _error(401, "Incorrect API key provided. You can find your API key in your account settings.",
-                          "invalid_request_error", "invalid_api_key")
+        if (denied := self.unauthorised(request)) is not None:
+            return denied
         if cfg.models and model not in cfg.models:
-            return _error(404, f"The model `{model}` does not exist or you do not have access to it.",
-                          "invalid_request_error", "model_not_found")
+            return error_response(404, f"The model `{model}` does not exist or you do not have access to it.",
+                                  "invalid_request_error", "model_not_found")
         if cfg.insufficient_quota:
-            return _error(429, "You exceeded your current quota, please check your plan and billing details.",
-                          "insufficient_quota", "insufficient_quota")
+            return error_response(429, "You exceeded your current quota, please check your plan and billing "
+                                       "details.", "insufficient_quota", "insufficient_quota")
         now = time.monotonic()
         waits = []
         if self.rpm is not None:
@@ -271,10 +255,10 @@ class Simulator:
             headers = {**self._rate_headers(), "retry-after": f"{max(1, round(wait))}",
                        "retry-after-ms": f"{wait * 1000:.0f}"}
             asked = 1 if kind == "requests" else cost_tokens
-            return _error(429, f"Rate limit reached for {model} on {kind} per min ({unit}): Limit {bucket.limit}, "
-                               f"Used {bucket.limit - int(bucket.level)}, Requested {asked}. "
-                               f"Please try again in {wait * 1000:.0f}ms.",
-                          "requests" if kind == "requests" else "tokens", "rate_limit_exceeded", headers)
+            return error_response(429, f"Rate limit reached for {model} on {kind} per min ({unit}): Limit "
+                                       f"{bucket.limit}, Used {bucket.limit - int(bucket.level)}, Requested "
+                                       f"{asked}. Please try again in {wait * 1000:.0f}ms.",
+                                  "requests" if kind == "requests" else "tokens", "rate_limit_exceeded", headers)
         if self.rpm is not None:
             self.rpm.take(1)
         if self.tpm is not None:
@@ -283,13 +267,13 @@ class Simulator:
         r = self.rng.random
         if cfg.rate_429 and r() < cfg.rate_429:
             self.stats.injected["429"] += 1
-            return _error(429, "Rate limit reached (injected by the simulator).", "requests", "rate_limit_exceeded",
-                          {**self._rate_headers(), "retry-after-ms": "50"})
+            return error_response(429, "Rate limit reached (injected by the simulator).", "requests",
+                                  "rate_limit_exceeded", {**self._rate_headers(), "retry-after-ms": "50"})
         if cfg.error_rate and r() < cfg.error_rate:
             status = self.rng.choice((500, 502, 503))
             self.stats.injected[str(status)] += 1
-            return _error(status, "The server had an error while processing your request (injected).",
-                          "server_error", None)
+            return error_response(status, "The server had an error while processing your request (injected).",
+                                  "server_error")
         return None
 
     async def _delay(self) -> None:
@@ -343,9 +327,9 @@ class Simulator:
         try:
             body = orjson.loads(raw)
         except orjson.JSONDecodeError:
-            return _error(400, "We could not parse the JSON body of your request.", "invalid_request_error", None)
+            return error_response(400, "We could not parse the JSON body of your request.")
         if not isinstance(body, dict) or not isinstance(body.get("model"), str):
-            return _error(400, "you must provide a model parameter", "invalid_request_error", None, param="model")
+            return error_response(400, "you must provide a model parameter", param="model")
         return raw, body
 
     def _finish(self, resp: web.StreamResponse) -> web.StreamResponse:
