@@ -211,15 +211,15 @@ class BatchRun:
 
     def _read_results(self, file_id: str, wanted: set[str]) -> dict[str, Outcome]:
         """Stream-parse a results file (retried whole if the download breaks off)."""
-        for attempt in self.api.retrying():
-            with attempt:
-                got: dict[str, Outcome] = {}
-                for raw in self.api.lines(file_id):
-                    o = self._line_outcome(raw)
-                    if o is not None and o.key in wanted:
-                        got[o.key] = o
-                return got
-        raise AssertionError("unreachable")  # pragma: no cover
+        def read() -> dict[str, Outcome]:
+            got: dict[str, Outcome] = {}
+            for raw in self.api.lines(file_id):
+                o = self._line_outcome(raw)
+                if o is not None and o.key in wanted:
+                    got[o.key] = o
+            return got
+
+        return self.api.retried(read)
 
     def _line_outcome(self, raw: bytes) -> Outcome | None:
         """One result line as an outcome, priced at the Batch API price; None for a line that is not ours."""

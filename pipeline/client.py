@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import binascii
+import contextlib
 import ipaddress
 import os
 import re
@@ -428,42 +429,48 @@ class BatchClient:
                         wait=wait_server_hint(wait_random_exponential(multiplier=1, max=60)),
                         retry=retry_if_exception_type(TransientError))
 
-    def _once(self, method: str, path: str, **kwargs: Any) -> Any:
+    def retried(self, call: Callable[[], T]) -> T:
+        """``call()`` under the retry policy."""
+        for attempt in self.retrying():
+            with attempt:
+                return call()
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    @contextlib.contextmanager
+    def _errors(self, method: str, path: str) -> Iterator[None]:
+        """Transport failures become TransientError; every error names the call, with the key redacted."""
         try:
-            resp = self._client.request(method, path, **kwargs)
+            yield
         except httpx.TimeoutException:
             raise TransientError(f"{method} {path}: timed out", kind="timeout") from None
         except httpx.TransportError as e:
             reason = redact(str(e) or type(e).__name__, self._key)
             raise TransientError(f"{method} {path}: connection error: {reason}", kind="connection") from None
-        try:
-            return classify(resp.status_code, resp.headers, resp.content, _json_object)
         except ProviderError as e:
             e.args = (redact(f"{method} {path}: {e}", self._key),)
             raise
 
+    def _once(self, method: str, path: str, **kwargs: Any) -> dict[str, Any]:
+        with self._errors(method, path):
+            resp = self._client.request(method, path, **kwargs)
+            return classify(resp.status_code, resp.headers, resp.content, _json_object)  # type: ignore[no-any-return]
+
     def call(self, method: str, path: str, **kwargs: Any) -> dict[str, Any]:
         """One JSON call, retried on transient errors; raises RowError/AbortError for the rest."""
-        for attempt in self.retrying():
-            with attempt:
-                return self._once(method, path, **kwargs)  # type: ignore[no-any-return]
-        raise AssertionError("unreachable")  # pragma: no cover
+        return self.retried(lambda: self._once(method, path, **kwargs))
 
     def upload(self, path: Path, filename: str) -> str:
         """Upload a Batch input file (``purpose = batch``); returns its file id."""
         def send() -> dict[str, Any]:
             with path.open("rb") as fh:  # reopened on each try: a retry must send the whole file again
-                return self._once("POST", "/files", data={"purpose": "batch"},  # type: ignore[no-any-return]
+                return self._once("POST", "/files", data={"purpose": "batch"},
                                   files={"file": (filename, fh, "application/jsonl")})
 
-        for attempt in self.retrying():
-            with attempt:
-                return str(send()["id"])
-        raise AssertionError("unreachable")  # pragma: no cover
+        return str(self.retried(send)["id"])
 
     def create(self, file_id: str, endpoint: str, metadata: dict[str, str]) -> dict[str, Any]:
         """Create a batch (one try: the caller checks for a batch already made before trying again)."""
-        return self._once("POST", "/batches", json={  # type: ignore[no-any-return]
+        return self._once("POST", "/batches", json={
             "input_file_id": file_id, "endpoint": endpoint, "completion_window": "24h", "metadata": metadata})
 
     def find(self, input_file_id: str, since: float) -> dict[str, Any] | None:
@@ -492,26 +499,17 @@ class BatchClient:
     def lines(self, file_id: str) -> Iterator[bytes]:
         """The lines of a file's content, streamed (output files can be hundreds of MB)."""
         path = f"/files/{file_id}/content"
-        try:
-            with self._client.stream("GET", path) as resp:
-                if resp.status_code != 200:
-                    resp.read()
-                    classify(resp.status_code, resp.headers, resp.content, _json_object)
-                buf = b""
-                for chunk in resp.iter_bytes():
-                    buf += chunk
-                    *complete, buf = buf.split(b"\n")
-                    yield from (line for line in complete if line.strip())
-                if buf.strip():
-                    yield buf
-        except httpx.TimeoutException:
-            raise TransientError(f"GET {path}: timed out", kind="timeout") from None
-        except httpx.TransportError as e:
-            raise TransientError(f"GET {path}: connection error: {redact(str(e), self._key)}",
-                                 kind="connection") from None
-        except ProviderError as e:
-            e.args = (redact(f"GET {path}: {e}", self._key),)
-            raise
+        with self._errors("GET", path), self._client.stream("GET", path) as resp:
+            if resp.status_code != 200:
+                resp.read()
+                classify(resp.status_code, resp.headers, resp.content, _json_object)
+            buf = b""
+            for chunk in resp.iter_bytes():
+                buf += chunk
+                *complete, buf = buf.split(b"\n")
+                yield from (line for line in complete if line.strip())
+            if buf.strip():
+                yield buf
 
 
 def _json_object(body: bytes, headers: Any) -> dict[str, Any]:
