@@ -147,9 +147,9 @@ def estimate(job_path: str, as_json: bool, limit: int | None) -> None:
 
 def estimate_line(est: Any, *, batch: bool = False) -> str:
     """The estimate in one line, for the start of a run."""
-    done = f"{est.rows_already_done:,} already answered, " if est.rows_already_done else ""
+    done = (f"{est.rows_already_done:,} already answered{' or in open batches' if batch else ''}, "
+            if est.rows_already_done else "")
     if batch:
-        done = f"{est.rows_already_done:,} already answered or in open batches, " if est.rows_already_done else ""
         expected = (f" (expected {_money(est.batch_cost_usd_expected)})"
                     if est.batch_cost_usd_expected is not None else "")
         return (f"estimate: {est.rows:,} rows, {done}{est.requests:,} requests to submit, {est.prompt_tokens:,} "

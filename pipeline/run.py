@@ -194,8 +194,7 @@ def run(job: Job, *, base_url: str | None = None, limit: int | None = None, fres
                                 price, counted, limit=limit, retry_failed=retry_failed, wait=wait,
                                 on_batches=on_batches, handle_signals=handle_signals)
         return _execute(job, url, key, source, renderer, key_schema, paths, store, est, todo, price, counted,
-                        limit=limit,
-                        retry_failed=retry_failed, transport=transport, on_progress=on_progress,
+                        limit=limit, retry_failed=retry_failed, transport=transport, on_progress=on_progress,
                         handle_signals=handle_signals, grace_s=grace_s)
     finally:
         store.close()
@@ -245,9 +244,8 @@ def _sink(job: Job, paths: OutputPaths, key_schema: dict[str, pl.DataType]) -> t
 def _run_batches(job: Job, url: str, key: str | None, source: Source, renderer: Renderer,
                  key_schema: dict[str, pl.DataType], paths: OutputPaths, journal: Journal, est: Estimate,
                  todo: array[int] | None, in_batches: set[int], price: Price | None, counted: array[int], *,
-                 limit: int | None,
-                 retry_failed: bool, wait: bool, on_batches: Callable[[list[BatchPart]], None] | None,
-                 handle_signals: bool) -> RunResult:
+                 limit: int | None, retry_failed: bool, wait: bool,
+                 on_batches: Callable[[list[BatchPart]], None] | None, handle_signals: bool) -> RunResult:
     started = datetime.now(tz=UTC)
     t0 = time.monotonic()
     stats = RunStats(rows_total=est.rows)
@@ -277,7 +275,7 @@ def _run_batches(job: Job, url: str, key: str | None, source: Source, renderer: 
         lookup.close()
         answered = journal.reader(any_outcome=True)
         try:
-            write_rows((renderer.render_chunk(c, settled=answered)
+            write_rows((renderer.render_chunk(c, settled=answered, counted=counted)
                         for c in iter_chunks(source, renderer.columns, chunk_rows=RUN_CHUNK_ROWS, limit=limit)),
                        sink, key_of_row, stats)
         finally:

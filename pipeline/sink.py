@@ -243,9 +243,9 @@ class PartWriter:
         # as plain zstd (which barely compresses floats).
         options: dict[str, Any] = {}
         if self.embeddings:
-            leaf = [c for c in _leaf_columns(arrow_schema) if c.startswith("embedding.")]
-            options = {"use_byte_stream_split": leaf,
-                       "use_dictionary": [c for c in _leaf_columns(arrow_schema) if c not in leaf]}
+            columns = _leaf_columns(arrow_schema)
+            vectors = [c for c in columns if c.startswith("embedding.")]
+            options = {"use_byte_stream_split": vectors, "use_dictionary": [c for c in columns if c not in vectors]}
         with pq.ParquetWriter(dest, arrow_schema, compression="zstd", compression_level=1, **options) as writer:
             for lo in range(0, int(top) + 1, COMPACT_ROWS):
                 df = lf.filter(pl.col(ROW).is_between(lo, lo + COMPACT_ROWS - 1)).collect().sort(ROW).drop(ROW)
