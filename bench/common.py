@@ -44,9 +44,16 @@ def sim_stats(url: str) -> dict[str, Any]:
     return httpx.get(f"{url}/sim/stats", timeout=5).json()
 
 
+PROMPT = "Summarise this {{ rating }}-star review of {{ product }}:\n\n{{ text }}"
+
+
 def write_job(name: str, data: Path, *, concurrency: int = 128, rpm: int | None = None, tpm: int | None = None,
-              max_tokens: int = 120) -> Path:
+              max_tokens: int = 120, prompt: str = PROMPT, keep: tuple[str, ...] = ("product", "rating"),
+              max_attempts: int | None = None) -> Path:
+    """A chat job over the bench reviews; ``prompt`` is the user template (Jinja)."""
     limits = f"concurrency = {concurrency}\n"
+    if max_attempts:
+        limits += f"max_attempts = {max_attempts}\n"
     if rpm:
         limits += f"requests_per_minute = {rpm}\n"
     if tpm:
@@ -56,11 +63,11 @@ def write_job(name: str, data: Path, *, concurrency: int = 128, rpm: int | None 
 [input]
 path = "{data}"
 id = "review_id"
-keep = ["product", "rating"]
+keep = {json.dumps(list(keep))}
 [request]
 model = "gpt-4o-mini"
 system = "You summarise customer reviews in one sentence."
-prompt = "Summarise this {{{{ rating }}}}-star review of {{{{ product }}}}:\\n\\n{{{{ text }}}}"
+prompt = {json.dumps(prompt)}
 max_tokens = {max_tokens}
 [output]
 path = "{WORK / 'out' / name}.parquet"
