@@ -315,7 +315,10 @@ class ApiClient:
             headers["Authorization"] = f"Bearer {self._key}"
         self._headers = list(headers.items())
         self._timeouts = httpx.Timeout(self._timeout, connect=min(10.0, self._timeout)).as_dict()
-        self._open = self._transport or AiohttpTransport(client=self._session, proxy=_env_proxy(self.base_url))
+        proxy = _env_proxy(self.base_url)
+        # Loading the CA bundle takes ~20 ms: only an https URL (or a proxy, which may be https) needs it.
+        tls = proxy is not None or not self.base_url.startswith("http://")
+        self._open = self._transport or AiohttpTransport(client=self._session, proxy=proxy, verify=tls)
         self._urls: dict[str, httpx.URL] = {}
         return self
 

@@ -20,13 +20,14 @@ from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
 
+import numpy as np
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt
 from tenacity.wait import wait_random_exponential
 
 from pipeline.client import Answer, ApiClient, EmbeddingAnswer, RateInfo, wait_server_hint
 from pipeline.errors import AbortError, BudgetExceeded, Interrupted, PipelineError, RowError, StopRun, TransientError
 from pipeline.job import RequestSpec
-from pipeline.journal import Journal, Outcome
+from pipeline.journal import Journal, Outcome, VectorBlock
 from pipeline.limits import RateBudget
 from pipeline.pricing import Price, Usage
 from pipeline.render import RenderedChunk, Request, embeddings_batch_body
@@ -75,6 +76,12 @@ class RunStats:
         self.cached_tokens += outcome.cached_tokens or 0
         self.reasoning_tokens += outcome.reasoning_tokens or 0
 
+    def spend_block(self, block: VectorBlock) -> None:
+        """What one embeddings request received in this run cost."""
+        if block.cost_usd is not None:
+            self.cost_usd += float(block.cost_usd.sum())
+        self.prompt_tokens += int(block.prompt_tokens.sum())
+
     def count(self, outcome: Outcome, *, deduplicated: bool = False, resumed: bool = False) -> None:
         """One row written to the output with ``outcome`` (either mode counts rows the same way)."""
         self.rows_done += 1
@@ -94,6 +101,9 @@ def retry_policy(max_attempts: int, sleep: Callable[[float], Any] = asyncio.slee
     return AsyncRetrying(stop=stop_after_attempt(max_attempts),
                          wait=wait_server_hint(wait_random_exponential(multiplier=0.5, max=30)),
                          retry=retry_if_exception_type(TransientError), reraise=True, sleep=sleep)
+
+
+Sent = list[tuple[Request, Outcome | None] | tuple[list[Request], VectorBlock]]  # what a batch request ends as
 
 
 @dataclass
@@ -132,6 +142,7 @@ class Executor:
         self._reserved = 0.0
         self._flush_scheduled = False
         self._ready: list[tuple[str, Outcome]] = []
+        self._ready_blocks: list[tuple[list[Request], VectorBlock]] = []
         self._workers: list[asyncio.Task[None]] = []
 
     # -- control ----------------------------------------------------------------------------------------------
@@ -256,17 +267,17 @@ class Executor:
                 return
             self.stats.in_flight += 1
             try:
-                if isinstance(item, list):
-                    results = await self._send_batch(item)
-                else:
-                    results = [(item, await self._send(item))]
+                results: Sent = (await self._send_batch(item) if isinstance(item, list)
+                                 else [(item, await self._send(item))])
             finally:
                 self.stats.in_flight -= 1
-            for req, outcome in results:
-                if outcome is not None:
-                    self._complete(req.key, outcome)
+            for sent, outcome in results:
+                if isinstance(outcome, VectorBlock):
+                    self._complete_block(sent, outcome)  # type: ignore[arg-type]
+                elif outcome is not None:
+                    self._complete(sent.key, outcome)  # type: ignore[union-attr]
 
-    async def _send_batch(self, batch: list[Request]) -> list[tuple[Request, Outcome | None]]:
+    async def _send_batch(self, batch: list[Request]) -> Sent:
         """One embeddings request for many rows; usage and cost are shared by the rows' token counts.
 
         A batch the API refuses as a whole (a 400) is split in halves and retried, so only the row at fault
@@ -304,33 +315,41 @@ class Executor:
     def _input_cost(self, tokens: int) -> float | None:
         return None if self.price is None else self.price.cost(Usage(prompt_tokens=tokens))
 
-    def _shared(self, batch: list[Request], a: EmbeddingAnswer, attempts: int,
-                latency_ms: float) -> list[tuple[Request, Outcome | None]]:
-        """Split the billed tokens over the rows by their own counts (largest remainder: the parts sum up)."""
+    def _shared(self, batch: list[Request], a: EmbeddingAnswer, attempts: int, latency_ms: float) -> Sent:
+        """Split the billed tokens over the rows by their own counts (largest remainder: the parts sum up).
+
+        The rows stay together as one ``VectorBlock`` (one journal record, one output append): per-row objects
+        were most of the cost of a batched embeddings run.
+        """
         self.budget.observe(a.rate)
-        counts = [r.prompt_tokens for r in batch]
-        total = sum(counts) or 1
-        exact = [a.prompt_tokens * c / total for c in counts]
-        shares = [int(x) for x in exact]
-        for i in sorted(range(len(batch)), key=lambda i: exact[i] - shares[i], reverse=True)[
-                :a.prompt_tokens - sum(shares)]:
-            shares[i] += 1
-        dims = self.embedding_dims
+        counts = np.fromiter((r.prompt_tokens for r in batch), dtype=np.float64, count=len(batch))
+        exact = a.prompt_tokens * counts / (counts.sum() or 1)
+        shares = exact.astype(np.int64)
+        short = a.prompt_tokens - int(shares.sum())
+        if short > 0:  # the largest fractions get the tokens left over; ties in row order
+            shares[np.argsort(-(exact - shares), kind="stable")[:short]] += 1
         # One price for the request, split like its tokens (embeddings have no tiers: cost is linear in tokens).
         batch_cost = self._input_cost(a.prompt_tokens)
         per_token = batch_cost / a.prompt_tokens if batch_cost is not None and a.prompt_tokens else 0.0
-        out: list[tuple[Request, Outcome | None]] = []
-        for r, vec, share in zip(batch, a.vectors, shares, strict=True):
-            cost = None if batch_cost is None else share * per_token
-            if dims is not None and len(vec) != 4 * dims:
-                out.append((r, Outcome(r.key, "error", model=a.model, prompt_tokens=share, cost_usd=cost,
-                                       attempts=attempts, latency_ms=latency_ms, error_type="wrong_dimensions",
-                                       error=f"the embedding has {len(vec) // 4} dimensions, expected {dims}")))
-                continue
-            out.append((r, Outcome(r.key, "ok", model=a.model, prompt_tokens=share, cached_tokens=0,
-                                   completion_tokens=0, reasoning_tokens=0, cost_usd=cost, latency_ms=latency_ms,
-                                   attempts=attempts, embedding=vec)))
-        return out
+        costs = None if batch_cost is None else shares * per_token
+        dims = self.embedding_dims
+        if dims is not None and any(len(v) != 4 * dims for v in a.vectors):
+            out: Sent = []
+            for i, (r, vec) in enumerate(zip(batch, a.vectors, strict=True)):
+                share, cost = int(shares[i]), None if costs is None else float(costs[i])
+                if len(vec) != 4 * dims:
+                    out.append((r, Outcome(r.key, "error", model=a.model, prompt_tokens=share, cost_usd=cost,
+                                           attempts=attempts, latency_ms=latency_ms, error_type="wrong_dimensions",
+                                           error=f"the embedding has {len(vec) // 4} dimensions, expected {dims}")))
+                else:
+                    out.append((r, Outcome(r.key, "ok", model=a.model, prompt_tokens=share, cached_tokens=0,
+                                           completion_tokens=0, reasoning_tokens=0, cost_usd=cost,
+                                           latency_ms=latency_ms, attempts=attempts, embedding=vec)))
+            return out
+        vectors = np.frombuffer(b"".join(a.vectors), dtype="<f4").reshape(len(batch), -1)
+        block = VectorBlock(keys=[r.key for r in batch], vectors=vectors, prompt_tokens=shares, cost_usd=costs,
+                            model=a.model, latency_ms=latency_ms, attempts=attempts)
+        return [(batch, block)]
 
     async def _send(self, req: Request) -> Outcome | None:
         """One row's request to its final outcome; None when the run is stopping and it was not sent.
@@ -439,6 +458,15 @@ class Executor:
             self._flush_scheduled = True
             asyncio.get_running_loop().call_soon(self._flush)
 
+    def _complete_block(self, batch: list[Request], block: VectorBlock) -> None:
+        """``_complete`` for the rows of one embeddings request, kept together."""
+        self.journal.add_block(block)
+        self._ready_blocks.append((batch, block))
+        self.stats.spend_block(block)
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush)
+
     def _flush(self) -> None:
         """Commit the journal, then hand the committed answers' rows to the output."""
         self._flush_scheduled = False
@@ -453,6 +481,14 @@ class Executor:
             self._emit(pending.request, outcome, deduplicated=False, resumed=False)
             for follower in pending.followers:
                 self._emit(follower, outcome, deduplicated=True, resumed=False)
+        blocks, self._ready_blocks = self._ready_blocks, []
+        for batch, block in blocks:
+            self.sink.add_block([r.row for r in batch], [self.key_of_row(r) for r in batch], block)
+            self.stats.rows_done += len(batch)
+            self.stats.ok += len(batch)
+            for i, r in enumerate(batch):
+                for follower in self._pending.pop(r.key).followers:
+                    self._emit(follower, block.outcome(i), deduplicated=True, resumed=False)
 
     def _emit(self, req: Request, outcome: Outcome, *, deduplicated: bool, resumed: bool) -> None:
         self.sink.add(req.row, self.key_of_row(req), outcome, deduplicated=deduplicated)

@@ -236,9 +236,12 @@ def _sink(job: Job, paths: OutputPaths, key_schema: dict[str, pl.DataType]) -> t
     keep_index = [job.input.keep.index(c) for c in keep]
 
     def key_of_row(req: Any) -> tuple[Any, ...]:
-        return (req.row_id if with_id else req.row, *(req.keep[i] for i in keep_index))
+        return (req.row_id if with_id else req.row, *[req.keep[i] for i in keep_index])
 
-    return sink, key_of_row
+    def id_of_row(req: Any) -> tuple[Any, ...]:  # the same without kept columns: called per row, kept lean
+        return (req.row_id if with_id else req.row,)
+
+    return sink, key_of_row if keep_index else id_of_row
 
 
 def _run_batches(job: Job, url: str, key: str | None, source: Source, renderer: Renderer,

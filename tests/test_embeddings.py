@@ -1,3 +1,10 @@
+import math
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
 import numpy as np
 import polars as pl
 import pytest
@@ -90,3 +97,68 @@ def test_the_example_embedding_job_validates():
 
     job = Job.load(Path(__file__).parent.parent / "jobs" / "embed.toml")
     assert job.request.is_embeddings and job.request.dimensions == 256
+
+
+def _repeated(rows: int, distinct: int) -> pl.DataFrame:
+    """Rows whose texts repeat every ``distinct`` rows: duplicates land in later chunks than their originals."""
+    texts = reviews(distinct)["text"].to_list()
+    return reviews(rows).with_columns(pl.Series("text", [texts[i % distinct] for i in range(rows)]))
+
+
+def _check_vectors(out: pl.DataFrame, df: pl.DataFrame, dims: int) -> None:
+    assert out["review_id"].to_list() == df["review_id"].to_list()
+    assert out["status"].unique().to_list() == ["ok"]
+    got = out["embedding"].to_numpy()
+    want = np.stack([embedding(t, dims) for t in df["text"]])
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+
+
+def test_duplicates_across_chunks_are_paid_once_and_a_rerun_resumes_every_row(make_job, sim):
+    rows, distinct, dims = 5_000, 1_700, 16  # the run reads 2,000-row chunks
+    df = _repeated(rows, distinct)
+    job = _job(make_job, f"dimensions = {dims}\nbatch_size = 100", data=df)
+    enc = get_encoding("cl100k_base")
+    tokens = sum(len(enc.encode_ordinary(t)) for t in df["text"][:distinct])
+    with sim() as s:
+        first = run(Job.load(job), base_url=s.base_url, limit=1_000)
+        second = run(Job.load(job), base_url=s.base_url)
+        sent = s.stats.requests
+        third = run(Job.load(job), base_url=s.base_url)
+        assert s.stats.requests == sent  # everything answered: nothing sent
+    assert first.stats.prompt_tokens and second.stats.prompt_tokens  # both runs sent rows
+    assert first.stats.prompt_tokens + second.stats.prompt_tokens == tokens  # each distinct text paid once
+    out = pl.read_parquet(Job.load(job).output.path)
+    _check_vectors(out, df, dims)
+    assert out["deduplicated"].sum() == rows - distinct
+    assert out.filter(pl.col("deduplicated"))["cost_usd"].sum() == 0
+    assert out["cost_usd"].sum() == pytest.approx(tokens * 0.02 / 1e6)
+    assert third.stats.resumed == distinct and third.stats.deduplicated == rows - distinct
+    assert pl.read_parquet(Job.load(job).output.path).equals(out)
+
+
+def test_sigkill_during_a_batched_embeddings_run_then_rerun_loses_nothing_and_pays_once(make_job, sim):
+    rows, batch, concurrency, dims = 12_000, 200, 4, 16
+    df = _repeated(rows, 9_000)
+    job = _job(make_job, f"dimensions = {dims}\nbatch_size = {batch}", data=df,
+               limits=f"concurrency = {concurrency}")
+    pipeline = str(Path(sys.executable).parent / "pipeline")
+    kills = 0
+    with sim(latency_ms=20) as s:
+        for after in (5, 20, 35):
+            proc = subprocess.Popen([pipeline, "run", job.name, "--base-url", s.base_url, "--plain", "--yes"],
+                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            deadline = time.monotonic() + 60
+            while s.stats.ok < after and proc.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.001)
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGKILL)
+                kills += 1
+            proc.wait(10)
+        final = subprocess.run([pipeline, "run", job.name, "--base-url", s.base_url, "--plain", "--yes"],
+                               capture_output=True, text=True, timeout=120)
+        assert final.returncode == 0, final.stderr
+        answered = s.stats.ok
+    assert kills == 3
+    _check_vectors(pl.read_parquet(Job.load(job).output.path), df, dims)
+    # Full batches of the 9,000 distinct texts, plus at most what was in flight (and one short batch) per kill.
+    assert answered <= math.ceil(9_000 / batch) + kills * (concurrency + 1)

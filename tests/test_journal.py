@@ -1,6 +1,9 @@
 import sqlite3
 
-from pipeline.journal import Journal, Outcome
+import numpy as np
+
+from pipeline.journal import Journal, Outcome, VectorBlock
+from pipeline.render import request_key
 
 
 def test_outcomes_round_trip_and_settled_rules(tmp_path):
@@ -48,3 +51,81 @@ def test_uncommitted_answers_are_lost_but_committed_ones_survive_a_crash(tmp_pat
     check = sqlite3.connect(path)
     assert check.execute("PRAGMA integrity_check").fetchone() == ("ok",)
     assert [r[0] for r in check.execute("SELECT key FROM outcomes")] == ["kept"]
+
+
+# -- embeddings blocks ------------------------------------------------------------------------------------------
+
+
+def _block(texts, dims=4, model="text-embedding-3-small", attempts=1):
+    keys = [request_key("embeddings", t.encode()) for t in texts]
+    vectors = np.arange(len(texts) * dims, dtype=np.float32).reshape(len(texts), dims) + len(texts[0])
+    tokens = np.array([len(t) for t in texts], dtype=np.int64)
+    return VectorBlock(keys=keys, vectors=vectors, prompt_tokens=tokens, cost_usd=tokens * 2e-8, model=model,
+                       latency_ms=12.5, attempts=attempts)
+
+
+def test_a_block_is_found_row_by_row_by_every_reader_and_after_reopening(tmp_path):
+    path = tmp_path / "j.sqlite"
+    j = Journal(path)
+    read = j.reader()
+    block = _block([f"text {i}" for i in range(5)])
+    j.add_block(block)
+    assert j.lookup(block.keys) == {} and read(block.keys) == {}  # nothing before the commit
+    j.flush()
+    for found in (j.lookup([*block.keys, "feed" * 8]), read(block.keys), Journal(path).lookup(block.keys)):
+        assert set(found) == set(block.keys)
+        for i, k in enumerate(block.keys):
+            assert found[k] == block.outcome(i)
+            assert np.frombuffer(found[k].embedding, "<f4").tolist() == block.vectors[i].tolist()
+    assert j.get(block.keys[3]) == block.outcome(3)
+    assert j.count() == {"ok": 5}
+    read.close()
+    j.close()
+
+
+def test_rows_read_back_from_disk_match_the_ones_kept_in_memory(tmp_path):
+    path = tmp_path / "j.sqlite"
+    j = Journal(path)
+    blocks = [_block([f"b{b} text {i}" for i in range(300)], dims=8) for b in range(30)]
+    for b in blocks:
+        j.add_block(b)
+    j.flush()
+    cold = Journal(path)  # nothing in memory: the index is loaded and rows read from the stored blocks
+    keys = [k for b in blocks for k in b.keys]
+    assert cold.lookup(keys) == j.lookup(keys)
+    assert cold.get(blocks[7].keys[299]) == blocks[7].outcome(299)
+    cold.close()
+    j.close()
+
+
+def test_an_answer_in_a_block_wins_over_an_earlier_failure_of_the_same_key(tmp_path):
+    j = Journal(tmp_path / "j.sqlite")
+    block = _block(["a", "b"])
+    j.add(Outcome(block.keys[0], "error", error="HTTP 400", error_type="http_400"))
+    j.flush()
+    j.add_block(block)
+    j.flush()
+    assert j.lookup([block.keys[0]])[block.keys[0]].status == "ok"
+    assert j.get(block.keys[0]).status == "ok"
+    j.close()
+
+
+def test_a_key_sharing_the_index_prefix_of_a_stored_key_is_not_mistaken_for_it(tmp_path):
+    j = Journal(tmp_path / "j.sqlite")
+    block = _block(["a", "b"])
+    j.add_block(block)
+    j.flush()
+    impostor = block.keys[1][:16] + ("0" if block.keys[1][16] != "0" else "1") + block.keys[1][17:]
+    assert j.lookup([impostor]) == {} and j.get(impostor) is None
+    assert Journal(tmp_path / "j.sqlite").lookup([impostor]) == {}
+    j.close()
+
+
+def test_keys_that_are_not_request_keys_are_kept_row_by_row(tmp_path):
+    j = Journal(tmp_path / "j.sqlite")
+    block = VectorBlock(keys=["x", "y"], vectors=np.ones((2, 3), np.float32), prompt_tokens=np.array([1, 2]),
+                        cost_usd=None, model="m", latency_ms=1.0, attempts=1)
+    j.add_block(block)
+    j.flush()
+    assert j.lookup(["x", "y"]) == {"x": block.outcome(0), "y": block.outcome(1)}
+    j.close()
