@@ -106,12 +106,12 @@ def retry_policy(max_attempts: int, sleep: Callable[[float], Any] = asyncio.slee
 Sent = list[tuple[Request, Outcome | None] | tuple[list[Request], VectorBlock]]  # what a batch request ends as
 
 
-@dataclass
+@dataclass(slots=True)
 class _Pending:
     """A request on its way, and the rows waiting for its answer (more than one when rows are identical)."""
 
     request: Request
-    followers: list[Request] = field(default_factory=list)
+    followers: list[Request]
 
 
 class Executor:
@@ -215,46 +215,51 @@ class Executor:
                 self.stats.skipped += 1
                 self.stats.rows_done += 1
             settled = chunk.settled  # looked up in the journal by the renderer, off the event loop
+            stopping, seen, in_flight = self._stopping, self._seen, self._pending  # per row: locals
             for req in chunk.requests:
-                if self._stopping.is_set():
+                if stopping.is_set():
                     return
-                seen_id = int(req.key[:16], 16)  # 64 bits of the key: a third of the memory of the string
-                first = seen_id not in self._seen
-                self._seen.add(seen_id)
-                if req.key in self._pending:
-                    self._pending[req.key].followers.append(req)
+                key = req.key
+                seen_id = int(key[:16], 16)  # 64 bits of the key: a third of the memory of the string
+                first = seen_id not in seen
+                seen.add(seen_id)
+                if key in in_flight:
+                    in_flight[key].followers.append(req)
                     continue
-                outcome = settled.get(req.key)
+                outcome = settled.get(key)
                 if outcome is None and not first:
                     # An identical row's request finished while this chunk was being queued.
                     self._flush()
-                    outcome = self.journal.get(req.key)
+                    outcome = self.journal.get(key)
                 if outcome is not None:
                     self._emit(req, outcome, deduplicated=not first, resumed=first)
-                else:
-                    self._pending[req.key] = _Pending(req)
-                    if self.embeddings is None:
-                        await self._queue.put(req)
-                    else:
-                        await self._add_to_batch(req)
+                    continue
+                in_flight[key] = _Pending(req, [])
+                if self.embeddings is None:
+                    await self._queue.put(req)
+                elif (full := self._add_to_batch(req)) is not None:
+                    await self._queue.put(full)
         if self._batch and not self._stopping.is_set():
             await self._queue.put(self._take_batch())
         for _ in self._workers:
             await self._queue.put(None)
 
-    async def _add_to_batch(self, req: Request) -> None:
-        """Embeddings: rows travel in batches of up to batch_size inputs and batch_tokens tokens."""
+    def _add_to_batch(self, req: Request) -> list[Request] | None:
+        """Embeddings: rows travel in batches of up to batch_size inputs and batch_tokens tokens. Returns the
+        batch this row closed, if it closed one (not a coroutine: it runs once per row)."""
         spec = self.embeddings
         assert spec is not None
         refused = unsendable_input(req, spec)
         if refused is not None:
             self._complete(req.key, refused)
-            return
+            return None
+        full = None
         cap = min(spec.batch_tokens, self.budget.tpm or spec.batch_tokens)
         if self._batch and (len(self._batch) >= spec.batch_size or self._batch_tokens + req.prompt_tokens > cap):
-            await self._queue.put(self._take_batch())
+            full = self._take_batch()
         self._batch.append(req)
         self._batch_tokens += req.prompt_tokens
+        return full
 
     def _take_batch(self) -> list[Request]:
         batch, self._batch, self._batch_tokens = self._batch, [], 0

@@ -137,6 +137,24 @@ def test_plain_templates_render_in_polars_exactly_as_jinja_would(make_job, tmp_p
     assert [r.prompt_tokens for r in a] == [r.prompt_tokens for r in b]
 
 
+def test_embeddings_inputs_made_without_jinja_have_the_same_bodies_and_keys(make_job, tmp_path):
+    from pipeline.render import _Part, request_key
+
+    df = pl.DataFrame({"review_id": ["a", "b", "c"], "product": ["lamp", None, 'quote " and \\ ünï 👍'],
+                       "text": ["line\none", "", "{{ x }}"]})
+    job = Job.load(make_job(data=df, request='endpoint = "embeddings"\nmodel = "text-embedding-3-small"\n'
+                                             'input = "{{ product }}: {{ text }}"\ndimensions = 8'))
+    src = open_source(job.input.path)
+    fast, slow = Renderer(job, src), Renderer(job, src)
+    slow.parts = [_Part(p.role, p.source, p.template, p.text, None) for p in slow.parts]
+    chunk = next(iter_chunks(src, fast.columns))
+    a, b = fast.render_chunk(chunk).requests, slow.render_chunk(chunk).requests
+    assert [r.body for r in a] == [r.body for r in b]
+    assert [r.key for r in a] == [r.key for r in b] == [request_key("embeddings", r.body) for r in b]
+    assert [r.prompt_tokens for r in a] == [r.prompt_tokens for r in b]
+    assert json.loads(a[2].body)["input"] == 'quote " and \\ ünï 👍: {{ x }}'
+
+
 def test_templates_that_do_more_than_substitute_use_jinja(make_job):
     job = Job.load(make_job(request='model = "m"\nprompt = "{{ text | upper }} {% if rating > 3 %}!{% endif %}"'))
     r = Renderer(job, open_source(job.input.path))
