@@ -16,7 +16,7 @@ from typing import Any
 
 from pipeline.job import Job
 from pipeline.pricing import Price, Usage, price_for
-from pipeline.render import Renderer
+from pipeline.render import KeptChunks, Renderer
 from pipeline.source import Source, iter_chunks, open_source
 
 MAX_LISTED_IDS = 1000
@@ -154,19 +154,22 @@ class EstimateBuilder:
 
 def estimate_source(job: Job, source: Source, renderer: Renderer, price: Price | None, *,
                     limit: int | None = None, settled: Callable[[list[str]], Mapping[str, Any]] | None = None,
-                    on_chunk: Callable[[int], None] | None = None,
-                    counted: array[int] | None = None) -> tuple[Estimate, array[int] | None]:
+                    on_chunk: Callable[[int], None] | None = None, counted: array[int] | None = None,
+                    kept: KeptChunks | None = None) -> tuple[Estimate, array[int] | None]:
     """Render every row (sending nothing) and add up what a run will cost.
 
     With ``settled`` (the journal's lookup), rows answered before cost nothing, and the positions of the rows
     still to send come back too (None when that is every row, or without ``settled``). ``counted`` is filled
-    with each row's prompt tokens by position (0 for rows not counted), for the run to reuse.
+    with each row's prompt tokens by position (0 for rows not counted), for the run to reuse; ``kept`` keeps
+    the rendered chunks themselves while they fit its budget.
     """
     builder = EstimateBuilder(job, price)
     todo: array[int] = array("q")
     for chunk in iter_chunks(source, renderer.columns, limit=limit):
         rendered = renderer.render_chunk(chunk, settled=settled)
         builder.add(rendered, done=rendered.settled.keys())
+        if kept is not None:
+            kept.add(rendered)
         if settled is not None:
             todo.extend(r.row for r in rendered.requests if r.key not in rendered.settled)
         if counted is not None:  # chunks come in input order, so positions index the array directly

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import hashlib
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections import deque
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -65,6 +66,38 @@ class RenderedChunk:
     requests: list[Request]
     skipped: list[Skipped]
     settled: Mapping[str, Any] = field(default_factory=dict)  # key -> answer on record (not to be sent)
+
+
+KEEP_BYTES = 64 << 20  # what an estimate pass may keep of rendered requests for the run (about 200k rows)
+_REQUEST_OVERHEAD = 256  # a Request's object, key and id beside its body, roughly
+
+
+@dataclass
+class KeptChunks:
+    """The chunks an estimate pass rendered, kept for the run while they fit in ``budget_bytes``: a job that
+    fits is rendered once, not once to estimate and again to send. Past the budget nothing is kept
+    (``complete`` is False) and the run renders as it goes."""
+
+    budget_bytes: int = field(default_factory=lambda: KEEP_BYTES)
+    chunks: deque[RenderedChunk] = field(default_factory=deque)
+    size: int = 0
+    complete: bool = True
+
+    def add(self, chunk: RenderedChunk) -> None:
+        """Keep one more chunk, or give up keeping when the budget is spent."""
+        if not self.complete:
+            return
+        self.size += sum(len(r.body) for r in chunk.requests) + _REQUEST_OVERHEAD * len(chunk.requests)
+        if self.size > self.budget_bytes:
+            self.chunks.clear()
+            self.complete = False
+            return
+        self.chunks.append(chunk)
+
+    def take(self) -> Iterator[RenderedChunk]:
+        """The kept chunks in order, each let go once it is handed over."""
+        while self.chunks:
+            yield self.chunks.popleft()
 
 
 @dataclass(frozen=True)

@@ -46,7 +46,7 @@ from pipeline.job import MODES, Job
 from pipeline.journal import BatchPart, Journal, NullJournal, Outcome
 from pipeline.limits import RateBudget
 from pipeline.pricing import Price, price_for
-from pipeline.render import RenderedChunk, Renderer
+from pipeline.render import KeptChunks, RenderedChunk, Renderer
 from pipeline.sink import (
     RESULT_SCHEMA,
     OutputPaths,
@@ -182,7 +182,9 @@ def run(job: Job, *, base_url: str | None = None, limit: int | None = None, fres
         try:
             settled = _with_batched_as_done(lookup, in_batches) if in_batches else lookup
             counted: array[int] = array("i")
-            est, todo = estimate_source(job, source, renderer, price, limit=limit, settled=settled, counted=counted)
+            kept = KeptChunks() if mode == "online" else None
+            est, todo = estimate_source(job, source, renderer, price, limit=limit, settled=settled, counted=counted,
+                                        kept=kept)
         finally:
             lookup.close()
         check_free_space(paths, est.rows)
@@ -193,9 +195,11 @@ def run(job: Job, *, base_url: str | None = None, limit: int | None = None, fres
             return _run_batches(job, url, key, source, renderer, key_schema, paths, store, est, todo, in_batches,
                                 price, counted, limit=limit, retry_failed=retry_failed, wait=wait,
                                 on_batches=on_batches, handle_signals=handle_signals)
+        # A fresh run of a job small enough sends what the estimate rendered; otherwise it renders again.
+        reuse = kept if kept is not None and kept.complete and todo is None else None
         return _execute(job, url, key, source, renderer, key_schema, paths, store, est, todo, price, counted,
                         limit=limit, retry_failed=retry_failed, transport=transport, on_progress=on_progress,
-                        handle_signals=handle_signals, grace_s=grace_s)
+                        handle_signals=handle_signals, grace_s=grace_s, rendered=reuse)
     finally:
         store.close()
 
@@ -327,7 +331,8 @@ def _execute(job: Job, url: str, key: str | None, source: Source, renderer: Rend
              key_schema: dict[str, pl.DataType], paths: OutputPaths, journal: Journal, est: Estimate,
              todo: array[int] | None, price: Price | None, counted: array[int], *,
              limit: int | None, retry_failed: bool, transport: httpx.AsyncBaseTransport | None,
-             on_progress: Callable[[RunStats], None] | None, handle_signals: bool, grace_s: float) -> RunResult:
+             on_progress: Callable[[RunStats], None] | None, handle_signals: bool, grace_s: float,
+             rendered: KeptChunks | None = None) -> RunResult:
     started = datetime.now(tz=UTC)
     t0 = time.monotonic()
     sink, key_of_row = _sink(job, paths, key_schema)
@@ -335,6 +340,9 @@ def _execute(job: Job, url: str, key: str | None, source: Source, renderer: Rend
     lookup = journal.reader(retry_failed=retry_failed)
 
     def chunks() -> Iterator[RenderedChunk]:
+        if rendered is not None:
+            yield from rendered.take()
+            return
         # Rows still to send come first, so a resume starts sending at once; the rows answered before are
         # then read back from the journal into the output while those requests are in flight.
         phases = [{}] if todo is None else [{"rows": todo}, {"except_rows": todo}]

@@ -241,3 +241,47 @@ def test_python_api_runs_a_dataframe_and_returns_one(make_job, sim):
     out = result.frame()
     assert out.height == 7 and out["review_id"].to_list() == df["review_id"].to_list()
     assert out["content"].str.contains("REVIEW NUMBER").all()
+
+
+def _count_renders(monkeypatch):
+    from pipeline.render import Renderer
+
+    rendered: list[int] = []
+    real = Renderer.render_chunk
+
+    def counting(self, chunk, *args, **kwargs):
+        rendered.append(chunk.height)
+        return real(self, chunk, *args, **kwargs)
+
+    monkeypatch.setattr(Renderer, "render_chunk", counting)
+    return rendered
+
+
+def test_a_fresh_run_sends_what_the_estimate_rendered_without_rendering_again(make_job, sim, monkeypatch):
+    rendered = _count_renders(monkeypatch)
+    job = make_job(rows=300)
+    with sim() as s:
+        result = run(Job.load(job), base_url=s.base_url)
+        assert s.stats.requests == 300
+    assert sum(rendered) == 300  # once, by the estimate
+    out = pl.read_parquet(Job.load(job).output.path)
+    assert out["review_id"].to_list() == reviews(300)["review_id"].to_list() and result.stats.ok == 300
+
+
+def test_past_the_keep_budget_or_on_a_resume_the_run_renders_again(make_job, sim, monkeypatch):
+    import pipeline.render
+
+    rendered = _count_renders(monkeypatch)
+    job = make_job(rows=300)
+    with sim() as s:
+        run(Job.load(job), base_url=s.base_url, limit=100)
+        assert sum(rendered) == 100
+        rendered.clear()
+        run(Job.load(job), base_url=s.base_url)  # 100 rows answered before: not a fresh run
+        assert sum(rendered) == 300 + 300
+        rendered.clear()
+        monkeypatch.setattr(pipeline.render, "KEEP_BYTES", 10_000)  # a few dozen requests
+        run(Job.load(job), base_url=s.base_url, fresh=True)
+        assert sum(rendered) == 300 + 300
+        assert s.stats.requests == 300 + 300
+    assert pl.read_parquet(Job.load(job).output.path)["status"].to_list() == ["ok"] * 300
