@@ -1,18 +1,20 @@
 """The output: a Parquet file with the input's id and kept columns next to each answer, and a manifest.
 
-Rows are written in Parquet parts as results arrive (memory stays flat), then compacted into one file in input
-order, written to a temporary name and renamed, so a reader never sees half a file. The manifest beside it
-records the job, the totals, the estimate made before the run and the price source, and marks the output as
-this job's: a different job's output is never overwritten.
+Rows go to the output as results arrive, in input order: whenever the rows buffered so far continue the
+file without a gap, they are appended as row groups (answers mostly arrive in input order, so the file is
+written while the run waits on the network, not after it). Rows that cannot be placed yet wait in memory; past
+a part's worth they are written as a sorted Parquet part instead (memory stays flat), and the parts are merged
+in order at the end. The file is written to a temporary name and renamed, so a reader never sees half a file.
+The manifest beside it records the job, the totals, the estimate made before the run and the price source, and
+marks the output as this job's: a different job's output is never overwritten.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
+import math
 import os
 import shutil
-from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -46,7 +48,8 @@ RESULT_SCHEMA: dict[str, pl.DataType] = {
 PART_ROWS = 10_000
 PART_VECTOR_BYTES = 32 << 20  # embeddings: parts hold up to this much of vectors (more rows when they are small)
 PART_GROUP_ROWS = 2_048
-COMPACT_ROWS = 10_000  # rows held in memory at once while compacting
+COMPACT_ROWS = 10_000  # rows per output row group (and held in memory at once while merging parts)
+STREAM_EVERY = 4_096   # new rows between two looks for rows that can go to the output
 EMBEDDING_DIMS = {"text-embedding-3-small": 1536, "text-embedding-3-large": 3072, "text-embedding-ada-002": 1536}
 
 
@@ -140,7 +143,14 @@ class PartWriter:
         self._key_columns = list(key_schema)
         self._cols: dict[str, list[Any]] = {c: [] for c in self.schema}
         self._blocks: list[tuple[list[int], list[tuple[Any, ...]], VectorBlock]] = []  # embeddings requests
-        self._n = 0
+        self._n = 0                          # rows buffered (in _cols, _blocks and _waiting)
+        self._waiting: pl.DataFrame | None = None  # rows sorted, but after a gap in the output
+        self._next_row = 0                   # rows before this one are in the output file
+        self._lowest = math.inf              # the first row buffered: nothing can go out until it is _next_row
+        self._since_look = 0
+        self._writer: pq.ParquetWriter | None = None
+        self._arrow_schema: Any = None
+        self._tmp = paths.output.with_suffix(".parquet.tmp")
         self._part = 0
         self.rows_written = 0
         self.part_rows = part_rows
@@ -158,6 +168,8 @@ class PartWriter:
         """One input row's result: its position, id and kept values, and its outcome (or why it was skipped)."""
         c = self._cols
         c[ROW].append(row)
+        if row < self._lowest:
+            self._lowest = row
         for name, value in zip(self._key_columns, keys, strict=True):
             c[name].append(value)
         if outcome is None:
@@ -190,17 +202,24 @@ class PartWriter:
             values = self.checker.values(outcome.content if ok else None)  # type: ignore[union-attr]
             for name, value in zip(self.answer_columns, values, strict=True):
                 c[name].append(value)
-        self._n += 1
-        if self._n >= self.part_rows:
+        self._added(1)
+
+    def _added(self, n: int) -> None:
+        self._n += n
+        self.rows_written += n
+        self._since_look += n
+        full = self._n >= self.part_rows
+        if (full or self._since_look >= STREAM_EVERY) and self._part == 0 and self._lowest == self._next_row:
+            self._stream()
+        if self._n >= self.part_rows:  # what is still buffered cannot go out yet: it becomes a part
             self.flush()
 
     def add_block(self, rows: list[int], keys: list[tuple[Any, ...]], block: VectorBlock) -> None:
         """The rows of one embeddings request at once (all ``ok``), kept as arrays until the part is written:
         one DataFrame per part, not a Python value per cell (nor a DataFrame per request)."""
         self._blocks.append((rows, keys, block))
-        self._n += len(rows)
-        if self._n >= self.part_rows:
-            self.flush()
+        self._lowest = min(self._lowest, min(rows))
+        self._added(len(rows))
 
     def _blocks_frame(self) -> pl.DataFrame:
         """The buffered blocks as one frame in the output's schema."""
@@ -226,8 +245,11 @@ class PartWriter:
                              for name, dtype in self.schema.items()])
 
     def _buffered(self) -> pl.DataFrame:
-        """The rows buffered since the last part, as one frame (the buffers are emptied)."""
-        frames = [self._blocks_frame()] if self._blocks else []
+        """The rows buffered since the last part, as one frame sorted by ROW (the buffers are emptied)."""
+        frames = [self._waiting] if self._waiting is not None else []
+        self._waiting = None
+        if self._blocks:
+            frames.append(self._blocks_frame())
         if self._cols[ROW]:
             if self.embeddings:
                 vectors = self._cols.pop("embedding")
@@ -237,25 +259,41 @@ class PartWriter:
             else:
                 frames.append(pl.DataFrame(self._cols, schema=self.schema, strict=False))
         self._cols = {c: [] for c in self.schema}
-        self.rows_written += self._n
         self._n = 0
+        self._lowest = math.inf
         if not frames:
             return pl.DataFrame(schema=self.schema)
-        return frames[0] if len(frames) == 1 else pl.concat(frames, how="vertical", rechunk=False)
+        return (frames[0] if len(frames) == 1 else pl.concat(frames, how="vertical", rechunk=False)).sort(ROW)
+
+    def _stream(self) -> None:
+        """Append the buffered rows that continue the output without a gap, in whole row groups; the rest
+        waits (sorted) for the rows before it."""
+        self._since_look = 0
+        df = self._buffered()
+        rows = df.get_column(ROW).to_numpy()
+        # Rows are unique and sorted, so they continue the file exactly while rows[i] == next_row + i.
+        breaks = np.flatnonzero(rows - np.arange(len(rows)) != self._next_row)
+        ready = (int(breaks[0]) if len(breaks) else len(rows)) // COMPACT_ROWS * COMPACT_ROWS
+        for lo in range(0, ready, COMPACT_ROWS):
+            self._write(df.slice(lo, COMPACT_ROWS))
+        self._next_row += ready
+        self._n = df.height - ready
+        self._waiting = df.slice(ready) if self._n else None
+        self._lowest = int(rows[ready]) if self._n else math.inf
 
     def flush(self) -> None:
         """Write the buffered rows as one part (to a temporary name, then renamed: no half-written parts)."""
         if not self._n:
             return
-        df = self._buffered()
+        df = self._buffered()  # all after the rows already in the output: each row is added once
         self._part += 1
         final = self.paths.parts / f"part-{self._part:06d}.parquet"
         tmp = final.with_suffix(".tmp")
         try:
             # Sorted, with statistics and small row groups, so compaction can read one row range at a time;
             # lz4 because parts are read once and deleted (none with vectors: floats do not compress).
-            df.sort(ROW).write_parquet(tmp, compression="uncompressed" if self.embeddings else "lz4",
-                                       statistics=True, row_group_size=PART_GROUP_ROWS)
+            df.write_parquet(tmp, compression="uncompressed" if self.embeddings else "lz4",
+                             statistics=True, row_group_size=PART_GROUP_ROWS)
             tmp.replace(final)
         except OSError as e:
             raise OutputError(f"{final}: cannot write output: {e.strerror}") from None
@@ -276,58 +314,69 @@ class PartWriter:
         return pl.Series("embedding", [None if b is None else np.frombuffer(b, dtype="<f4") for b in raw],
                          dtype=pl.List(pl.Float32))
 
-    @contextlib.contextmanager
-    def _output(self, dest: Path) -> Iterator[Callable[[pl.DataFrame], None]]:
-        """A Parquet writer for the output file; yields ``write(rows sorted by ROW)``, one row group per call."""
-        arrow_schema = pl.DataFrame(schema=self.schema).drop(ROW).to_arrow().schema
+    def _write(self, df: pl.DataFrame) -> None:
+        """Append rows (sorted, after every row written so far) to the output as one row group."""
+        if self._writer is None:
+            self._open()
+        assert self._writer is not None
+        if df.height:
+            table = df.drop(ROW).to_arrow()
+            # cast only when needed: Table.cast imports pyarrow.compute, a tenth of a second per run
+            try:
+                self._writer.write_table(table if table.schema.equals(self._arrow_schema)
+                                         else table.cast(self._arrow_schema))
+            except OSError as e:
+                raise OutputError(f"{self.paths.output}: cannot write output: {e.strerror}") from None
+
+    def _open(self) -> None:
+        self._arrow_schema = pl.DataFrame(schema=self.schema).drop(ROW).to_arrow().schema
         # zstd at level 1: nearly the ratio of the default on text. Float vectors are stored plain: no
         # dictionary (one never pays off on floats), no min/max statistics (no reader prunes on a vector element;
         # computing them took 40% of the write) and no compression. Measured on 100,000 x 256 vectors: zstd made
         # the file 9% smaller and the write twice as long; byte-stream-split + zstd 17% smaller, 3.3x as long.
         options: dict[str, Any] = {"compression": "zstd", "compression_level": 1}
         if self.embeddings:
-            columns = _leaf_columns(arrow_schema)
+            columns = _leaf_columns(self._arrow_schema)
             scalars = [c for c in columns if not c.startswith("embedding.")]
             options = {"use_dictionary": scalars, "write_statistics": scalars,
                        "compression": {c: "zstd" if c in scalars else "none" for c in columns},
                        "compression_level": dict.fromkeys(scalars, 1)}
-        with pq.ParquetWriter(dest, arrow_schema, **options) as writer:
-            def write(df: pl.DataFrame) -> None:
-                if df.height:
-                    table = df.drop(ROW).to_arrow()
-                    # cast only when needed: Table.cast imports pyarrow.compute, a tenth of a second per run
-                    writer.write_table(table if table.schema.equals(arrow_schema) else table.cast(arrow_schema))
+        try:
+            self._writer = pq.ParquetWriter(self._tmp, self._arrow_schema, **options)
+        except OSError as e:
+            raise OutputError(f"{self.paths.output}: cannot write output: {e.strerror}") from None
 
-            yield write
-
-    def _merge(self, parts: list[Path], write: Callable[[pl.DataFrame], None]) -> None:
+    def _merge(self, parts: list[Path]) -> None:
         """Write the parts in input order, one row range at a time: memory stays flat however many rows.
 
         A global sort would hold the whole table; instead each range is read with the parts' row-group
-        statistics (so only the groups that hold it are read), sorted, and appended as a row group.
+        statistics (so only the groups that hold it are read), sorted, and appended as a row group. Every
+        row in the parts comes after the rows already streamed to the output.
         """
         lf = pl.scan_parquet(parts)
         top = lf.select(pl.col(ROW).max()).collect().item()
-        for lo in range(0, int(top) + 1, COMPACT_ROWS):
-            write(lf.filter(pl.col(ROW).is_between(lo, lo + COMPACT_ROWS - 1)).collect().sort(ROW))
+        for lo in range(self._next_row, int(top) + 1, COMPACT_ROWS):
+            self._write(lf.filter(pl.col(ROW).is_between(lo, lo + COMPACT_ROWS - 1)).collect().sort(ROW))
 
     def finish(self) -> int:
-        """Write the output file in input order; returns the number of rows.
+        """Write what is left and close the output file; returns the number of rows.
 
-        Rows that all fit in one part (never flushed) go straight to the output, without a part written
-        and read back; otherwise the parts are merged.
+        Without parts the buffered rows go straight to the output; otherwise they become a last part and the
+        parts are merged.
         """
-        tmp = self.paths.output.with_suffix(".parquet.tmp")
+        if self._part == 0:
+            df = self._buffered()
+            for lo in range(0, df.height, COMPACT_ROWS):
+                self._write(df.slice(lo, COMPACT_ROWS))
+        else:
+            self.flush()
+            self._merge(sorted(self.paths.parts.glob("part-*.parquet")))
+        if self._writer is None:
+            self._open()  # no rows at all: an empty table with the output's columns
+        assert self._writer is not None
         try:
-            with self._output(tmp) as write:
-                if self._part == 0:
-                    df = self._buffered().sort(ROW)
-                    for lo in range(0, df.height, COMPACT_ROWS):
-                        write(df.slice(lo, COMPACT_ROWS))
-                else:
-                    self.flush()
-                    self._merge(sorted(self.paths.parts.glob("part-*.parquet")), write)
-            tmp.replace(self.paths.output)
+            self._writer.close()
+            self._tmp.replace(self.paths.output)
         except OSError as e:
             raise OutputError(f"{self.paths.output}: cannot write output: {e.strerror}") from None
         shutil.rmtree(self.paths.parts, ignore_errors=True)
