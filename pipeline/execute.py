@@ -459,15 +459,16 @@ class Executor:
         self.journal.add(outcome)
         self._ready.append((key, outcome))
         self.stats.spend(outcome)
-        if not self._flush_scheduled:
-            self._flush_scheduled = True
-            asyncio.get_running_loop().call_soon(self._flush)
+        self._schedule_flush()
 
     def _complete_block(self, batch: list[Request], block: VectorBlock) -> None:
         """``_complete`` for the rows of one embeddings request, kept together."""
         self.journal.add_block(block)
         self._ready_blocks.append((batch, block))
         self.stats.spend_block(block)
+        self._schedule_flush()
+
+    def _schedule_flush(self) -> None:
         if not self._flush_scheduled:
             self._flush_scheduled = True
             asyncio.get_running_loop().call_soon(self._flush)
