@@ -6,12 +6,12 @@ come from the schema's enums), and an embedding is a unit vector seeded by its i
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import re
 from typing import Any
 
 import numpy as np
+import pybase64
 
 _SENTENCE = re.compile(r"(?<=[.!?。])\s+")
 _WORDS = ("clear", "brief", "useful", "direct", "balanced", "concise", "specific", "helpful")
@@ -122,5 +122,5 @@ def embedding(text: str, dimensions: int) -> np.ndarray:
 def encode_embedding(v: np.ndarray, encoding_format: str) -> Any:
     """As the API sends it: a list of floats, or base64 of little-endian float32 bytes."""
     if encoding_format == "base64":
-        return base64.b64encode(v.astype("<f4").tobytes()).decode()
+        return pybase64.b64encode(v.astype("<f4").tobytes()).decode()
     return v.tolist()
