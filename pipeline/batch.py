@@ -33,7 +33,7 @@ from pipeline.client import (
     resolve_base_url,
 )
 from pipeline.errors import AbortError, OutputError, ProviderError, TransientError
-from pipeline.execute import RunStats, answer_outcome, unsendable_input
+from pipeline.execute import RunStats, answer_outcome, embedding_outcome, unsendable_input
 from pipeline.job import Job
 from pipeline.journal import BatchPart, Journal, Outcome
 from pipeline.pricing import Price, Usage
@@ -252,14 +252,9 @@ class BatchRun:
         return outcome
 
     def _embedding_outcome(self, key: str, a: Any) -> Outcome:
-        vec = a.vectors[0]
         cost = self.price.cost(Usage(prompt_tokens=a.prompt_tokens), batch=True) if self.price else None
-        if self.dims is not None and len(vec) != 4 * self.dims:
-            return Outcome(key, "error", model=a.model, prompt_tokens=a.prompt_tokens, cost_usd=cost, attempts=1,
-                           error_type="wrong_dimensions",
-                           error=f"the embedding has {len(vec) // 4} dimensions, expected {self.dims}")
-        return Outcome(key, "ok", model=a.model, prompt_tokens=a.prompt_tokens, cached_tokens=0, completion_tokens=0,
-                       reasoning_tokens=0, cost_usd=cost, attempts=1, embedding=vec)
+        return embedding_outcome(key, a.vectors[0], self.dims, model=a.model, prompt_tokens=a.prompt_tokens,
+                                 cost_usd=cost, attempts=1)
 
     def _report(self) -> None:
         if self.on_batches is not None:

@@ -27,7 +27,7 @@ from tenacity.wait import wait_random_exponential
 from pipeline.client import Answer, ApiClient, EmbeddingAnswer, RateInfo, wait_server_hint
 from pipeline.errors import AbortError, BudgetExceeded, Interrupted, PipelineError, RowError, StopRun, TransientError
 from pipeline.job import RequestSpec
-from pipeline.journal import Journal, Outcome, VectorBlock
+from pipeline.journal import Journal, Outcome, VectorBlock, embedding_row
 from pipeline.limits import RateBudget
 from pipeline.pricing import Price, Usage
 from pipeline.render import RenderedChunk, Request, embeddings_batch_body
@@ -338,19 +338,11 @@ class Executor:
         per_token = batch_cost / a.prompt_tokens if batch_cost is not None and a.prompt_tokens else 0.0
         costs = None if batch_cost is None else shares * per_token
         dims = self.embedding_dims
-        if dims is not None and any(len(v) != 4 * dims for v in a.vectors):
-            out: Sent = []
-            for i, (r, vec) in enumerate(zip(batch, a.vectors, strict=True)):
-                share, cost = int(shares[i]), None if costs is None else float(costs[i])
-                if len(vec) != 4 * dims:
-                    out.append((r, Outcome(r.key, "error", model=a.model, prompt_tokens=share, cost_usd=cost,
-                                           attempts=attempts, latency_ms=latency_ms, error_type="wrong_dimensions",
-                                           error=f"the embedding has {len(vec) // 4} dimensions, expected {dims}")))
-                else:
-                    out.append((r, Outcome(r.key, "ok", model=a.model, prompt_tokens=share, cached_tokens=0,
-                                           completion_tokens=0, reasoning_tokens=0, cost_usd=cost,
-                                           latency_ms=latency_ms, attempts=attempts, embedding=vec)))
-            return out
+        if dims is not None and any(len(v) != 4 * dims for v in a.vectors):  # row by row, to fail the wrong ones
+            return [(r, embedding_outcome(r.key, vec, dims, model=a.model, prompt_tokens=int(shares[i]),
+                                          cost_usd=None if costs is None else float(costs[i]), attempts=attempts,
+                                          latency_ms=latency_ms))
+                    for i, (r, vec) in enumerate(zip(batch, a.vectors, strict=True))]
         vectors = np.frombuffer(b"".join(a.vectors), dtype="<f4").reshape(len(batch), -1)
         block = VectorBlock(keys=[r.key for r in batch], vectors=vectors, prompt_tokens=shares, cost_usd=costs,
                             model=a.model, latency_ms=latency_ms, attempts=attempts)
@@ -519,6 +511,17 @@ def unsendable_input(req: Request, spec: RequestSpec) -> Outcome | None:
            if req.prompt_tokens else "the input is empty")
     return Outcome(req.key, "error", prompt_tokens=req.prompt_tokens, error=why,
                    error_type="input_too_long" if req.prompt_tokens else "empty_input")
+
+
+def embedding_outcome(key: str, vector: bytes, dims: int | None, *, model: str | None, prompt_tokens: int,
+                      cost_usd: float | None, attempts: int, latency_ms: float | None = None) -> Outcome:
+    """One row's embedding as its outcome: failed when it has not the dimensions the job expects (either mode)."""
+    if dims is not None and len(vector) != 4 * dims:
+        return Outcome(key, "error", model=model, prompt_tokens=prompt_tokens, cost_usd=cost_usd, attempts=attempts,
+                       latency_ms=latency_ms, error_type="wrong_dimensions",
+                       error=f"the embedding has {len(vector) // 4} dimensions, expected {dims}")
+    return embedding_row(key, vector, model=model, prompt_tokens=prompt_tokens, cost_usd=cost_usd,
+                         attempts=attempts, latency_ms=latency_ms)
 
 
 def answer_outcome(key: str, a: Answer, price: Price | None, *, attempts: int, latency_ms: float | None,

@@ -56,6 +56,13 @@ class Outcome:
     retryable: bool = False  # failed on transient trouble (retries ran out): a plain rerun tries again
 
 
+def embedding_row(key: str, vector: bytes, *, model: str | None, prompt_tokens: int, cost_usd: float | None,
+                  attempts: int, latency_ms: float | None = None) -> Outcome:
+    """An answered embeddings row: a vector and no completion (its other token counts are 0)."""
+    return Outcome(key, "ok", model=model, prompt_tokens=prompt_tokens, cached_tokens=0, completion_tokens=0,
+                   reasoning_tokens=0, cost_usd=cost_usd, latency_ms=latency_ms, attempts=attempts, embedding=vector)
+
+
 @dataclass(frozen=True, slots=True)
 class VectorBlock:
     """The answered rows of one embeddings request, together: what the journal and the output store in one
@@ -71,10 +78,10 @@ class VectorBlock:
 
     def outcome(self, i: int) -> Outcome:
         """Row ``i`` as a stand-alone outcome (for the rare row that needs one: a duplicate, a resumed row)."""
-        return Outcome(self.keys[i], "ok", model=self.model, prompt_tokens=int(self.prompt_tokens[i]),
-                       cached_tokens=0, completion_tokens=0, reasoning_tokens=0,
-                       cost_usd=None if self.cost_usd is None else float(self.cost_usd[i]),
-                       latency_ms=self.latency_ms, attempts=self.attempts, embedding=self.vectors[i].tobytes())
+        return embedding_row(self.keys[i], self.vectors[i].tobytes(), model=self.model,
+                             prompt_tokens=int(self.prompt_tokens[i]),
+                             cost_usd=None if self.cost_usd is None else float(self.cost_usd[i]),
+                             latency_ms=self.latency_ms, attempts=self.attempts)
 
 
 _DIGEST = 16  # request keys are 16-byte blake2b digests in hex (render.request_key)
@@ -210,10 +217,9 @@ def _block_outcomes(db: sqlite3.Connection, index: _KeyIndex, keys: Sequence[str
             vec = vectors.get(base | row)
             if vec is None or len(vec) != 4 * dims:
                 continue  # not expected from a committed block; then the row is simply sent again
-            found[keys[i]] = Outcome(keys[i], "ok", model=model, prompt_tokens=int(tok[row]), cached_tokens=0,
-                                     completion_tokens=0, reasoning_tokens=0,
-                                     cost_usd=None if cost is None else float(cost[row]), latency_ms=latency_ms,
-                                     attempts=int(attempts), embedding=vec)
+            found[keys[i]] = embedding_row(keys[i], vec, model=model, prompt_tokens=int(tok[row]),
+                                           cost_usd=None if cost is None else float(cost[row]),
+                                           latency_ms=latency_ms, attempts=int(attempts))
     return found
 
 
