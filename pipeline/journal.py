@@ -292,7 +292,7 @@ class Journal:
         except (sqlite3.Error, OSError) as e:
             raise OutputError(f"{self.path}: cannot open the journal: {e}") from None
         self._pending: list[tuple[object, ...]] = []
-        self._pending_blocks: list[VectorBlock] = []
+        self._pending_blocks: list[tuple[VectorBlock, bytes]] = []  # with their keys as binary digests
         self._index: _KeyIndex | None = None  # loaded when a lookup first needs it
         self._recent = _RecentBlocks()
 
@@ -322,11 +322,12 @@ class Journal:
 
     def add_block(self, block: VectorBlock) -> None:
         """Buffer the answers of one embeddings request; durable after the next ``flush``."""
-        if _digests(block.keys) is None:  # not request keys (hand-made in a test): keep them row by row
+        digests = _digests(block.keys)
+        if digests is None:  # not request keys (hand-made in a test): keep them row by row
             for i in range(len(block.keys)):
                 self.add(block.outcome(i))
             return
-        self._pending_blocks.append(block)
+        self._pending_blocks.append((block, digests))
 
     def flush(self) -> None:
         """Commit every buffered outcome and block in one transaction."""
@@ -339,9 +340,7 @@ class Journal:
         try:
             with self._transaction():
                 self._db.executemany(_INSERT, rows)
-                for b in blocks:
-                    digests = _digests(b.keys)
-                    assert digests is not None
+                for b, digests in blocks:
                     cur = self._db.execute(
                         "INSERT INTO vector_blocks (dims, model, latency_ms, attempts, recorded_at, keys, "
                         "prompt_tokens, cost_usd) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",

@@ -323,10 +323,9 @@ class Renderer:
         variable = [i for i, p in enumerate(self.parts) if p.template is not None]
         prefix, inputs = self._input_prefix, fast.get(len(self.parts) - 1)
         if prefix is not None and inputs is not None and not skip_nulls:
-            hashed, dumps, blake2b = endpoint.encode() + b"\n", orjson.dumps, hashlib.blake2b
             for row, row_id, keep, text in zip(rows, ids, keeps, inputs, strict=True):
-                body = prefix + dumps(text) + b"}"
-                pending.append((row, row_id, keep, (text,), body, blake2b(hashed + body, digest_size=16).hexdigest()))
+                body = prefix + orjson.dumps(text) + b"}"
+                pending.append((row, row_id, keep, (text,), body, request_key(endpoint, body)))
         else:
             for n, (row, row_id, keep, values) in enumerate(zip(rows, ids, keeps, values_iter, strict=True)):
                 if skip_nulls:
