@@ -17,7 +17,8 @@ import time
 from common import BIN, WORK, clear_output, dataset, sim_stats, simulator, write_job
 
 from pipeline.job import Job
-from pipeline.journal import Journal, Outcome
+from pipeline.journal import Journal
+from pipeline.outcome import Outcome
 from pipeline.render import Renderer
 from pipeline.run import run
 from pipeline.sink import OutputPaths

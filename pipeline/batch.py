@@ -1,131 +1,105 @@
 """Batch API mode: the same job and the same output at half the price, for jobs that can wait up to 24 hours.
 
-The rendered requests are written as Batch input files (``custom_id`` = the request key, so results join
-back to rows however the provider orders them), uploaded, and submitted as batches; then the batches are
-polled until they end, and their output and error files are read into the journal as outcomes. The output
-table is written from the journal exactly as in online mode.
+The estimate pass has already written the rendered requests as staged input files (``ledger.BatchStage``);
+here they become parts of the ledger, are uploaded and submitted as batches, and the batches are polled until
+they end, their output and error files read into the journal as outcomes. The output table is then written
+from the journal and the request key each row had in the estimate: the input is read once more, for its ids
+and kept columns, and never rendered again.
 
-Every step is recorded in the journal the moment it happens (file written, file uploaded, batch created),
-so a run killed anywhere resumes where it stopped: a file is never submitted twice. The one window no
-journal can close, a create request that reached the provider but whose reply never came back, is closed by
-asking the provider for a batch made from that file before creating one again.
+Every step is recorded in the ledger the moment it happens (file registered, uploaded, batch created), so a
+run killed anywhere resumes where it stopped: a file is never submitted twice. The one window no journal can
+close, a create request that reached the provider but whose reply never came back, is closed by asking the
+provider for a batch made from that file before creating one again.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import signal
 import threading
-import uuid
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field, replace
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
-import orjson
-
-from pipeline.client import (
-    BatchClient,
-    chat_answer,
-    embeddings_answer,
-    raise_for_status,
-    resolve_api_key,
-    resolve_base_url,
-)
-from pipeline.errors import AbortError, OutputError, ProviderError, TransientError
-from pipeline.execute import RunStats, answer_outcome, embedding_outcome, unsendable_input
+from pipeline.client import resolve_api_key, resolve_base_url
+from pipeline.errors import AbortError, Interrupted, PipelineError, ProviderError, StopRun, TransientError
 from pipeline.job import Job
-from pipeline.journal import BatchPart, Journal, Outcome
-from pipeline.pricing import Price, Usage
-from pipeline.render import RenderedChunk, Request
+from pipeline.journal import Journal
+from pipeline.ledger import BatchLedger, BatchPart, BatchStage, describe_part
+from pipeline.outcome import (
+    Outcome,
+    RunStats,
+    answered,
+    batch_missing,
+    embedding_outcome,
+    failed,
+    invalid_answer,
+    skipped,
+)
+from pipeline.plan import Ending, RunPlan
+from pipeline.pricing import Usage
+from pipeline.providers import provider_for
+from pipeline.render import key_id
 from pipeline.sink import OutputPaths, PartWriter
+from pipeline.source import ROW, iter_chunks
 from pipeline.structured import AnswerChecker
 
 T = TypeVar("T")
-ENDPOINT_URL = {"chat": "/v1/chat/completions", "embeddings": "/v1/embeddings"}
 FINAL = frozenset({"completed", "failed", "expired", "cancelled"})
 # Rows a batch ended without: worth a new batch on a plain rerun after these endings, not after a
 # cancellation (the user asked for it) or a failed validation (the same file would fail again).
 RETRY_AFTER_END = frozenset({"completed", "expired"})
-
-
-def key_id(key: str) -> int:
-    """64 bits of a request key: sets of millions of keys at a third of the memory of the strings."""
-    return int(key[:16], 16)
+OUTPUT_CHUNK_ROWS = 10_000
 
 
 class BatchRun:
-    """Submits one job's requests as batches, polls them and collects their results into the journal."""
+    """Submits one job's parts as batches, polls them and collects their results into the journal.
 
-    def __init__(self, job: Job, api: BatchClient, journal: Journal, paths: OutputPaths, price: Price | None, *,
-                 checker: AnswerChecker | None, embedding_dims: int | None, stats: RunStats,
-                 stop: threading.Event | None = None,
-                 on_batches: Callable[[list[BatchPart]], None] | None = None) -> None:
-        self.job, self.api, self.journal, self.paths, self.price = job, api, journal, paths, price
-        self.checker, self.dims, self.stats = checker, embedding_dims, stats
+    ``wait(seconds)`` is the pause between polls (returns True to stop waiting): injected, so the poller is
+    tested without sleeping; by default it waits on ``stop``.
+    """
+
+    def __init__(self, plan: RunPlan, api: Any, stats: RunStats, *, checker: AnswerChecker | None,
+                 embedding_dims: int | None, stop: threading.Event | None = None,
+                 on_batches: Callable[[list[BatchPart]], None] | None = None,
+                 wait: Callable[[float], bool] | None = None) -> None:
+        assert plan.ledger is not None and isinstance(plan.store, Journal)
+        self.plan, self.job, self.api, self.stats = plan, plan.job, api, stats
+        self.journal, self.ledger = plan.store, plan.ledger
+        self.provider, self.price = plan.checked.provider, plan.checked.price
+        self.checker, self.dims = checker, embedding_dims
         self.stop = stop or threading.Event()
         self.on_batches = on_batches
-        self.url = ENDPOINT_URL[job.request.endpoint]
+        self.wait = wait or self.stop.wait
 
     # -- submitting --------------------------------------------------------------------------------------------
 
-    def submit(self, chunks: Iterator[RenderedChunk], in_batches: set[int]) -> None:
-        """Finish the submissions an earlier run left half-done, then put every row not yet answered or in a
-        batch into new batch files and submit them, one file at a time."""
-        for part in self.journal.parts(active=True):
+    def submit(self, stage: BatchStage) -> None:
+        """Finish the submissions an earlier run left half-done (looking for a batch made from them first),
+        then submit the files this run staged, one at a time. Files not reached when the run is stopped are
+        dropped: their rows are planned again by the next run."""
+        for part in self.ledger.parts(active=True):
             if part.batch_id is None and not self.stop.is_set():
                 self._submit(part, resumed=True)
-        spec = self.job.batch
-        seen: set[int] = set()
-        lines: _PartFile | None = None
-        for chunk in chunks:
-            for req in chunk.requests:
-                if self.stop.is_set():
-                    if lines is not None:
-                        lines.discard()
-                    return
-                kid = key_id(req.key)
-                if req.key in chunk.settled or kid in in_batches or kid in seen:
-                    continue
-                seen.add(kid)
-                if self._unsendable(req):
-                    continue
-                line = (b'{"custom_id":"' + req.key.encode() + b'","method":"POST","url":"' + self.url.encode()
-                        + b'","body":' + req.body + b"}\n")
-                if lines is not None and (lines.count >= spec.max_requests_per_file
-                                          or lines.size + len(line) > spec.max_bytes_per_file):
-                    self._submit(lines.close(self.journal), resumed=False)
-                    lines = None
-                if lines is None:
-                    lines = _PartFile(self.paths.batches)
-                lines.add(req.key, line)
-        self.journal.flush()
-        if lines is not None and not self.stop.is_set():
-            self._submit(lines.close(self.journal), resumed=False)
-        elif lines is not None:
-            lines.discard()
+        stage.commit(self.journal)
+        while not self.stop.is_set() and (part := stage.next_part(self.ledger)) is not None:
+            self._submit(part, resumed=False)
+        stage.discard()
         with contextlib.suppress(OSError):
-            self.paths.batches.rmdir()  # empty once every file is at the provider
-
-    def _unsendable(self, req: Request) -> bool:
-        """Embeddings rows too long for the model (or empty) fail alone, before anything is sent."""
-        if not self.job.request.is_embeddings:
-            return False
-        refused = unsendable_input(req, self.job.request)
-        if refused is not None:
-            self.journal.add(refused)
-        return refused is not None
+            self.plan.paths.batches.rmdir()  # empty once every file is at the provider
 
     def _submit(self, part: BatchPart, *, resumed: bool) -> None:
         """Upload a written part and create its batch, recording each id at once."""
         if part.file_id is None:
             path = Path(part.path)
             if not path.exists():  # written by a killed run, then removed: forget it; the next run plans its rows
-                self.journal.drop_part(part.part)  # (this one counted them as in a batch before it got here)
+                self.ledger.drop_part(part.part)  # (this one counted them as in a batch before it got here)
                 return
             name = f"{self.job.name}-part{part.part:04d}.jsonl"
             file_id = self._provider(lambda: self.api.upload(path, name), f"uploading {path.name}")
-            part = self.journal.update_part(part.part, file_id=file_id)
+            part = self.ledger.update_part(part.part, file_id=file_id)
         assert part.file_id is not None
         file_id = part.file_id
         metadata = {"pipeline_job": self.job.name, "pipeline_fingerprint": self.job.fingerprint(),
@@ -138,11 +112,11 @@ class BatchRun:
                     # After a kill or a lost reply the provider may have made the batch already: look first.
                     found = (self.api.find(file_id, since)
                              if resumed or attempt.retry_state.attempt_number > 1 else None)
-                    return found or self.api.create(file_id, self.url, metadata)
+                    return found or self.api.create(file_id, self.job.request.endpoint, metadata)
             raise AssertionError("unreachable")  # pragma: no cover
 
         batch = self._provider(create, f"creating the batch of {file_id}")
-        self.journal.update_part(part.part, batch_id=str(batch["id"]), status=str(batch.get("status")),
+        self.ledger.update_part(part.part, batch_id=str(batch["id"]), status=str(batch.get("status")),
                                  counts=_counts(batch))
         self.stats.requests_sent += part.requests
         Path(part.path).unlink(missing_ok=True)  # the provider holds the file now
@@ -158,7 +132,7 @@ class BatchRun:
             raise AbortError(f"{doing}: {why}: {e}; everything submitted so far is recorded in the journal, "
                              f"run again to resume", kind=f"batch_{e.kind}", status=e.status) from None
 
-    # -- polling and collecting --------------------------------------------------------------------------------
+    # -- polling and collecting ---------------------------------------------------------------------------------
 
     def poll(self, *, wait: bool) -> None:
         """Poll the job's open batches until every one has ended (or once, without ``wait``), collecting each
@@ -167,7 +141,7 @@ class BatchRun:
         interval = spec.poll_interval_s
         while True:
             changed = False
-            for part in self.journal.parts(active=True):
+            for part in self.ledger.parts(active=True):
                 if part.batch_id is None or self.stop.is_set():
                     continue
                 b = self._provider(lambda bid=part.batch_id: self.api.retrieve(bid),  # type: ignore[misc]
@@ -175,22 +149,22 @@ class BatchRun:
                 status, counts = str(b.get("status")), _counts(b)
                 if (status, counts) != (part.status, part.counts):
                     changed = True
-                    part = self.journal.update_part(part.part, status=status, counts=counts,
+                    part = self.ledger.update_part(part.part, status=status, counts=counts,
                                                     output_file_id=b.get("output_file_id"),
                                                     error_file_id=b.get("error_file_id"))
                 if status in FINAL:
                     self._collect(part, b)
             self._report()
-            open_batches = [p for p in self.journal.parts(active=True) if p.batch_id is not None]
+            open_batches = [p for p in self.ledger.parts(active=True) if p.batch_id is not None]
             if not wait or not open_batches or self.stop.is_set():
                 return
             interval = spec.poll_interval_s if changed else min(interval * 1.5, spec.poll_max_interval_s)
-            if self.stop.wait(interval):
+            if self.wait(interval):
                 return
 
     def _collect(self, part: BatchPart, batch: dict[str, Any]) -> None:
         """Read an ended batch's output and error files into outcomes, one per request of the part."""
-        keys = self.journal.part_keys(part.part)
+        keys = self.ledger.part_keys(part.part)
         wanted = set(keys)
         found: dict[str, Outcome] = {}
         for file_id in (batch.get("output_file_id"), batch.get("error_file_id")):
@@ -203,9 +177,8 @@ class BatchRun:
         why = _batch_errors(batch)
         for k in keys:
             if k not in found:
-                found[k] = Outcome(k, "error", error=f"no result: the batch ended {status}{why}",
-                                   error_type=f"batch_{status}", retryable=status in RETRY_AFTER_END)
-        self.journal.collect_part(part.part, list(found.values()))
+                found[k] = batch_missing(k, status, why, retryable=status in RETRY_AFTER_END)
+        self.ledger.collect_part(part.part, list(found.values()))
         for o in found.values():
             self.stats.spend(o)
 
@@ -223,77 +196,26 @@ class BatchRun:
 
     def _line_outcome(self, raw: bytes) -> Outcome | None:
         """One result line as an outcome, priced at the Batch API price; None for a line that is not ours."""
-        try:
-            line = orjson.loads(raw)
-            key = str(line["custom_id"])
-        except (orjson.JSONDecodeError, KeyError, TypeError):
+        r = self.provider.batch_result(raw, self.job.request.endpoint)
+        if r is None:
             return None
-        resp = line.get("response")
-        if not isinstance(resp, dict):  # never executed: the batch expired or was cancelled first
-            err = line.get("error") if isinstance(line.get("error"), dict) else {}
-            code = str(err.get("code") or "batch_error")
-            return Outcome(key, "error", error=str(err.get("message") or code), error_type=code,
-                           retryable=code == "batch_expired")
-        body = resp.get("body")
-        try:
-            status = int(resp.get("status_code") or 0)
-            if status != 200:
-                raise_for_status(status, {}, orjson.dumps(body))
-            if self.job.request.is_embeddings:
-                return self._embedding_outcome(key, embeddings_answer(body, 1))
-            outcome = answer_outcome(key, chat_answer(body), self.price, attempts=1, latency_ms=None, batch=True)
-        except ProviderError as e:  # the line's own error, as its status code classes it
-            return Outcome(key, "error", attempts=1, error=str(e), error_type=e.kind,
-                           retryable=isinstance(e, TransientError))
+        if r.error is not None:
+            return failed(r.key, r.error, attempts=r.attempts)
+        a: Any = r.answer
+        if self.job.request.is_embeddings:
+            cost = self.price.cost(Usage(prompt_tokens=a.prompt_tokens), batch=True) if self.price else None
+            return embedding_outcome(r.key, a.vectors[0], self.dims, model=a.model, prompt_tokens=a.prompt_tokens,
+                                     cost_usd=cost, attempts=1)
+        outcome = answered(r.key, a, self.price, attempts=1, latency_ms=None, batch=True)
         if self.checker is not None and outcome.status == "ok":
             problem = self.checker.problem(outcome.content)
             if problem is not None:
-                return replace(outcome, status="error", error=problem, error_type="invalid_answer")
+                return invalid_answer(outcome, problem)
         return outcome
-
-    def _embedding_outcome(self, key: str, a: Any) -> Outcome:
-        cost = self.price.cost(Usage(prompt_tokens=a.prompt_tokens), batch=True) if self.price else None
-        return embedding_outcome(key, a.vectors[0], self.dims, model=a.model, prompt_tokens=a.prompt_tokens,
-                                 cost_usd=cost, attempts=1)
 
     def _report(self) -> None:
         if self.on_batches is not None:
-            self.on_batches(self.journal.parts())
-
-
-class _PartFile:
-    """A Batch input file being written: lines go to disk as they come, so memory holds keys, not bodies."""
-
-    def __init__(self, folder: Path) -> None:
-        try:
-            folder.mkdir(parents=True, exist_ok=True)
-            self.path = folder / f"part-{uuid.uuid4().hex[:12]}.jsonl"
-            self._fh = self.path.open("wb")
-        except OSError as e:
-            raise OutputError(f"{folder}: cannot write a batch input file: {e.strerror}") from None
-        self.keys: list[str] = []
-        self.size = 0
-
-    @property
-    def count(self) -> int:
-        return len(self.keys)
-
-    def add(self, key: str, line: bytes) -> None:
-        try:
-            self._fh.write(line)
-        except OSError as e:
-            raise OutputError(f"{self.path}: cannot write a batch input file: {e.strerror}") from None
-        self.keys.append(key)
-        self.size += len(line)
-
-    def close(self, journal: Journal) -> BatchPart:
-        """Finish the file and record it (and the keys in it) in the journal."""
-        self._fh.close()
-        return journal.add_part(str(self.path), self.keys, self.size)
-
-    def discard(self) -> None:
-        self._fh.close()
-        self.path.unlink(missing_ok=True)
+            self.on_batches(self.ledger.parts())
 
 
 def _counts(batch: dict[str, Any]) -> str:
@@ -310,36 +232,112 @@ def _batch_errors(batch: dict[str, Any]) -> str:
     return f" ({shown}{'; ...' if len(errors) > 3 else ''})"
 
 
-def write_rows(chunks: Iterator[RenderedChunk], sink: PartWriter, key_of_row: Callable[[Any], tuple[Any, ...]],
+class _RowRef(NamedTuple):
+    row: int
+    row_id: Any
+    keep: tuple[Any, ...]
+
+
+def write_rows(plan: RunPlan, stage: BatchStage, sink: PartWriter, key_of_row: Callable[[Any], tuple[Any, ...]],
                stats: RunStats) -> None:
-    """Every row whose request has an outcome in the journal (``chunk.settled`` holds them all), in input
-    order; rows still waiting in a batch are left out and counted as pending."""
+    """Every row whose request has an outcome in the journal, in input order, found by the key its row had in
+    the estimate (the input is read for its ids and kept columns only); rows still waiting in a batch are left
+    out and counted as pending."""
+    job = plan.job
+    columns = [*([job.input.id] if job.input.id else []), *job.input.keep]
+    answered_ = plan.store.reader(any_outcome=True)
     seen: set[int] = set()
-    for chunk in chunks:
-        for s in chunk.skipped:
-            sink.add(s.row, key_of_row(s), None, skipped=s.reason)
-            stats.skipped += 1
-            stats.rows_done += 1
-        for req in chunk.requests:
-            outcome = chunk.settled.get(req.key)
-            if outcome is None:
-                stats.pending += 1
-                continue
-            kid = key_id(req.key)
-            duplicate = kid in seen
-            seen.add(kid)
-            sink.add(req.row, key_of_row(req), outcome, deduplicated=duplicate)
-            stats.count(outcome, deduplicated=duplicate)
+    try:
+        for chunk in iter_chunks(plan.checked.source, columns, chunk_rows=OUTPUT_CHUNK_ROWS, limit=plan.limit):
+            rows = chunk.get_column(ROW).to_list()
+            ids = chunk.get_column(job.input.id).to_list() if job.input.id else rows
+            keep_cols = [chunk.get_column(c).to_list() for c in job.input.keep]
+            keeps = list(zip(*keep_cols, strict=True)) if keep_cols else [()] * len(rows)
+            keys = [stage.key_of(r) for r in rows]
+            found = answered_([k for k in keys if k is not None])
+            for row, row_id, keep, key in zip(rows, ids, keeps, keys, strict=True):
+                ref = _RowRef(row, row_id, keep)
+                if key is None:
+                    outcome = skipped(stage.skipped.get(row, "skipped"))
+                    sink.add(row, key_of_row(ref), outcome)
+                    stats.count(outcome)
+                    continue
+                outcome_ = found.get(key)
+                if outcome_ is None:
+                    stats.pending += 1
+                    continue
+                kid = key_id(key)
+                duplicate = kid in seen
+                seen.add(kid)
+                sink.add(row, key_of_row(ref), outcome_, deduplicated=duplicate)
+                stats.count(outcome_, deduplicated=duplicate)
+    finally:
+        answered_.close()
 
 
-def describe_part(part: BatchPart) -> str:
-    """One line per batch, for people: its id, status and request counts."""
-    counts = json.loads(part.counts) if part.counts else {}
-    total = counts.get("total") or part.requests
-    done = f"{counts.get('completed', 0):,}/{total:,} done, {counts.get('failed', 0):,} failed"
-    state = part.status or ("uploaded" if part.file_id else "written")
-    collected = ", collected" if part.collected else ""
-    return f"part {part.part}: {part.batch_id or part.file_id or Path(part.path).name} {state} ({done}){collected}"
+def run_batches(plan: RunPlan, stage: BatchStage, *, wait: bool = True,
+                on_batches: Callable[[list[BatchPart]], None] | None = None,
+                handle_signals: bool = False) -> Ending:
+    """Submit what the stage wrote, poll (until every batch ended, or once without ``wait``), collect, and
+    write the output from the journal."""
+    assert plan.ledger is not None and isinstance(plan.store, Journal)
+    job, est = plan.job, plan.estimate
+    stats = RunStats(rows_total=est.rows)
+    sink, key_of_row = plan.sink()
+    stop = threading.Event()
+    reasons: list[StopRun] = []
+    restore = _stop_on_signals(stop, reasons, job) if handle_signals else None
+    stopped: PipelineError | None = None
+    try:
+        with plan.checked.provider.batch_api(plan.url, plan.api_key, timeout_s=job.limits.timeout_s,
+                                             max_attempts=job.limits.max_attempts) as api:
+            batches = BatchRun(plan, api, stats, checker=sink.checker, embedding_dims=sink.embedding_dims,
+                               stop=stop, on_batches=on_batches)
+            try:
+                batches.submit(stage)
+                batches.poll(wait=wait)
+            except (StopRun, AbortError) as e:
+                stopped = e
+        if stopped is None and reasons:
+            stopped = reasons[0]
+    finally:
+        if restore is not None:
+            restore()
+        write_rows(plan, stage, sink, key_of_row, stats)
+        rows = sink.finish()
+    extra: dict[str, Any] = {}
+    # A run that only collects estimated nothing; the estimate worth comparing with is the submitting run's.
+    if est.requests:
+        plan.store.set_meta("batch_estimate", json.dumps(est.to_dict(), default=str))
+    elif (submitted := plan.store.get_meta("batch_estimate")) is not None:
+        extra["estimate"] = json.loads(submitted)
+    extra["batches"] = [{"part": p.part, "batch_id": p.batch_id, "input_file_id": p.file_id, "status": p.status,
+                         "request_counts": json.loads(p.counts) if p.counts else None, "requests": p.requests,
+                         "collected": p.collected} for p in plan.ledger.parts()]
+    extra["totals"] = {"rows_pending_in_batches": stats.pending}
+    status = "stopped" if stopped is not None else "submitted" if stats.pending else "complete"
+    return Ending(stats, stopped, rows, status=status, manifest=extra)
+
+
+def _stop_on_signals(stop: threading.Event, reasons: list[StopRun], job: Job) -> Callable[[], None]:
+    """SIGINT/SIGTERM during a batch run: the first stops after the current call, a second at once. Batches
+    already submitted keep running at the provider either way."""
+    def handler(signum: int, frame: Any) -> None:
+        name = signal.Signals(signum).name
+        if stop.is_set():
+            raise Interrupted(f"stopped by a second {name}")
+        reasons.append(Interrupted(f"stopped by {name}: the batches already submitted keep running at the "
+                                   f"provider; run again to collect them, or `pipeline batches cancel "
+                                   f"{job.source}`"))
+        stop.set()
+
+    old = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+    def restore() -> None:
+        for sig, h in old.items():
+            signal.signal(sig, h)
+
+    return restore
 
 
 @dataclass
@@ -357,7 +355,8 @@ def list_batches(job_path: str, *, base_url: str | None = None, refresh: bool = 
     if not paths.journal.exists():
         return BatchListing()
     with Journal(paths.journal) as journal:
-        listing = BatchListing(parts=journal.parts())
+        ledger = BatchLedger(journal)
+        listing = BatchListing(parts=ledger.parts())
         open_parts = [p for p in listing.parts if p.batch_id and not p.collected and p.status not in FINAL]
         if not refresh or not open_parts:
             return listing
@@ -366,11 +365,11 @@ def list_batches(job_path: str, *, base_url: str | None = None, refresh: bool = 
                 for p in open_parts:
                     assert p.batch_id is not None
                     b = api.retrieve(p.batch_id)
-                    journal.update_part(p.part, status=str(b.get("status")), counts=_counts(b),
+                    ledger.update_part(p.part, status=str(b.get("status")), counts=_counts(b),
                                         output_file_id=b.get("output_file_id"), error_file_id=b.get("error_file_id"))
         except ProviderError as e:
             listing.warnings.append(f"could not ask the provider, showing what the journal recorded: {e}")
-        listing.parts = journal.parts()
+        listing.parts = ledger.parts()
         return listing
 
 
@@ -383,12 +382,13 @@ def cancel_batches(job_path: str, *, base_url: str | None = None) -> list[str]:
         return [f"{job_path}: no batches (no journal at {paths.journal})"]
     lines: list[str] = []
     with Journal(paths.journal) as journal, _client(job, base_url) as api:
-        for p in journal.parts(active=True):
+        ledger = BatchLedger(journal)
+        for p in ledger.parts(active=True):
             if p.batch_id is None:  # written (maybe uploaded) but never a batch: forget it, its rows go back to plan
-                journal.drop_part(p.part)
+                ledger.drop_part(p.part)
                 Path(p.path).unlink(missing_ok=True)
                 lines.append(f"part {p.part}: not submitted yet; dropped ({p.requests:,} rows will be planned again)")
-        open_parts = [p for p in journal.parts(active=True) if p.batch_id and p.status not in FINAL]
+        open_parts = [p for p in ledger.parts(active=True) if p.batch_id and p.status not in FINAL]
         for p in open_parts:
             assert p.batch_id is not None
             try:
@@ -396,14 +396,14 @@ def cancel_batches(job_path: str, *, base_url: str | None = None) -> list[str]:
             except ProviderError as e:
                 lines.append(f"part {p.part}: {p.batch_id}: not cancelled: {e}")
                 continue
-            p = journal.update_part(p.part, status=str(b.get("status")), counts=_counts(b))
+            p = ledger.update_part(p.part, status=str(b.get("status")), counts=_counts(b))
             lines.append(describe_part(p))
         if not open_parts and not lines:
             lines.append(f"{job_path}: no open batches")
     return lines
 
 
-def _client(job: Job, base_url: str | None) -> BatchClient:
+def _client(job: Job, base_url: str | None) -> Any:
     url = resolve_base_url(job, base_url)
-    return BatchClient(url, resolve_api_key(job, url), timeout_s=job.limits.timeout_s,
-                       max_attempts=job.limits.max_attempts)
+    return provider_for(job).batch_api(url, resolve_api_key(job, url), timeout_s=job.limits.timeout_s,
+                                       max_attempts=job.limits.max_attempts)

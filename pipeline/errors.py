@@ -9,7 +9,8 @@ Errors are classed by what the caller can do about them, so decisions test a typ
     │   ├── TemplateError         a prompt template: names the template and the row
     │   └── OutputError           the output folder or journal cannot be used
     ├── ProviderError             an HTTP outcome from the API
-    │   ├── TransientError        worth retrying (429 rate limit, 5xx, timeouts, dropped connections)
+    │   ├── TransientError        worth retrying (5xx, timeouts, dropped connections)
+    │   │   └── RateLimited       a 429: every worker pauses, not just the one that got it
     │   └── TerminalError         not worth retrying
     │       ├── RowError          fails only its row (400, 422, unparseable answer, refusal)
     │       └── AbortError        fails the whole run (401, 403, unknown model, quota exhausted)
@@ -21,6 +22,11 @@ Only ``cli.py`` turns these into messages and exit codes; the library raises and
 """
 
 from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from pipeline.providers.base import RateInfo
 
 
 class PipelineError(Exception):
@@ -62,7 +68,7 @@ class ProviderError(PipelineError):
         super().__init__(message)
         self.kind = kind
         self.status = status
-        self.rate: object | None = None  # the response's rate-limit headers (a client.RateInfo), when it had any
+        self.rate: RateInfo | None = None  # the server's view of our limits on that response, when it said one
 
 
 class TransientError(ProviderError):
@@ -73,6 +79,10 @@ class TransientError(ProviderError):
     ) -> None:
         super().__init__(message, kind=kind, status=status)
         self.retry_after = retry_after
+
+
+class RateLimited(TransientError):
+    """The server's rate budget is spent (429): the shared pause and the limiter's correction test this type."""
 
 
 class TerminalError(ProviderError):

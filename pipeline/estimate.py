@@ -16,7 +16,7 @@ from typing import Any
 
 from pipeline.job import Job
 from pipeline.pricing import Price, Usage, price_for
-from pipeline.render import KeptChunks, Renderer
+from pipeline.render import RenderedChunk, Renderer, key_id
 from pipeline.source import Source, iter_chunks, open_source
 
 MAX_LISTED_IDS = 1000
@@ -89,7 +89,7 @@ class EstimateBuilder:
                 est.over_context_rows += 1
                 if len(est.over_context_ids) < MAX_LISTED_IDS:
                     est.over_context_ids.append(r.row_id)
-            seen_id = int(r.key[:16], 16)
+            seen_id = key_id(r.key)
             if r.key in done:
                 est.rows_already_done += 1
                 self._seen.add(seen_id)
@@ -155,21 +155,21 @@ class EstimateBuilder:
 def estimate_source(job: Job, source: Source, renderer: Renderer, price: Price | None, *,
                     limit: int | None = None, settled: Callable[[list[str]], Mapping[str, Any]] | None = None,
                     on_chunk: Callable[[int], None] | None = None, counted: array[int] | None = None,
-                    kept: KeptChunks | None = None) -> tuple[Estimate, array[int] | None]:
+                    keep: Callable[[RenderedChunk], None] | None = None) -> tuple[Estimate, array[int] | None]:
     """Render every row (sending nothing) and add up what a run will cost.
 
     With ``settled`` (the journal's lookup), rows answered before cost nothing, and the positions of the rows
     still to send come back too (None when that is every row, or without ``settled``). ``counted`` is filled
-    with each row's prompt tokens by position (0 for rows not counted), for the run to reuse; ``kept`` keeps
-    the rendered chunks themselves while they fit its budget.
+    with each row's prompt tokens by position (0 for rows not counted), for the run to reuse; ``keep`` is
+    handed every rendered chunk (the run keeps them while they fit, or stages Batch API files from them).
     """
     builder = EstimateBuilder(job, price)
     todo: array[int] = array("q")
     for chunk in iter_chunks(source, renderer.columns, limit=limit):
         rendered = renderer.render_chunk(chunk, settled=settled)
         builder.add(rendered, done=rendered.settled.keys())
-        if kept is not None:
-            kept.add(rendered)
+        if keep is not None:
+            keep(rendered)
         if settled is not None:
             todo.extend(r.row for r in rendered.requests if r.key not in rendered.settled)
         if counted is not None:  # chunks come in input order, so positions index the array directly

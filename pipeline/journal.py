@@ -13,6 +13,8 @@ insert into the key index per row, and once the index outgrows one transaction e
 of pages (measured: 6 µs per row at 20,000 rows, 16 µs at 300,000, before the vectors themselves). A block and
 its vectors are appended; the keys it holds are found through an in-memory index of 64-bit key prefixes
 (``_KeyIndex``, 16 bytes per row), loaded from the blocks when a lookup first needs it.
+
+The Batch API's record of files and batches lives in the same file, in its own class (``ledger.BatchLedger``).
 """
 
 from __future__ import annotations
@@ -21,67 +23,16 @@ import contextlib
 import sqlite3
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, fields
 from operator import attrgetter
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
 from pipeline.errors import OutputError
+from pipeline.outcome import OUTCOME_FIELDS, Outcome, VectorBlock, embedding_row
 
 SCHEMA_VERSION = 2  # 2: vector_blocks and vectors (a version-1 journal is read as is; they are added on open)
-
-
-@dataclass(frozen=True, slots=True)
-class Outcome:
-    """The final answer to one request key: answered, or failed with its error after its attempts."""
-
-    key: str
-    status: str  # "ok" | "error"
-    content: str | None = None
-    finish_reason: str | None = None
-    refusal: str | None = None
-    model: str | None = None
-    prompt_tokens: int | None = None
-    cached_tokens: int | None = None
-    completion_tokens: int | None = None
-    reasoning_tokens: int | None = None
-    cost_usd: float | None = None
-    latency_ms: float | None = None
-    attempts: int = 0
-    error: str | None = None
-    error_type: str | None = None
-    embedding: bytes | None = None  # float32 little-endian, for embeddings jobs
-    retryable: bool = False  # failed on transient trouble (retries ran out): a plain rerun tries again
-
-
-def embedding_row(key: str, vector: bytes, *, model: str | None, prompt_tokens: int, cost_usd: float | None,
-                  attempts: int, latency_ms: float | None = None) -> Outcome:
-    """An answered embeddings row: a vector and no completion (its other token counts are 0)."""
-    return Outcome(key, "ok", model=model, prompt_tokens=prompt_tokens, cached_tokens=0, completion_tokens=0,
-                   reasoning_tokens=0, cost_usd=cost_usd, latency_ms=latency_ms, attempts=attempts, embedding=vector)
-
-
-@dataclass(frozen=True, slots=True)
-class VectorBlock:
-    """The answered rows of one embeddings request, together: what the journal and the output store in one
-    piece instead of an ``Outcome`` per row. Every row of a block is ``ok``."""
-
-    keys: list[str]
-    vectors: np.ndarray              # (rows, dims) float32
-    prompt_tokens: np.ndarray        # (rows,) int64: the request's billed tokens, split by the rows' counts
-    cost_usd: np.ndarray | None      # (rows,) float64; None when the model has no known price
-    model: str | None
-    latency_ms: float
-    attempts: int
-
-    def outcome(self, i: int) -> Outcome:
-        """Row ``i`` as a stand-alone outcome (for the rare row that needs one: a duplicate, a resumed row)."""
-        return embedding_row(self.keys[i], self.vectors[i].tobytes(), model=self.model,
-                             prompt_tokens=int(self.prompt_tokens[i]),
-                             cost_usd=None if self.cost_usd is None else float(self.cost_usd[i]),
-                             latency_ms=self.latency_ms, attempts=self.attempts)
 
 
 _DIGEST = 16  # request keys are 16-byte blake2b digests in hex (render.request_key)
@@ -223,7 +174,7 @@ def _block_outcomes(db: sqlite3.Connection, index: _KeyIndex, keys: Sequence[str
     return found
 
 
-_COLUMNS = [f.name for f in fields(Outcome)]
+_COLUMNS = list(OUTCOME_FIELDS)
 _as_row = attrgetter(*_COLUMNS)  # dataclasses.astuple deep-copies every field: too slow per answer
 # A block's vectors are rows of their own, keyed block << 20 | row: appended in key order (so a commit writes
 # about the vectors' bytes, no more), and one is read without the rest. Stored as one 0.5 MB blob per block
@@ -234,11 +185,6 @@ CREATE TABLE IF NOT EXISTS outcomes (
     recorded_at REAL
 );
 CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value TEXT);
-CREATE TABLE IF NOT EXISTS batch_parts (
-    part INTEGER PRIMARY KEY, path TEXT, requests INTEGER, bytes INTEGER, file_id TEXT, batch_id TEXT,
-    status TEXT, counts TEXT, output_file_id TEXT, error_file_id TEXT, created_at REAL, collected INTEGER
-);
-CREATE TABLE IF NOT EXISTS batch_items (key TEXT PRIMARY KEY, part INTEGER);
 CREATE TABLE IF NOT EXISTS vector_blocks (
     block INTEGER PRIMARY KEY, dims INTEGER, model TEXT, latency_ms REAL, attempts INTEGER, recorded_at REAL,
     keys BLOB, prompt_tokens BLOB, cost_usd BLOB
@@ -249,29 +195,9 @@ _SELECT = ", ".join(_COLUMNS)
 # One statement splits a block's vectors into rows inside SQLite: a Python tuple per row cost twice as much.
 _INSERT_VECTORS = ("WITH RECURSIVE r(i) AS (SELECT 0 UNION ALL SELECT i + 1 FROM r WHERE i + 1 < :n) "
                    "INSERT OR REPLACE INTO vectors SELECT :base + i, substr(:data, i * :w + 1, :w) FROM r")
-_INSERT = f"INSERT OR REPLACE INTO outcomes VALUES ({', '.join('?' * (len(_COLUMNS) + 1))})"
-_PART_COLUMNS = ("part, path, requests, bytes, file_id, batch_id, status, counts, output_file_id, error_file_id, "
-                 "created_at, collected")
-
-
-@dataclass(frozen=True)
-class BatchPart:
-    """One Batch API input file of a job and what became of it: written locally, uploaded, submitted as a
-    batch, then collected (its results are outcomes). Recorded at each step, so a rerun picks up where the
-    last one stopped and never submits a file twice."""
-
-    part: int
-    path: str
-    requests: int
-    bytes: int
-    file_id: str | None = None
-    batch_id: str | None = None
-    status: str | None = None          # the provider's batch status
-    counts: str | None = None          # the provider's request_counts, as JSON
-    output_file_id: str | None = None
-    error_file_id: str | None = None
-    created_at: float | None = None
-    collected: bool = False
+# Columns by name: a journal written before a field was added to Outcome gets the column on open.
+_INSERT = (f"INSERT OR REPLACE INTO outcomes ({', '.join(_COLUMNS)}, recorded_at) "
+           f"VALUES ({', '.join('?' * (len(_COLUMNS) + 1))})")
 _LOOKUP_BATCH = 900  # under SQLite's default limit of host parameters
 
 
@@ -288,6 +214,9 @@ class Journal:
             # Checkpoints are where WAL mode pays for fsync; fewer, larger ones keep commits cheap.
             self._db.execute("PRAGMA wal_autocheckpoint=10000")
             self._db.executescript(_CREATE)
+            have = {str(r[1]) for r in self._db.execute("PRAGMA table_info(outcomes)")}
+            for name in (c for c in _COLUMNS if c not in have):  # a field added to Outcome since it was made
+                self._db.execute(f"ALTER TABLE outcomes ADD COLUMN {name}")
             self._db.execute("INSERT OR REPLACE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
         except (sqlite3.Error, OSError) as e:
             raise OutputError(f"{self.path}: cannot open the journal: {e}") from None
@@ -338,7 +267,7 @@ class Journal:
         added: list[tuple[int, bytes, VectorBlock]] = []
         now = time.time()
         try:
-            with self._transaction():
+            with self.transaction():
                 self._db.executemany(_INSERT, rows)
                 for b, digests in blocks:
                     cur = self._db.execute(
@@ -367,8 +296,18 @@ class Journal:
             self._index.refresh(self._db)
         return self._index
 
+    @property
+    def db(self) -> sqlite3.Connection:
+        """The connection, for the stores that share this file (the Batch API ledger)."""
+        return self._db
+
+    def insert(self, outcomes: Sequence[Outcome]) -> None:
+        """Write outcomes now, inside the caller's ``transaction()`` (not buffered)."""
+        now = time.time()
+        self._db.executemany(_INSERT, ((*_as_row(o), now) for o in outcomes))
+
     @contextlib.contextmanager
-    def _transaction(self) -> Iterator[None]:
+    def transaction(self) -> Iterator[None]:
         """One atomic write: all of it is committed, or none of it (and the error names the journal)."""
         try:
             self._db.execute("BEGIN")
@@ -396,57 +335,6 @@ class Journal:
             return held[key]
         row = self._db.execute(f"SELECT {_SELECT} FROM outcomes WHERE key = ?", (key,)).fetchone()
         return None if row is None else _outcome(row)
-
-    # -- Batch API parts ---------------------------------------------------------------------------------------
-
-    def add_part(self, path: str, keys: Sequence[str], size: int) -> BatchPart:
-        """Record a written batch input file and the request keys in it, in one transaction."""
-        with self._transaction():
-            cur = self._db.execute("INSERT INTO batch_parts (path, requests, bytes, created_at, collected) "
-                                   "VALUES (?, ?, ?, ?, 0)", (path, len(keys), size, time.time()))
-            part = int(cur.lastrowid or 0)
-            self._db.executemany("INSERT OR REPLACE INTO batch_items VALUES (?, ?)", ((k, part) for k in keys))
-        found = self.part(part)
-        assert found is not None
-        return found
-
-    def update_part(self, part: int, **values: Any) -> BatchPart:
-        """Record what the provider said about a part (its file id, batch id, status, counts)."""
-        names = ", ".join(f"{k} = ?" for k in values)
-        with self._transaction():
-            self._db.execute(f"UPDATE batch_parts SET {names} WHERE part = ?", (*values.values(), part))
-        found = self.part(part)
-        assert found is not None
-        return found
-
-    def part(self, part: int) -> BatchPart | None:
-        """One part by number."""
-        row = self._db.execute(f"SELECT {_PART_COLUMNS} FROM batch_parts WHERE part = ?", (part,)).fetchone()
-        return None if row is None else BatchPart(*row[:-1], collected=bool(row[-1]))
-
-    def parts(self, *, active: bool = False) -> list[BatchPart]:
-        """Every part in order; with ``active``, those whose results are not collected yet."""
-        where = " WHERE collected = 0" if active else ""
-        rows = self._db.execute(f"SELECT {_PART_COLUMNS} FROM batch_parts{where} ORDER BY part")
-        return [BatchPart(*r[:-1], collected=bool(r[-1])) for r in rows]
-
-    def part_keys(self, part: int) -> list[str]:
-        """The request keys a part carries."""
-        return [str(r[0]) for r in self._db.execute("SELECT key FROM batch_items WHERE part = ?", (part,))]
-
-    def drop_part(self, part: int) -> None:
-        """Forget a part that never reached the provider (its local file is gone): its rows are planned again."""
-        with self._transaction():
-            self._db.execute("DELETE FROM batch_items WHERE part = ?", (part,))
-            self._db.execute("DELETE FROM batch_parts WHERE part = ?", (part,))
-
-    def collect_part(self, part: int, outcomes: Sequence[Outcome]) -> None:
-        """Record a finished batch's outcomes and mark it collected, in one transaction: a kill during
-        collection leaves it uncollected, and the rerun downloads its results again."""
-        now = time.time()
-        with self._transaction():
-            self._db.executemany(_INSERT, ((*_as_row(o), now) for o in outcomes))
-            self._db.execute("UPDATE batch_parts SET collected = 1 WHERE part = ?", (part,))
 
     def count(self) -> dict[str, int]:
         """Outcomes by status, for reports."""
@@ -497,11 +385,38 @@ def _lookup(db: sqlite3.Connection, index: _KeyIndex, keys: Sequence[str], retry
     return found
 
 
-class NullJournal(Journal):
-    """Remembers nothing: for measuring what the journal costs (``bench/resume.py``), never for real runs."""
+class Reader(Protocol):
+    """``reader(keys) -> {key: Outcome}`` on its own connection, for another thread."""
 
-    def __init__(self) -> None:
-        self.path = Path("/dev/null")
+    def __call__(self, keys: Sequence[str]) -> dict[str, Outcome]: ...
+
+    def close(self) -> None: ...
+
+
+class OutcomeStore(Protocol):
+    """What a run needs of its record of outcomes: the journal, or nothing at all (``NullJournal``)."""
+
+    def get_meta(self, name: str) -> str | None: ...
+
+    def set_meta(self, name: str, value: str) -> None: ...
+
+    def add(self, outcome: Outcome) -> None: ...
+
+    def add_block(self, block: VectorBlock) -> None: ...
+
+    def flush(self) -> None: ...
+
+    def lookup(self, keys: Sequence[str], *, retry_failed: bool = False) -> dict[str, Outcome]: ...
+
+    def reader(self, *, retry_failed: bool = False, any_outcome: bool = False) -> Reader: ...
+
+    def get(self, key: str) -> Outcome | None: ...
+
+    def close(self) -> None: ...
+
+
+class NullJournal:
+    """Remembers nothing: for measuring what the journal costs (``bench/resume.py``), never for real runs."""
 
     def close(self) -> None:
         """Nothing to release."""
@@ -530,7 +445,7 @@ class NullJournal(Journal):
         """Nothing is ever recorded."""
         return None
 
-    def reader(self, *, retry_failed: bool = False, any_outcome: bool = False) -> Any:
+    def reader(self, *, retry_failed: bool = False, any_outcome: bool = False) -> Reader:
         """A lookup that finds nothing."""
         return _NullReader()
 

@@ -7,15 +7,20 @@ half a second's worth. Half, not a whole second: with a bucket exactly the size 
 slice, network jitter alone drew ~1% 429s in bench/compare.py; with half, none. The server's own view
 corrects ours: a 429 pauses every worker until the server's ``retry-after``, and ``x-ratelimit-remaining-*``
 at zero pauses until enough budget is back.
+
+Time is injected (``clock``, ``sleep``), by default the event loop's: aiolimiter's buckets read the loop's
+clock too, so the two always agree, and a test moves both by running on a virtual-time loop.
 """
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 from aiolimiter import AsyncLimiter
 
-from pipeline.client import RateInfo
+from pipeline.providers.base import RateInfo
 
 BURST_WINDOW_S = 0.5
 
@@ -28,8 +33,12 @@ def _bucket(per_minute: int) -> tuple[AsyncLimiter, float]:
 class RateBudget:
     """The limits of one run; ``await budget.acquire(tokens)`` before each request is sent."""
 
-    def __init__(self, requests_per_minute: int | None, tokens_per_minute: int | None) -> None:
+    def __init__(self, requests_per_minute: int | None, tokens_per_minute: int | None, *,
+                 clock: Callable[[], float] | None = None,
+                 sleep: Callable[[float], Awaitable[Any]] = asyncio.sleep) -> None:
         self.rpm, self.tpm = requests_per_minute, tokens_per_minute
+        self._clock = clock or (lambda: asyncio.get_running_loop().time())
+        self._sleep = sleep
         self._requests, _ = _bucket(requests_per_minute) if requests_per_minute else (None, 0.0)
         self._tokens, self._token_capacity = _bucket(tokens_per_minute) if tokens_per_minute else (None, 0.0)
         self._resume_at = 0.0
@@ -55,15 +64,14 @@ class RateBudget:
         await self._wait_pause()
 
     async def _wait_pause(self) -> None:
-        loop = asyncio.get_running_loop()
-        while (delay := self._resume_at - loop.time()) > 0:
-            await asyncio.sleep(delay)
+        while (delay := self._resume_at - self._clock()) > 0:
+            await self._sleep(delay)
 
     def pause(self, seconds: float) -> None:
         """Hold every worker for ``seconds`` (a 429 means the server's budget is gone for all of us)."""
         if seconds <= 0:
             return
-        resume = asyncio.get_running_loop().time() + seconds
+        resume = self._clock() + seconds
         if resume > self._resume_at:
             self._resume_at = resume
             self.pauses += 1

@@ -12,9 +12,8 @@ from typing import Any, TextIO
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from pipeline.batch import describe_part
-from pipeline.execute import RunStats
-from pipeline.journal import BatchPart
+from pipeline.ledger import BatchPart, describe_part
+from pipeline.outcome import RunStats
 
 LOG_EVERY_S = 5.0
 

@@ -9,7 +9,6 @@ A request's key is a hash of the endpoint and its exact body: the journal and th
 from __future__ import annotations
 
 import hashlib
-import re
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -18,13 +17,13 @@ from typing import Any
 import jinja2
 import jinja2.meta
 import jinja2.nodes
-import orjson
 import polars as pl
 from jinja2.runtime import new_context
 from jinja2.sandbox import SandboxedEnvironment
 
 from pipeline.errors import TemplateError
 from pipeline.job import Job
+from pipeline.providers import Provider, provider_for
 from pipeline.source import ROW, Source, check_columns
 from pipeline.tokens import REPLY_PRIMING, TOKENS_PER_MESSAGE, ChatTokenCounter
 
@@ -133,21 +132,9 @@ def request_key(endpoint: str, body: bytes) -> str:
     return hashlib.blake2b(endpoint.encode() + b"\n" + body, digest_size=16).hexdigest()
 
 
-def embeddings_batch_body(bodies: list[bytes]) -> bytes:
-    """One embeddings request for many rows, spliced from their own bodies without parsing them.
-
-    Every row body of a job is ``{<the same head>,"input":<JSON string>}`` ("input" last, see ``body``), and
-    ``,"input":`` cannot occur inside the head or inside a JSON string (its quotes would be escaped), so the
-    inputs are the bytes after it, up to the closing brace.
-    """
-    cut = bodies[0].index(b',"input":')
-    start = cut + len(b',"input":')
-    return bodies[0][:cut] + b',"input":[' + b",".join(b[start:-1] for b in bodies) + b"]}"
-
-
-def schema_name(job_name: str) -> str:
-    """A Structured Outputs schema name: ``[a-zA-Z0-9_-]``, at most 64 characters."""
-    return (re.sub(r"[^a-zA-Z0-9_-]", "_", job_name) or "result")[:64]
+def key_id(key: str) -> int:
+    """64 bits of a request key: sets of millions of keys at a third of the memory of the strings."""
+    return int(key[:16], 16)
 
 
 def _finalize(value: object) -> object:
@@ -157,7 +144,7 @@ def _finalize(value: object) -> object:
 class Renderer:
     """Turns input chunks into requests for one job; built once, after the job and the input are checked."""
 
-    def __init__(self, job: Job, source: Source) -> None:
+    def __init__(self, job: Job, source: Source, provider: Provider | None = None) -> None:
         self.job = job
         self.env = SandboxedEnvironment(undefined=jinja2.StrictUndefined, finalize=_finalize,
                                         keep_trailing_newline=False, autoescape=False)
@@ -187,11 +174,10 @@ class Renderer:
             self.fixed_tokens = REPLY_PRIMING + sum(
                 TOKENS_PER_MESSAGE + self.counter.fixed(p.role)
                 + (self.counter.fixed(p.text) if p.template is None else 0) for p in self.parts)
-        self._body_head = self._static_body()
-        # Embeddings rows whose input is a plain substitution: the body is this prefix, the input as a JSON
-        # string, and "}" -- byte for byte what ``body`` makes, without a dict and a message list per row.
-        self._input_prefix = (orjson.dumps(self._body_head)[:-1] + b',"input":'
-                              if req.is_embeddings and self.parts[-1].pieces is not None else None)
+        self.bodies = (provider or provider_for(job)).bodies(req, job.name)
+        # Embeddings rows whose input is a plain substitution go straight from the column to their bodies,
+        # without a dict and a message list per row.
+        self._direct_input = req.is_embeddings and self.parts[-1].pieces is not None
 
     @property
     def columns(self) -> list[str]:
@@ -210,7 +196,13 @@ class Renderer:
             raise TemplateError(f"{where}: template syntax error on line {e.lineno}: {e.message}") from None
         if not variables:
             # A template without variables still goes through Jinja once, so `{{ "x" }}`-style constants work.
-            return _Part(role=role, source=where, template=None, text=template.render())
+            try:
+                text = template.render()
+            except jinja2.exceptions.SecurityError as e:
+                raise TemplateError(f"{where}: not allowed in a template: {e}") from None
+            except Exception as e:  # a filter failing on constant arguments
+                raise TemplateError(f"{where}: {type(e).__name__}: {e}") from None
+            return _Part(role=role, source=where, template=None, text=text)
         return _Part(role=role, source=where, template=template, text=text, pieces=_plain_pieces(ast),
                      variables=variables)
 
@@ -229,30 +221,6 @@ class Renderer:
                                     f"(available: {', '.join(source.columns)})")
             cols.extend(sorted(names))
         return list(dict.fromkeys(cols))
-
-    def _static_body(self) -> dict[str, Any]:
-        req = self.job.request
-        body: dict[str, Any] = {"model": req.model}
-        if req.is_embeddings:
-            if req.dimensions is not None:
-                body["dimensions"] = req.dimensions
-            body["encoding_format"] = req.encoding_format
-            return body
-        if req.temperature is not None:
-            body["temperature"] = req.temperature
-        if req.top_p is not None:
-            body["top_p"] = req.top_p
-        if req.seed is not None:
-            body["seed"] = req.seed
-        if req.stop:
-            body["stop"] = list(req.stop)
-        if req.reasoning_effort:
-            body["reasoning_effort"] = req.reasoning_effort
-        body["max_completion_tokens"] = req.max_tokens
-        if req.response_schema is not None:
-            body["response_format"] = {"type": "json_schema", "json_schema": {
-                "name": schema_name(self.job.name), "schema": req.response_schema, "strict": True}}
-        return body
 
     def render_messages(self, values: dict[str, Any], row_id: Any,
                         prerendered: dict[int, str] | None = None) -> list[dict[str, str]]:
@@ -289,12 +257,8 @@ class Renderer:
     def body(self, messages: list[dict[str, str]]) -> bytes:
         """The exact JSON body; its bytes are hashed into the request key, so field order is fixed."""
         if self.job.request.is_embeddings:
-            # One row's input; the executor sends many rows' inputs in one request. The key still hashes
-            # model, dimensions, format and text, so changing any of them re-embeds.
-            return bytes(memoryview(orjson.dumps({**self._body_head, "input": messages[0]["content"]})))
-        # orjson hands back its 4 KiB working buffer as the bytes object; a copy of the exact size is a tenth
-        # of the memory for the requests a run holds (measured: 4,074 bytes per 400-byte body before).
-        return bytes(memoryview(orjson.dumps({**self._body_head, "messages": messages})))
+            return self.bodies.embedding(messages[0]["content"])
+        return self.bodies.chat(messages)
 
     def render_chunk(self, chunk: pl.DataFrame, settled: Callable[[list[str]], Mapping[str, Any]] | None = None,
                      counted: Sequence[int] | None = None) -> RenderedChunk:
@@ -321,10 +285,11 @@ class Renderer:
         skipped: list[Skipped] = []
         fast = {i: self._render_column(chunk, p) for i, p in enumerate(self.parts) if p.pieces is not None}
         variable = [i for i, p in enumerate(self.parts) if p.template is not None]
-        prefix, inputs = self._input_prefix, fast.get(len(self.parts) - 1)
-        if prefix is not None and inputs is not None and not skip_nulls:
+        inputs = fast.get(len(self.parts) - 1)
+        if self._direct_input and inputs is not None and not skip_nulls:
+            embedding = self.bodies.embedding
             for row, row_id, keep, text in zip(rows, ids, keeps, inputs, strict=True):
-                body = prefix + orjson.dumps(text) + b"}"
+                body = embedding(text)
                 pending.append((row, row_id, keep, (text,), body, request_key(endpoint, body)))
         else:
             for n, (row, row_id, keep, values) in enumerate(zip(rows, ids, keeps, values_iter, strict=True)):

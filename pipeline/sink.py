@@ -24,39 +24,15 @@ import polars as pl
 import pyarrow.parquet as pq
 
 from pipeline.errors import OutputError
-from pipeline.journal import Outcome, VectorBlock
+from pipeline.outcome import RESULT_SCHEMA, Outcome, VectorBlock, output_values
 from pipeline.source import ROW
 from pipeline.structured import AnswerChecker
 
-RESULT_SCHEMA: dict[str, pl.DataType] = {
-    "status": pl.String(),             # ok | error | skipped
-    "content": pl.String(),
-    "finish_reason": pl.String(),
-    "refusal": pl.String(),
-    "prompt_tokens": pl.Int64(),
-    "cached_tokens": pl.Int64(),
-    "completion_tokens": pl.Int64(),
-    "reasoning_tokens": pl.Int64(),
-    "cost_usd": pl.Float64(),
-    "latency_ms": pl.Float64(),
-    "attempts": pl.Int32(),
-    "error": pl.String(),
-    "error_type": pl.String(),
-    "model": pl.String(),
-    "deduplicated": pl.Boolean(),      # answered by an identical earlier row's request; its cost is on that row
-}
 PART_ROWS = 10_000
 PART_VECTOR_BYTES = 32 << 20  # embeddings: parts hold up to this much of vectors (more rows when they are small)
 PART_GROUP_ROWS = 2_048
 COMPACT_ROWS = 10_000  # rows per output row group (and held in memory at once while merging parts)
 STREAM_EVERY = 4_096   # new rows between two looks for rows that can go to the output
-EMBEDDING_DIMS = {"text-embedding-3-small": 1536, "text-embedding-3-large": 3072, "text-embedding-ada-002": 1536}
-
-
-def embedding_dims(model: str, dimensions: int | None) -> int | None:
-    """The vector size to expect: the job's ``dimensions``, else the model's default when we know it."""
-    return dimensions or EMBEDDING_DIMS.get(model)
-
 
 @dataclass(frozen=True)
 class OutputPaths:
@@ -141,7 +117,9 @@ class PartWriter:
             self.schema["embedding"] = (pl.Array(pl.Float32, embedding_dims) if embedding_dims
                                         else pl.List(pl.Float32))
         self._key_columns = list(key_schema)
-        self._cols: dict[str, list[Any]] = {c: [] for c in self.schema}
+        self._cols: dict[str, list[Any]] = {}
+        self._result_columns: list[list[Any]] = []
+        self._new_buffers()
         self._blocks: list[tuple[list[int], list[tuple[Any, ...]], VectorBlock]] = []  # embeddings requests
         self._n = 0                          # rows buffered (in _cols, _blocks and _waiting)
         self._waiting: pl.DataFrame | None = None  # rows sorted, but after a gap in the output
@@ -163,46 +141,31 @@ class PartWriter:
         except OSError as e:
             raise OutputError(f"{paths.parts}: cannot create the parts folder: {e.strerror}") from None
 
-    def add(self, row: int, keys: tuple[Any, ...], outcome: Outcome | None, *, skipped: str | None = None,
-            deduplicated: bool = False) -> None:
-        """One input row's result: its position, id and kept values, and its outcome (or why it was skipped)."""
+    def add(self, row: int, keys: tuple[Any, ...], outcome: Outcome, *, deduplicated: bool = False) -> None:
+        """One input row's result: its position, id and kept values, and its outcome (``deduplicated``: the
+        answer of an identical earlier row, whose cost is on that row)."""
         c = self._cols
         c[ROW].append(row)
         if row < self._lowest:
             self._lowest = row
         for name, value in zip(self._key_columns, keys, strict=True):
             c[name].append(value)
-        if outcome is None:
-            for name in RESULT_SCHEMA:
-                c[name].append(None)
-            c["status"][-1] = "skipped"
-            c["error"][-1] = skipped
-            c["deduplicated"][-1] = False
-        else:
-            o = outcome
-            c["status"].append(o.status)
-            c["content"].append(o.content)
-            c["finish_reason"].append(o.finish_reason)
-            c["refusal"].append(o.refusal)
-            c["prompt_tokens"].append(o.prompt_tokens)
-            c["cached_tokens"].append(o.cached_tokens)
-            c["completion_tokens"].append(o.completion_tokens)
-            c["reasoning_tokens"].append(o.reasoning_tokens)
-            c["cost_usd"].append(0.0 if deduplicated and o.cost_usd is not None else o.cost_usd)
-            c["latency_ms"].append(o.latency_ms)
-            c["attempts"].append(0 if deduplicated else o.attempts)
-            c["error"].append(o.error)
-            c["error_type"].append(o.error_type)
-            c["model"].append(o.model)
-            c["deduplicated"].append(deduplicated)
+        shown = outcome.as_duplicate() if deduplicated else outcome
+        for column, value in zip(self._result_columns, output_values(shown), strict=True):
+            column.append(value)
+        c["deduplicated"].append(deduplicated)
+        ok = outcome.status == "ok"
         if self.embeddings:
-            c["embedding"].append(outcome.embedding if outcome is not None and outcome.status == "ok" else None)
+            c["embedding"].append(outcome.embedding if ok else None)
         if self.checker is not None:
-            ok = outcome is not None and outcome.status == "ok"
-            values = self.checker.values(outcome.content if ok else None)  # type: ignore[union-attr]
+            values = self.checker.values(outcome.content if ok else None)
             for name, value in zip(self.answer_columns, values, strict=True):
                 c[name].append(value)
         self._added(1)
+
+    def _new_buffers(self) -> None:
+        self._cols = {c: [] for c in self.schema}
+        self._result_columns = [self._cols[c] for c in RESULT_SCHEMA if c != "deduplicated"]
 
     def _added(self, n: int) -> None:
         self._n += n
@@ -258,7 +221,7 @@ class PartWriter:
                               .with_columns(self._vectors(vectors)))
             else:
                 frames.append(pl.DataFrame(self._cols, schema=self.schema, strict=False))
-        self._cols = {c: [] for c in self.schema}
+        self._new_buffers()
         self._n = 0
         self._lowest = math.inf
         if not frames:

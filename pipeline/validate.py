@@ -1,4 +1,5 @@
-"""``pipeline validate``: every check a run makes before its first request, plus a look at the first requests."""
+"""``pipeline validate``: exactly the offline checks a run makes (``plan.check``), plus a look at the first
+requests as the provider will receive them."""
 
 from __future__ import annotations
 
@@ -6,9 +7,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pipeline.job import Job
-from pipeline.pricing import price_for
-from pipeline.render import Renderer, Request
-from pipeline.source import Source, open_source, read_head
+from pipeline.plan import check
+from pipeline.render import Request
+from pipeline.source import Source, read_head
 
 
 @dataclass(frozen=True)
@@ -22,14 +23,9 @@ class ValidationReport:
 
 
 def validate_job(path: str | Path, rows: int = 3) -> ValidationReport:
-    """Load the job, open its input, check templates against the schema and render the first ``rows`` rows."""
-    job = Job.load(path)
-    source = open_source(job.input.path)
-    renderer = Renderer(job, source)
-    head = read_head(source, renderer.columns, max(rows, 1))
-    rendered = renderer.render_chunk(head)
-    warnings = []
-    if price_for(job) is None:
-        warnings.append(f"no price known for model {job.request.model!r}: cost columns will be null "
-                        "(add a [pricing] table with input_per_mtok and output_per_mtok)")
-    return ValidationReport(job=job, source=source, requests=rendered.requests[:rows], warnings=warnings)
+    """Load the job, run the run plan's checks and render the first ``rows`` rows."""
+    checked = check(Job.load(path))
+    head = read_head(checked.source, checked.renderer.columns, max(rows, 1))
+    rendered = checked.renderer.render_chunk(head)
+    return ValidationReport(job=checked.job, source=checked.source, requests=rendered.requests[:rows],
+                            warnings=checked.warnings)

@@ -14,6 +14,7 @@ import pytest
 from pipeline.errors import BudgetExceeded, JobError
 from pipeline.job import Job
 from pipeline.journal import Journal
+from pipeline.ledger import BatchLedger
 from pipeline.run import run
 from tests.conftest import SECRET, reviews, run_cli
 
@@ -118,7 +119,7 @@ def test_kill_after_upload_before_the_batch_is_created_then_rerun_submits_each_f
         time.sleep(1.6)  # the held create finds its client gone and makes nothing
         assert s.stats.batches_created == 0
         with Journal("out/result.journal.sqlite") as j:
-            parts = j.parts()
+            parts = BatchLedger(j).parts()
         assert len(parts) == 1 and parts[0].file_id is not None and parts[0].batch_id is None
         final = subprocess.run([PIPELINE, "run", job.name, "--base-url", s.base_url, "--yes"],
                                capture_output=True, text=True, timeout=120)
@@ -270,7 +271,7 @@ def test_no_wait_is_for_batch_mode_only(make_job):
 def test_finding_a_batch_by_its_input_file_pages_through_the_providers_list(sim):
     import httpx
 
-    from pipeline.client import BatchClient
+    from pipeline.providers.openai_batch import BatchClient
 
     with sim(batch_delay_s=0.05) as s:
         ids = []
@@ -295,7 +296,7 @@ def test_cancel_drops_files_never_submitted_so_the_job_can_run_online(make_job, 
         Path("out/result.batches").mkdir(parents=True)
         left = Path("out/result.batches/part-x.jsonl")
         left.write_text("{}\n")
-        j.add_part(str(left), ["k1", "k2"], 3)
+        BatchLedger(j).add_part(str(left), ["k1", "k2"], 3)
     with sim() as s:
         assert "still open" in run_cli("run", job, "--base-url", s.base_url, "--mode", "online", "--yes").output
         cancelled = run_cli("batches", "cancel", job, "--base-url", s.base_url)

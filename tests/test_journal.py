@@ -2,7 +2,8 @@ import sqlite3
 
 import numpy as np
 
-from pipeline.journal import Journal, Outcome, VectorBlock
+from pipeline.journal import Journal
+from pipeline.outcome import Outcome, VectorBlock
 from pipeline.render import request_key
 
 

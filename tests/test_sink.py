@@ -6,7 +6,7 @@ import numpy as np
 import polars as pl
 import pyarrow.parquet as pq
 
-from pipeline.journal import Outcome, VectorBlock
+from pipeline.outcome import Outcome, VectorBlock
 from pipeline.render import request_key
 from pipeline.sink import COMPACT_ROWS, OutputPaths, PartWriter
 

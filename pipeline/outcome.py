@@ -1,0 +1,260 @@
+"""The result of a request and of a row: the one type every stage after sending shares.
+
+An ``Outcome`` is what became of one request key (answered, or failed with its error); a ``VectorBlock`` is
+the answered rows of one embeddings request, kept together. The journal stores them, the sink writes them,
+the stats add them up; every way a row can end is built by one function here, so a reason, a price or a
+retry flag is decided in one place.
+
+The output table's result columns are declared on the ``Outcome`` fields themselves (``_column``): a new
+answer column is one new field, and the sink, the journal and the output schema follow from it.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field, fields
+from operator import attrgetter
+from typing import Any, Literal
+
+import numpy as np
+import polars as pl
+
+from pipeline.errors import ProviderError, TransientError
+from pipeline.pricing import Price, Usage
+from pipeline.providers.base import Answer
+
+Status = Literal["ok", "error", "skipped", "in_batch"]
+"""What became of a row:
+
+- ``ok``: answered; ``content`` (or ``embedding``) holds the answer.
+- ``error``: failed after its attempts; ``error`` says why, ``error_type`` is a short stable label, and
+  ``retryable`` says whether a plain rerun tries again (transient trouble that outlasted the retries).
+- ``skipped``: not sent because a column its templates use is null and the job says ``skip_nulls``.
+- ``in_batch``: not an answer but a marker: the request sits in an open Batch API batch, so the estimate and
+  the submission count it as taken care of. Never journaled nor written to the output.
+"""
+
+
+def _column(dtype: pl.DataType, default: Any = None) -> Any:
+    """A field that is also an output column of this type."""
+    return field(default=default, metadata={"column": dtype})
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """The final answer to one request key: answered, or failed with its error after its attempts."""
+
+    key: str
+    status: Status = field(metadata={"column": pl.String()})
+    content: str | None = _column(pl.String())
+    finish_reason: str | None = _column(pl.String())
+    refusal: str | None = _column(pl.String())
+    prompt_tokens: int | None = _column(pl.Int64())
+    cached_tokens: int | None = _column(pl.Int64())
+    completion_tokens: int | None = _column(pl.Int64())
+    reasoning_tokens: int | None = _column(pl.Int64())
+    cost_usd: float | None = _column(pl.Float64())
+    latency_ms: float | None = _column(pl.Float64())
+    attempts: int | None = _column(pl.Int32(), 0)
+    error: str | None = _column(pl.String())
+    error_type: str | None = _column(pl.String())
+    model: str | None = _column(pl.String())
+    embedding: bytes | None = None  # float32 little-endian, for embeddings jobs (a column of its own type)
+    retryable: bool = False  # failed on transient trouble (retries ran out): a plain rerun tries again
+
+    def as_duplicate(self) -> Outcome:
+        """This answer as an identical row's: same answer, no cost and no attempts of its own."""
+        return Outcome(self.key, self.status, self.content, self.finish_reason, self.refusal, self.prompt_tokens,
+                       self.cached_tokens, self.completion_tokens, self.reasoning_tokens,
+                       None if self.cost_usd is None else 0.0, self.latency_ms, 0, self.error, self.error_type,
+                       self.model, self.embedding, self.retryable)
+
+
+OUTCOME_FIELDS: tuple[str, ...] = tuple(f.name for f in fields(Outcome))
+_OUTPUT_FIELDS = tuple(f.name for f in fields(Outcome) if "column" in f.metadata)
+RESULT_SCHEMA: dict[str, pl.DataType] = {
+    **{f.name: f.metadata["column"] for f in fields(Outcome) if "column" in f.metadata},
+    "deduplicated": pl.Boolean(),  # answered by an identical earlier row's request; its cost is on that row
+}
+output_values = attrgetter(*_OUTPUT_FIELDS)  # an outcome's result-column values, in RESULT_SCHEMA order
+
+
+# -- how a row can end --------------------------------------------------------------------------------------
+
+def answered(key: str, a: Answer, price: Price | None, *, attempts: int, latency_ms: float | None,
+             rejected: Sequence[Usage] = (), batch: bool = False) -> Outcome:
+    """A chat answer, priced (at the Batch API price with ``batch``). Answers ``rejected`` before it (invalid
+    for the schema) were paid too, so they count. A bare refusal is a failed row."""
+    usages = [*rejected, a.usage]
+    cost = sum(price.cost(u, batch=batch) for u in usages) if price is not None else None
+    tokens = {"prompt_tokens": sum(u.prompt_tokens for u in usages),
+              "cached_tokens": sum(u.cached_tokens for u in usages),
+              "completion_tokens": sum(u.completion_tokens for u in usages),
+              "reasoning_tokens": sum(u.reasoning_tokens for u in usages)}
+    if a.refusal and not a.content:
+        return Outcome(key, "error", refusal=a.refusal, finish_reason=a.finish_reason, model=a.model,
+                       cost_usd=cost, latency_ms=latency_ms, attempts=attempts,
+                       error="the model refused to answer", error_type="refusal", **tokens)
+    return Outcome(key, "ok", content=a.content, finish_reason=a.finish_reason, refusal=a.refusal,
+                   model=a.model, cost_usd=cost, latency_ms=latency_ms, attempts=attempts, **tokens)
+
+
+def invalid_answer(outcome: Outcome, problem: str) -> Outcome:
+    """An answer that does not match the job's schema: failed, with what was paid for it."""
+    return Outcome(outcome.key, "error", outcome.content, outcome.finish_reason, outcome.refusal,
+                   outcome.prompt_tokens, outcome.cached_tokens, outcome.completion_tokens, outcome.reasoning_tokens,
+                   outcome.cost_usd, outcome.latency_ms, outcome.attempts, problem, "invalid_answer", outcome.model)
+
+
+def failed(key: str, e: ProviderError, *, attempts: int) -> Outcome:
+    """A request the provider did not answer: retryable on a plain rerun when the trouble was transient."""
+    return Outcome(key, "error", attempts=attempts, error=str(e), error_type=e.kind,
+                   retryable=isinstance(e, TransientError))
+
+
+def too_large(key: str, tokens: int, tpm: int | None) -> Outcome:
+    """A request larger than a whole minute of tokens: no wait would ever admit it."""
+    return Outcome(key, "error", error=f"the request needs {tokens} tokens, more than tokens_per_minute ({tpm}): "
+                   "it can never be admitted", error_type="too_large")
+
+
+def unsendable_input(key: str, prompt_tokens: int, max_input_tokens: int) -> Outcome | None:
+    """The failed outcome of an embeddings input too long for the model, or empty; None when it can be sent.
+
+    Such a row fails alone, before anything is sent: it must not fail the request (or Batch API file) it
+    would have joined.
+    """
+    if 0 < prompt_tokens <= max_input_tokens:
+        return None
+    why = (f"the input has {prompt_tokens} tokens, more than the model takes ({max_input_tokens})"
+           if prompt_tokens else "the input is empty")
+    return Outcome(key, "error", prompt_tokens=prompt_tokens, error=why,
+                   error_type="input_too_long" if prompt_tokens else "empty_input")
+
+
+def skipped(reason: str) -> Outcome:
+    """A row not sent (a null cell under ``skip_nulls``): no request, so no key, tokens or attempts."""
+    return Outcome("", "skipped", attempts=None, error=reason)
+
+
+def batch_missing(key: str, batch_status: str, why: str, *, retryable: bool) -> Outcome:
+    """A request whose batch ended without a result line for it."""
+    return Outcome(key, "error", error=f"no result: the batch ended {batch_status}{why}",
+                   error_type=f"batch_{batch_status}", retryable=retryable)
+
+
+
+def embedding_row(key: str, vector: bytes, *, model: str | None, prompt_tokens: int, cost_usd: float | None,
+                  attempts: int, latency_ms: float | None = None) -> Outcome:
+    """An answered embeddings row: a vector and no completion (its other token counts are 0)."""
+    return Outcome(key, "ok", model=model, prompt_tokens=prompt_tokens, cached_tokens=0, completion_tokens=0,
+                   reasoning_tokens=0, cost_usd=cost_usd, latency_ms=latency_ms, attempts=attempts, embedding=vector)
+
+
+def embedding_outcome(key: str, vector: bytes, dims: int | None, *, model: str | None, prompt_tokens: int,
+                      cost_usd: float | None, attempts: int, latency_ms: float | None = None) -> Outcome:
+    """One row's embedding as its outcome: failed when it has not the dimensions the job expects (either mode)."""
+    if dims is not None and len(vector) != 4 * dims:
+        return Outcome(key, "error", model=model, prompt_tokens=prompt_tokens, cost_usd=cost_usd, attempts=attempts,
+                       latency_ms=latency_ms, error_type="wrong_dimensions",
+                       error=f"the embedding has {len(vector) // 4} dimensions, expected {dims}")
+    return embedding_row(key, vector, model=model, prompt_tokens=prompt_tokens, cost_usd=cost_usd,
+                         attempts=attempts, latency_ms=latency_ms)
+
+
+@dataclass(frozen=True, slots=True)
+class VectorBlock:
+    """The answered rows of one embeddings request, together: what the journal and the output store in one
+    piece instead of an ``Outcome`` per row. Every row of a block is ``ok``."""
+
+    keys: list[str]
+    vectors: np.ndarray              # (rows, dims) float32
+    prompt_tokens: np.ndarray        # (rows,) int64: the request's billed tokens, split by the rows' counts
+    cost_usd: np.ndarray | None      # (rows,) float64; None when the model has no known price
+    model: str | None
+    latency_ms: float
+    attempts: int
+
+    def outcome(self, i: int) -> Outcome:
+        """Row ``i`` as a stand-alone outcome (for the rare row that needs one: a duplicate, a resumed row)."""
+        return embedding_row(self.keys[i], self.vectors[i].tobytes(), model=self.model,
+                             prompt_tokens=int(self.prompt_tokens[i]),
+                             cost_usd=None if self.cost_usd is None else float(self.cost_usd[i]),
+                             latency_ms=self.latency_ms, attempts=self.attempts)
+
+
+Result = Outcome | VectorBlock  # what one sent request ends as: one row's outcome, or many rows' vectors
+
+
+def split_tokens(total: int, counts: np.ndarray) -> np.ndarray:
+    """Split ``total`` billed tokens over rows by their own counts (largest remainder: the parts sum up;
+    ties go to the earlier row)."""
+    exact = total * counts / (counts.sum() or 1)
+    shares = exact.astype(np.int64)
+    short = total - int(shares.sum())
+    if short > 0:
+        shares[np.argsort(-(exact - shares), kind="stable")[:short]] += 1
+    return shares
+
+
+# -- the totals of a run ------------------------------------------------------------------------------------
+
+@dataclass
+class RunStats:
+    """Live totals of a run, passed to the progress callback and written to the manifest."""
+
+    rows_total: int = 0
+    rows_done: int = 0
+    ok: int = 0
+    failed: int = 0
+    skipped: int = 0
+    pending: int = 0                   # Batch API mode: rows still waiting in a batch at the provider
+    resumed: int = 0
+    deduplicated: int = 0
+    requests_sent: int = 0
+    retries: int = 0
+    rate_limited: int = 0
+    in_flight: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_tokens: int = 0
+    reasoning_tokens: int = 0
+    cost_usd: float = 0.0
+    errors: Counter[str] = field(default_factory=Counter)
+    started: float = field(default_factory=time.monotonic)
+
+    @property
+    def elapsed_s(self) -> float:
+        """Seconds since the run started."""
+        return time.monotonic() - self.started
+
+    def spend(self, result: Result) -> None:
+        """What an answer received in this run cost: its tokens and dollars."""
+        if isinstance(result, VectorBlock):
+            if result.cost_usd is not None:
+                self.cost_usd += float(result.cost_usd.sum())
+            self.prompt_tokens += int(result.prompt_tokens.sum())
+            return
+        self.cost_usd += result.cost_usd or 0.0
+        self.prompt_tokens += result.prompt_tokens or 0
+        self.completion_tokens += result.completion_tokens or 0
+        self.cached_tokens += result.cached_tokens or 0
+        self.reasoning_tokens += result.reasoning_tokens or 0
+
+    def count(self, outcome: Outcome, *, deduplicated: bool = False, resumed: bool = False) -> None:
+        """One row written to the output with ``outcome`` (either mode counts rows the same way)."""
+        self.rows_done += 1
+        if outcome.status == "ok":
+            self.ok += 1
+        elif outcome.status == "skipped":
+            self.skipped += 1
+            return
+        else:
+            self.failed += 1
+            self.errors[outcome.error_type or "error"] += 1
+        if deduplicated:
+            self.deduplicated += 1
+        elif resumed:
+            self.resumed += 1

@@ -1,0 +1,277 @@
+"""The run plan: everything a run needs, built once, and what is still to do.
+
+``check(job)`` makes every check that needs no server (the input, the templates against its schema, the output
+columns, the price) and is what ``pipeline validate`` runs, so validate cannot pass a job that ``run``
+rejects. ``prepare`` adds what a run needs beyond that (the URL and key, the output folder, the journal) and
+the estimate, which is the pass that finds what is still to do. The online runner and the batch runner are
+siblings over a plan; ``finish`` writes the manifest for either.
+"""
+
+from __future__ import annotations
+
+import time
+from array import array
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+
+from pipeline.client import check_transport_security, resolve_api_key, resolve_base_url
+from pipeline.errors import AbortError, BudgetExceeded, Interrupted, OutputError, PipelineError, UsageError
+from pipeline.estimate import Estimate, estimate_source
+from pipeline.job import MODES, Job
+from pipeline.journal import Journal, NullJournal, OutcomeStore, Reader
+from pipeline.ledger import BatchLedger, BatchStage
+from pipeline.outcome import RESULT_SCHEMA, Outcome, RunStats
+from pipeline.pricing import Price, price_for
+from pipeline.providers import Provider, provider_for
+from pipeline.render import KeptChunks, Renderer, key_id
+from pipeline.sink import OutputPaths, PartWriter, check_free_space, claim_output, write_manifest
+from pipeline.source import Source, open_source
+from pipeline.structured import AnswerChecker, columns_of
+
+IN_BATCH = Outcome("", "in_batch")
+
+
+@dataclass(frozen=True)
+class Checked:
+    """A job that passed every offline check, with what the checks built."""
+
+    job: Job
+    provider: Provider
+    source: Source
+    renderer: Renderer
+    price: Price | None
+    key_schema: dict[str, pl.DataType]
+    warnings: list[str] = field(default_factory=list)
+
+
+def check(job: Job) -> Checked:
+    """Every check that needs neither a server nor a key: input, templates, output columns, price."""
+    provider = provider_for(job)
+    source = open_source(job.input.path)
+    renderer = Renderer(job, source, provider)
+    price = price_for(job)
+    warnings = [] if price is not None else [
+        f"no price known for model {job.request.model!r}: cost columns will be null "
+        "(add a [pricing] table with input_per_mtok and output_per_mtok)"]
+    return Checked(job, provider, source, renderer, price, output_key_schema(job, source), warnings)
+
+
+def output_key_schema(job: Job, source: Source) -> dict[str, pl.DataType]:
+    """The id and kept columns of the output; refused when one would clash with a result column."""
+    id_name = job.input.id or "row"
+    schema: dict[str, pl.DataType] = {id_name: source.schema[job.input.id] if job.input.id else pl.Int64()}
+    for c in job.input.keep:
+        if c != id_name:
+            schema[c] = source.schema[c]
+    clash = [c for c in schema if c in RESULT_SCHEMA]
+    if clash:
+        raise UsageError(f"{job.source}: [input].keep column(s) {', '.join(clash)} clash with result columns of "
+                         "the same name; rename them in the input or leave them out of keep")
+    if job.request.response_schema is not None:
+        taken = set(schema) | set(RESULT_SCHEMA)
+        clash = [c for c in columns_of(job.request.response_schema) if c in taken]
+        if clash:
+            raise UsageError(f"{job.source}: [request].response_schema propert(ies) {', '.join(clash)} would "
+                             "clash with output columns of the same name; rename them in the schema")
+    return schema
+
+
+@dataclass
+class RunPlan:
+    """What one run of a job needs, built once by ``prepare``; the runners read it, ``finish`` closes it."""
+
+    checked: Checked
+    mode: str
+    url: str
+    api_key: str | None = field(repr=False)
+    paths: OutputPaths
+    store: OutcomeStore
+    ledger: BatchLedger | None
+    estimate: Estimate
+    todo: array[int] | None                # rows still to send (None: every row)
+    counted: array[int]                     # prompt tokens by row position, from the estimate
+    kept: KeptChunks | None                 # the estimate's rendered chunks, when they fit
+    in_batches: set[int]                    # key ids of requests in open Batch API batches
+    stage: BatchStage | None                # Batch API mode: the files the estimate pass wrote
+    limit: int | None
+    retry_failed: bool
+    started: datetime = field(default_factory=lambda: datetime.now(tz=UTC))
+    t0: float = field(default_factory=time.monotonic)
+
+    @property
+    def job(self) -> Job:
+        """The job being run."""
+        return self.checked.job
+
+    def sink(self) -> tuple[PartWriter, Callable[[Any], tuple[Any, ...]]]:
+        """The output writer of this run, and the function giving a row's id and kept values."""
+        job, c = self.job, self.checked
+        schema = job.request.response_schema
+        embeddings = job.request.is_embeddings
+        dims = c.provider.embedding_dims(job.request.model, job.request.dimensions) if embeddings else None
+        sink = PartWriter(self.paths, c.key_schema, answer_columns=columns_of(schema) if schema else None,
+                          checker=AnswerChecker(schema) if schema is not None else None,
+                          embeddings=embeddings, embedding_dims=dims)
+        with_id = job.input.id is not None
+        keep_index = [job.input.keep.index(c) for c in job.input.keep if c != job.input.id]
+
+        def key_of_row(req: Any) -> tuple[Any, ...]:
+            return (req.row_id if with_id else req.row, *[req.keep[i] for i in keep_index])
+
+        def id_of_row(req: Any) -> tuple[Any, ...]:  # the same without kept columns: called per row, kept lean
+            return (req.row_id if with_id else req.row,)
+
+        return sink, key_of_row if keep_index else id_of_row
+
+    def close(self) -> None:
+        """Release the journal."""
+        self.store.close()
+
+
+def prepare(job: Job, *, mode: str | None = None, base_url: str | None = None, limit: int | None = None,
+            fresh: bool = False, retry_failed: bool = False, allow_insecure: bool = False, journal: bool = True,
+            keep_rendered: bool = True) -> RunPlan:
+    """Check everything a user can get wrong, open the journal, and estimate what is still to do.
+
+    Raises UsageError subclasses for anything to fix first; nothing has been sent when it returns.
+    """
+    mode = mode or job.request.mode
+    if mode not in MODES:
+        raise UsageError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+    if mode == "batch" and not journal:
+        raise UsageError("Batch API mode needs the journal: it is where submitted files and batches are recorded")
+    checked = check(job)
+    url = resolve_base_url(job, base_url)
+    key = resolve_api_key(job, url)
+    check_transport_security(url, key is not None, allow_insecure)
+    paths = OutputPaths(Path(job.output.path))
+    claim_output(paths, job.name, job.fingerprint())
+    if fresh:
+        _move_aside(paths.journal)
+    store: OutcomeStore = Journal(paths.journal) if journal else NullJournal()
+    stage: BatchStage | None = None
+    try:
+        owner = store.get_meta("fingerprint")
+        if owner is not None and owner != job.fingerprint():
+            raise OutputError(f"{paths.journal}: the journal belongs to another job; use --fresh to start over")
+        store.set_meta("fingerprint", job.fingerprint())
+        ledger = BatchLedger(store) if isinstance(store, Journal) else None
+        open_parts = ledger.parts(active=True) if ledger is not None else []
+        if open_parts and mode == "online":
+            raise UsageError(f"{job.source}: {len(open_parts)} Batch API batch(es) of this job are still open; "
+                             f"collect them with `pipeline run {job.source} --mode batch`, or cancel them with "
+                             f"`pipeline batches cancel {job.source}`, before running online")
+        assert ledger is not None or not open_parts
+        in_batches = {key_id(k) for p in open_parts for k in ledger.part_keys(p.part)}  # type: ignore[union-attr]
+        lookup = store.reader(retry_failed=retry_failed)
+        try:
+            settled = _with_batched_as_done(lookup, in_batches) if in_batches else lookup
+            counted: array[int] = array("i")
+            kept = KeptChunks() if mode == "online" and keep_rendered else None
+            stage = (BatchStage(job, checked.provider, paths.batches, in_batches)
+                     if mode == "batch" and isinstance(store, Journal) else None)
+            est, todo = estimate_source(job, checked.source, checked.renderer, checked.price, limit=limit,
+                                        settled=settled, counted=counted,
+                                        keep=kept.add if kept is not None else stage)
+        finally:
+            lookup.close()
+        check_free_space(paths, est.rows)
+    except BaseException:
+        if stage is not None:
+            stage.discard()
+        store.close()
+        raise
+    return RunPlan(checked=checked, mode=mode, url=url, api_key=key, paths=paths, store=store, ledger=ledger,
+                   estimate=est, todo=todo, counted=counted, kept=kept, in_batches=in_batches, stage=stage,
+                   limit=limit,
+                   retry_failed=retry_failed)
+
+
+def _with_batched_as_done(lookup: Reader, in_batches: set[int]) -> Callable[[list[str]], Mapping[str, Outcome]]:
+    """The estimate's lookup, counting rows already in an open batch as done: they are paid for there."""
+    def settled(keys: list[str]) -> dict[str, Outcome]:
+        found = lookup(keys)
+        found.update((k, IN_BATCH) for k in keys if k not in found and key_id(k) in in_batches)
+        return found
+
+    return settled
+
+
+def _move_aside(path: Path) -> Path | None:
+    if not path.exists():
+        return None
+    stamp = datetime.now(tz=UTC).strftime("%Y%m%dT%H%M%SZ")
+    aside = path.with_name(f"{path.stem}.{stamp}{path.suffix}")
+    n = 1
+    while aside.exists():  # never overwrite an older journal set aside in the same second
+        aside = path.with_name(f"{path.stem}.{stamp}-{n}{path.suffix}")
+        n += 1
+    path.replace(aside)
+    for extra in ("-wal", "-shm"):
+        sidecar = Path(str(path) + extra)
+        if sidecar.exists():
+            sidecar.replace(Path(str(aside) + extra))
+    return aside
+
+
+def stop_reason_kind(e: PipelineError) -> str:
+    """A short label for manifests: why the run ended early."""
+    if isinstance(e, BudgetExceeded):
+        return "budget"
+    if isinstance(e, Interrupted):
+        return "interrupted"
+    if isinstance(e, AbortError):
+        return e.kind
+    return getattr(e, "kind", "aborted")
+
+
+@dataclass
+class Ending:
+    """How a runner left the run: its totals, why it stopped early (if it did), and the rows in the output."""
+
+    stats: RunStats
+    stopped: PipelineError | None
+    rows: int
+    status: str
+    manifest: dict[str, Any] = field(default_factory=dict)  # what the runner adds to the manifest
+
+
+def finish(plan: RunPlan, end: Ending) -> dict[str, Any]:
+    """Write the manifest of a run, in either mode; returns it."""
+    job, est, stats, price = plan.job, plan.estimate, end.stats, plan.checked.price
+    stopped = end.stopped
+    finished = datetime.now(tz=UTC)
+    manifest: dict[str, Any] = {
+        "job": job.name, "fingerprint": job.fingerprint(), "job_file": job.source, "status": end.status,
+        "mode": plan.mode,
+        "stop_reason": None if stopped is None else {"kind": stop_reason_kind(stopped), "message": str(stopped)},
+        "input": job.input.path, "output": str(plan.paths.output), "rows_in_output": end.rows,
+        "endpoint": job.request.endpoint, "model": job.request.model, "base_url": plan.url,
+        "started_at": plan.started.isoformat(), "finished_at": finished.isoformat(),
+        "duration_s": round(time.monotonic() - plan.t0, 3),
+        "totals": {"rows": stats.rows_done, "ok": stats.ok, "failed": stats.failed, "skipped": stats.skipped,
+                   "resumed_from_journal": stats.resumed, "deduplicated": stats.deduplicated,
+                   "requests_sent": stats.requests_sent, "retries": stats.retries,
+                   "rate_limited_429": stats.rate_limited, "prompt_tokens": stats.prompt_tokens,
+                   "cached_tokens": stats.cached_tokens, "completion_tokens": stats.completion_tokens,
+                   "reasoning_tokens": stats.reasoning_tokens, "cost_usd_this_run": round(stats.cost_usd, 8)},
+        "errors_by_type": dict(stats.errors),
+        "price": price.describe() if price is not None else None,
+        "price_basis": "Batch API" if plan.mode == "batch" else "standard",
+        "estimate": est.to_dict(),
+        "limits": {"concurrency": job.limits.concurrency, "requests_per_minute": job.limits.requests_per_minute,
+                   "tokens_per_minute": job.limits.tokens_per_minute, "max_attempts": job.limits.max_attempts},
+        "journal": str(plan.paths.journal),
+    }
+    for name, value in end.manifest.items():
+        if name == "totals":
+            manifest["totals"].update(value)
+        else:
+            manifest[name] = value
+    write_manifest(plan.paths, manifest)
+    return manifest

@@ -1,0 +1,125 @@
+"""What every provider module hands back, whatever its wire format: answers, usage and rate-limit readings.
+
+These are the types the rest of the flow sees. A provider module turns its dialect into them (and its error
+responses into the classes of ``errors.py``); nothing after the provider reads a header or a JSON body.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from pipeline.errors import ProviderError
+from pipeline.job import RequestSpec
+from pipeline.pricing import Usage
+
+
+@dataclass(frozen=True, slots=True)
+class RateInfo:
+    """The server's view of our rate limits on one response; any of it may be absent (compatible servers)."""
+
+    limit_requests: int | None = None
+    limit_tokens: int | None = None
+    remaining_requests: int | None = None
+    remaining_tokens: int | None = None
+    reset_requests_s: float | None = None
+    reset_tokens_s: float | None = None
+
+
+NO_RATE = RateInfo()
+
+
+@dataclass(frozen=True, slots=True)
+class Answer:
+    """A successful chat completion, reduced to what the output table needs."""
+
+    content: str | None
+    finish_reason: str | None
+    refusal: str | None
+    model: str | None
+    usage: Usage
+    rate: RateInfo
+
+
+@dataclass(frozen=True, slots=True)
+class EmbeddingAnswer:
+    """An embeddings response: one float32 vector (little-endian bytes) per input, in input order."""
+
+    vectors: list[bytes]
+    prompt_tokens: int
+    model: str | None
+    rate: RateInfo
+
+
+@dataclass(frozen=True, slots=True)
+class BatchResult:
+    """One request's result in a Batch API results file: its answer, or why it has none."""
+
+    key: str
+    answer: Answer | EmbeddingAnswer | None = None
+    error: ProviderError | None = None
+    attempts: int = 1  # 0: never executed (the batch ended first)
+
+
+class Bodies(Protocol):
+    """The request bodies of one job, in one provider's dialect."""
+
+    def chat(self, messages: Sequence[Mapping[str, str]]) -> bytes:
+        """One row's chat body from its rendered messages (system, few-shot, user)."""
+        ...
+
+    def embedding(self, text: str) -> bytes:
+        """One row's embeddings body."""
+        ...
+
+    def group(self, bodies: Sequence[bytes]) -> bytes:
+        """Many rows' embeddings bodies as one request."""
+        ...
+
+
+class Provider(Protocol):
+    """Everything that depends on a provider's wire dialect; nothing outside ``providers/`` reads its bytes.
+
+    Online: the bodies of a job, the headers (auth), the path of an endpoint, and a response read as an answer
+    or raised as the error class that says what to do (``errors.py``), with its rate-limit readings. Batch:
+    the provider's Batch API client, its input line and its result line.
+    """
+
+    name: str
+
+    def bodies(self, spec: RequestSpec, job_name: str) -> Bodies:
+        """The body builder of one job."""
+        ...
+
+    def headers(self, api_key: str | None) -> dict[str, str]:
+        """Every request's headers, auth included."""
+        ...
+
+    def path(self, endpoint: str) -> str:
+        """The URL path of an endpoint, after the base URL."""
+        ...
+
+    def chat_answer(self, status: int, headers: Any, body: bytes) -> Answer:
+        """A chat response as an answer, or raise its error class."""
+        ...
+
+    def embeddings_answer(self, status: int, headers: Any, body: bytes, n_inputs: int) -> EmbeddingAnswer:
+        """An embeddings response as vectors, or raise its error class."""
+        ...
+
+    def embedding_dims(self, model: str, dimensions: int | None) -> int | None:
+        """The vector size an embeddings job should get back, when it is known."""
+        ...
+
+    def batch_api(self, base_url: str, api_key: str | None, *, timeout_s: float, max_attempts: int) -> Any:
+        """A client of the provider's Batch API (upload, create, find, retrieve, cancel, lines)."""
+        ...
+
+    def batch_line(self, key: str, endpoint: str, body: bytes) -> bytes:
+        """One request of a Batch input file, carrying its request key."""
+        ...
+
+    def batch_result(self, raw: bytes, endpoint: str) -> BatchResult | None:
+        """One line of a Batch results file; None for a line that is not ours."""
+        ...

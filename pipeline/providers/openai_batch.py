@@ -1,0 +1,177 @@
+"""OpenAI's Batch API: the Files and Batches endpoints, the input line format and the result lines.
+
+A handful of calls a minute, so a plain synchronous httpx client; every call retries transient trouble with
+the same policy as the online requests (``retry.RetryPolicy``). Azure OpenAI's Batch API is the same flow.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+import httpx
+import orjson
+from tenacity import Retrying
+
+from pipeline.client import redact
+from pipeline.errors import ProviderError, RowError, TransientError
+from pipeline.providers.base import BatchResult
+from pipeline.providers.openai import chat_answer, classify, embeddings_answer, raise_for_status
+from pipeline.retry import RetryPolicy, transport_error
+
+T = TypeVar("T")
+BATCH_URLS = {"chat": "/v1/chat/completions", "embeddings": "/v1/embeddings"}
+FINAL = frozenset({"completed", "failed", "expired", "cancelled"})
+
+
+def batch_line(key: str, endpoint: str, body: bytes) -> bytes:
+    """One request of a Batch input file: ``custom_id`` is the request key, so results join back to rows
+    however the provider orders them."""
+    return (b'{"custom_id":"' + key.encode() + b'","method":"POST","url":"' + BATCH_URLS[endpoint].encode()
+            + b'","body":' + body + b"}\n")
+
+
+def batch_result(raw: bytes, endpoint: str) -> BatchResult | None:
+    """One line of a results (or errors) file; None for a line that is not a result of ours."""
+    try:
+        line = orjson.loads(raw)
+        key = str(line["custom_id"])
+    except (orjson.JSONDecodeError, KeyError, TypeError):
+        return None
+    resp = line.get("response")
+    if not isinstance(resp, dict):  # never executed: the batch expired or was cancelled first
+        err = line.get("error") if isinstance(line.get("error"), dict) else {}
+        code = str(err.get("code") or "batch_error")
+        cls = TransientError if code == "batch_expired" else RowError
+        return BatchResult(key, error=cls(str(err.get("message") or code), kind=code), attempts=0)
+    body = resp.get("body")
+    try:
+        status = int(resp.get("status_code") or 0)
+        if status != 200:
+            raise_for_status(status, {}, orjson.dumps(body))
+        answer = embeddings_answer(body, 1) if endpoint == "embeddings" else chat_answer(body)
+    except ProviderError as e:  # the line's own error, as its status code classes it
+        return BatchResult(key, error=e)
+    return BatchResult(key, answer=answer)
+
+
+class BatchClient:
+    """The Files and Batches endpoints, for Batch API mode: a handful of calls a minute, so a plain
+    synchronous httpx client; every call retries transient trouble like the online requests do.
+
+    ``with BatchClient(base_url, key, timeout_s=60, max_attempts=6) as api: api.upload(path, name)``.
+    """
+
+    def __init__(self, base_url: str, api_key: str | None, *, timeout_s: float, max_attempts: int,
+                 sleep: Callable[[float], None] = time.sleep) -> None:
+        headers = {"User-Agent": "pipeline/0.1", "Accept": "application/json"}
+        if api_key:
+            headers["Authorization"] = f"Bearer {api_key}"
+        self._key, self._timeout_s = api_key, timeout_s
+        self._client = httpx.Client(base_url=base_url.rstrip("/"), headers=headers,
+                                    timeout=httpx.Timeout(timeout_s, connect=min(10.0, timeout_s)))
+        self._policy, self._sleep = RetryPolicy(max_attempts), sleep
+
+    def __enter__(self) -> BatchClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._client.close()
+
+    def retrying(self) -> Retrying:
+        """The retry policy of these calls (transient errors only, honouring retry-after)."""
+        return self._policy.synchronous(self._sleep)
+
+    def retried(self, call: Callable[[], T]) -> T:
+        """``call()`` under the retry policy."""
+        for attempt in self.retrying():
+            with attempt:
+                return call()
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    @contextlib.contextmanager
+    def _errors(self, method: str, path: str) -> Iterator[None]:
+        """Transport failures become TransientError; every error names the call, with the key redacted."""
+        try:
+            yield
+        except httpx.TransportError as e:
+            raise transport_error(e, self._timeout_s, lambda t: redact(t, self._key), f"{method} {path}") from None
+        except ProviderError as e:
+            e.args = (redact(f"{method} {path}: {e}", self._key),)
+            raise
+
+    def _once(self, method: str, path: str, **kwargs: Any) -> dict[str, Any]:
+        with self._errors(method, path):
+            resp = self._client.request(method, path, **kwargs)
+            return classify(resp.status_code, resp.headers, resp.content, _json_object)  # type: ignore[no-any-return]
+
+    def call(self, method: str, path: str, **kwargs: Any) -> dict[str, Any]:
+        """One JSON call, retried on transient errors; raises RowError/AbortError for the rest."""
+        return self.retried(lambda: self._once(method, path, **kwargs))
+
+    def upload(self, path: Path, filename: str) -> str:
+        """Upload a Batch input file (``purpose = batch``); returns its file id."""
+        def send() -> dict[str, Any]:
+            with path.open("rb") as fh:  # reopened on each try: a retry must send the whole file again
+                return self._once("POST", "/files", data={"purpose": "batch"},
+                                  files={"file": (filename, fh, "application/jsonl")})
+
+        return str(self.retried(send)["id"])
+
+    def create(self, file_id: str, endpoint: str, metadata: dict[str, str]) -> dict[str, Any]:
+        """Create a batch of ``endpoint`` requests (``chat``, ``embeddings``); one try: the caller checks for a
+        batch already made before trying again."""
+        return self._once("POST", "/batches", json={
+            "input_file_id": file_id, "endpoint": BATCH_URLS[endpoint], "completion_window": "24h",
+            "metadata": metadata})
+
+    def find(self, input_file_id: str, since: float) -> dict[str, Any] | None:
+        """The batch made from ``input_file_id``, if there is one: batches are listed newest first, so the
+        search stops at the first batch created before ``since``."""
+        after: str | None = None
+        while True:
+            params = {"limit": "100", **({"after": after} if after else {})}
+            page = self.call("GET", "/batches", params=params)
+            data = page.get("data") or []
+            for b in data:
+                if b.get("input_file_id") == input_file_id:
+                    return b  # type: ignore[no-any-return]
+            if not page.get("has_more") or not data or (data[-1].get("created_at") or 0) < since - 60:
+                return None
+            after = data[-1].get("id")
+
+    def retrieve(self, batch_id: str) -> dict[str, Any]:
+        """The batch object (status, request_counts, output and error file ids)."""
+        return self.call("GET", f"/batches/{batch_id}")
+
+    def cancel(self, batch_id: str) -> dict[str, Any]:
+        """Ask the provider to cancel; finished lines stay in its output file."""
+        return self.call("POST", f"/batches/{batch_id}/cancel")
+
+    def lines(self, file_id: str) -> Iterator[bytes]:
+        """The lines of a file's content, streamed (output files can be hundreds of MB)."""
+        path = f"/files/{file_id}/content"
+        with self._errors("GET", path), self._client.stream("GET", path) as resp:
+            if resp.status_code != 200:
+                resp.read()
+                classify(resp.status_code, resp.headers, resp.content, _json_object)
+            buf = b""
+            for chunk in resp.iter_bytes():
+                buf += chunk
+                *complete, buf = buf.split(b"\n")
+                yield from (line for line in complete if line.strip())
+            if buf.strip():
+                yield buf
+
+
+def _json_object(body: bytes, headers: Any) -> dict[str, Any]:
+    try:
+        data = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        data = None
+    if not isinstance(data, dict):
+        raise TransientError("HTTP 200 with a body that is not a JSON object", kind="malformed_response", status=200)
+    return data
