@@ -1,16 +1,21 @@
-import asyncio
-import time
+"""The budgets on a virtual-time loop: loop time is exact and costs no real time."""
 
-from pipeline.client import RateInfo
+import asyncio
+
+import pytest
+
 from pipeline.limits import RateBudget
+from pipeline.providers.base import RateInfo
+from tests.conftest import run_virtual
 
 
 def _timed(coro_fn):
     async def go():
-        t = time.monotonic()
+        loop = asyncio.get_running_loop()
+        t = loop.time()
         await coro_fn()
-        return time.monotonic() - t
-    return asyncio.run(go())
+        return loop.time() - t
+    return run_virtual(go())
 
 
 def test_requests_per_minute_paces_after_one_second_burst():
@@ -19,7 +24,7 @@ def test_requests_per_minute_paces_after_one_second_burst():
     async def take():
         for _ in range(150):
             await budget.acquire(1)
-    assert 0.4 < _timed(take) < 1.5
+    assert _timed(take) == pytest.approx(1.0, abs=0.01)  # 50 in the burst, then 100 at 100/s
 
 
 def test_tokens_per_minute_counts_tokens_and_splits_large_requests():
@@ -27,7 +32,7 @@ def test_tokens_per_minute_counts_tokens_and_splits_large_requests():
 
     async def take():
         await budget.acquire(2500)  # larger than the burst: taken in pieces, never refused
-    assert 1.2 < _timed(take) < 2.5
+    assert _timed(take) == pytest.approx(2.0, abs=0.01)  # 500 in the burst, then 2,000 at 1,000/s
     assert budget.fits(60_000) and not budget.fits(60_001)
 
 
@@ -37,7 +42,7 @@ def test_pause_holds_every_worker():
     async def take():
         budget.pause(0.3)
         await asyncio.gather(*(budget.acquire(1) for _ in range(10)))
-    assert 0.25 < _timed(take) < 1.0
+    assert _timed(take) == pytest.approx(0.3, abs=0.01)
     assert budget.pauses == 1
 
 
