@@ -304,3 +304,48 @@ def test_cancel_drops_files_never_submitted_so_the_job_can_run_online(make_job, 
         assert not left.exists()
         online = run_cli("run", job, "--base-url", s.base_url, "--mode", "online", "--yes")
         assert online.exit_code == 0, online.output
+
+
+def test_a_batch_run_reads_its_input_twice_and_renders_it_once(make_job, sim, monkeypatch):
+    from pipeline.render import Renderer
+
+    reads, renders = [], []
+    collect_batches, render_chunk = pl.LazyFrame.collect_batches, Renderer.render_chunk
+    monkeypatch.setattr(pl.LazyFrame, "collect_batches", lambda self, *a, **k: reads.append(1)
+                        or collect_batches(self, *a, **k))
+    monkeypatch.setattr(Renderer, "render_chunk", lambda self, chunk, *a, **k: renders.append(chunk.height)
+                        or render_chunk(self, chunk, *a, **k))
+    data = pl.concat([reviews(300), reviews(300).with_columns(pl.col("review_id") + "b")])  # half are duplicates
+    job = batch_job(make_job, data=data, per_file=100)
+    with sim(batch_delay_s=0.05) as s:
+        result = run(Job.load(job), base_url=s.base_url)
+        assert s.stats.batch_lines == 300  # each distinct request once
+    assert result.exit_code == 0, result.stopped
+    assert len(reads) == 2  # the estimate (which also wrote the batch files) and the output's ids and columns
+    assert sum(renders) == 600  # every row rendered once
+    out = pl.read_parquet("out/result.parquet")
+    assert out["review_id"].to_list() == data["review_id"].to_list()
+    assert out["deduplicated"].sum() == 300 and out["status"].unique().to_list() == ["ok"]
+    assert out["product"].to_list() == data["product"].to_list()
+
+
+def test_collecting_in_a_later_run_reads_the_input_twice_too(make_job, sim, monkeypatch):
+    job = batch_job(make_job, rows=50, per_file=20)
+    with sim(batch_delay_s=0.3) as s:
+        first = run(Job.load(job), base_url=s.base_url, wait=False)
+        assert first.stats.pending == 50
+        reads = []
+        collect_batches = pl.LazyFrame.collect_batches
+        monkeypatch.setattr(pl.LazyFrame, "collect_batches", lambda self, *a, **k: reads.append(1)
+                            or collect_batches(self, *a, **k))
+        time.sleep(0.4)
+        second = run(Job.load(job), base_url=s.base_url)
+        assert s.stats.batch_lines == 50
+    assert second.exit_code == 0 and second.stats.ok == 50 and len(reads) == 2
+
+
+def test_batch_mode_does_not_load_the_online_scheduler():
+    code = ("import sys, pipeline.batch, pipeline.cli; "
+            "print(sorted(m for m in ('pipeline.execute', 'pipeline.senders', 'pipeline.online') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

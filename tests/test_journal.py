@@ -130,3 +130,22 @@ def test_keys_that_are_not_request_keys_are_kept_row_by_row(tmp_path):
     j.flush()
     assert j.lookup(["x", "y"]) == {"x": block.outcome(0), "y": block.outcome(1)}
     j.close()
+
+
+def test_a_journal_made_before_an_outcome_field_existed_gets_its_column(tmp_path):
+    import sqlite3
+
+    from pipeline.outcome import OUTCOME_FIELDS
+
+    path = tmp_path / "old.sqlite"
+    older = [c for c in OUTCOME_FIELDS if c != "refusal"]  # as if refusal were added since
+    db = sqlite3.connect(path)
+    db.execute(f"CREATE TABLE outcomes ({', '.join(older)}, recorded_at REAL)")
+    db.execute(f"INSERT INTO outcomes (key, status, content, attempts, retryable) VALUES ('old', 'ok', 'x', 1, 0)")
+    db.commit()
+    db.close()
+    with Journal(path) as j:
+        assert j.get("old") == Outcome("old", "ok", content="x", attempts=1)
+        j.add(Outcome("new", "error", refusal="no", error="refused", error_type="refusal"))
+        j.flush()
+        assert j.get("new").refusal == "no"

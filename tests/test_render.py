@@ -76,6 +76,25 @@ def test_sandbox_blocks_python_internals(make_job):
         _render(make_job(request='model = "m"\nprompt = "{{ text.__class__.__mro__ }}"'))
 
 
+def test_a_constant_template_touching_python_internals_is_one_clean_error(make_job):
+    # No variables: rendered once while the job is checked, where the sandbox's refusal used to escape.
+    result = run_cli("validate", make_job(request='model = "m"\nprompt = "{{ \'\'.__class__.__mro__ }}"').name)
+    assert result.exit_code == 2
+    assert result.output.startswith("error: job.toml: [request].prompt: not allowed in a template:")
+    assert "Traceback" not in result.output and len(result.output.strip().splitlines()) == 1
+
+
+def test_validate_refuses_a_kept_column_named_like_a_result_column_as_run_does(make_job, sim):
+    df = reviews(3).with_columns(status=pl.lit("new"))
+    job = make_job(data=df, input='path = "input.parquet"\nid = "review_id"\nkeep = ["status"]')
+    checked = run_cli("validate", job.name)
+    assert checked.exit_code == 2
+    assert "[input].keep column(s) status clash with result columns" in checked.output
+    with sim() as s:
+        ran = run_cli("run", job.name, "--base-url", s.base_url, "--yes")
+    assert ran.exit_code == 2 and ran.output == checked.output
+
+
 def test_row_mapping_reaches_odd_column_names(make_job):
     df = reviews(2).rename({"text": "review text"})
     _, reqs = _render(make_job(data=df, request='model = "m"\nprompt = "{{ row[\'review text\'] }}"'))
