@@ -141,7 +141,7 @@ def test_a_journal_made_before_an_outcome_field_existed_gets_its_column(tmp_path
     older = [c for c in OUTCOME_FIELDS if c != "refusal"]  # as if refusal were added since
     db = sqlite3.connect(path)
     db.execute(f"CREATE TABLE outcomes ({', '.join(older)}, recorded_at REAL)")
-    db.execute(f"INSERT INTO outcomes (key, status, content, attempts, retryable) VALUES ('old', 'ok', 'x', 1, 0)")
+    db.execute("INSERT INTO outcomes (key, status, content, attempts, retryable) VALUES ('old', 'ok', 'x', 1, 0)")
     db.commit()
     db.close()
     with Journal(path) as j:
