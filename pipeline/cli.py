@@ -6,9 +6,11 @@ This is the one place that turns PipelineErrors into messages and exit codes:
 
 from __future__ import annotations
 
+import contextlib
 import json
+import signal
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from functools import wraps
 from typing import Any, TypeVar
 
@@ -18,7 +20,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from pipeline.errors import PipelineError
+from pipeline.errors import Interrupted, PipelineError
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -178,6 +180,22 @@ def _confirm_estimate(est: Any, job: Any, yes: bool, *, batch: bool = False) -> 
     return click.confirm(question, default=False, err=True)
 
 
+@contextlib.contextmanager
+def _interrupts_stop(job_path: str) -> Iterator[None]:
+    """SIGINT or SIGTERM outside the run's own handlers (while estimating, or writing the output at the end)
+    stops with exit 3 and one line, like an interrupt during the run: never click's bare "Aborted!"."""
+    def stop(signum: int, frame: Any) -> None:
+        raise Interrupted(f"stopped by {signal.Signals(signum).name}; everything answered is saved, run "
+                          f"`pipeline run {job_path}` again to resume")
+
+    old = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+
+
 @main.command()
 @click.argument("job_path", metavar="JOB", type=click.Path(dir_okay=False))
 @click.option("--fresh", is_flag=True, help="Start over: move the journal aside instead of resuming.")
@@ -194,6 +212,12 @@ def _confirm_estimate(est: Any, job: Any, yes: bool, *, batch: bool = False) -> 
 def run(job_path: str, fresh: bool, retry_failed: bool, limit: int | None, base_url: str | None, yes: bool,
         allow_insecure: bool, plain: bool, mode: str | None, no_wait: bool) -> None:
     """Send every row's request and write the results; resumes where the last run stopped."""
+    with _interrupts_stop(job_path):
+        _run(job_path, fresh, retry_failed, limit, base_url, yes, allow_insecure, plain, mode, no_wait)
+
+
+def _run(job_path: str, fresh: bool, retry_failed: bool, limit: int | None, base_url: str | None, yes: bool,
+         allow_insecure: bool, plain: bool, mode: str | None, no_wait: bool) -> None:
     from pipeline.job import Job
     from pipeline.progress import BatchDisplay, ProgressDisplay
     from pipeline.run import run as run_job

@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from pipeline.job import Job
-from pipeline.pricing import Price, Usage, price_for
+from pipeline.pricing import Price, Usage, no_price_warning, price_for
 from pipeline.render import RenderedChunk, Renderer, key_id
 from pipeline.source import Source, iter_chunks, open_source
 
@@ -66,9 +66,7 @@ class EstimateBuilder:
         self._budget_tokens = 0
         self._flat = price is None or price.flat
         if price is None:
-            self.est.warnings.append(
-                f"no price known for model {job.request.model!r}: cost columns will be null "
-                "(add a [pricing] table with input_per_mtok and output_per_mtok to the job)")
+            self.est.warnings.append(no_price_warning(job.request.model))
         else:
             self.est.price = price.describe()
             self.est.context_window = price.context_window

@@ -21,7 +21,7 @@ from pipeline.outcome import RunStats
 from pipeline.plan import Ending, RunPlan
 from pipeline.render import RenderedChunk
 from pipeline.retry import RetryPolicy
-from pipeline.senders import ChatSender, EmbeddingsSender, Sender, Sending
+from pipeline.senders import Sending, sender_for
 from pipeline.source import iter_chunks
 
 RUN_CHUNK_ROWS = 2_000  # small chunks keep the first request early and the producer thread's bursts short
@@ -46,15 +46,12 @@ def run_online(plan: RunPlan, *, transport: httpx.AsyncBaseTransport | None = No
             sending = Sending(client, RateBudget(lim.requests_per_minute, lim.tokens_per_minute),
                               RetryPolicy(lim.max_attempts), stats, scheduler, price=plan.checked.price,
                               max_cost_usd=job.budget.max_cost_usd)
-            sender: Sender
-            if job.request.is_embeddings:
-                sender = EmbeddingsSender(sending, job.request, group=plan.checked.renderer.bodies.group,
-                                          dims=sink.embedding_dims)
-            else:
-                sender = ChatSender(sending, checker=sink.checker, schema_retries=job.request.schema_retries)
+            sender = sender_for(job.request, sending, bodies=plan.checked.renderer.bodies, checker=sink.checker,
+                                dims=sink.embedding_dims)
             loop = asyncio.get_running_loop()
+            before = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
             if handle_signals:
-                for sig in (signal.SIGINT, signal.SIGTERM):
+                for sig in before:
                     loop.add_signal_handler(sig, scheduler.interrupt, Interrupted(f"stopped by {sig.name}"))
             try:
                 await scheduler.run(in_thread(chunks()), sender)
@@ -62,8 +59,9 @@ def run_online(plan: RunPlan, *, transport: httpx.AsyncBaseTransport | None = No
                 stopped = e
             finally:
                 if handle_signals:
-                    for sig in (signal.SIGINT, signal.SIGTERM):
+                    for sig, handler in before.items():  # asyncio would put back the defaults, not these
                         loop.remove_signal_handler(sig)
+                        signal.signal(sig, handler)
 
     def chunks() -> Iterator[RenderedChunk]:
         kept = plan.kept

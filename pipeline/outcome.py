@@ -14,7 +14,7 @@ from __future__ import annotations
 import time
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from operator import attrgetter
 from typing import Any, Literal
 
@@ -66,10 +66,7 @@ class Outcome:
 
     def as_duplicate(self) -> Outcome:
         """This answer as an identical row's: same answer, no cost and no attempts of its own."""
-        return Outcome(self.key, self.status, self.content, self.finish_reason, self.refusal, self.prompt_tokens,
-                       self.cached_tokens, self.completion_tokens, self.reasoning_tokens,
-                       None if self.cost_usd is None else 0.0, self.latency_ms, 0, self.error, self.error_type,
-                       self.model, self.embedding, self.retryable)
+        return replace(self, cost_usd=None if self.cost_usd is None else 0.0, attempts=0)
 
 
 OUTCOME_FIELDS: tuple[str, ...] = tuple(f.name for f in fields(Outcome))
@@ -103,9 +100,7 @@ def answered(key: str, a: Answer, price: Price | None, *, attempts: int, latency
 
 def invalid_answer(outcome: Outcome, problem: str) -> Outcome:
     """An answer that does not match the job's schema: failed, with what was paid for it."""
-    return Outcome(outcome.key, "error", outcome.content, outcome.finish_reason, outcome.refusal,
-                   outcome.prompt_tokens, outcome.cached_tokens, outcome.completion_tokens, outcome.reasoning_tokens,
-                   outcome.cost_usd, outcome.latency_ms, outcome.attempts, problem, "invalid_answer", outcome.model)
+    return replace(outcome, status="error", error=problem, error_type="invalid_answer")
 
 
 def failed(key: str, e: ProviderError, *, attempts: int) -> Outcome:

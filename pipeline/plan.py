@@ -26,7 +26,7 @@ from pipeline.job import MODES, Job
 from pipeline.journal import Journal, NullJournal, OutcomeStore, Reader
 from pipeline.ledger import BatchLedger, BatchStage
 from pipeline.outcome import RESULT_SCHEMA, Outcome, RunStats
-from pipeline.pricing import Price, price_for
+from pipeline.pricing import Price, no_price_warning, price_for
 from pipeline.providers import Provider, provider_for
 from pipeline.render import KeptChunks, Renderer, key_id
 from pipeline.sink import OutputPaths, PartWriter, check_free_space, claim_output, write_manifest
@@ -55,9 +55,7 @@ def check(job: Job) -> Checked:
     source = open_source(job.input.path)
     renderer = Renderer(job, source, provider)
     price = price_for(job)
-    warnings = [] if price is not None else [
-        f"no price known for model {job.request.model!r}: cost columns will be null "
-        "(add a [pricing] table with input_per_mtok and output_per_mtok)"]
+    warnings = [] if price is not None else [no_price_warning(job.request.model)]
     return Checked(job, provider, source, renderer, price, output_key_schema(job, source), warnings)
 
 

@@ -20,6 +20,12 @@ from typing import Any
 from pipeline.job import Job, PricingSpec
 
 PROVIDER = "openai"
+
+
+def no_price_warning(model: str) -> str:
+    """What the user is told when a model has no known price."""
+    return (f"no price known for model {model!r}: cost columns will be null "
+            "(add a [pricing] table with input_per_mtok and output_per_mtok to the job)")
 BATCH_DISCOUNT = 0.5
 
 

@@ -20,9 +20,9 @@ from pipeline.client import resolve_api_key, resolve_base_url
 from pipeline.errors import BudgetExceeded, OutputError, PipelineError, StopRun
 from pipeline.estimate import Estimate
 from pipeline.job import Job
-from pipeline.ledger import BatchPart, BatchStage
+from pipeline.ledger import BatchPart
 from pipeline.outcome import RunStats
-from pipeline.plan import Ending, RunPlan, finish, prepare
+from pipeline.plan import RunPlan, finish, prepare
 
 
 @dataclass
@@ -80,8 +80,17 @@ def run(job: Job, *, base_url: str | None = None, limit: int | None = None, fres
     plan = prepare(job, mode=mode, base_url=base_url, limit=limit, fresh=fresh, retry_failed=retry_failed,
                    allow_insecure=allow_insecure, journal=journal)
     try:
-        end = _run(plan, on_estimate=on_estimate, transport=transport, on_progress=on_progress,
-                   handle_signals=handle_signals, grace_s=grace_s, wait=wait, on_batches=on_batches)
+        _accept(plan, on_estimate)
+        if plan.mode == "batch":
+            from pipeline.batch import run_batches  # loaded by batch runs only
+
+            assert plan.stage is not None
+            end = run_batches(plan, plan.stage, wait=wait, on_batches=on_batches, handle_signals=handle_signals)
+        else:
+            from pipeline.online import run_online  # loaded by online runs only
+
+            end = run_online(plan, transport=transport, on_progress=on_progress, handle_signals=handle_signals,
+                             grace_s=grace_s)
         manifest = finish(plan, end)
     finally:
         plan.close()
@@ -89,27 +98,17 @@ def run(job: Job, *, base_url: str | None = None, limit: int | None = None, fres
                      estimate=plan.estimate, stopped=end.stopped, manifest_data=manifest)
 
 
-def _run(plan: RunPlan, *, on_estimate: Callable[[Estimate], bool] | None, **how: Any) -> Ending:
-    stage = plan.stage
+def _accept(plan: RunPlan, on_estimate: Callable[[Estimate], bool] | None) -> None:
+    """Ask the caller about the estimate (and check a batch's budget); a refusal leaves nothing staged."""
     try:
         if on_estimate is not None and not on_estimate(plan.estimate):
             raise StopRun("not started: the estimate was not accepted")
         if plan.mode == "batch":
             _check_batch_budget(plan.job, plan.estimate)
     except BaseException:
-        if stage is not None:
-            stage.discard()
+        if plan.stage is not None:
+            plan.stage.discard()
         raise
-    if plan.mode == "batch":
-        from pipeline.batch import run_batches
-
-        assert isinstance(stage, BatchStage)
-        return run_batches(plan, stage, wait=how["wait"], on_batches=how["on_batches"],
-                           handle_signals=how["handle_signals"])
-    from pipeline.online import run_online
-
-    return run_online(plan, transport=how["transport"], on_progress=how["on_progress"],
-                      handle_signals=how["handle_signals"], grace_s=how["grace_s"])
 
 
 def _check_batch_budget(job: Job, est: Estimate) -> None:

@@ -35,7 +35,7 @@ from pipeline.outcome import (
     unsendable_input,
 )
 from pipeline.pricing import Price, Usage
-from pipeline.providers.base import Answer, EmbeddingAnswer
+from pipeline.providers.base import Answer, Bodies, EmbeddingAnswer
 from pipeline.render import Request
 from pipeline.retry import RetryPolicy
 from pipeline.structured import AnswerChecker
@@ -305,3 +305,11 @@ def shared(batch: Sequence[Request], a: EmbeddingAnswer, price: Price | None, di
     block = VectorBlock(keys=[r.key for r in batch], vectors=vectors, prompt_tokens=shares, cost_usd=costs,
                         model=a.model, latency_ms=latency_ms, attempts=attempts)
     return [(batch, block)]
+
+
+def sender_for(spec: RequestSpec, sending: Sending, *, bodies: Bodies, checker: AnswerChecker | None,
+               dims: int | None) -> Sender:
+    """The sender of a job's endpoint (``[request].endpoint``)."""
+    if spec.endpoint == "embeddings":
+        return EmbeddingsSender(sending, spec, group=bodies.group, dims=dims)
+    return ChatSender(sending, checker=checker, schema_retries=spec.schema_retries)

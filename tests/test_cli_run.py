@@ -75,7 +75,10 @@ def test_signal_stops_flushes_and_a_rerun_finishes(make_job, sim, sig):
     with sim(latency_ms=100) as s:
         proc = subprocess.Popen([PIPELINE, "run", job.name, "--base-url", s.base_url, "--plain"],
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        time.sleep(2.5)
+        for _ in range(400):  # mid-run, whatever the machine's start-up time (it was a fixed 2.5 s sleep)
+            if s.stats.requests >= 40:
+                break
+            time.sleep(0.02)
         proc.send_signal(sig)
         try:
             _, err = proc.communicate(timeout=15)
@@ -140,3 +143,22 @@ def test_not_enough_disk_space_is_refused_before_sending(make_job, sim, monkeypa
         result = run_cli("run", make_job(rows=5).name, "--base-url", s.base_url)
         assert s.stats.requests == 0
     assert result.exit_code == 2 and "MiB free" in result.output
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_while_estimating_stops_with_one_line_and_exit_3(make_job, sim, sig):
+    job = make_job(rows=200_000)  # the estimate renders every row first: long enough to be interrupted in it
+    with sim() as s:
+        proc = subprocess.Popen([PIPELINE, "run", job.name, "--base-url", s.base_url, "--plain"],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        journal = Path("out/result.journal.sqlite")  # opened just before the estimate pass
+        for _ in range(1000):
+            if journal.exists():
+                break
+            time.sleep(0.01)
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=30)
+        assert s.stats.requests == 0
+    assert proc.returncode == 3, err
+    assert err.strip() == (f"error: stopped by {sig.name}; everything answered is saved, run "
+                           f"`pipeline run {job.name}` again to resume")
