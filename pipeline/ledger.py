@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.errors import OutputError
-from pipeline.job import Job
+from pipeline.job import BatchSpec, RequestSpec
 from pipeline.journal import Journal
 from pipeline.outcome import Outcome, unsendable_input
 from pipeline.providers.base import Provider
@@ -171,8 +171,9 @@ class BatchStage:
     to a staged input file (split under the provider's limits), and every row's request key is kept (16 bytes
     a row) for writing the output later."""
 
-    def __init__(self, job: Job, provider: Provider, folder: Path, in_batches: set[int]) -> None:
-        self.job, self.provider, self.in_batches = job, provider, in_batches
+    def __init__(self, request: RequestSpec, batch: BatchSpec, provider: Provider, folder: Path,
+                 in_batches: set[int]) -> None:
+        self.request, self.batch, self.provider, self.in_batches = request, batch, provider, in_batches
         self.folder = folder
         self._staging = folder / f"staging-{uuid.uuid4().hex[:8]}"
         for old in folder.glob("staging-*"):  # a run killed before it committed: nothing of it was submitted
@@ -186,8 +187,8 @@ class BatchStage:
 
     def __call__(self, chunk: RenderedChunk) -> None:
         """Stage one rendered chunk (called by the estimate pass, in input order)."""
-        spec, endpoint = self.job.batch, self.job.request.endpoint
-        embeddings, max_input = self.job.request.is_embeddings, self.job.request.max_input_tokens
+        spec, endpoint = self.batch, self.request.endpoint
+        embeddings, max_input = self.request.is_embeddings, self.request.max_input_tokens
         top = max([r.row for r in chunk.requests] + [s.row for s in chunk.skipped], default=-1)
         if (grow := (top + 1) * _DIGEST - len(self._row_keys)) > 0:
             self._row_keys += bytes(grow)

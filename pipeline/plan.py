@@ -171,7 +171,7 @@ def prepare(job: Job, *, mode: str | None = None, base_url: str | None = None, l
             settled = _with_batched_as_done(lookup, in_batches) if in_batches else lookup
             counted: array[int] = array("i")
             kept = KeptChunks() if mode == "online" and keep_rendered else None
-            stage = (BatchStage(job, checked.provider, paths.batches, in_batches)
+            stage = (BatchStage(job.request, job.batch, checked.provider, paths.batches, in_batches)
                      if mode == "batch" and isinstance(store, Journal) else None)
             est, todo = estimate_source(job, checked.source, checked.renderer, checked.price, limit=limit,
                                         settled=settled, counted=counted,
