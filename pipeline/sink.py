@@ -202,7 +202,9 @@ class PartWriter:
         data["model"] = [b.model for _, _, b in blocks for _ in range(len(b.keys))]
         data["deduplicated"] = np.zeros(len(data[ROW]), dtype=bool)
         vectors = np.concatenate([b.vectors for _, _, b in blocks])
-        data["embedding"] = vectors if self.embedding_dims else list(vectors)
+        # Unknown size up front: a list column, built from the fixed-size block (polars reads a 2-D array as one).
+        data["embedding"] = (vectors if self.embedding_dims else
+                             pl.Series(vectors, dtype=pl.Array(pl.Float32, vectors.shape[1])).cast(pl.List(pl.Float32)))
         n = len(data[ROW])
         return pl.DataFrame([pl.Series(name, data[name] if data.get(name) is not None else [None] * n, dtype=dtype)
                              for name, dtype in self.schema.items()])
@@ -274,7 +276,8 @@ class PartWriter:
                 present = pl.Series([b is not None for b in raw])
                 series = pl.select(pl.when(present).then(series).otherwise(None)).to_series()
             return series
-        return pl.Series("embedding", [None if b is None else np.frombuffer(b, dtype="<f4") for b in raw],
+        # polars cannot mix numpy arrays and None in one list column: rows without a vector stay Python None
+        return pl.Series("embedding", [None if b is None else np.frombuffer(b, dtype="<f4").tolist() for b in raw],
                          dtype=pl.List(pl.Float32))
 
     def _write(self, df: pl.DataFrame) -> None:

@@ -162,3 +162,25 @@ def test_sigkill_during_a_batched_embeddings_run_then_rerun_loses_nothing_and_pa
     _check_vectors(pl.read_parquet(Job.load(job).output.path), df, dims)
     # Full batches of the 9,000 distinct texts, plus at most what was in flight (and one short batch) per kill.
     assert answered <= math.ceil(9_000 / batch) + kills * (concurrency + 1)
+
+
+def test_a_model_of_unknown_size_gets_a_list_column_with_duplicates_and_refused_rows(make_job, sim):
+    # A model outside the known sizes (an OpenAI-compatible server's own) and no `dimensions`: the vector size is
+    # only known from the answers. Blocks, duplicate rows and a refused empty row share one output; this used to
+    # end in a TypeError while the output was written, so not even a rerun could finish it.
+    texts = [f"text {i % 30}" for i in range(120)] + [""]
+    df = pl.DataFrame({"review_id": [f"r{i:04d}" for i in range(len(texts))], "product": ["p"] * len(texts),
+                       "text": texts})
+    job = make_job(data=df, request='endpoint = "embeddings"\nmodel = "nomic-embed-text"\ninput = "{{ text }}"\n'
+                                    'batch_size = 16')
+    with sim() as s:
+        result = run(Job.load(job), base_url=s.base_url)
+    assert result.exit_code == 1 and result.stats.ok == 120 and result.stats.failed == 1
+    out = pl.read_parquet(Job.load(job).output.path)
+    assert out.schema["embedding"] == pl.List(pl.Float32) and out.height == 121
+    assert out["deduplicated"].sum() == 90
+    failed = out.filter(pl.col("status") == "error")
+    assert failed["review_id"].to_list() == ["r0120"] and failed["error_type"].to_list() == ["empty_input"]
+    assert out["embedding"][120] is None
+    for i in (0, 30, 119):  # duplicates carry their first row's vector
+        np.testing.assert_allclose(out["embedding"][i].to_numpy(), embedding(texts[i], 1536), rtol=1e-6)
