@@ -41,6 +41,7 @@ from pipeline.retry import RetryPolicy
 from pipeline.structured import AnswerChecker
 
 T = TypeVar("T", Answer, EmbeddingAnswer)
+R = TypeVar("R")
 ABORT_AFTER = 3  # systemic errors tolerated once some rows succeeded (a flaky 403 is not a verdict)
 
 Sent = list[tuple[Sequence[Request], Result]]  # what a unit ended as: each result with the rows it answers
@@ -142,33 +143,23 @@ class Sending:
         if self.stats.ok == 0 or self._aborts >= ABORT_AFTER:
             self.stopper.request_stop(e)
 
-    def cost(self, usage: Usage) -> float | None:
-        """What ``usage`` costs at the job's price (None without one)."""
-        return None if self.price is None else self.price.cost(usage)
-
-    def reserve(self, cost: float | None) -> bool:
-        """Hold a request's maximum cost against the budget while it is in flight; False (and stop) when
-        spending it could cross ``max_cost_usd``: counting in-flight requests at their maximum keeps the
+    async def spending(self, prompt_tokens: int, completion_tokens: int, ask: Callable[[], Awaitable[R]]) -> R | None:
+        """``ask()`` with the most it can cost held against ``max_cost_usd`` while it is in flight; None (and the
+        run stops) when that could cross the budget: counting requests in flight at their maximum keeps the
         budget from being crossed by answers already on their way."""
-        if cost is None or self.max_cost_usd is None:
-            return True
+        if self.max_cost_usd is None or self.price is None:
+            return await ask()
+        cost = self.price.cost(Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens))
         if self.stats.cost_usd + self._reserved + cost > self.max_cost_usd:
             self.stopper.request_stop(BudgetExceeded(
                 f"stopped before crossing [budget].max_cost_usd = ${self.max_cost_usd:g}: spent "
                 f"${self.stats.cost_usd:.4f} so far, with ${self._reserved:.4f} more in flight"))
-            return False
+            return None
         self._reserved += cost
-        return True
-
-    def release(self, cost: float | None) -> None:
-        """The request is done: its reservation is replaced by what it really cost (in the stats)."""
-        if cost is not None and self.max_cost_usd is not None:
+        try:
+            return await ask()
+        finally:  # what it really cost is in the stats now
             self._reserved -= cost
-
-    @property
-    def guarding(self) -> bool:
-        """True when spend is capped (then each request reserves its maximum cost)."""
-        return self.max_cost_usd is not None
 
 
 class ChatSender:
@@ -195,15 +186,7 @@ class ChatSender:
     async def send(self, unit: list[Request]) -> Sent:
         """Send one row's request to its final outcome."""
         req = unit[0]
-        s = self.sending
-        reserve = (s.cost(Usage(prompt_tokens=req.prompt_tokens, completion_tokens=req.max_output_tokens))
-                   if s.guarding else None)
-        if not s.reserve(reserve):
-            return []
-        try:
-            outcome = await self._ask(req)
-        finally:
-            s.release(reserve)
+        outcome = await self.sending.spending(req.prompt_tokens, req.max_output_tokens, lambda: self._ask(req))
         return [] if outcome is None else [(unit, outcome)]
 
     async def _ask(self, req: Request) -> Outcome | None:
@@ -265,13 +248,8 @@ class EmbeddingsSender:
         """One request for many rows; usage and cost are shared by the rows' token counts."""
         s = self.sending
         tokens = sum(r.prompt_tokens for r in unit)
-        reserve = s.cost(Usage(prompt_tokens=tokens)) if s.guarding else None
-        if not s.reserve(reserve):
-            return []
-        try:
-            got = await s.call(tokens, lambda: s.client.embed(self.group([r.body for r in unit]), len(unit)))
-        finally:
-            s.release(reserve)
+        got = await s.spending(tokens, 0, lambda: s.call(tokens, lambda: s.client.embed(
+            self.group([r.body for r in unit]), len(unit))))
         if got is None:
             return []
         if got.answer is not None:
