@@ -20,7 +20,7 @@ from typing import Any
 import polars as pl
 
 from pipeline.client import check_transport_security, resolve_api_key, resolve_base_url
-from pipeline.errors import AbortError, BudgetExceeded, Interrupted, OutputError, PipelineError, UsageError
+from pipeline.errors import BudgetExceeded, Interrupted, OutputError, PipelineError, UsageError
 from pipeline.estimate import Estimate, estimate_source
 from pipeline.job import MODES, Job
 from pipeline.journal import Journal, NullJournal, OutcomeStore, Reader
@@ -94,7 +94,6 @@ class RunPlan:
     todo: array[int] | None                # rows still to send (None: every row)
     counted: array[int]                     # prompt tokens by row position, from the estimate
     kept: KeptChunks | None                 # the estimate's rendered chunks, when they fit
-    in_batches: set[int]                    # key ids of requests in open Batch API batches
     stage: BatchStage | None                # Batch API mode: the files the estimate pass wrote
     limit: int | None
     retry_failed: bool
@@ -132,8 +131,8 @@ class RunPlan:
 
 
 def prepare(job: Job, *, mode: str | None = None, base_url: str | None = None, limit: int | None = None,
-            fresh: bool = False, retry_failed: bool = False, allow_insecure: bool = False, journal: bool = True,
-            keep_rendered: bool = True) -> RunPlan:
+            fresh: bool = False, retry_failed: bool = False, allow_insecure: bool = False,
+            journal: bool = True) -> RunPlan:
     """Check everything a user can get wrong, open the journal, and estimate what is still to do.
 
     Raises UsageError subclasses for anything to fix first; nothing has been sent when it returns.
@@ -164,15 +163,15 @@ def prepare(job: Job, *, mode: str | None = None, base_url: str | None = None, l
             raise UsageError(f"{job.source}: {len(open_parts)} Batch API batch(es) of this job are still open; "
                              f"collect them with `pipeline run {job.source} --mode batch`, or cancel them with "
                              f"`pipeline batches cancel {job.source}`, before running online")
-        assert ledger is not None or not open_parts
-        in_batches = {key_id(k) for p in open_parts for k in ledger.part_keys(p.part)}  # type: ignore[union-attr]
+        # key ids of the requests in open batches: paid for there, so neither estimated nor staged again
+        in_batches = {key_id(k) for p in open_parts for k in ledger.part_keys(p.part)} if ledger else set()
         lookup = store.reader(retry_failed=retry_failed)
         try:
             settled = _with_batched_as_done(lookup, in_batches) if in_batches else lookup
             counted: array[int] = array("i")
-            kept = KeptChunks() if mode == "online" and keep_rendered else None
+            kept = KeptChunks() if mode == "online" else None
             stage = (BatchStage(job.request, job.batch, checked.provider, paths.batches, in_batches)
-                     if mode == "batch" and isinstance(store, Journal) else None)
+                     if mode == "batch" else None)  # batch mode always has the journal (checked above)
             est, todo = estimate_source(job, checked.source, checked.renderer, checked.price, limit=limit,
                                         settled=settled, counted=counted,
                                         keep=kept.add if kept is not None else stage)
@@ -185,8 +184,7 @@ def prepare(job: Job, *, mode: str | None = None, base_url: str | None = None, l
         store.close()
         raise
     return RunPlan(checked=checked, mode=mode, url=url, api_key=key, paths=paths, store=store, ledger=ledger,
-                   estimate=est, todo=todo, counted=counted, kept=kept, in_batches=in_batches, stage=stage,
-                   limit=limit,
+                   estimate=est, todo=todo, counted=counted, kept=kept, stage=stage, limit=limit,
                    retry_failed=retry_failed)
 
 
@@ -223,8 +221,6 @@ def stop_reason_kind(e: PipelineError) -> str:
         return "budget"
     if isinstance(e, Interrupted):
         return "interrupted"
-    if isinstance(e, AbortError):
-        return e.kind
     return getattr(e, "kind", "aborted")
 
 
