@@ -245,7 +245,7 @@ def write_rows(plan: RunPlan, stage: BatchStage, sink: PartWriter, key_of_row: C
     out and counted as pending."""
     job = plan.job
     columns = [*([job.input.id] if job.input.id else []), *job.input.keep]
-    answered_ = plan.store.reader(any_outcome=True)
+    recorded = plan.store.reader(any_outcome=True)
     seen: set[int] = set()
     try:
         for chunk in iter_chunks(plan.checked.source, columns, chunk_rows=OUTPUT_CHUNK_ROWS, limit=plan.limit):
@@ -254,25 +254,22 @@ def write_rows(plan: RunPlan, stage: BatchStage, sink: PartWriter, key_of_row: C
             keep_cols = [chunk.get_column(c).to_list() for c in job.input.keep]
             keeps = list(zip(*keep_cols, strict=True)) if keep_cols else [()] * len(rows)
             keys = [stage.key_of(r) for r in rows]
-            found = answered_([k for k in keys if k is not None])
+            found = recorded([k for k in keys if k is not None])
             for row, row_id, keep, key in zip(rows, ids, keeps, keys, strict=True):
                 ref = _RowRef(row, row_id, keep)
-                if key is None:
-                    outcome = skipped(stage.skipped.get(row, "skipped"))
-                    sink.add(row, key_of_row(ref), outcome)
-                    stats.count(outcome)
-                    continue
-                outcome_ = found.get(key)
-                if outcome_ is None:
+                outcome = skipped(stage.skipped.get(row, "skipped")) if key is None else found.get(key)
+                if outcome is None:
                     stats.pending += 1
                     continue
-                kid = key_id(key)
-                duplicate = kid in seen
-                seen.add(kid)
-                sink.add(row, key_of_row(ref), outcome_, deduplicated=duplicate)
-                stats.count(outcome_, deduplicated=duplicate)
+                duplicate = False
+                if key is not None:
+                    kid = key_id(key)
+                    duplicate = kid in seen
+                    seen.add(kid)
+                sink.add(row, key_of_row(ref), outcome, deduplicated=duplicate)
+                stats.count(outcome, deduplicated=duplicate)
     finally:
-        answered_.close()
+        recorded.close()
 
 
 def run_batches(plan: RunPlan, stage: BatchStage, *, wait: bool = True,

@@ -147,12 +147,12 @@ class _PartFile:
     def count(self) -> int:
         return len(self.keys) // _DIGEST
 
-    def add(self, key: str, line: bytes) -> None:
+    def add(self, digest: bytes, line: bytes) -> None:
         try:
             self._fh.write(line)
         except OSError as e:
             raise OutputError(f"{self.path}: cannot write a batch input file: {e.strerror}") from None
-        self.keys += bytes.fromhex(key)
+        self.keys += digest
         self.size += len(line)
 
     def close(self) -> None:
@@ -195,7 +195,8 @@ class BatchStage:
         for s in chunk.skipped:
             self.skipped[s.row] = s.reason
         for req in chunk.requests:
-            self._row_keys[req.row * _DIGEST:(req.row + 1) * _DIGEST] = bytes.fromhex(req.key)
+            digest = bytes.fromhex(req.key)
+            self._row_keys[req.row * _DIGEST:(req.row + 1) * _DIGEST] = digest
             kid = key_id(req.key)
             if req.key in chunk.settled or kid in self.in_batches or kid in self._seen:
                 continue
@@ -218,7 +219,7 @@ class BatchStage:
                         raise OutputError(f"{self._staging}: cannot write a batch input file: {e.strerror}") from None
                 f = self._open = _PartFile(self._staging)
                 self._files.append(f)
-            f.add(req.key, line)
+            f.add(digest, line)
 
     def key_of(self, row: int) -> str | None:
         """The request key of the row at ``row`` (None for a skipped row)."""
