@@ -110,7 +110,8 @@ class BatchRun:
             for attempt in self.api.retrying():
                 with attempt:
                     # After a kill or a lost reply the provider may have made the batch already: look first.
-                    found = (self.api.find(file_id, since)
+                    taken = frozenset(p.batch_id for p in self.ledger.parts() if p.batch_id)
+                    found = (self.api.find(file_id, since, taken)
                              if resumed or attempt.retry_state.attempt_number > 1 else None)
                     return found or self.api.create(file_id, self.job.request.endpoint, metadata)
             raise AssertionError("unreachable")  # pragma: no cover

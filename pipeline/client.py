@@ -69,11 +69,14 @@ def check_transport_security(base_url: str, has_key: bool, allow_insecure: bool)
 
 
 def resolve_base_url(job: Job, override: str | None) -> str:
-    """--base-url, then PIPELINE_BASE_URL, then the job's [api].base_url."""
+    """--base-url, then PIPELINE_BASE_URL, then the job's [api].base_url; as the job's provider writes it (the
+    provider is the job's, whichever URL is used: pointing a job at another server keeps its dialect)."""
+    from pipeline.providers import provider_for
+
     url = override or os.environ.get("PIPELINE_BASE_URL") or job.api.base_url
     if not url.startswith(("http://", "https://")):
         raise UsageError(f"base URL must start with http:// or https://, got {url!r}")
-    return url.rstrip("/")
+    return provider_for(job).base_url(url)
 
 
 def resolve_api_key(job: Job, base_url: str) -> str | None:
@@ -157,6 +160,10 @@ class ApiClient:
     async def chat(self, body: bytes) -> Answer:
         """One chat completion; raises TransientError, RowError or AbortError with the key redacted."""
         return await self._exchange(self.provider.path("chat"), body, self.provider.chat_answer)
+
+    async def call(self, path: str, body: bytes, parse: Callable[[int, Any, bytes], T]) -> T:
+        """One request to any of the provider's endpoints, read by ``parse``; errors as for ``chat``."""
+        return await self._exchange(path, body, parse)
 
     async def _exchange(self, path: str, body: bytes, parse: Callable[[int, Any, bytes], T]) -> T:
         status, headers, content = await self.post(path, body)

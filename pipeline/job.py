@@ -23,6 +23,17 @@ MODES = ("online", "batch")
 EMBEDDING_FORMATS = ("base64", "float")
 ROLES = ("system", "developer", "user", "assistant")
 DEFAULT_BASE_URL = "https://api.openai.com/v1"
+PROVIDERS = ("openai", "azure", "anthropic", "openai-compatible")
+DEFAULT_BASE_URLS = {"openai": DEFAULT_BASE_URL, "anthropic": "https://api.anthropic.com/v1"}
+DEFAULT_KEY_ENV = {"openai": "OPENAI_API_KEY", "azure": "AZURE_OPENAI_API_KEY", "anthropic": "ANTHROPIC_API_KEY",
+                   "openai-compatible": "OPENAI_API_KEY"}
+MAX_TOKENS_FIELDS = ("max_completion_tokens", "max_tokens")
+STRUCTURED_OUTPUTS = {"openai": ("json_schema", "json_object", "none"), "azure": ("json_schema", "json_object", "none"),
+                      "openai-compatible": ("json_schema", "json_object", "none"),
+                      "anthropic": ("auto", "json_schema", "tool", "none")}
+# The Batch API limits per provider: (requests, bytes) per file (OpenAI, Azure) or per batch (Anthropic).
+BATCH_LIMITS = {"anthropic": (100_000, 256_000_000)}
+OPENAI_BATCH_LIMITS = (50_000, 200_000_000)
 
 
 @dataclass(frozen=True)
@@ -84,10 +95,20 @@ class OutputSpec:
 
 @dataclass(frozen=True)
 class ApiSpec:
-    """Where requests go; the key itself is read from the named environment variable only."""
+    """Where requests go and in which dialect; the key itself is read from the named environment variable only.
+
+    ``provider`` picks the wire dialect (``providers/``); the other keys are the points where servers of one
+    dialect differ: Azure's deployment name and API version, and what an OpenAI-compatible server accepts.
+    """
 
     base_url: str = DEFAULT_BASE_URL
     api_key_env: str = "OPENAI_API_KEY"
+    provider: str = "openai"
+    deployment: str | None = None         # azure: sent as the model; [request].model names the priced model
+    api_version: str | None = None        # azure: set for the older /openai/deployments/... URLs
+    max_tokens_field: str = "max_completion_tokens"
+    structured_output: str = "json_schema"
+    anthropic_version: str = "2023-06-01"
 
 
 @dataclass(frozen=True)
@@ -99,6 +120,8 @@ class LimitsSpec:
     tokens_per_minute: int | None = None
     max_attempts: int = 6
     timeout_s: float = 120.0
+    input_tokens_per_minute: int | None = None   # Anthropic counts input and output tokens apart
+    output_tokens_per_minute: int | None = None
 
 
 @dataclass(frozen=True)
@@ -122,8 +145,8 @@ class PricingSpec:
 class BatchSpec:
     """How Batch API mode splits, submits and polls (the defaults are OpenAI's limits)."""
 
-    max_requests_per_file: int = 50_000
-    max_bytes_per_file: int = 200_000_000
+    max_requests_per_file: int = OPENAI_BATCH_LIMITS[0]
+    max_bytes_per_file: int = OPENAI_BATCH_LIMITS[1]
     poll_interval_s: float = 10.0      # the first wait between polls; it grows while nothing changes
     poll_max_interval_s: float = 120.0
 
@@ -158,7 +181,9 @@ class Job:
 
     def fingerprint(self) -> str:
         """A hash of what decides the answers, so an output folder is never mixed between jobs."""
-        spec = {"name": self.name, "endpoint": self.request.endpoint, "model": self.request.model}
+        spec: dict[str, str] = {"name": self.name, "endpoint": self.request.endpoint, "model": self.request.model}
+        if self.api.provider != "openai":  # another dialect gives other answers (and OpenAI jobs keep their hash)
+            spec["provider"] = self.api.provider
         return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -306,13 +331,7 @@ def parse_job(raw: Mapping[str, Any], *, file: str = "<job>", base: Path | None 
     output_spec = OutputSpec(path=_resolve(base, out_path))
     out.done()
 
-    api = _Table(file, "api", top.get("api") or {})
-    base_url = api.str("base_url", DEFAULT_BASE_URL) or DEFAULT_BASE_URL
-    if not base_url.startswith(("http://", "https://")):
-        raise api.fail("base_url", f"must start with http:// or https://, got {_shown(base_url)}")
-    api_spec = ApiSpec(base_url=base_url.rstrip("/"), api_key_env=api.str("api_key_env", "OPENAI_API_KEY")
-                       or "OPENAI_API_KEY")
-    api.done()
+    api_spec = _parse_api(_Table(file, "api", top.get("api") or {}), request_spec)
 
     lim = _Table(file, "limits", top.get("limits") or {})
     limits = LimitsSpec(
@@ -321,6 +340,8 @@ def parse_job(raw: Mapping[str, Any], *, file: str = "<job>", base: Path | None 
         tokens_per_minute=lim.int("tokens_per_minute"),
         max_attempts=lim.int("max_attempts", 6) or 6,
         timeout_s=lim.number("timeout_s", 120.0) or 120.0,
+        input_tokens_per_minute=lim.int("input_tokens_per_minute"),
+        output_tokens_per_minute=lim.int("output_tokens_per_minute"),
     )
     lim.done()
 
@@ -350,15 +371,19 @@ def parse_job(raw: Mapping[str, Any], *, file: str = "<job>", base: Path | None 
         raise est.fail("output_tokens", f"({estimate.output_tokens}) cannot exceed [request].max_tokens "
                                         f"({request_spec.max_tokens})")
     bt = _Table(file, "batch", top.get("batch") or {})
+    most_requests, most_bytes = BATCH_LIMITS.get(api_spec.provider, OPENAI_BATCH_LIMITS)
     batch = BatchSpec(
-        max_requests_per_file=bt.int("max_requests_per_file", 50_000) or 50_000,
-        max_bytes_per_file=bt.int("max_bytes_per_file", 200_000_000) or 200_000_000,
+        max_requests_per_file=bt.int("max_requests_per_file", most_requests) or most_requests,
+        max_bytes_per_file=bt.int("max_bytes_per_file", most_bytes) or most_bytes,
         poll_interval_s=bt.number("poll_interval_s", 10.0) or 10.0,
         poll_max_interval_s=bt.number("poll_max_interval_s", 120.0) or 120.0,
     )
-    if batch.max_requests_per_file > 50_000:
-        raise bt.fail("max_requests_per_file", f"can be at most 50000 (the Batch API's limit), got "
-                                               f"{batch.max_requests_per_file}")
+    if batch.max_requests_per_file > most_requests:
+        raise bt.fail("max_requests_per_file", f"can be at most {most_requests} (the {api_spec.provider} Batch "
+                                               f"API's limit), got {batch.max_requests_per_file}")
+    if batch.max_bytes_per_file > most_bytes:
+        raise bt.fail("max_bytes_per_file", f"can be at most {most_bytes} (the {api_spec.provider} Batch API's "
+                                            f"limit), got {batch.max_bytes_per_file}")
     if batch.poll_max_interval_s < batch.poll_interval_s:
         raise bt.fail("poll_max_interval_s", f"({batch.poll_max_interval_s:g}) cannot be below poll_interval_s "
                                              f"({batch.poll_interval_s:g})")
@@ -366,6 +391,70 @@ def parse_job(raw: Mapping[str, Any], *, file: str = "<job>", base: Path | None 
     top.done()
     return Job(name=name, input=input_spec, request=request_spec, output=output_spec, api=api_spec,
                limits=limits, budget=budget, pricing=pricing, estimate=estimate, batch=batch, source=file)
+
+
+def provider_of_url(url: str) -> str:
+    """The provider a base URL belongs to, for jobs that do not say: the API's own hosts, else a compatible server."""
+    from urllib.parse import urlsplit
+
+    host = (urlsplit(url).hostname or "").lower()
+    if host == "api.openai.com":
+        return "openai"
+    if host.endswith((".openai.azure.com", ".cognitiveservices.azure.com", ".services.ai.azure.com")):
+        return "azure"
+    if host == "api.anthropic.com":
+        return "anthropic"
+    return "openai-compatible"
+
+
+def _parse_api(api: _Table, request: RequestSpec) -> ApiSpec:
+    """[api]: the provider (said, or known from the base URL), its URL, key variable and dialect settings."""
+    base_url = api.str("base_url")
+    if base_url is not None and not base_url.startswith(("http://", "https://")):
+        raise api.fail("base_url", f"must start with http:// or https://, got {_shown(base_url)}")
+    provider = api.str("provider") or (provider_of_url(base_url) if base_url else "openai")
+    if provider not in PROVIDERS:
+        raise api.fail("provider", f"must be one of {', '.join(PROVIDERS)}, got {_shown(provider)}")
+    if base_url is None:
+        base_url = DEFAULT_BASE_URLS.get(provider)
+        if base_url is None:
+            example = ("https://RESOURCE.openai.azure.com/openai/v1" if provider == "azure"
+                       else "http://localhost:8000/v1")
+            raise api.fail("base_url", f'is required for provider = "{provider}" (for example "{example}")')
+    openai_family = provider != "anthropic"
+    for key in ("deployment", "api_version"):
+        if api.has(key) and provider != "azure":
+            raise api.fail(key, 'is for provider = "azure" only')
+    if api.has("anthropic_version") and provider != "anthropic":
+        raise api.fail("anthropic_version", 'is for provider = "anthropic" only')
+    if api.has("max_tokens_field") and not openai_family:
+        raise api.fail("max_tokens_field", 'does not apply to provider = "anthropic" (it always sends max_tokens)')
+    default_field = "max_tokens" if provider == "openai-compatible" else "max_completion_tokens"
+    max_tokens_field = api.str("max_tokens_field", default_field) or default_field
+    if max_tokens_field not in MAX_TOKENS_FIELDS:
+        raise api.fail("max_tokens_field", f"must be one of {', '.join(MAX_TOKENS_FIELDS)}, got "
+                                           f"{_shown(max_tokens_field)}")
+    choices = STRUCTURED_OUTPUTS[provider]
+    structured = api.str("structured_output", choices[0]) or choices[0]
+    if structured not in choices:
+        raise api.fail("structured_output", f'must be one of {", ".join(choices)} for provider = "{provider}", '
+                                            f"got {_shown(structured)}")
+    if provider == "azure" and api.has("api_version") and not api.has("deployment"):
+        raise api.fail("deployment", "is required with api_version (the older URLs name the deployment)")
+    if provider == "anthropic":
+        for name, value in (("seed", request.seed), ("reasoning_effort", request.reasoning_effort)):
+            if value is not None:
+                raise JobError(f"{api.file}: [request].{name} does not apply to provider = \"anthropic\"")
+    if provider == "anthropic" and request.is_embeddings:
+        raise JobError(f"{api.file}: [request].endpoint = \"embeddings\": Anthropic has no embeddings API; use "
+                       'an embeddings provider (provider = "openai", "azure" or "openai-compatible")')
+    spec = ApiSpec(base_url=base_url.rstrip("/"), provider=provider,
+                   api_key_env=api.str("api_key_env", DEFAULT_KEY_ENV[provider]) or DEFAULT_KEY_ENV[provider],
+                   deployment=api.str("deployment"), api_version=api.str("api_version"),
+                   max_tokens_field=max_tokens_field, structured_output=structured,
+                   anthropic_version=api.str("anthropic_version", "2023-06-01") or "2023-06-01")
+    api.done()
+    return spec
 
 
 def _mode(req: _Table) -> str:

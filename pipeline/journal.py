@@ -365,8 +365,14 @@ class JournalReader:
         self._db.close()
 
 
+_FLAG = OUTCOME_FIELDS.index("usage_estimated")
+
+
 def _outcome(row: Sequence[Any]) -> Outcome:
-    return Outcome(*row[:-1], retryable=bool(row[-1]))  # SQLite hands the flag back as 0/1
+    values = list(row[:-1])
+    if values[_FLAG] is not None:  # SQLite hands flags back as 0/1
+        values[_FLAG] = bool(values[_FLAG])
+    return Outcome(*values, retryable=bool(row[-1]))
 
 
 def _lookup(db: sqlite3.Connection, index: _KeyIndex, keys: Sequence[str], retry_failed: bool,

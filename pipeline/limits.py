@@ -6,7 +6,8 @@ that holds half a second of the limit: the steady rate is exactly the limit, and
 half a second's worth. Half, not a whole second: with a bucket exactly the size of the server's one-second
 slice, network jitter alone drew ~1% 429s in bench/compare.py; with half, none. The server's own view
 corrects ours: a 429 pauses every worker until the server's ``retry-after``, and ``x-ratelimit-remaining-*``
-at zero pauses until enough budget is back.
+at zero pauses until enough budget is back. Anthropic limits input and output tokens apart (output charged
+at admission as ``max_tokens``): those are two more buckets, fed by the same readings.
 
 Time is injected (``clock``, ``sleep``), by default the event loop's: aiolimiter's buckets read the loop's
 clock too, so the two always agree, and a test moves both by running on a virtual-time loop.
@@ -30,37 +31,62 @@ def _bucket(per_minute: int) -> tuple[AsyncLimiter, float]:
     return AsyncLimiter(capacity, capacity * 60.0 / per_minute), capacity
 
 
+async def _take(bucket: AsyncLimiter, capacity: float, amount: float) -> None:
+    """Take ``amount`` from a bucket, in pieces of its capacity when it is larger than the burst window."""
+    left = float(amount)
+    while left > 0:
+        piece = min(left, capacity)
+        await bucket.acquire(piece)
+        left -= piece
+
+
 class RateBudget:
     """The limits of one run; ``await budget.acquire(tokens)`` before each request is sent."""
 
     def __init__(self, requests_per_minute: int | None, tokens_per_minute: int | None, *,
+                 input_tokens_per_minute: int | None = None, output_tokens_per_minute: int | None = None,
                  clock: Callable[[], float] | None = None,
                  sleep: Callable[[float], Awaitable[Any]] = asyncio.sleep) -> None:
         self.rpm, self.tpm = requests_per_minute, tokens_per_minute
+        self.itpm, self.otpm = input_tokens_per_minute, output_tokens_per_minute
         self._clock = clock or (lambda: asyncio.get_running_loop().time())
         self._sleep = sleep
         self._requests, _ = _bucket(requests_per_minute) if requests_per_minute else (None, 0.0)
         self._tokens, self._token_capacity = _bucket(tokens_per_minute) if tokens_per_minute else (None, 0.0)
+        self._input = _bucket(input_tokens_per_minute) if input_tokens_per_minute else None
+        self._output = _bucket(output_tokens_per_minute) if output_tokens_per_minute else None
         self._resume_at = 0.0
         self.pauses = 0
         self._largest_request = 0
+        self._largest_input = 0
+        self._largest_output = 0
 
-    def fits(self, tokens: int) -> bool:
+    def fits(self, tokens: int, output_tokens: int = 0) -> bool:
         """False for a request larger than a whole minute of tokens: it can never be admitted."""
-        return self.tpm is None or tokens <= self.tpm
+        return ((self.tpm is None or tokens <= self.tpm) and (self.itpm is None or tokens - output_tokens <= self.itpm)
+                and (self.otpm is None or output_tokens <= self.otpm))
 
-    async def acquire(self, tokens: int) -> None:
-        """Wait until one more request of ``tokens`` tokens is within both limits and no pause is on."""
+    @property
+    def token_cap(self) -> int | None:
+        """The most tokens one request may carry in (embeddings batches are cut under it)."""
+        caps = [c for c in (self.tpm, self.itpm) if c]
+        return min(caps) if caps else None
+
+    async def acquire(self, tokens: int, output_tokens: int = 0) -> None:
+        """Wait until one more request of ``tokens`` tokens (``output_tokens`` of them its output cap) is
+        within every limit and no pause is on."""
         await self._wait_pause()
         if self._requests is not None:
             await self._requests.acquire(1)
         self._largest_request = max(self._largest_request, tokens)
+        self._largest_input = max(self._largest_input, tokens - output_tokens)
+        self._largest_output = max(self._largest_output, output_tokens)
         if self._tokens is not None:
-            left = float(tokens)
-            while left > 0:  # larger than the burst window: take it in window-sized pieces
-                piece = min(left, self._token_capacity)
-                await self._tokens.acquire(piece)
-                left -= piece
+            await _take(self._tokens, self._token_capacity, tokens)
+        if self._input is not None:
+            await _take(*self._input, tokens - output_tokens)
+        if self._output is not None:
+            await _take(*self._output, output_tokens)
         await self._wait_pause()
 
     async def _wait_pause(self) -> None:
@@ -94,6 +120,12 @@ class RateBudget:
         if rate.limit_tokens and (self.tpm is None or rate.limit_tokens < self.tpm):
             self.tpm = rate.limit_tokens
             self._tokens, self._token_capacity = _bucket(rate.limit_tokens)
+        if rate.limit_input_tokens and (self.itpm is None or rate.limit_input_tokens < self.itpm):
+            self.itpm = rate.limit_input_tokens
+            self._input = _bucket(rate.limit_input_tokens)
+        if rate.limit_output_tokens and (self.otpm is None or rate.limit_output_tokens < self.otpm):
+            self.otpm = rate.limit_output_tokens
+            self._output = _bucket(rate.limit_output_tokens)
 
     def _pause_if_dry(self, rate: RateInfo) -> None:
         if rate.remaining_requests is not None and rate.remaining_requests < 1 and rate.limit_requests:
@@ -103,3 +135,10 @@ class RateBudget:
                 and rate.remaining_tokens < self._largest_request):
             wait = (self._largest_request - rate.remaining_tokens) * 60.0 / rate.limit_tokens
             self.pause(min(wait, rate.reset_tokens_s or wait))
+        for remaining, limit, reset, largest in (
+                (rate.remaining_input_tokens, rate.limit_input_tokens, rate.reset_input_tokens_s, self._largest_input),
+                (rate.remaining_output_tokens, rate.limit_output_tokens, rate.reset_output_tokens_s,
+                 self._largest_output)):
+            if remaining is not None and limit and largest and remaining < largest:
+                wait = (largest - remaining) * 60.0 / limit
+                self.pause(min(wait, reset or wait))

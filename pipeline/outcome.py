@@ -55,6 +55,8 @@ class Outcome:
     cached_tokens: int | None = _column(pl.Int64())
     completion_tokens: int | None = _column(pl.Int64())
     reasoning_tokens: int | None = _column(pl.Int64())
+    cache_write_tokens: int | None = _column(pl.Int64())
+    usage_estimated: bool | None = _column(pl.Boolean())  # the server sent no usage: counted by our tokenizer
     cost_usd: float | None = _column(pl.Float64())
     latency_ms: float | None = _column(pl.Float64())
     attempts: int | None = _column(pl.Int32(), 0)
@@ -83,13 +85,14 @@ output_values = attrgetter(*_OUTPUT_FIELDS)  # an outcome's result-column values
 def answered(key: str, a: Answer, price: Price | None, *, attempts: int, latency_ms: float | None,
              rejected: Sequence[Usage] = (), batch: bool = False) -> Outcome:
     """A chat answer, priced (at the Batch API price with ``batch``). Answers ``rejected`` before it (invalid
-    for the schema) were paid too, so they count. A bare refusal is a failed row."""
-    usages = [*rejected, a.usage]
-    cost = sum(price.cost(u, batch=batch) for u in usages) if price is not None else None
-    tokens = {"prompt_tokens": sum(u.prompt_tokens for u in usages),
-              "cached_tokens": sum(u.cached_tokens for u in usages),
-              "completion_tokens": sum(u.completion_tokens for u in usages),
-              "reasoning_tokens": sum(u.reasoning_tokens for u in usages)}
+    for the schema) were paid too, so they count. A bare refusal is a failed row. An answer without usage (the
+    server sent none and nothing counted it) has no token or cost figures rather than made-up ones."""
+    usages = [*rejected, *([a.usage] if a.usage is not None else [])]
+    known = a.usage is not None
+    cost = sum(price.cost(u, batch=batch) for u in usages) if price is not None and known else None
+    tokens: dict[str, Any] = {name: sum(getattr(u, name) for u in usages) if known else None for name in (
+        "prompt_tokens", "cached_tokens", "completion_tokens", "reasoning_tokens", "cache_write_tokens")}
+    tokens["usage_estimated"] = a.usage_estimated or not known
     if a.refusal and not a.content:
         return Outcome(key, "error", refusal=a.refusal, finish_reason=a.finish_reason, model=a.model,
                        cost_usd=cost, latency_ms=latency_ms, attempts=attempts,
@@ -145,7 +148,8 @@ def embedding_row(key: str, vector: bytes, *, model: str | None, prompt_tokens: 
                   attempts: int, latency_ms: float | None = None) -> Outcome:
     """An answered embeddings row: a vector and no completion (its other token counts are 0)."""
     return Outcome(key, "ok", model=model, prompt_tokens=prompt_tokens, cached_tokens=0, completion_tokens=0,
-                   reasoning_tokens=0, cost_usd=cost_usd, latency_ms=latency_ms, attempts=attempts, embedding=vector)
+                   reasoning_tokens=0, cache_write_tokens=0, cost_usd=cost_usd, latency_ms=latency_ms,
+                   attempts=attempts, embedding=vector)
 
 
 def embedding_outcome(key: str, vector: bytes, dims: int | None, *, model: str | None, prompt_tokens: int,
@@ -216,6 +220,8 @@ class RunStats:
     completion_tokens: int = 0
     cached_tokens: int = 0
     reasoning_tokens: int = 0
+    cache_write_tokens: int = 0
+    usage_estimated: int = 0           # answers whose server sent no usage (counted by our tokenizer)
     cost_usd: float = 0.0
     errors: Counter[str] = field(default_factory=Counter)
     started: float = field(default_factory=time.monotonic)
@@ -237,6 +243,8 @@ class RunStats:
         self.completion_tokens += result.completion_tokens or 0
         self.cached_tokens += result.cached_tokens or 0
         self.reasoning_tokens += result.reasoning_tokens or 0
+        self.cache_write_tokens += result.cache_write_tokens or 0
+        self.usage_estimated += bool(result.usage_estimated)
 
     def count(self, outcome: Outcome, *, deduplicated: bool = False, resumed: bool = False) -> None:
         """One row written to the output with ``outcome`` (either mode counts rows the same way)."""

@@ -19,7 +19,8 @@ from typing import Any
 
 from pipeline.job import Job, PricingSpec
 
-PROVIDER = "openai"
+# genai-prices' provider ids; an OpenAI-compatible server's model is looked up by its name alone.
+PRICE_PROVIDERS = {"openai": "openai", "azure": "azure", "anthropic": "anthropic", "openai-compatible": None}
 
 
 def no_price_warning(model: str) -> str:
@@ -53,10 +54,11 @@ class Rate:
 class Usage:
     """Tokens of one answer, as the response's ``usage`` reports them (details default to 0 when absent)."""
 
-    prompt_tokens: int = 0
+    prompt_tokens: int = 0        # every input token, cached or not (Anthropic's three input fields added up)
     completion_tokens: int = 0
-    cached_tokens: int = 0
+    cached_tokens: int = 0        # of the prompt: read from the provider's prompt cache
     reasoning_tokens: int = 0
+    cache_write_tokens: int = 0   # of the prompt: written to the cache (Anthropic bills them at their own rate)
 
 
 @dataclass(frozen=True)
@@ -73,16 +75,21 @@ class Price:
     source: str
     source_date: str | None
     context_window: int | None = None
+    cache_write: Rate | None = None        # None: cache writes cost what plain input does
+    batch_cache_write: Rate | None = None
 
     def cost(self, usage: Usage, *, batch: bool = False) -> float:
-        """USD for one answer: uncached prompt, cached prompt and completion (reasoning is inside completion)."""
+        """USD for one answer: uncached prompt, cached prompt, prompt written to the cache, and completion
+        (reasoning is inside completion), each at its own rate."""
         p = usage.prompt_tokens
         cached = min(usage.cached_tokens, p)
+        written = min(usage.cache_write_tokens, p - cached)
         if batch:
-            rates = (self.batch_input, self.batch_cached_input, self.batch_output)
+            rates = (self.batch_input, self.batch_cached_input, self.batch_output,
+                     self.batch_cache_write or self.batch_input)
         else:
-            rates = (self.input, self.cached_input, self.output)
-        return ((p - cached) * rates[0].at(p) + cached * rates[1].at(p)
+            rates = (self.input, self.cached_input, self.output, self.cache_write or self.input)
+        return ((p - cached - written) * rates[0].at(p) + cached * rates[1].at(p) + written * rates[3].at(p)
                 + usage.completion_tokens * rates[2].at(p)) / 1_000_000
 
     @property
@@ -94,7 +101,8 @@ class Price:
     def describe(self) -> dict[str, Any]:
         """For manifests and reports: the rates in USD per 1M tokens and their source."""
         return {"model": self.model, "input_per_mtok": self.input.base, "cached_input_per_mtok": self.cached_input.base,
-                "output_per_mtok": self.output.base, "batch_input_per_mtok": self.batch_input.base,
+                "cache_write_per_mtok": (self.cache_write or self.input).base, "output_per_mtok": self.output.base,
+                "batch_input_per_mtok": self.batch_input.base,
                 "batch_output_per_mtok": self.batch_output.base, "source": self.source,
                 "source_date": self.source_date}
 
@@ -132,11 +140,12 @@ def _newest_price_date(model_info: Any) -> str | None:
 
 def price_for(job: Job) -> Price | None:
     """The price of the job's model, with the job's overrides."""
-    return lookup_price(job.request.model, job.pricing, embeddings=job.request.is_embeddings)
+    return lookup_price(job.request.model, job.pricing, embeddings=job.request.is_embeddings,
+                        provider=job.api.provider)
 
 
 def lookup_price(model: str, overrides: PricingSpec | None = None, *, now: datetime | None = None,
-                 embeddings: bool = False) -> Price | None:
+                 embeddings: bool = False, provider: str = "openai") -> Price | None:
     """The price of ``model``, or None when neither the job nor the price table knows it.
 
     Embedding models bill input tokens only, so a missing output price means 0 for them (and only for them).
@@ -153,10 +162,16 @@ def lookup_price(model: str, overrides: PricingSpec | None = None, *, now: datet
     from genai_prices import data_snapshot
 
     when = now or datetime.now(tz=UTC)
+    snapshot = data_snapshot.get_snapshot()
     try:
-        _provider, info = data_snapshot.get_snapshot().find_provider_model(model, None, PROVIDER, None)
+        _provider, info = snapshot.find_provider_model(model, None, PRICE_PROVIDERS.get(provider, provider), None)
     except LookupError:
-        return None
+        if provider != "azure":
+            return None
+        try:  # Azure sells OpenAI's models; a model the table lists for OpenAI only is priced as OpenAI's
+            _provider, info = snapshot.find_provider_model(model, None, "openai", None)
+        except LookupError:
+            return None
     std = info.get_prices(when)
     inp, out = _rate(std.input_mtok), _rate(std.output_mtok)
     if embeddings and out is None:
@@ -164,15 +179,18 @@ def lookup_price(model: str, overrides: PricingSpec | None = None, *, now: datet
     if inp is None or out is None:
         return None
     cached = _rate(std.cache_read_mtok) or inp
+    write = _rate(std.cache_write_mtok)
     batch = info.get_prices(when, {"processing": "batch"})
     has_batch = any(v.when.get("processing") == "batch" for v in info.price_variants or ())
     if has_batch:
         b_in = _rate(batch.input_mtok) or inp.scaled(BATCH_DISCOUNT)
         b_cached = _rate(batch.cache_read_mtok) or cached
         b_out = _rate(batch.output_mtok) or out.scaled(BATCH_DISCOUNT)
+        b_write = _rate(batch.cache_write_mtok) or (write.scaled(BATCH_DISCOUNT) if write else None)
     else:
         b_in, b_cached, b_out = (r.scaled(BATCH_DISCOUNT) for r in (inp, cached, out))
-    return Price(model, inp, cached, out, b_in, b_cached, b_out,
+        b_write = write.scaled(BATCH_DISCOUNT) if write else None
+    return Price(model, inp, cached, out, b_in, b_cached, b_out, cache_write=write, batch_cache_write=b_write,
                  source=f"genai-prices {_table_version()} (bundled table, model {info.id})",
                  source_date=_newest_price_date(info),
                  context_window=overrides.context_window or info.context_window)

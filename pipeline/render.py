@@ -25,7 +25,6 @@ from pipeline.errors import TemplateError
 from pipeline.job import Job
 from pipeline.providers import Provider, provider_for
 from pipeline.source import ROW, Source, check_columns
-from pipeline.tokens import REPLY_PRIMING, TOKENS_PER_MESSAGE, ChatTokenCounter
 
 ROW_VARIABLE = "row"  # a mapping of the whole row, for column names that are not identifiers
 
@@ -167,14 +166,16 @@ class Renderer:
         if self.id_column:
             check_columns(source, [self.id_column], f"{job.source}: [input].id")
         check_columns(source, job.input.keep, f"{job.source}: [input].keep")
-        self.counter = ChatTokenCounter(req.model)
+        provider = provider or provider_for(job)
+        self.counter = provider.counter(req.model)
+        self.bodies = provider.bodies(req, job.name)
+        c = self.counter
         if req.is_embeddings:  # an embedding input is plain text: no chat framing
-            self.fixed_tokens = sum(self.counter.fixed(p.text) for p in self.parts if p.template is None)
-        else:
-            self.fixed_tokens = REPLY_PRIMING + sum(
-                TOKENS_PER_MESSAGE + self.counter.fixed(p.role)
-                + (self.counter.fixed(p.text) if p.template is None else 0) for p in self.parts)
-        self.bodies = (provider or provider_for(job)).bodies(req, job.name)
+            self.fixed_tokens = sum(c.fixed(p.text) for p in self.parts if p.template is None)
+        else:  # the framing of each message, the constant texts, and what the provider adds (a schema)
+            self.fixed_tokens = c.priming + self.bodies.added_tokens(c) + sum(
+                c.per_message + c.fixed(p.role) + (c.fixed(p.text) if p.template is None else 0)
+                for p in self.parts)
         # Embeddings rows whose input is a plain substitution go straight from the column to their bodies,
         # without a dict and a message list per row.
         self._direct_input = req.is_embeddings and self.parts[-1].pieces is not None

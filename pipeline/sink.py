@@ -60,6 +60,11 @@ class OutputPaths:
         """NAME.journal.sqlite beside the output."""
         return self.output.with_suffix(".journal.sqlite")
 
+    @property
+    def token_counts(self) -> Path:
+        """NAME.token_counts.sqlite: exact prompt tokens by request key (``pipeline estimate --exact``)."""
+        return self.output.with_suffix(".token_counts.sqlite")
+
 
 def read_manifest(paths: OutputPaths) -> dict[str, Any] | None:
     """The output's manifest, or None when there is none yet."""
@@ -92,8 +97,11 @@ def claim_output(paths: OutputPaths, job_name: str, fingerprint: str) -> None:
         raise OutputError(f"{paths.output.parent}: cannot create the output folder: {e.strerror}") from None
     manifest = read_manifest(paths)
     if manifest is not None and manifest.get("fingerprint") != fingerprint:
-        raise OutputError(f"{paths.output}: belongs to job {manifest.get('job')!r}, not {job_name!r}; "
-                          "choose another [output].path or remove the old output")
+        owner = manifest.get("job")
+        whose = (f"job {owner!r}, not {job_name!r}" if owner != job_name else
+                 f"job {owner!r} with another model, endpoint or provider (was {manifest.get('model')!r} on "
+                 f"{manifest.get('provider', 'openai')!r})")
+        raise OutputError(f"{paths.output}: belongs to {whose}; choose another [output].path or remove the old output")
     if manifest is None and paths.output.exists():
         raise OutputError(f"{paths.output}: exists and was not written by a pipeline job; "
                           "choose another [output].path or remove it")
@@ -195,7 +203,7 @@ class PartWriter:
         data["prompt_tokens"] = np.concatenate([b.prompt_tokens for _, _, b in blocks])
         costs = [b.cost_usd for _, _, b in blocks]
         data["cost_usd"] = None if any(c is None for c in costs) else np.concatenate(costs)  # type: ignore[arg-type]
-        for name in ("cached_tokens", "completion_tokens", "reasoning_tokens"):
+        for name in ("cached_tokens", "completion_tokens", "reasoning_tokens", "cache_write_tokens"):
             data[name] = np.zeros(len(data[ROW]), dtype=np.int64)
         data["latency_ms"] = np.repeat([b.latency_ms for _, _, b in blocks], sizes)
         data["attempts"] = np.repeat([b.attempts for _, _, b in blocks], sizes)

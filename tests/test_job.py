@@ -46,8 +46,8 @@ def test_negative_number(make_job):
 
 def test_unknown_key(make_job):
     _bad(make_job(limits="concurency = 3"),
-         "job.toml: [limits].concurency is not a known key (known keys: concurrency, max_attempts, "
-         "requests_per_minute, timeout_s, tokens_per_minute)")
+         "job.toml: [limits].concurency is not a known key (known keys: concurrency, input_tokens_per_minute, "
+         "max_attempts, output_tokens_per_minute, requests_per_minute, timeout_s, tokens_per_minute)")
 
 
 def test_unknown_top_level_table(make_job):

@@ -1,16 +1,30 @@
-"""One module per wire dialect; ``provider_for`` picks a job's. Everything outside speaks provider-neutral
-messages (before) and outcomes (after): see ``base.Provider`` for the seam."""
+"""One module per wire dialect; ``provider_for`` picks a job's (``[api].provider``). Everything outside speaks
+provider-neutral messages (before) and outcomes (after): see ``base.Provider`` for the seam."""
 
 from __future__ import annotations
 
 from pipeline.job import Job
 from pipeline.providers.base import Provider
-from pipeline.providers.openai import OpenAIProvider
 
 
 def provider_for(job: Job) -> Provider:
-    """The provider a job talks to (OpenAI's dialect is the only one so far)."""
-    return OpenAIProvider()
+    """The provider a job talks to."""
+    name = job.api.provider
+    if name == "anthropic":
+        from pipeline.providers.anthropic import AnthropicProvider
+
+        return AnthropicProvider(job.api)
+    if name == "azure":
+        from pipeline.providers.azure import AzureProvider
+
+        return AzureProvider(job.api)
+    if name == "openai-compatible":
+        from pipeline.providers.compatible import CompatibleProvider
+
+        return CompatibleProvider(job.api)
+    from pipeline.providers.openai import OpenAIProvider
+
+    return OpenAIProvider(job.api)
 
 
 __all__ = ["Provider", "provider_for"]

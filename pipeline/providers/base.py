@@ -13,6 +13,7 @@ from typing import Any, Protocol
 from pipeline.errors import ProviderError
 from pipeline.job import RequestSpec
 from pipeline.pricing import Usage
+from pipeline.tokens import ChatTokenCounter
 
 
 @dataclass(frozen=True, slots=True)
@@ -25,6 +26,13 @@ class RateInfo:
     remaining_tokens: int | None = None
     reset_requests_s: float | None = None
     reset_tokens_s: float | None = None
+    # Anthropic limits input and output tokens apart (its "tokens" readings are the tightest of the two)
+    limit_input_tokens: int | None = None
+    remaining_input_tokens: int | None = None
+    reset_input_tokens_s: float | None = None
+    limit_output_tokens: int | None = None
+    remaining_output_tokens: int | None = None
+    reset_output_tokens_s: float | None = None
 
 
 NO_RATE = RateInfo()
@@ -32,14 +40,16 @@ NO_RATE = RateInfo()
 
 @dataclass(frozen=True, slots=True)
 class Answer:
-    """A successful chat completion, reduced to what the output table needs."""
+    """A successful chat completion, reduced to what the output table needs. ``usage`` is None when the server
+    sent none (some compatible servers): the sender then counts it and marks it estimated."""
 
     content: str | None
     finish_reason: str | None
     refusal: str | None
     model: str | None
-    usage: Usage
+    usage: Usage | None
     rate: RateInfo
+    usage_estimated: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,6 +87,11 @@ class Bodies(Protocol):
         """Many rows' embeddings bodies as one request."""
         ...
 
+    def added_tokens(self, counter: ChatTokenCounter) -> int:
+        """Prompt tokens the dialect adds to every request beyond the rendered messages (a schema in the
+        system prompt, a tool definition), so the estimate counts them."""
+        ...
+
 
 class Provider(Protocol):
     """Everything that depends on a provider's wire dialect; nothing outside ``providers/`` reads its bytes.
@@ -87,6 +102,18 @@ class Provider(Protocol):
     """
 
     name: str
+
+    def base_url(self, url: str) -> str:
+        """The base URL as this provider's paths expect it (Anthropic's with or without ``/v1``)."""
+        ...
+
+    def counter(self, model: str) -> ChatTokenCounter:
+        """The prompt-token counter of ``model``: exact where the tokenizer is known, else an upper bound."""
+        ...
+
+    def hint(self, status: int, message: str) -> str:
+        """The job setting most likely to fix a server that refuses every request with this answer."""
+        ...
 
     def bodies(self, spec: RequestSpec, job_name: str) -> Bodies:
         """The body builder of one job."""

@@ -3,7 +3,8 @@
 Everything here is a pure function of bytes and headers (the body of a request from rendered messages; an
 answer, or the error class that says what to do about a response), so every branch of the error table in
 ``../shared/openai-wire.md`` is tested without a server. Azure OpenAI and the OpenAI-compatible servers speak
-this dialect with differences; they are variations of ``OpenAIProvider`` (the next issue), not copies of it.
+this dialect with differences; ``azure.py`` and ``compatible.py`` are variations of ``OpenAIProvider``, and the
+differences are settings of the job's ``[api]`` table (``max_tokens_field``, ``structured_output``).
 """
 
 from __future__ import annotations
@@ -19,9 +20,10 @@ import orjson
 import pybase64
 
 from pipeline.errors import AbortError, RateLimited, RowError, TransientError
-from pipeline.job import RequestSpec
+from pipeline.job import ApiSpec, RequestSpec
 from pipeline.pricing import Usage
 from pipeline.providers.base import NO_RATE, Answer, BatchResult, EmbeddingAnswer, RateInfo
+from pipeline.tokens import ChatTokenCounter
 
 RETRYABLE_STATUS = frozenset({408, 409, 429, 500, 502, 503, 504})
 MAX_SERVER_WAIT_S = 120.0  # the SDK's rule: a server asking for longer than this is not worth waiting for
@@ -148,13 +150,15 @@ def chat_answer(data: Any, rate: RateInfo = NO_RATE) -> Answer:
     try:
         choice = data["choices"][0]
         message = choice.get("message") or {}
-        u = data.get("usage") or {}
-        pd = u.get("prompt_tokens_details") or {}
-        cd = u.get("completion_tokens_details") or {}
-        usage = Usage(prompt_tokens=int(u.get("prompt_tokens") or 0),
-                      completion_tokens=int(u.get("completion_tokens") or 0),
-                      cached_tokens=int(pd.get("cached_tokens") or 0),
-                      reasoning_tokens=int(cd.get("reasoning_tokens") or 0))
+        u = data.get("usage")
+        usage = None
+        if isinstance(u, dict) and ("prompt_tokens" in u or "completion_tokens" in u):
+            pd = u.get("prompt_tokens_details") or {}
+            cd = u.get("completion_tokens_details") or {}
+            usage = Usage(prompt_tokens=int(u.get("prompt_tokens") or 0),
+                          completion_tokens=int(u.get("completion_tokens") or 0),
+                          cached_tokens=int(pd.get("cached_tokens") or 0),
+                          reasoning_tokens=int(cd.get("reasoning_tokens") or 0))
     except (KeyError, IndexError, TypeError, AttributeError, ValueError):
         raise TransientError("HTTP 200 with a malformed body (not a chat completion)", kind="malformed_response",
                              status=200) from None
@@ -201,6 +205,7 @@ def embeddings_answer(data: Any, n_inputs: int, rate: RateInfo = NO_RATE) -> Emb
 
 PATHS = {"chat": "/chat/completions", "embeddings": "/embeddings"}
 EMBEDDING_DIMS = {"text-embedding-3-small": 1536, "text-embedding-3-large": 3072, "text-embedding-ada-002": 1536}
+SCHEMA_INSTRUCTION = "Answer with one JSON object, and nothing else, that is valid for this JSON Schema:\n"
 
 
 def schema_name(job_name: str) -> str:
@@ -208,9 +213,21 @@ def schema_name(job_name: str) -> str:
     return (re.sub(r"[^a-zA-Z0-9_-]", "_", job_name) or "result")[:64]
 
 
-def static_body(spec: RequestSpec, job_name: str) -> dict[str, Any]:
-    """The fields every row's body shares, in a fixed order (the body's bytes are its request key)."""
-    body: dict[str, Any] = {"model": spec.model}
+def schema_instruction(schema: Mapping[str, Any]) -> str:
+    """The schema, said in the system prompt, for servers that do not take it as a response format."""
+    return SCHEMA_INSTRUCTION + orjson.dumps(schema).decode()
+
+
+def static_body(spec: RequestSpec, job_name: str, api: ApiSpec | None = None,
+                model: str | None = None) -> dict[str, Any]:
+    """The fields every row's body shares, in a fixed order (the body's bytes are its request key).
+
+    ``api`` says the dialect's variations: which field caps the output (``max_completion_tokens``, or the
+    older ``max_tokens`` many compatible servers only know), and how a response schema is asked for
+    (``json_schema`` strict; ``json_object`` with the schema beside it; or ``none``, the schema in the prompt).
+    """
+    api = api or ApiSpec()
+    body: dict[str, Any] = {"model": model or spec.model}
     if spec.is_embeddings:
         if spec.dimensions is not None:
             body["dimensions"] = spec.dimensions
@@ -226,26 +243,50 @@ def static_body(spec: RequestSpec, job_name: str) -> dict[str, Any]:
         body["stop"] = list(spec.stop)
     if spec.reasoning_effort:
         body["reasoning_effort"] = spec.reasoning_effort
-    body["max_completion_tokens"] = spec.max_tokens
+    body[api.max_tokens_field] = spec.max_tokens
     if spec.response_schema is not None:
-        body["response_format"] = {"type": "json_schema", "json_schema": {
-            "name": schema_name(job_name), "schema": spec.response_schema, "strict": True}}
+        if api.structured_output == "json_schema":
+            body["response_format"] = {"type": "json_schema", "json_schema": {
+                "name": schema_name(job_name), "schema": spec.response_schema, "strict": True}}
+        elif api.structured_output == "json_object":
+            body["response_format"] = {"type": "json_object", "schema": spec.response_schema}
     return body
 
 
 class OpenAIBodies:
     """The request bodies of one job: what every row shares is built once, each row adds its messages."""
 
-    def __init__(self, spec: RequestSpec, job_name: str) -> None:
-        self.head = static_body(spec, job_name)
+    def __init__(self, spec: RequestSpec, job_name: str, api: ApiSpec | None = None, model: str | None = None) -> None:
+        api = api or ApiSpec()
+        self.head = static_body(spec, job_name, api, model)
         # Embeddings: a row's body is this prefix, its input as a JSON string, and "}" (``embedding``).
         self._input_prefix = orjson.dumps(self.head)[:-1] + b',"input":'
+        # Without strict structured outputs the model learns the schema from the system prompt.
+        self.instruction = (schema_instruction(spec.response_schema)
+                            if spec.response_schema is not None and api.structured_output != "json_schema" else None)
+        self._has_system = bool(spec.system)
 
     def chat(self, messages: Sequence[Mapping[str, str]]) -> bytes:
         """One row's chat body. orjson hands back its 4 KiB working buffer as the bytes object; a copy of
         the exact size is a tenth of the memory of the requests a run holds (measured: 4,074 bytes per
         400-byte body before)."""
+        if self.instruction is not None:
+            messages = self._with_instruction(messages)
         return bytes(memoryview(orjson.dumps({**self.head, "messages": messages})))
+
+    def _with_instruction(self, messages: Sequence[Mapping[str, str]]) -> list[Mapping[str, str]]:
+        if self._has_system and messages and messages[0].get("role") == "system":
+            first = messages[0]
+            return [{"role": "system", "content": f"{first['content']}\n\n{self.instruction}"}, *messages[1:]]
+        return [{"role": "system", "content": str(self.instruction)}, *messages]
+
+    def added_tokens(self, counter: ChatTokenCounter) -> int:
+        """The schema instruction's tokens (in the system message, or a message of its own)."""
+        if self.instruction is None:
+            return 0
+        if self._has_system:
+            return counter.fixed("\n\n" + self.instruction)
+        return counter.per_message + counter.fixed("system") + counter.fixed(self.instruction)
 
     def embedding(self, text: str) -> bytes:
         """One row's embeddings body (the sender puts many rows' inputs in one request). The key still
@@ -265,14 +306,46 @@ class OpenAIBodies:
         return bodies[0][:cut] + b',"input":[' + b",".join(b[start:-1] for b in bodies) + b"]}"
 
 
+def shape_hint(api: ApiSpec, message: str) -> str:
+    """Which ``[api]`` key likely fixes a server that refuses every request's shape, from its own words."""
+    text = message.lower()
+    if api.structured_output == "json_schema" and ("json_schema" in text or "response_format" in text
+                                                   or "schema" in text):
+        return 'set [api].structured_output = "json_object" (or "none") for this server'
+    if api.max_tokens_field == "max_completion_tokens" and "max_completion_tokens" in text:
+        return 'set [api].max_tokens_field = "max_tokens" for this server'
+    if api.structured_output == "json_object" and ("json_object" in text or "response_format" in text):
+        return 'set [api].structured_output = "none" for this server'
+    return "check [request] and [api] against what this server accepts (pipeline validate shows the requests)"
+
+
 class OpenAIProvider:
     """OpenAI's API (``/v1/chat/completions``, ``/v1/embeddings``, Files and Batches), bearer auth."""
 
     name = "openai"
 
+    def __init__(self, api: ApiSpec | None = None) -> None:
+        self.api = api or ApiSpec()
+
+    def base_url(self, url: str) -> str:
+        """The base URL, ending in its version path (``.../v1``), as given."""
+        return url.rstrip("/")
+
+    def counter(self, model: str) -> ChatTokenCounter:
+        """tiktoken's encoding of the model: OpenAI's own count."""
+        return ChatTokenCounter(model)
+
+    def hint(self, status: int, message: str) -> str:
+        """The ``[api]`` key most likely to fix a server refusing every request this way."""
+        return shape_hint(self.api, message)
+
+    def model(self, spec: RequestSpec) -> str:
+        """The model name sent in the body."""
+        return spec.model
+
     def bodies(self, spec: RequestSpec, job_name: str) -> OpenAIBodies:
         """The body builder of one job."""
-        return OpenAIBodies(spec, job_name)
+        return OpenAIBodies(spec, job_name, self.api, self.model(spec))
 
     def headers(self, api_key: str | None) -> dict[str, str]:
         """Every request's headers; the key goes in ``Authorization`` and nowhere else."""
@@ -300,17 +373,24 @@ class OpenAIProvider:
 
     # The Batch API half is imported by batch runs only.
 
+    def batch_urls(self) -> dict[str, str]:
+        """The ``url`` of each endpoint in a Batch input line (and the batch's ``endpoint``)."""
+        from pipeline.providers.openai_batch import BATCH_URLS
+
+        return BATCH_URLS
+
     def batch_api(self, base_url: str, api_key: str | None, *, timeout_s: float, max_attempts: int) -> Any:
         """The Files and Batches client."""
         from pipeline.providers.openai_batch import BatchClient
 
-        return BatchClient(base_url, api_key, timeout_s=timeout_s, max_attempts=max_attempts)
+        return BatchClient(base_url, self.headers(api_key), api_key, urls=self.batch_urls(), timeout_s=timeout_s,
+                           max_attempts=max_attempts)
 
     def batch_line(self, key: str, endpoint: str, body: bytes) -> bytes:
         """One request of a Batch input file (``custom_id`` = the request key)."""
         from pipeline.providers.openai_batch import batch_line
 
-        return batch_line(key, endpoint, body)
+        return batch_line(key, self.batch_urls()[endpoint], body)
 
     def batch_result(self, raw: bytes, endpoint: str) -> BatchResult | None:
         """One line of a results or errors file."""

@@ -27,10 +27,10 @@ BATCH_URLS = {"chat": "/v1/chat/completions", "embeddings": "/v1/embeddings"}
 FINAL = frozenset({"completed", "failed", "expired", "cancelled"})
 
 
-def batch_line(key: str, endpoint: str, body: bytes) -> bytes:
-    """One request of a Batch input file: ``custom_id`` is the request key, so results join back to rows
-    however the provider orders them."""
-    return (b'{"custom_id":"' + key.encode() + b'","method":"POST","url":"' + BATCH_URLS[endpoint].encode()
+def batch_line(key: str, url: str, body: bytes) -> bytes:
+    """One request of a Batch input file to ``url`` (``/v1/chat/completions``): ``custom_id`` is the request
+    key, so results join back to rows however the provider orders them."""
+    return (b'{"custom_id":"' + key.encode() + b'","method":"POST","url":"' + url.encode()
             + b'","body":' + body + b"}\n")
 
 
@@ -62,16 +62,17 @@ class BatchClient:
     """The Files and Batches endpoints, for Batch API mode: a handful of calls a minute, so a plain
     synchronous httpx client; every call retries transient trouble like the online requests do.
 
-    ``with BatchClient(base_url, key, timeout_s=60, max_attempts=6) as api: api.upload(path, name)``.
+    ``with BatchClient(base_url, headers, key, timeout_s=60, max_attempts=6) as api: api.upload(path, name)``.
+    ``headers`` carry the auth (the provider's), ``params`` go on every call (Azure's ``api-version``), and
+    ``urls`` are the endpoint names a batch is created for.
     """
 
-    def __init__(self, base_url: str, api_key: str | None, *, timeout_s: float, max_attempts: int,
+    def __init__(self, base_url: str, headers: dict[str, str], api_key: str | None, *, timeout_s: float,
+                 max_attempts: int, urls: dict[str, str] | None = None, params: dict[str, str] | None = None,
                  sleep: Callable[[float], None] = time.sleep) -> None:
-        headers = {"User-Agent": "pipeline/0.1", "Accept": "application/json"}
-        if api_key:
-            headers["Authorization"] = f"Bearer {api_key}"
-        self._key, self._timeout_s = api_key, timeout_s
-        self._client = httpx.Client(base_url=base_url.rstrip("/"), headers=headers,
+        headers = {k: v for k, v in headers.items() if k.lower() != "content-type"}  # uploads are multipart
+        self._key, self._timeout_s, self._urls = api_key, timeout_s, urls or BATCH_URLS
+        self._client = httpx.Client(base_url=base_url.rstrip("/"), headers=headers, params=params,
                                     timeout=httpx.Timeout(timeout_s, connect=min(10.0, timeout_s)))
         self._policy, self._sleep = RetryPolicy(max_attempts), sleep
 
@@ -103,10 +104,15 @@ class BatchClient:
             e.args = (redact(f"{method} {path}: {e}", self._key),)
             raise
 
+    @staticmethod
+    def _json(status: int, headers: Any, content: bytes) -> dict[str, Any]:
+        """A JSON object answer, or the error class of the response (the provider's error table)."""
+        return classify(status, headers, content, _json_object)  # type: ignore[no-any-return]
+
     def _once(self, method: str, path: str, **kwargs: Any) -> dict[str, Any]:
         with self._errors(method, path):
             resp = self._client.request(method, path, **kwargs)
-            return classify(resp.status_code, resp.headers, resp.content, _json_object)  # type: ignore[no-any-return]
+            return self._json(resp.status_code, resp.headers, resp.content)
 
     def call(self, method: str, path: str, **kwargs: Any) -> dict[str, Any]:
         """One JSON call, retried on transient errors; raises RowError/AbortError for the rest."""
@@ -125,12 +131,13 @@ class BatchClient:
         """Create a batch of ``endpoint`` requests (``chat``, ``embeddings``); one try: the caller checks for a
         batch already made before trying again."""
         return self._once("POST", "/batches", json={
-            "input_file_id": file_id, "endpoint": BATCH_URLS[endpoint], "completion_window": "24h",
+            "input_file_id": file_id, "endpoint": self._urls[endpoint], "completion_window": "24h",
             "metadata": metadata})
 
-    def find(self, input_file_id: str, since: float) -> dict[str, Any] | None:
+    def find(self, input_file_id: str, since: float, taken: frozenset[str] = frozenset()) -> dict[str, Any] | None:
         """The batch made from ``input_file_id``, if there is one: batches are listed newest first, so the
-        search stops at the first batch created before ``since``."""
+        search stops at the first batch created before ``since``. (The file id says it exactly: ``taken``,
+        the batches the ledger already holds, matters to providers without one.)"""
         after: str | None = None
         while True:
             params = {"limit": "100", **({"after": after} if after else {})}
@@ -153,11 +160,13 @@ class BatchClient:
 
     def lines(self, file_id: str) -> Iterator[bytes]:
         """The lines of a file's content, streamed (output files can be hundreds of MB)."""
-        path = f"/files/{file_id}/content"
+        return self._stream(f"/files/{file_id}/content")
+
+    def _stream(self, path: str) -> Iterator[bytes]:
         with self._errors("GET", path), self._client.stream("GET", path) as resp:
             if resp.status_code != 200:
                 resp.read()
-                classify(resp.status_code, resp.headers, resp.content, _json_object)
+                self._json(resp.status_code, resp.headers, resp.content)
             buf = b""
             for chunk in resp.iter_bytes():
                 buf += chunk

@@ -1,0 +1,303 @@
+"""Anthropic's Messages API: request bodies, auth, answers and usage, rate-limit headers, and what errors mean.
+
+The job is the same as for OpenAI; what differs is said here alone. The system prompt is a top-level field
+(system and developer messages are joined into it), ``max_tokens`` is always sent, ``stop`` is
+``stop_sequences``. A response schema is asked for with Anthropic's JSON output format
+(``output_config.format``) on the models that have it (Claude Opus, Sonnet and Haiku 4.5 and later), else with
+one forced tool whose ``input_schema`` is the schema (the way structured output worked before); the answer is
+the JSON either way, and goes through the same validation and typed columns as OpenAI's. ``[api].
+structured_output`` can force either (``json_schema`` / ``tool``) or neither (``none``: the schema is said in the
+system prompt).
+
+Usage: ``input_tokens`` excludes the prompt-cache parts, so our ``prompt_tokens`` adds back the cache reads
+(``cached_tokens``) and writes (``cache_write_tokens``), each priced at its own rate. ``stop_reason`` is mapped
+to OpenAI's ``finish_reason`` words (``end_turn`` -> ``stop``, ``max_tokens`` -> ``length``), so one filter works
+across providers; a ``refusal`` stop fills the refusal column. There is no exact offline tokenizer for Claude:
+prompt tokens are an upper bound (``tokens.BoundingTokenCounter``) until ``pipeline estimate --exact`` asks
+the free ``count_tokens`` endpoint.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from datetime import datetime
+from typing import Any
+
+import orjson
+
+from pipeline.errors import AbortError, RateLimited, RowError, TransientError
+from pipeline.job import ApiSpec, RequestSpec
+from pipeline.pricing import Usage
+from pipeline.providers.base import NO_RATE, Answer, BatchResult, EmbeddingAnswer, RateInfo
+from pipeline.providers.openai import MAX_SERVER_WAIT_S, _error_fields, _int, retry_after, schema_instruction
+from pipeline.tokens import BoundingTokenCounter, ChatTokenCounter
+
+PATHS = {"chat": "/v1/messages", "count_tokens": "/v1/messages/count_tokens", "batches": "/v1/messages/batches"}
+TOOL_NAME = "answer"
+FINISH = {"end_turn": "stop", "stop_sequence": "stop", "max_tokens": "length", "tool_use": "stop",
+          "pause_turn": "stop", "refusal": "refusal", "model_context_window_exceeded": "length"}
+_FAMILY = re.compile(r"claude-(opus|sonnet|haiku)-(\d+)(?:-(\d{1,2}))?(?!\d)")
+TRANSIENT_TYPES = frozenset({"api_error", "overloaded_error", "rate_limit_error", "timeout_error"})
+
+
+def has_json_output(model: str) -> bool:
+    """Whether the model takes ``output_config.format`` (JSON outputs): Claude 4.5 families and later.
+    Older models (Claude 3.x, Claude 4.0 and 4.1) answer through a forced tool instead."""
+    m = _FAMILY.search(model.lower())
+    if m is None:
+        return False
+    major, minor = int(m.group(2)), int(m.group(3) or 0)
+    return (major, minor) >= (4, 5)
+
+
+def structured_style(api: ApiSpec, model: str) -> str:
+    """How a response schema is asked for: ``json_schema``, ``tool`` or ``none`` (``auto`` picks by model)."""
+    if api.structured_output == "auto":
+        return "json_schema" if has_json_output(model) else "tool"
+    return api.structured_output
+
+
+# -- reading responses -----------------------------------------------------------------------------------------
+
+def _seconds_until(value: str | None) -> float | None:
+    """An RFC 3339 time (``anthropic-ratelimit-*-reset``) as seconds from now."""
+    if not value:
+        return None
+    try:
+        when = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    return max(0.0, when.timestamp() - datetime.now(tz=when.tzinfo).timestamp())
+
+
+def parse_rate(headers: Any) -> RateInfo:
+    """The anthropic-ratelimit-* headers: requests, the tightest token limit, and input and output apart."""
+    g = headers.get
+    p = "anthropic-ratelimit-"
+    return RateInfo(
+        limit_requests=_int(g(p + "requests-limit")), remaining_requests=_int(g(p + "requests-remaining")),
+        reset_requests_s=_seconds_until(g(p + "requests-reset")),
+        limit_input_tokens=_int(g(p + "input-tokens-limit")),
+        remaining_input_tokens=_int(g(p + "input-tokens-remaining")),
+        reset_input_tokens_s=_seconds_until(g(p + "input-tokens-reset")),
+        limit_output_tokens=_int(g(p + "output-tokens-limit")),
+        remaining_output_tokens=_int(g(p + "output-tokens-remaining")),
+        reset_output_tokens_s=_seconds_until(g(p + "output-tokens-reset")),
+    )
+
+
+def raise_for_status(status: int, headers: Any, body: bytes) -> None:
+    """Raise the error class of a non-200 Messages response (Anthropic's error table)."""
+    message, type_, _code = _error_fields(body)
+    text = f"HTTP {status}" + (f" {type_}" if type_ else "") + f": {message}"
+    wait = retry_after(headers)
+    should = headers.get("x-should-retry")
+    if status == 401:
+        raise AbortError(text, kind="auth", status=status)
+    if status == 403:
+        raise AbortError(text, kind="permission", status=status)
+    if status == 404:
+        raise AbortError(text + " (check [request].model and [api].base_url)", kind="not_found", status=status)
+    retryable = (status in (408, 409, 429, 500, 502, 503, 504, 529) or type_ in TRANSIENT_TYPES
+                 if should not in ("true", "false") else should == "true")
+    if retryable and (wait is None or wait <= MAX_SERVER_WAIT_S):
+        kind = {429: "rate_limit", 529: "overloaded", 408: "timeout"}.get(status, "server_error")
+        err = (RateLimited if status == 429 else TransientError)(text, kind=kind, status=status, retry_after=wait)
+        err.rate = parse_rate(headers)
+        raise err
+    kind = "request_too_large" if status == 413 else f"http_{status}"
+    raise RowError(text, kind=kind, status=status)
+
+
+def message_answer(data: Any, rate: RateInfo = NO_RATE) -> Answer:
+    """A Message (parsed JSON) as an answer: text blocks joined, or the forced tool's input as JSON."""
+    try:
+        blocks = data["content"]
+        texts = [b["text"] for b in blocks if b.get("type") == "text"]
+        tools = [b for b in blocks if b.get("type") == "tool_use"]
+        u = data.get("usage")
+        usage = None
+        if isinstance(u, dict):
+            read, written = int(u.get("cache_read_input_tokens") or 0), int(u.get("cache_creation_input_tokens") or 0)
+            usage = Usage(prompt_tokens=int(u.get("input_tokens") or 0) + read + written,
+                          completion_tokens=int(u.get("output_tokens") or 0), cached_tokens=read,
+                          cache_write_tokens=written)
+        stop = data.get("stop_reason")
+    except (KeyError, TypeError, AttributeError, ValueError):
+        raise TransientError("HTTP 200 with a malformed body (not a Message)", kind="malformed_response",
+                             status=200) from None
+    content = orjson.dumps(tools[0].get("input")).decode() if tools else ("".join(texts) if texts else None)
+    refusal = None
+    if stop == "refusal":
+        refusal, content = content or "the model refused to answer (stop_reason: refusal)", None
+    return Answer(content=content, finish_reason=FINISH.get(stop, stop), refusal=refusal, model=data.get("model"),
+                  usage=usage, rate=rate)
+
+
+def parse_message(status: int, headers: Any, body: bytes) -> Answer:
+    """A Messages response: the answer, or the error class that says what to do about it."""
+    if status != 200:
+        raise_for_status(status, headers, body)
+    try:
+        data = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        data = None
+    return message_answer(data, parse_rate(headers))
+
+
+def count_answer(status: int, headers: Any, body: bytes) -> int:
+    """A count_tokens response: its ``input_tokens``."""
+    if status != 200:
+        raise_for_status(status, headers, body)
+    try:
+        return int(orjson.loads(body)["input_tokens"])
+    except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
+        raise TransientError("HTTP 200 with a malformed body (not a token count)", kind="malformed_response",
+                             status=200) from None
+
+
+# -- requests --------------------------------------------------------------------------------------------------
+
+def static_body(spec: RequestSpec, api: ApiSpec) -> dict[str, Any]:
+    """The fields every row's body shares, in a fixed order (the body's bytes are its request key)."""
+    body: dict[str, Any] = {"model": spec.model, "max_tokens": spec.max_tokens}
+    if spec.temperature is not None:
+        body["temperature"] = spec.temperature
+    if spec.top_p is not None:
+        body["top_p"] = spec.top_p
+    if spec.stop:
+        body["stop_sequences"] = list(spec.stop)
+    if spec.response_schema is not None:
+        style = structured_style(api, spec.model)
+        if style == "json_schema":
+            body["output_config"] = {"format": {"type": "json_schema", "schema": spec.response_schema}}
+        elif style == "tool":
+            body["tools"] = [{"name": TOOL_NAME, "description": "Give the answer, in this structure.",
+                              "input_schema": spec.response_schema}]
+            body["tool_choice"] = {"type": "tool", "name": TOOL_NAME}
+    return body
+
+
+class AnthropicBodies:
+    """The Messages bodies of one job: system and developer messages become the top-level ``system``."""
+
+    def __init__(self, spec: RequestSpec, api: ApiSpec) -> None:
+        self.head = static_body(spec, api)
+        style = structured_style(api, spec.model) if spec.response_schema is not None else None
+        self.instruction = schema_instruction(spec.response_schema) if style == "none" else None  # type: ignore[arg-type]
+        # The tool definition, or the JSON output schema (which the API turns into a system prompt), is prompt
+        # the model reads: the bound counts it.
+        self._schema_text = (orjson.dumps(self.head["tools"]).decode() if "tools" in self.head else
+                             orjson.dumps(spec.response_schema).decode() if "output_config" in self.head else "")
+
+    def chat(self, messages: Sequence[Mapping[str, str]]) -> bytes:
+        """One row's body from its rendered messages."""
+        system = [m["content"] for m in messages if m["role"] in ("system", "developer")]
+        if self.instruction is not None:
+            system.append(self.instruction)
+        turns = [{"role": m["role"], "content": m["content"]} for m in messages
+                 if m["role"] not in ("system", "developer")]
+        body = dict(self.head)
+        if system:
+            body["system"] = "\n\n".join(system)
+        body["messages"] = turns
+        return bytes(memoryview(orjson.dumps(body)))
+
+    def added_tokens(self, counter: ChatTokenCounter) -> int:
+        """The tool definition or the schema instruction, which the prompt carries too."""
+        extra = self._schema_text + (self.instruction or "")
+        return counter.fixed(extra) if extra else 0
+
+    def embedding(self, text: str) -> bytes:  # pragma: no cover - refused when the job is loaded
+        raise AssertionError("Anthropic has no embeddings API")
+
+    @staticmethod
+    def group(bodies: Sequence[bytes]) -> bytes:  # pragma: no cover - refused when the job is loaded
+        raise AssertionError("Anthropic has no embeddings API")
+
+
+def count_tokens_body(body: bytes) -> bytes:
+    """The count_tokens request of a Messages body: everything that shapes the prompt (the JSON output format
+    is one: the API turns it into a system prompt), without the sampling settings."""
+    data = orjson.loads(body)
+    return orjson.dumps({k: data[k] for k in ("model", "system", "messages", "tools", "tool_choice", "output_config")
+                         if k in data})
+
+
+class AnthropicProvider:
+    """Anthropic's Messages API and Message Batches; ``x-api-key`` auth with ``anthropic-version``."""
+
+    name = "anthropic"
+
+    def __init__(self, api: ApiSpec) -> None:
+        self.api = api
+
+    def base_url(self, url: str) -> str:
+        """The API's root, with or without ``/v1`` as given (the paths carry it)."""
+        url = url.rstrip("/")
+        return url[:-3] if url.endswith("/v1") else url
+
+    def counter(self, model: str) -> ChatTokenCounter:
+        """An upper bound: no exact offline tokenizer exists for Claude."""
+        return BoundingTokenCounter(model)
+
+    def hint(self, status: int, message: str) -> str:
+        """The ``[api]`` key most likely to fix every request refused this way."""
+        text = message.lower()
+        if "output_config" in text or "output_format" in text:
+            return 'set [api].structured_output = "tool" (this model has no JSON output format)'
+        return "check [request] and [api] against the Messages API (pipeline validate shows the requests)"
+
+    def bodies(self, spec: RequestSpec, job_name: str) -> AnthropicBodies:
+        """The body builder of one job."""
+        return AnthropicBodies(spec, self.api)
+
+    def headers(self, api_key: str | None) -> dict[str, str]:
+        """Every request's headers; the key goes in ``x-api-key`` and nowhere else."""
+        headers = {"Content-Type": "application/json", "Accept": "application/json", "User-Agent": "pipeline/0.1",
+                   "anthropic-version": self.api.anthropic_version}
+        if api_key:
+            headers["x-api-key"] = api_key
+        return headers
+
+    def path(self, endpoint: str) -> str:
+        """The URL path of an endpoint, after the base URL."""
+        return PATHS[endpoint]
+
+    def chat_answer(self, status: int, headers: Any, body: bytes) -> Answer:
+        """A Messages response: the answer, or the error class."""
+        return parse_message(status, headers, body)
+
+    def embeddings_answer(self, status: int, headers: Any, body: bytes,
+                          n_inputs: int) -> EmbeddingAnswer:  # pragma: no cover - refused at load
+        raise AssertionError("Anthropic has no embeddings API")
+
+    def embedding_dims(self, model: str, dimensions: int | None) -> int | None:
+        """No embeddings here."""
+        return None
+
+    def count_tokens_body(self, body: bytes) -> bytes:
+        """The free count_tokens request of one Messages body."""
+        return count_tokens_body(body)
+
+    def count_answer(self, status: int, headers: Any, body: bytes) -> int:
+        """The exact prompt tokens of a count_tokens response."""
+        return count_answer(status, headers, body)
+
+    def batch_api(self, base_url: str, api_key: str | None, *, timeout_s: float, max_attempts: int) -> Any:
+        """The Message Batches client."""
+        from pipeline.providers.anthropic_batch import MessageBatchClient
+
+        return MessageBatchClient(base_url, self.headers(api_key), api_key, timeout_s=timeout_s,
+                                  max_attempts=max_attempts)
+
+    def batch_line(self, key: str, endpoint: str, body: bytes) -> bytes:
+        """One request of a batch (``custom_id`` = the request key: 32 hex digits fit ``^[a-zA-Z0-9_-]{1,64}$``)."""
+        return b'{"custom_id":"' + key.encode() + b'","params":' + body + b"}\n"
+
+    def batch_result(self, raw: bytes, endpoint: str) -> BatchResult | None:
+        """One line of a batch's results."""
+        from pipeline.providers.anthropic_batch import batch_result
+
+        return batch_result(raw)

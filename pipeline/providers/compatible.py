@@ -1,0 +1,31 @@
+"""OpenAI-compatible servers (vLLM, llama.cpp, Ollama, LM Studio, proxies): OpenAI's dialect, as each server
+understands it.
+
+What they differ in is the job's ``[api]`` profile, with defaults that work on most of them: the output cap
+sent as ``max_tokens`` (many ignore ``max_completion_tokens`` silently), structured outputs as ``json_schema``,
+``json_object`` or ``none`` (the schema then goes in the system prompt and our own validation does the
+rest), no rate-limit headers (the job's limits alone pace the run), and answers without ``usage`` (counted
+with the tokenizer, marked ``usage_estimated``). The server's tokenizer is its own, so prompt counts are
+tiktoken's approximation, and labelled so.
+"""
+
+from __future__ import annotations
+
+from pipeline.providers.openai import OpenAIProvider
+from pipeline.tokens import ChatTokenCounter
+
+
+class ApproximateCounter(ChatTokenCounter):
+    """tiktoken's count of a model whose server tokenizes its own way: close, not exact."""
+
+    exact = False
+
+
+class CompatibleProvider(OpenAIProvider):
+    """An OpenAI-compatible server, per the job's ``[api]`` profile."""
+
+    name = "openai-compatible"
+
+    def counter(self, model: str) -> ChatTokenCounter:
+        """tiktoken's count, labelled approximate: the server's model has its own tokenizer."""
+        return ApproximateCounter(model)
