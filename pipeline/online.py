@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterator
 
 import httpx
 
+from pipeline.breaker import Breaker
 from pipeline.client import ApiClient
 from pipeline.errors import AbortError, Interrupted, PipelineError, StopRun
 from pipeline.execute import Scheduler, in_thread
@@ -43,11 +44,15 @@ def run_online(plan: RunPlan, *, transport: httpx.AsyncBaseTransport | None = No
                              concurrency=lim.concurrency, transport=transport) as client:
             scheduler = Scheduler(journal=plan.store, sink=sink, key_of_row=key_of_row, concurrency=lim.concurrency,
                                   grace_s=grace_s, stats=stats, on_progress=on_progress)
-            sending = Sending(client, RateBudget(lim.requests_per_minute, lim.tokens_per_minute),
-                              RetryPolicy(lim.max_attempts), stats, scheduler, price=plan.checked.price,
-                              max_cost_usd=job.budget.max_cost_usd)
-            sender = sender_for(job.request, sending, bodies=plan.checked.renderer.bodies, checker=sink.checker,
-                                dims=sink.embedding_dims)
+            budget = RateBudget(lim.requests_per_minute, lim.tokens_per_minute,
+                                input_tokens_per_minute=lim.input_tokens_per_minute,
+                                output_tokens_per_minute=lim.output_tokens_per_minute)
+            sending = Sending(client, budget, RetryPolicy(lim.max_attempts), stats, scheduler,
+                              price=plan.checked.price, max_cost_usd=job.budget.max_cost_usd,
+                              breaker=Breaker(plan.checked.provider.hint))
+            renderer = plan.checked.renderer
+            sender = sender_for(job.request, sending, bodies=renderer.bodies, checker=sink.checker,
+                                dims=sink.embedding_dims, counter=renderer.counter)
             loop = asyncio.get_running_loop()
             before = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
             if handle_signals:

@@ -13,11 +13,12 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Generic, Protocol, TypeVar
 
 import numpy as np
 
+from pipeline.breaker import Breaker
 from pipeline.errors import AbortError, BudgetExceeded, PipelineError, ProviderError, RateLimited, RowError
 from pipeline.job import RequestSpec
 from pipeline.limits import RateBudget
@@ -39,6 +40,7 @@ from pipeline.providers.base import Answer, Bodies, EmbeddingAnswer
 from pipeline.render import Request
 from pipeline.retry import RetryPolicy
 from pipeline.structured import AnswerChecker
+from pipeline.tokens import ChatTokenCounter
 
 T = TypeVar("T", Answer, EmbeddingAnswer)
 R = TypeVar("R")
@@ -90,16 +92,18 @@ class Sending:
 
     A 429 pauses every worker until the server's ``retry-after`` (its budget is gone for all of us), and the
     server's rate-limit readings correct the local budget. A systemic error (bad key, unknown model, no
-    quota) stops the run at once if nothing has succeeded yet, else on the ``ABORT_AFTER``-th. Time is
-    injected: ``sleep`` waits between retries, ``clock`` times each request.
+    quota) stops the run at once if nothing has succeeded yet, else on the ``ABORT_AFTER``-th. The
+    ``breaker`` (when given) stops a run whose server refuses every request's shape, and holds every worker
+    while the endpoint is down. Time is injected: ``sleep`` waits between retries, ``clock`` times each request.
     """
 
     def __init__(self, client: Any, budget: RateBudget, policy: RetryPolicy, stats: RunStats, stopper: Stopper, *,
-                 price: Price | None = None, max_cost_usd: float | None = None,
+                 price: Price | None = None, max_cost_usd: float | None = None, breaker: Breaker | None = None,
                  sleep: Callable[[float], Awaitable[Any]] = asyncio.sleep,
                  clock: Callable[[], float] = time.perf_counter) -> None:
         self.client, self.budget, self.policy, self.stats = client, budget, policy, stats
         self.stopper, self.price, self.max_cost_usd = stopper, price, max_cost_usd
+        self.breaker = breaker
         self._sleep, self._clock = sleep, clock
         self._reserved = 0.0
         self._aborts = 0
@@ -107,34 +111,54 @@ class Sending:
     def _retrying(self, _state: Any) -> None:
         self.stats.retries += 1
 
-    async def call(self, tokens: int, send: Callable[[], Awaitable[T]]) -> Called[T] | None:
+    async def call(self, tokens: int, send: Callable[[], Awaitable[T]], output_tokens: int = 0) -> Called[T] | None:
         """Send until an answer comes back or the retry policy gives up (the error is in the result).
-        None when the run stopped before an answer, or a systemic error stops it."""
+        None when the run stopped before an answer, or a systemic error stops it. ``tokens`` is what the
+        request charges against the tokens limit at admission, ``output_tokens`` of it its output cap."""
         attempts = 0
         stopping = self.stopper.stopping
+        breaker = self.breaker
         try:
             async for attempt in self.policy.asynchronous(self._sleep, before_sleep=self._retrying):
                 with attempt:
                     if stopping.is_set() and attempts:
                         return None
+                    probe = await breaker.admit(not attempts) if breaker is not None else False
                     attempts += 1
-                    await self.budget.acquire(tokens)
-                    t0 = self._clock()
-                    self.stats.requests_sent += 1
+                    if breaker is not None and stopping.is_set():  # stopped while it waited for its turn
+                        breaker.release(probe)
+                        return None
                     try:
+                        await self.budget.acquire(tokens, output_tokens)
+                        t0 = self._clock()
+                        self.stats.requests_sent += 1
                         answer = await send()
                     except ProviderError as e:
+                        if breaker is not None:
+                            breaker.record(probe, e)
+                            refused = breaker.refused(e) if attempts == 1 else None
+                            if refused is not None:
+                                raise refused from None
                         if e.rate is not None:
                             self.budget.observe(e.rate, rate_limited=isinstance(e, RateLimited))
                         if isinstance(e, RateLimited):
                             self.stats.rate_limited += 1
                             self.budget.pause(e.retry_after if e.retry_after is not None else 1.0)
                         raise
+                    except BaseException:  # cancelled (the run is stopping): it taught nothing
+                        if breaker is not None:
+                            breaker.release(probe)
+                        raise
+                    if breaker is not None:
+                        breaker.record(probe, None)
         except AbortError as e:
             self._aborted(e)
             return None
         except ProviderError as e:  # transient trouble that outlasted the retries, or this row's own fault
             return Called(attempts, error=e)
+        finally:
+            if breaker is not None and attempts:
+                breaker.end()
         self.budget.observe(answer.rate)
         return Called(attempts, answer, (self._clock() - t0) * 1000)
 
@@ -166,14 +190,17 @@ class ChatSender:
     """One row per request. With a response schema, an answer that is not valid JSON for it is asked again up
     to ``schema_retries`` times; every answer paid for is counted."""
 
-    def __init__(self, sending: Sending, *, checker: AnswerChecker | None = None, schema_retries: int = 1) -> None:
-        self.sending, self.checker = sending, checker
+    def __init__(self, sending: Sending, *, checker: AnswerChecker | None = None, schema_retries: int = 1,
+                 counter: ChatTokenCounter | None = None) -> None:
+        self.sending, self.checker, self.counter = sending, checker, counter
         self.rounds = 1 + (schema_retries if checker is not None else 0)
 
     def refuse(self, req: Request) -> Outcome | None:
         """A request larger than a minute of tokens can never be admitted."""
         budget = self.sending.budget
-        return None if budget.fits(req.budget_tokens) else too_large(req.key, req.budget_tokens, budget.tpm)
+        if budget.fits(req.budget_tokens, req.max_output_tokens):
+            return None
+        return too_large(req.key, req.budget_tokens, budget.tpm or budget.itpm or budget.otpm)
 
     def add(self, req: Request) -> list[Request]:
         """Every request is a unit of its own."""
@@ -194,23 +221,33 @@ class ChatSender:
         attempts, rejected = 0, []
         outcome: Outcome | None = None
         for _ in range(self.rounds):
-            got = await s.call(req.budget_tokens, lambda: client.chat(req.body))
+            got = await s.call(req.budget_tokens, lambda: client.chat(req.body), req.max_output_tokens)
             if got is None:
                 return None
             attempts += got.attempts
             if got.answer is None:
                 assert got.error is not None
                 return failed(req.key, got.error, attempts=attempts)
-            outcome = answered(req.key, got.answer, s.price, attempts=attempts, latency_ms=got.latency_ms,
+            answer = got.answer if got.answer.usage is not None else self._counted(req, got.answer)
+            outcome = answered(req.key, answer, s.price, attempts=attempts, latency_ms=got.latency_ms,
                                rejected=rejected)
             if self.checker is None or outcome.status != "ok":
                 return outcome
             problem = self.checker.problem(got.answer.content)
             if problem is None:
                 return outcome
-            rejected.append(got.answer.usage)
+            rejected.append(answer.usage)  # type: ignore[arg-type]
         assert outcome is not None
         return invalid_answer(outcome, problem)
+
+    def _counted(self, req: Request, a: Answer) -> Answer:
+        """An answer that came without usage (some compatible servers), with it counted by our tokenizer:
+        the request's prompt count and the answer's tokens, marked estimated, never presented as billed."""
+        if self.counter is None:
+            return a
+        completion = self.counter.count_text(a.content or a.refusal or "")
+        return replace(a, usage=Usage(prompt_tokens=req.prompt_tokens, completion_tokens=completion),
+                       usage_estimated=True)
 
 
 class EmbeddingsSender:
@@ -231,7 +268,7 @@ class EmbeddingsSender:
     def add(self, req: Request) -> list[Request] | None:
         """Returns the batch this row closed, if it closed one (not a coroutine: it runs once per row)."""
         full = None
-        tpm = self.sending.budget.tpm
+        tpm = self.sending.budget.token_cap
         cap = min(self.spec.batch_tokens, tpm or self.spec.batch_tokens)
         if self._batch and (len(self._batch) >= self.spec.batch_size or self._tokens + req.prompt_tokens > cap):
             full = self.drain()
@@ -286,8 +323,8 @@ def shared(batch: Sequence[Request], a: EmbeddingAnswer, price: Price | None, di
 
 
 def sender_for(spec: RequestSpec, sending: Sending, *, bodies: Bodies, checker: AnswerChecker | None,
-               dims: int | None) -> Sender:
-    """The sender of a job's endpoint (``[request].endpoint``)."""
+               dims: int | None, counter: ChatTokenCounter | None = None) -> Sender:
+    """The sender of a job's endpoint (``[request].endpoint``); ``counter`` counts answers sent without usage."""
     if spec.endpoint == "embeddings":
         return EmbeddingsSender(sending, spec, group=bodies.group, dims=dims)
-    return ChatSender(sending, checker=checker, schema_retries=spec.schema_retries)
+    return ChatSender(sending, checker=checker, schema_retries=spec.schema_retries, counter=counter)

@@ -55,11 +55,11 @@ class Harness:
     def __init__(self, tmp_path: Path, handler: Callable[[httpx.Request, dict[str, Any]], Any], *,
                  concurrency: int = 4, max_attempts: int = 3, rpm: int | None = None, price: Price | None = None,
                  max_cost_usd: float | None = None, grace_s: float = 5.0, embeddings: RequestSpec | None = None,
-                 chunk_rows: int = 1000) -> None:
+                 chunk_rows: int = 1000, breaker: Any = None) -> None:
         self.tmp, self.handler = tmp_path, handler
         self.concurrency, self.max_attempts, self.rpm, self.price = concurrency, max_attempts, rpm, price
         self.max_cost_usd, self.grace_s, self.embeddings = max_cost_usd, grace_s, embeddings
-        self.chunk_rows = chunk_rows
+        self.chunk_rows, self.breaker = chunk_rows, breaker
         self.seen: list[tuple[float, bytes]] = []  # (loop time, body) of every request the "server" got
         self.state: dict[str, Any] = {}
         self.scheduler: Scheduler | None = None
@@ -81,7 +81,8 @@ class Harness:
                 scheduler = self.scheduler = Scheduler(journal=journal, sink=sink, key_of_row=lambda r: (r.row_id,),
                                                        concurrency=self.concurrency, grace_s=self.grace_s)
                 sending = Sending(client, RateBudget(self.rpm, None), RetryPolicy(self.max_attempts),
-                                  scheduler.stats, scheduler, price=self.price, max_cost_usd=self.max_cost_usd)
+                                  scheduler.stats, scheduler, price=self.price, max_cost_usd=self.max_cost_usd,
+                                  breaker=self.breaker() if self.breaker is not None else None)
                 sender = (EmbeddingsSender(sending, self.embeddings, group=OpenAIBodies.group, dims=2)
                           if self.embeddings is not None else ChatSender(sending))
 

@@ -42,7 +42,8 @@ def test_output_columns_and_types(make_job, sim):
     assert df.schema == pl.Schema({
         "review_id": pl.String, "product": pl.String, "status": pl.String, "content": pl.String,
         "finish_reason": pl.String, "refusal": pl.String, "prompt_tokens": pl.Int64, "cached_tokens": pl.Int64,
-        "completion_tokens": pl.Int64, "reasoning_tokens": pl.Int64, "cost_usd": pl.Float64,
+        "completion_tokens": pl.Int64, "reasoning_tokens": pl.Int64, "cache_write_tokens": pl.Int64,
+        "usage_estimated": pl.Boolean, "cost_usd": pl.Float64,
         "latency_ms": pl.Float64, "attempts": pl.Int32, "error": pl.String, "error_type": pl.String,
         "model": pl.String, "deduplicated": pl.Boolean})
     assert df["product"].to_list() == reviews(5)["product"].to_list()
@@ -205,13 +206,15 @@ def test_key_over_plain_http_to_remote_host_is_refused(make_job, monkeypatch):
         run(Job.load(make_job()), base_url="http://10.1.2.3:8000/v1")
 
 
-def test_dead_server_fails_rows_with_connection_errors(make_job):
+def test_dead_server_stops_the_run_early_with_one_message_naming_the_address(make_job):
     from pipeline.sim.server import free_port
 
-    job = make_job(rows=3, limits="max_attempts = 2")
-    result = run(Job.load(job), base_url=f"http://127.0.0.1:{free_port()}/v1")
-    assert result.exit_code == 1
-    assert set(_out(job)["error_type"]) == {"connection"}
+    job = make_job(rows=30, limits="max_attempts = 2")
+    port = free_port()
+    result = run(Job.load(job), base_url=f"http://127.0.0.1:{port}/v1")
+    assert result.exit_code == 3 and result.stopped.kind == "unreachable"
+    assert f"127.0.0.1:{port}" in str(result.stopped) and "check [api].base_url" in str(result.stopped)
+    assert result.stats.requests_sent <= 6  # a few first requests, not 30 rows x 2 attempts
 
 
 def test_key_never_leaks_into_output_manifest_journal_or_logs(make_job, sim, monkeypatch, tmp_path):
