@@ -25,7 +25,7 @@ if TYPE_CHECKING:
 
 MAX_LINES = 50_000
 MAX_FILE_BYTES = 200 * 1024 * 1024
-ENDPOINTS = ("/v1/chat/completions", "/v1/embeddings")
+ENDPOINTS = ("/v1/chat/completions", "/v1/embeddings", "/chat/completions", "/embeddings")  # OpenAI's, Azure's
 FINAL = ("completed", "failed", "expired", "cancelled")
 SLICES = 10  # a batch's lines are answered in this many steps, spread over the configured delay
 
@@ -65,14 +65,15 @@ class BatchService:
     def routes(self, app: web.Application) -> None:
         """Register the routes on ``app``."""
         r = app.router
-        r.add_post("/v1/files", self.upload)
-        r.add_get("/v1/files", self.list_files)
-        r.add_get("/v1/files/{id}", self.get_file)
-        r.add_get("/v1/files/{id}/content", self.content)
-        r.add_post("/v1/batches", self.create)
-        r.add_get("/v1/batches", self.list_batches)
-        r.add_get("/v1/batches/{id}", self.get_batch)
-        r.add_post("/v1/batches/{id}/cancel", self.cancel)
+        for prefix in ("/v1", "/openai/v1", "/openai"):  # OpenAI's; Azure's v1 API and its api-version URLs
+            r.add_post(f"{prefix}/files", self.upload)
+            r.add_get(f"{prefix}/files", self.list_files)
+            r.add_get(f"{prefix}/files/{{id}}", self.get_file)
+            r.add_get(f"{prefix}/files/{{id}}/content", self.content)
+            r.add_post(f"{prefix}/batches", self.create)
+            r.add_get(f"{prefix}/batches", self.list_batches)
+            r.add_get(f"{prefix}/batches/{{id}}", self.get_batch)
+            r.add_post(f"{prefix}/batches/{{id}}/cancel", self.cancel)
 
     def _id(self, prefix: str) -> str:
         self._n += 1
@@ -243,7 +244,7 @@ class BatchService:
                 sim.stats.injected["batch_line_error"] += 1
                 raise SimFailure(500, "The server had an error while processing your request (injected).",
                                  "server_error")
-            if endpoint == "/v1/chat/completions":
+            if endpoint.endswith("/chat/completions"):
                 body = sim.chat_answer(sim.chat_call(line["body"]))
             else:
                 body = sim.embeddings_answer(sim.embeddings_call(line["body"]))

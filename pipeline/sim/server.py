@@ -1,9 +1,12 @@
-"""A local OpenAI-compatible server for the demo, the integration tests and the benchmarks.
+"""A local stand-in for the providers' APIs, for the demo, the integration tests and the benchmarks.
 
-It speaks the wire format of ``/v1/chat/completions``, ``/v1/embeddings`` and ``/v1/models``, counts ``usage``
-with the same tokenizer as the client, enforces requests- and tokens-per-minute limits the way OpenAI does
-(a bucket per minute, charged at admission with prompt + max output tokens, with the real ``x-ratelimit-*``
-headers and 429 bodies) and injects faults on demand. Its answers are deterministic stand-ins, not a model's.
+It speaks OpenAI's wire format (``/v1/chat/completions``, ``/v1/embeddings``, ``/v1/models``, Files and
+Batches), the same under Azure OpenAI's paths and ``api-key`` header (``/openai/v1/...`` and the older
+``/openai/deployments/DEPLOYMENT/...?api-version=``), and Anthropic's Messages API with ``count_tokens`` and
+Message Batches (``sim/anthropic.py``). It counts ``usage`` (OpenAI's with the same tokenizer as the client,
+Claude's by the rule stated in ``sim/anthropic.py``), enforces requests- and tokens-per-minute limits the way
+each provider does (a bucket per minute, charged at admission with prompt + max output tokens, with the real
+rate-limit headers and 429 bodies) and injects faults on demand. Its answers are deterministic stand-ins.
 
 Test hooks (documented so tests can aim at one row): a prompt containing ``SIM_400`` gets a 400, one containing
 ``SIM_REFUSE`` gets a refusal, one containing ``SIM_BAD_JSON`` gets malformed JSON content.
@@ -57,7 +60,10 @@ class SimConfig:
     slow_body_ms: float = 500.0
     malformed_rate: float = 0.0      # a 200 whose body is not valid JSON
     insufficient_quota: bool = False
-    api_key: str | None = None       # when set, requests must carry it
+    overloaded_rate: float = 0.0     # Anthropic routes: 529 overloaded_error
+    itpm: int | None = None          # Anthropic: input tokens per minute
+    otpm: int | None = None          # Anthropic: output tokens per minute (charged max_tokens at admission)
+    api_key: str | None = None       # when set, requests must carry it (in each dialect's own header)
     models: tuple[str, ...] = ()     # when set, other models get 404 model_not_found
     context_window: int = 128_000
     seed: int = 0
@@ -125,6 +131,9 @@ class SimStats:
     batches_by_input_file: Counter[str] = field(default_factory=Counter)  # >1 for a file: a duplicate batch
     batch_polls: int = 0
     batch_lines: int = 0
+    by_dialect: Counter[str] = field(default_factory=Counter)  # requests per API: openai, azure, anthropic
+    count_tokens_calls: int = 0
+    billed_input_tokens: int = 0       # Anthropic: input tokens billed on answered requests
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready copy, for --json output and the manifest."""
@@ -133,6 +142,7 @@ class SimStats:
         d["batches_by_input_file"] = dict(self.batches_by_input_file)
         d["admitted_per_s"] = [self.admitted_per_s.get(i, 0) for i in range(max(self.admitted_per_s, default=-1) + 1)]
         d["statuses"] = {str(k): v for k, v in self.statuses.items()}
+        d["by_dialect"] = dict(self.by_dialect)
         return d
 
 
@@ -167,21 +177,31 @@ class Simulator:
         self.rng = random.Random(config.seed)
         self.rpm = _Bucket(config.rpm, config.limit_window_s) if config.rpm else None
         self.tpm = _Bucket(config.tpm, config.limit_window_s) if config.tpm else None
+        self.itpm = _Bucket(config.itpm, config.limit_window_s) if config.itpm else None
+        self.otpm = _Bucket(config.otpm, config.limit_window_s) if config.otpm else None
         self._counters: dict[str, ChatTokenCounter] = {}
         self._answered: set[bytes] = set()
         self._in_flight = 0
         self._t0 = time.monotonic()
         self.batch_api = BatchService(self)
+        from pipeline.sim.anthropic import AnthropicService
+
+        self.anthropic = AnthropicService(self)
 
     def app(self) -> web.Application:
-        """The aiohttp application with the OpenAI-compatible routes."""
-        app = web.Application(client_max_size=256 * 1024 * 1024)
-        app.router.add_post("/v1/chat/completions", self.chat)
-        app.router.add_post("/v1/embeddings", self.embeddings)
-        app.router.add_get("/v1/models", self.models)
-        app.router.add_get("/v1/sim/stats", self.get_stats)
-        app.router.add_post("/v1/sim/reset", self.reset)
+        """The aiohttp application with every provider's routes."""
+        app = web.Application(client_max_size=300 * 1024 * 1024)
+        r = app.router
+        for prefix in ("/v1", "/openai/v1"):  # OpenAI's, and Azure's v1 API
+            r.add_post(f"{prefix}/chat/completions", self.chat)
+            r.add_post(f"{prefix}/embeddings", self.embeddings)
+            r.add_get(f"{prefix}/models", self.models)
+        r.add_post("/openai/deployments/{deployment}/chat/completions", self.chat)  # Azure's older URLs
+        r.add_post("/openai/deployments/{deployment}/embeddings", self.embeddings)
+        r.add_get("/v1/sim/stats", self.get_stats)
+        r.add_post("/v1/sim/reset", self.reset)
         self.batch_api.routes(app)
+        self.anthropic.routes(app)
         return app
 
     def counter(self, model: str) -> ChatTokenCounter:
@@ -210,7 +230,9 @@ class Simulator:
 
     # -- the shared admission path: auth, faults, limits ------------------------------------------------------
 
-    def _rate_headers(self) -> dict[str, str]:
+    def _rate_headers(self, dialect: str = "openai") -> dict[str, str]:
+        if dialect == "anthropic":
+            return self.anthropic.rate_headers()
         h: dict[str, str] = {}
         for name, bucket in (("requests", self.rpm), ("tokens", self.tpm)):
             if bucket is not None:
@@ -219,61 +241,92 @@ class Simulator:
                 h[f"x-ratelimit-reset-{name}"] = _go_duration(bucket.reset_s())
         return h
 
+    @staticmethod
+    def dialect(request: web.Request) -> str:
+        """Which API a request came in on: Azure's paths, Anthropic's, or OpenAI's."""
+        path = request.path
+        return "azure" if path.startswith("/openai/") else "anthropic" if path.startswith("/v1/messages") else "openai"
+
     def unauthorised(self, request: web.Request) -> web.Response | None:
-        """The 401 a request without the simulator's key gets (when it was started with one)."""
+        """The 401 a request without the simulator's key gets (when it was started with one), in the header
+        and error body of the API it came in on."""
         key = self.config.api_key
-        if key is not None and request.headers.get("Authorization") != f"Bearer {key}":
+        dialect = self.dialect(request)
+        if dialect == "azure" and not request.path.startswith("/openai/v1/") and "api-version" not in request.query:
+            return error_response(404, "Resource not found (the deployment URLs need ?api-version=).")
+        if key is None:
+            return None
+        if dialect == "anthropic":
+            if request.headers.get("x-api-key") != key:
+                return self.anthropic.error(401, "invalid x-api-key", "authentication_error")
+            return None
+        given = request.headers.get("api-key") if dialect == "azure" else request.headers.get("Authorization")
+        if given != (key if dialect == "azure" else f"Bearer {key}"):
             return error_response(401, "Incorrect API key provided. You can find your API key in your account "
                                        "settings.", "invalid_request_error", "invalid_api_key")
         return None
 
+    def _refuse(self, dialect: str, status: int, message: str, type_: str, code: str | None = None,
+                headers: dict[str, str] | None = None) -> web.Response:
+        if dialect == "anthropic":
+            atype = {401: "authentication_error", 404: "not_found_error", 429: "rate_limit_error",
+                     529: "overloaded_error"}.get(status, "api_error" if status >= 500 else "invalid_request_error")
+            return self.anthropic.error(status, message, atype, headers)
+        return error_response(status, message, type_, code, headers)
+
     async def _admit(self, request: web.Request, raw: bytes, body: dict[str, Any], cost_tokens: int,
-                     model: str) -> web.Response | None:
+                     model: str, output_tokens: int = 0) -> web.Response | None:
         """Everything that can refuse a request before it is answered; None means: answer it."""
         cfg = self.config
+        dialect = self.dialect(request)
+        self.stats.by_dialect[dialect] += 1
         if (denied := self.unauthorised(request)) is not None:
             return denied
         if cfg.models and model not in cfg.models:
-            return error_response(404, f"The model `{model}` does not exist or you do not have access to it.",
-                                  "invalid_request_error", "model_not_found")
+            return self._refuse(dialect, 404, f"The model `{model}` does not exist or you do not have access to it.",
+                                "invalid_request_error", "model_not_found")
         if cfg.insufficient_quota:
-            return error_response(429, "You exceeded your current quota, please check your plan and billing "
-                                       "details.", "insufficient_quota", "insufficient_quota")
+            return self._refuse(dialect, 429, "You exceeded your current quota, please check your plan and billing "
+                                              "details.", "insufficient_quota", "insufficient_quota")
         now = time.monotonic()
         waits = []
-        if self.rpm is not None:
-            waits.append(("requests", self.rpm.wait_for(1, now)))
-        if self.tpm is not None:
-            waits.append(("tokens", self.tpm.wait_for(cost_tokens, now)))
-        blocked = [(k, w) for k, w in waits if w > 0]
+        charges = [("requests", self.rpm, 1), ("tokens", self.tpm, cost_tokens)]
+        if dialect == "anthropic":
+            charges += [("input tokens", self.itpm, cost_tokens - output_tokens),
+                        ("output tokens", self.otpm, output_tokens)]
+        for kind, bucket, amount in charges:
+            if bucket is not None:
+                waits.append((kind, bucket, amount, bucket.wait_for(amount, now)))
+        blocked = [w for w in waits if w[3] > 0]
         if blocked:
-            kind, wait = max(blocked, key=lambda kw: kw[1])
+            kind, bucket, asked, wait = max(blocked, key=lambda w: w[3])
             self.stats.rate_limited += 1
-            bucket = self.rpm if kind == "requests" else self.tpm
-            assert bucket is not None
             unit = "RPM" if kind == "requests" else "TPM"
-            headers = {**self._rate_headers(), "retry-after": f"{max(1, round(wait))}",
-                       "retry-after-ms": f"{wait * 1000:.0f}"}
-            asked = 1 if kind == "requests" else cost_tokens
-            return error_response(429, f"Rate limit reached for {model} on {kind} per min ({unit}): Limit "
-                                       f"{bucket.limit}, Used {bucket.limit - int(bucket.level)}, Requested "
-                                       f"{asked}. Please try again in {wait * 1000:.0f}ms.",
-                                  "requests" if kind == "requests" else "tokens", "rate_limit_exceeded", headers)
-        if self.rpm is not None:
-            self.rpm.take(1)
-        if self.tpm is not None:
-            self.tpm.take(cost_tokens)
+            headers = {**self._rate_headers(dialect), "retry-after": f"{max(1, round(wait + 0.499))}"}
+            if dialect != "anthropic":
+                headers["retry-after-ms"] = f"{wait * 1000:.0f}"
+            return self._refuse(dialect, 429, f"Rate limit reached for {model} on {kind} per min ({unit}): Limit "
+                                              f"{bucket.limit}, Used {bucket.limit - int(bucket.level)}, Requested "
+                                              f"{asked}. Please try again in {wait * 1000:.0f}ms.",
+                                "requests" if kind == "requests" else "tokens", "rate_limit_exceeded", headers)
+        for _kind, bucket, amount, _wait in waits:
+            bucket.take(amount)
         self.stats.admitted_per_s[int(now - self._t0)] += 1
         r = self.rng.random
         if cfg.rate_429 and r() < cfg.rate_429:
             self.stats.injected["429"] += 1
-            return error_response(429, "Rate limit reached (injected by the simulator).", "requests",
-                                  "rate_limit_exceeded", {**self._rate_headers(), "retry-after-ms": "50"})
+            headers = {**self._rate_headers(dialect), "retry-after-ms": "50"} if dialect != "anthropic" else {
+                **self._rate_headers(dialect), "retry-after": "1"}
+            return self._refuse(dialect, 429, "Rate limit reached (injected by the simulator).", "requests",
+                                "rate_limit_exceeded", headers)
+        if dialect == "anthropic" and cfg.overloaded_rate and r() < cfg.overloaded_rate:
+            self.stats.injected["529"] += 1
+            return self._refuse(dialect, 529, "Overloaded", "overloaded_error")
         if cfg.error_rate and r() < cfg.error_rate:
             status = self.rng.choice((500, 502, 503))
             self.stats.injected[str(status)] += 1
-            return error_response(status, "The server had an error while processing your request (injected).",
-                                  "server_error")
+            return self._refuse(dialect, status, "The server had an error while processing your request (injected).",
+                                "server_error")
         return None
 
     async def _delay(self) -> None:
@@ -291,7 +344,7 @@ class Simulator:
                 request.transport.abort()
             raise asyncio.CancelledError
         data = orjson.dumps(payload)
-        headers = {**self._rate_headers(), "x-request-id": f"req_{self.stats.requests:012d}",
+        headers = {**self._rate_headers(self.dialect(request)), "x-request-id": f"req_{self.stats.requests:012d}",
                    "openai-processing-ms": str(int(cfg.latency_ms))}
         if cfg.malformed_rate and r() < cfg.malformed_rate:
             self.stats.injected["malformed"] += 1
@@ -328,7 +381,11 @@ class Simulator:
             body = orjson.loads(raw)
         except orjson.JSONDecodeError:
             return error_response(400, "We could not parse the JSON body of your request.")
-        if not isinstance(body, dict) or not isinstance(body.get("model"), str):
+        if not isinstance(body, dict):
+            return error_response(400, "the body must be a JSON object")
+        if "deployment" in request.match_info:
+            body.setdefault("model", request.match_info["deployment"])
+        if not isinstance(body.get("model"), str):
             return error_response(400, "you must provide a model parameter", param="model")
         return raw, body
 
@@ -352,6 +409,8 @@ class Simulator:
         if isinstance(read, web.Response):
             return read
         raw, body = read
+        if "deployment" in request.match_info:  # Azure routes by deployment; the body's model may be absent
+            body.setdefault("model", request.match_info["deployment"])
         try:
             call = self.chat_call(body)
             refused = await self._admit(request, raw, body, call.prompt_tokens + call.max_out, call.model)
@@ -400,6 +459,8 @@ class Simulator:
         elif fmt.get("type") == "json_schema":
             schema = (fmt.get("json_schema") or {}).get("schema") or {}
             content = orjson.dumps(answers.structured(schema, prompt)).decode()
+        elif fmt.get("type") == "json_object" and isinstance(fmt.get("schema"), dict):  # as llama.cpp's server does
+            content = orjson.dumps(answers.structured(fmt["schema"], prompt)).decode()
         elif fmt.get("type") == "json_object":
             content = orjson.dumps({"answer": answers.summary(prompt)}).decode()
         else:
