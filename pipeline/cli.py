@@ -81,7 +81,8 @@ def print_estimate(est: Any, console: Console) -> None:
         t.add_row("duplicate rows (sent once)", f"{est.duplicate_rows:,}")
     t.add_row("requests to send", f"{est.http_requests:,}" + (f" ({est.requests:,} inputs)"
                                                                 if est.http_requests != est.requests else ""))
-    t.add_row("prompt tokens (exact)", f"{est.prompt_tokens:,}")
+    kind = "exact" if est.prompt_tokens_exact else est.prompt_tokens_basis.split(" (")[0]
+    t.add_row(f"prompt tokens ({kind})", f"{est.prompt_tokens:,}")
     t.add_row("output tokens (upper bound)", f"{est.max_output_tokens:,}")
     if est.expected_output_tokens is not None:
         t.add_row("output tokens (expected)", f"{est.expected_output_tokens:,}")
@@ -98,6 +99,9 @@ def print_estimate(est: Any, console: Console) -> None:
         t.add_row("rows over the input limit" if est.http_requests != est.requests or est.max_output_tokens == 0
                   else "rows over the context window", f"{est.over_context_rows:,} (window {est.context_window:,})")
     console.print(t)
+    if not est.prompt_tokens_exact:
+        console.print(f"[yellow]prompt tokens, and the costs from them, are approximate:[/] "
+                      f"{escape(est.prompt_tokens_basis)}")
     if est.price:
         console.print(f"prices: ${est.price['input_per_mtok']}/M input, ${est.price['cached_input_per_mtok']}/M "
                       f"cached, ${est.price['output_per_mtok']}/M output; source: {est.price['source']}"
@@ -122,6 +126,10 @@ def validate(job_path: str, n: int) -> None:
     console = _out_console()
     for w in report.warnings:
         click.echo(f"warning: {w}", err=True)
+    job = report.job
+    provider = report.provider
+    where = provider.base_url(job.api.base_url) + provider.path(job.request.endpoint)
+    console.print(f"requests as {job.api.provider} receives them: POST {escape(where)}")
     for req in report.requests:
         body = json.loads(req.body)
         console.rule(f"row {req.row_id} - {req.prompt_tokens} prompt tokens")
@@ -134,13 +142,17 @@ def validate(job_path: str, n: int) -> None:
 @click.argument("job_path", metavar="JOB", type=click.Path(dir_okay=False))
 @click.option("--json", "as_json", is_flag=True, help="Print the estimate as JSON.")
 @click.option("--limit", type=click.IntRange(min=1), help="Estimate only the first N rows.")
+@click.option("--exact", is_flag=True, help="Count prompt tokens with the provider's free counting endpoint "
+                                            "(Anthropic), where no exact offline tokenizer exists; needs the key.")
+@click.option("--base-url", help="With --exact: override [api].base_url (also PIPELINE_BASE_URL).")
 @handle_errors
-def estimate(job_path: str, as_json: bool, limit: int | None) -> None:
-    """Tokens, cost (also at the Batch API price) and duration of a run, without sending anything."""
+def estimate(job_path: str, as_json: bool, limit: int | None, exact: bool, base_url: str | None) -> None:
+    """Tokens, cost (also at the Batch API price) and duration of a run; nothing is sent (but with --exact,
+    the token counts)."""
     from pipeline.estimate import estimate as run_estimate
     from pipeline.job import Job
 
-    est = run_estimate(Job.load(job_path), limit=limit)
+    est = run_estimate(Job.load(job_path), limit=limit, exact=exact, base_url=base_url)
     if as_json:
         click.echo(json.dumps(est.to_dict(), indent=2, default=str))
     else:
@@ -154,12 +166,14 @@ def estimate_line(est: Any, *, batch: bool = False) -> str:
     if batch:
         expected = (f" (expected {_money(est.batch_cost_usd_expected)})"
                     if est.batch_cost_usd_expected is not None else "")
+        bound = "" if est.prompt_tokens_exact else f" ({est.prompt_tokens_basis.split(' (')[0]})"
         return (f"estimate: {est.rows:,} rows, {done}{est.requests:,} requests to submit, {est.prompt_tokens:,} "
-                f"prompt tokens, up to {_money(est.batch_cost_usd_max)}{expected} at the Batch API price "
+                f"prompt tokens{bound}, up to {_money(est.batch_cost_usd_max)}{expected} at the Batch API price "
                 f"(online: up to {_money(est.cost_usd_max)}); results within 24 h")
     expected = f" (expected {_money(est.cost_usd_expected)})" if est.cost_usd_expected is not None else ""
+    bound = "" if est.prompt_tokens_exact else f" ({est.prompt_tokens_basis.split(' (')[0]})"
     return (f"estimate: {est.rows:,} rows, {done}{est.requests:,} requests to send, {est.prompt_tokens:,} prompt "
-            f"tokens, up to {_money(est.cost_usd_max)}{expected}; {_duration(est.duration_s)} under the limits")
+            f"tokens{bound}, up to {_money(est.cost_usd_max)}{expected}; {_duration(est.duration_s)} under the limits")
 
 
 def _confirm_estimate(est: Any, job: Any, yes: bool, *, batch: bool = False) -> bool:
@@ -350,6 +364,9 @@ def report(output: str, as_json: bool) -> None:
 @click.option("--slow-body-rate", default=0.0, show_default=True, help="Share of answers sent slowly.")
 @click.option("--malformed-rate", default=0.0, show_default=True, help="Share of 200s with broken JSON.")
 @click.option("--insufficient-quota", is_flag=True, help="Answer every request 429 insufficient_quota.")
+@click.option("--overloaded-rate", default=0.0, show_default=True, help="Anthropic: share of 529 overloaded answers.")
+@click.option("--itpm", type=click.IntRange(min=1), help="Anthropic: input tokens per minute to enforce.")
+@click.option("--otpm", type=click.IntRange(min=1), help="Anthropic: output tokens per minute to enforce.")
 @click.option("--api-key", "api_key_env", metavar="ENV", help="Require the key held in this environment variable.")
 @click.option("--models", help="Comma-separated models to accept (others: 404).")
 @click.option("--seed", default=0, show_default=True, help="Seed of the fault injection.")
@@ -364,10 +381,11 @@ def report(output: str, as_json: bool) -> None:
 def sim(host: str, port: int, port_file: str | None, rpm: int | None, tpm: int | None, limit_window_s: float,
         latency_ms: float,
         latency_jitter_ms: float, error_rate: float, rate_429: float, drop_rate: float, slow_body_rate: float,
-        malformed_rate: float, insufficient_quota: bool, api_key_env: str | None, models: str | None,
+        malformed_rate: float, insufficient_quota: bool, overloaded_rate: float, itpm: int | None, otpm: int | None,
+        api_key_env: str | None, models: str | None,
         seed: int, batch_delay_s: float, batch_line_error_rate: float, batch_fail: bool,
         batch_expire_fraction: float | None, batch_create_hold_s: float, batch_create_drop_replies: int) -> None:
-    """Run the local OpenAI-compatible simulator (for demos, tests and benchmarks)."""
+    """Run the local simulator of the OpenAI, Azure OpenAI and Anthropic APIs (for demos, tests and benchmarks)."""
     import os
     from pathlib import Path
 
@@ -379,6 +397,7 @@ def sim(host: str, port: int, port_file: str | None, rpm: int | None, tpm: int |
                     latency_jitter_ms=latency_jitter_ms,
                     error_rate=error_rate, rate_429=rate_429, drop_rate=drop_rate, slow_body_rate=slow_body_rate,
                     malformed_rate=malformed_rate, insufficient_quota=insufficient_quota,
+                    overloaded_rate=overloaded_rate, itpm=itpm, otpm=otpm,
                     api_key=os.environ.get(api_key_env) if api_key_env else None,
                     models=tuple(m.strip() for m in models.split(",")) if models else (), seed=seed,
                     batch_delay_s=batch_delay_s, batch_line_error_rate=batch_line_error_rate, batch_fail=batch_fail,
@@ -386,7 +405,8 @@ def sim(host: str, port: int, port_file: str | None, rpm: int | None, tpm: int |
                     batch_create_drop_replies=batch_create_drop_replies)
     click.echo(BANNER, err=True)
     limits = ", ".join(f"{k}={v}" for k, v in (("rpm", rpm), ("tpm", tpm)) if v) or "no limits"
-    click.echo(f"listening on http://{host}:{port}/v1 ({limits}); Ctrl-C stops it", err=True)
+    click.echo(f"listening on http://{host}:{port}/v1 (OpenAI), /openai/v1 (Azure), /v1/messages (Anthropic) "
+               f"({limits}); Ctrl-C stops it", err=True)
     if port_file:
         Path(port_file).write_text(str(port))
     serve_forever(cfg, host=host, port=port)

@@ -1,9 +1,12 @@
-"""The pre-run estimate: exact prompt tokens, cost bounds, the time the limits impose, rows that cannot fit.
+"""The pre-run estimate: prompt tokens, cost bounds, the time the limits impose, rows that cannot fit.
 
-Prompt tokens are exact (the provider's tokenizer and chat framing). Output tokens are unknowable before the
-run, so the estimate gives an upper bound (every answer uses ``max_tokens``) and, when the job states a typical
-answer length in ``[estimate].output_tokens``, an expected figure. Identical requests are counted once, as the
-executor sends them once.
+Prompt tokens are exact where the provider's tokenizer is known (tiktoken, with the chat framing); for Claude,
+whose tokenizer is not available offline, they are an upper bound (``tokens.BoundingTokenCounter``), labelled
+so (``prompt_tokens_exact`` is False) until ``exact=True`` asks the provider's free counting endpoint for every
+unique request (``exact.py``). Output tokens are unknowable before the run, so the estimate gives an upper
+bound (every answer uses ``max_tokens``) and, when the job states a typical answer length in
+``[estimate].output_tokens``, an expected figure. Identical requests are counted once, as the executor sends
+them once.
 """
 
 from __future__ import annotations
@@ -11,7 +14,7 @@ from __future__ import annotations
 import math
 from array import array
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from pipeline.job import Job
@@ -35,6 +38,8 @@ class Estimate:
     http_requests: int = 0
     duplicate_rows: int = 0
     prompt_tokens: int = 0
+    prompt_tokens_exact: bool = True        # False: an upper bound, or the tokenizer is only close
+    prompt_tokens_basis: str = "tiktoken, exact"
     max_output_tokens: int = 0
     expected_output_tokens: int | None = None
     largest_request_tokens: int = 0
@@ -150,21 +155,41 @@ class EstimateBuilder:
         return est
 
 
+def counting_basis(renderer: Renderer, provider: str) -> tuple[bool, str]:
+    """Whether the renderer's prompt counts are exact, and what they rest on (shown with the figure)."""
+    counter = renderer.counter
+    if counter.exact:
+        return True, "tiktoken, exact"
+    if provider == "anthropic":
+        factor = getattr(counter, "factor", 1.0)
+        return False, (f"upper bound ({factor:g} x cl100k tokens + framing; no offline Claude tokenizer: "
+                       "`pipeline estimate --exact` asks the API)")
+    return False, "approximate (tiktoken; the server's model tokenizes its own way)"
+
+
 def estimate_source(job: Job, source: Source, renderer: Renderer, price: Price | None, *,
                     limit: int | None = None, settled: Callable[[list[str]], Mapping[str, Any]] | None = None,
                     on_chunk: Callable[[int], None] | None = None, counted: array[int] | None = None,
-                    keep: Callable[[RenderedChunk], None] | None = None) -> tuple[Estimate, array[int] | None]:
+                    keep: Callable[[RenderedChunk], None] | None = None,
+                    exact: Mapping[str, int] | None = None) -> tuple[Estimate, array[int] | None]:
     """Render every row (sending nothing) and add up what a run will cost.
 
     With ``settled`` (the journal's lookup), rows answered before cost nothing, and the positions of the rows
     still to send come back too (None when that is every row, or without ``settled``). ``counted`` is filled
     with each row's prompt tokens by position (0 for rows not counted), for the run to reuse; ``keep`` is
     handed every rendered chunk (the run keeps them while they fit, or stages Batch API files from them).
+    ``exact`` holds the provider's own prompt counts by request key, which replace ours.
     """
     builder = EstimateBuilder(job, price)
+    builder.est.prompt_tokens_exact, builder.est.prompt_tokens_basis = counting_basis(renderer, job.api.provider)
+    if exact is not None:
+        builder.est.prompt_tokens_exact, builder.est.prompt_tokens_basis = True, "counted by the provider, exact"
     todo: array[int] = array("q")
     for chunk in iter_chunks(source, renderer.columns, limit=limit):
         rendered = renderer.render_chunk(chunk, settled=settled)
+        if exact is not None:
+            rendered = replace(rendered, requests=[replace(r, prompt_tokens=exact.get(r.key, r.prompt_tokens))
+                                                   for r in rendered.requests])
         builder.add(rendered, done=rendered.settled.keys())
         if keep is not None:
             keep(rendered)
@@ -180,8 +205,46 @@ def estimate_source(job: Job, source: Source, renderer: Renderer, price: Price |
     return est, (None if settled is None or len(todo) == est.rows else todo)
 
 
-def estimate(job: Job, *, limit: int | None = None,
-             on_chunk: Callable[[int], None] | None = None) -> Estimate:
-    """Render every row (without sending anything) and add up what the run will cost."""
+def estimate(job: Job, *, limit: int | None = None, on_chunk: Callable[[int], None] | None = None,
+             exact: bool = False, base_url: str | None = None) -> Estimate:
+    """Render every row (without sending anything) and add up what the run will cost. With ``exact``, prompt
+    tokens a tokenizer cannot count exactly offline are counted by the provider (its free endpoint; the
+    only thing an estimate ever sends), cached beside the output."""
     source = open_source(job.input.path)
-    return estimate_source(job, source, Renderer(job, source), price_for(job), limit=limit, on_chunk=on_chunk)[0]
+    renderer = Renderer(job, source)
+    price = price_for(job)
+    if not exact or renderer.counter.exact:
+        est = estimate_source(job, source, renderer, price, limit=limit, on_chunk=on_chunk)[0]
+        if exact:
+            est.warnings.append("--exact: the offline count is already exact for this provider")
+        return est
+    counts = _provider_counts(job, source, renderer, limit=limit, base_url=base_url)
+    return estimate_source(job, source, renderer, price, limit=limit, on_chunk=on_chunk, exact=counts)[0]
+
+
+def _provider_counts(job: Job, source: Source, renderer: Renderer, *, limit: int | None,
+                     base_url: str | None) -> dict[str, int]:
+    """Every unique request's exact prompt tokens from the provider (the cache's first)."""
+    from pathlib import Path
+
+    from pipeline.client import check_transport_security, resolve_api_key, resolve_base_url
+    from pipeline.errors import UsageError
+    from pipeline.exact import CountCache, count_exactly
+    from pipeline.providers import provider_for
+    from pipeline.sink import OutputPaths
+
+    provider = provider_for(job)
+    if not hasattr(provider, "count_tokens_body"):
+        raise UsageError(f"{job.source}: --exact: provider {job.api.provider!r} has no token counting endpoint")
+    url = resolve_base_url(job, base_url)
+    key = resolve_api_key(job, url)
+    check_transport_security(url, key is not None, allow_insecure=False)
+    bodies: dict[str, bytes] = {}
+    for chunk in iter_chunks(source, renderer.columns, limit=limit):
+        bodies.update((r.key, r.body) for r in renderer.render_chunk(chunk).requests)
+    cache = CountCache(OutputPaths(Path(job.output.path)).token_counts)
+    try:
+        return count_exactly(provider, bodies, cache, base_url=url, api_key=key, max_attempts=job.limits.max_attempts,
+                             timeout_s=job.limits.timeout_s, requests_per_minute=None)
+    finally:
+        cache.close()

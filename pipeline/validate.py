@@ -8,6 +8,7 @@ from pathlib import Path
 
 from pipeline.job import Job
 from pipeline.plan import check
+from pipeline.providers import Provider
 from pipeline.render import Request
 from pipeline.source import Source, read_head
 
@@ -19,6 +20,7 @@ class ValidationReport:
     job: Job
     source: Source
     requests: list[Request]
+    provider: Provider
     warnings: list[str] = field(default_factory=list)
 
 
@@ -28,4 +30,4 @@ def validate_job(path: str | Path, rows: int = 3) -> ValidationReport:
     head = read_head(checked.source, checked.renderer.columns, max(rows, 1))
     rendered = checked.renderer.render_chunk(head)
     return ValidationReport(job=checked.job, source=checked.source, requests=rendered.requests[:rows],
-                            warnings=checked.warnings)
+                            provider=checked.provider, warnings=checked.warnings)
