@@ -144,6 +144,10 @@ class EstimateBuilder:
             if est.largest_request_tokens > lim.tokens_per_minute:
                 est.warnings.append(f"the largest request needs {est.largest_request_tokens} tokens, more than "
                                     f"tokens_per_minute ({lim.tokens_per_minute}): it can never be sent")
+        if lim.input_tokens_per_minute:  # Anthropic: input and output apart, output charged at max_tokens
+            by_limit["input_tokens_per_minute"] = est.prompt_tokens / lim.input_tokens_per_minute * 60
+        if lim.output_tokens_per_minute:
+            by_limit["output_tokens_per_minute"] = est.max_output_tokens / lim.output_tokens_per_minute * 60
         if by_limit:
             est.binding_limit = max(by_limit, key=lambda k: by_limit[k])
             est.duration_s = by_limit[est.binding_limit]

@@ -325,3 +325,30 @@ def test_anthropic_batches_are_listed_and_cancelled_like_openai_ones(make_job, s
     out = pl.read_parquet("out/result.parquet")
     assert out.height == 50 and set(out["error_type"].drop_nulls()) <= {"batch_cancelled"}
     assert collected.exit_code == 1  # cancelled rows stay failed until --retry-failed, as with OpenAI
+
+
+def test_the_estimate_duration_counts_input_and_output_token_limits_apart(make_job):
+    from pipeline.estimate import estimate
+
+    job = classify_job(make_job, "anthropic", "https://api.anthropic.com/v1", rows=100)
+    job.write_text(job.read_text().replace("[limits]\n", "[limits]\nrequests_per_minute = 100000\n"
+                                                         "output_tokens_per_minute = 600\n"))
+    est = estimate(Job.load(job))
+    assert est.binding_limit == "output_tokens_per_minute" and est.duration_s == pytest.approx(100 * 60 / 600 * 60)
+
+
+@pytest.mark.parametrize("mode", ["online", "batch"])
+def test_azure_deployment_urls_with_an_api_version_online_and_in_batch(make_job, sim, mode):
+    with sim(batch_delay_s=0.2) as s:
+        root = s.base_url.removesuffix("/v1")
+        job = classify_job(make_job, "azure", s.base_url, rows=20, mode=mode)
+        job.write_text(job.read_text().replace(f'base_url = "{root}/openai/v1"',
+                                               f'base_url = "{root}"\napi_version = "2024-10-21"'))
+        result = run(Job.load(job))
+        assert result.exit_code == 0, result.stopped
+        if mode == "batch":
+            assert s.stats.files_uploaded == 1 and s.stats.batches_created == 1
+        else:
+            assert s.stats.by_dialect == {"azure": 20}
+    out = pl.read_parquet("out/result.parquet")
+    assert out.height == 20 and (out["status"] == "ok").all() and out["stars"].dtype == pl.Int64
