@@ -199,13 +199,7 @@ class AnthropicService:
 
     async def messages(self, request: web.Request) -> web.StreamResponse:
         """POST /v1/messages."""
-        sim = self.sim
-        sim._in_flight += 1
-        sim.stats.max_in_flight = max(sim.stats.max_in_flight, sim._in_flight)
-        try:
-            return sim._finish(await self._messages(request))
-        finally:
-            sim._in_flight -= 1
+        return await self.sim.in_flight(self._messages(request))
 
     async def _messages(self, request: web.Request) -> web.StreamResponse:
         sim = self.sim

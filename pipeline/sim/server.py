@@ -395,14 +395,18 @@ class Simulator:
 
     # -- endpoints ---------------------------------------------------------------------------------------------
 
-    async def chat(self, request: web.Request) -> web.StreamResponse:
-        """POST /v1/chat/completions."""
+    async def in_flight(self, answer: Any) -> web.StreamResponse:
+        """Await a request's answer, counted as in flight meanwhile (for ``max_in_flight``)."""
         self._in_flight += 1
         self.stats.max_in_flight = max(self.stats.max_in_flight, self._in_flight)
         try:
-            return self._finish(await self._chat(request))
+            return self._finish(await answer)
         finally:
             self._in_flight -= 1
+
+    async def chat(self, request: web.Request) -> web.StreamResponse:
+        """POST /v1/chat/completions."""
+        return await self.in_flight(self._chat(request))
 
     async def _chat(self, request: web.Request) -> web.StreamResponse:
         read = await self._read(request)
