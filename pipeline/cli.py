@@ -354,6 +354,12 @@ def report(output: str, as_json: bool) -> None:
 @click.option("--port-file", type=click.Path(dir_okay=False), help="Write the port here once listening.")
 @click.option("--rpm", type=click.IntRange(min=1), help="Requests per minute to enforce.")
 @click.option("--tpm", type=click.IntRange(min=1), help="Tokens per minute to enforce.")
+@click.option("--limit-model", type=click.Choice(["window", "token-bucket"]), default="window", show_default=True,
+              help="window: a bucket of --limit-window-s of the limits, starting full; token-bucket: a continuous "
+                   "bucket of a whole minute.")
+@click.option("--start-empty", is_flag=True, help="token-bucket: start drained, as a busy account's bucket is.")
+@click.option("--tpm-count", type=click.Choice(["exact", "chars"]), default="exact", show_default=True,
+              help="What TPM charges besides max_tokens: exact prompt tokens, or ~4 characters a token.")
 @click.option("--limit-window-s", default=60.0, show_default=True,
               help="Seconds of the limits the server lets through at once (OpenAI enforces sub-minute slices).")
 @click.option("--latency-ms", default=0.0, show_default=True, help="Fixed latency per answer.")
@@ -378,7 +384,8 @@ def report(output: str, as_json: bool) -> None:
               help="Batch API: hold each create this long (nothing is made if the client has gone).")
 @click.option("--batch-create-drop-replies", default=0, show_default=True,
               help="Batch API: this many creates succeed but their reply is lost.")
-def sim(host: str, port: int, port_file: str | None, rpm: int | None, tpm: int | None, limit_window_s: float,
+def sim(host: str, port: int, port_file: str | None, rpm: int | None, tpm: int | None, limit_model: str,
+        start_empty: bool, tpm_count: str, limit_window_s: float,
         latency_ms: float,
         latency_jitter_ms: float, error_rate: float, rate_429: float, drop_rate: float, slow_body_rate: float,
         malformed_rate: float, insufficient_quota: bool, overloaded_rate: float, itpm: int | None, otpm: int | None,
@@ -393,7 +400,8 @@ def sim(host: str, port: int, port_file: str | None, rpm: int | None, tpm: int |
     from pipeline.sim.server import free_port
 
     port = port or free_port()
-    cfg = SimConfig(rpm=rpm, tpm=tpm, limit_window_s=limit_window_s, latency_ms=latency_ms,
+    cfg = SimConfig(rpm=rpm, tpm=tpm, limit_model=limit_model, start_empty=start_empty, tpm_count=tpm_count,
+                    limit_window_s=limit_window_s, latency_ms=latency_ms,
                     latency_jitter_ms=latency_jitter_ms,
                     error_rate=error_rate, rate_429=rate_429, drop_rate=drop_rate, slow_body_rate=slow_body_rate,
                     malformed_rate=malformed_rate, insufficient_quota=insufficient_quota,

@@ -67,3 +67,27 @@ def test_limits_enforced_over_a_short_window_refuse_bursts(sim):
         assert codes == [200, 200, 429]
         stats = httpx.get(f"{s.base_url}/sim/stats").json()
     assert sum(stats["admitted_per_s"]) == 2 and stats["rate_limited"] == 1
+
+
+def test_token_bucket_model_starts_empty_at_the_first_request_and_refills_continuously(sim):
+    import time
+
+    with sim(rpm=600, limit_model="token-bucket", start_empty=True) as s:
+        time.sleep(0.3)  # the server has been up a while: the bucket is still empty at the first request
+        first = httpx.post(f"{s.base_url}/chat/completions", json=BODY)
+        assert first.status_code == 429 and float(first.headers["retry-after-ms"]) <= 100
+        time.sleep(0.12)  # 10 a second come back
+        second = httpx.post(f"{s.base_url}/chat/completions", json=BODY)
+        assert second.status_code == 200 and second.headers["x-ratelimit-remaining-requests"] == "0"
+        # reset = the time until the bucket holds a whole minute again
+        assert 55 < parse_duration(second.headers["x-ratelimit-reset-requests"]) <= 60
+    with sim(rpm=600, limit_model="token-bucket") as s:  # starting full: a minute's worth at once
+        codes = {httpx.post(f"{s.base_url}/chat/completions", json=BODY).status_code for _ in range(50)}
+        assert codes == {200}
+
+
+def test_tpm_counted_the_way_the_server_estimates_from_characters(sim):
+    chars = sum(len(m["content"]) for m in BODY["messages"])
+    with sim(tpm=10_000, tpm_count="chars") as s:
+        r = httpx.post(f"{s.base_url}/chat/completions", json=BODY)
+    assert int(r.headers["x-ratelimit-remaining-tokens"]) == 10_000 - 20 - -(-chars // 4)

@@ -186,6 +186,8 @@ class AnthropicService:
         sim.stats.last_request_at = time.time()
         if sim.stats.first_request_at is None:
             sim.stats.first_request_at = sim.stats.last_request_at
+            sim._t0 = time.monotonic()
+            sim._first_request(sim._t0)
         raw = await request.read()
         try:
             body = orjson.loads(raw)

@@ -49,6 +49,11 @@ class SimConfig:
 
     rpm: int | None = None
     tpm: int | None = None
+    limit_model: str = "window"      # "window": a bucket of limit_window_s seconds of the limit, starting full;
+    #                                  "token-bucket": a continuous bucket holding a whole minute's limit
+    start_empty: bool = False        # token-bucket: start drained, as a busy account's bucket is
+    tpm_count: str = "exact"         # what TPM charges at admission besides max_tokens: "exact" prompt tokens,
+    #                                  or "chars": about 4 characters a token, as OpenAI documents its estimate
     limit_window_s: float = 60.0     # the slice the limits are enforced over: 60 lets a full minute through at
     #                                  once; OpenAI documents sub-minute slices (e.g. 1 s: 60,000 RPM as 1,000/s)
     latency_ms: float = 0.0
@@ -81,10 +86,10 @@ class _Bucket:
     RPM/TPM (a 60 s window lets a client spend a whole minute's worth at once; shorter windows model the
     sub-minute slices OpenAI says it also enforces)."""
 
-    def __init__(self, limit: int, window_s: float = 60.0) -> None:
+    def __init__(self, limit: int, window_s: float = 60.0, *, start_empty: bool = False) -> None:
         self.limit = limit
         self.capacity = max(1.0, limit * window_s / 60.0)
-        self.level = self.capacity
+        self.level = 0.0 if start_empty else self.capacity
         self.t = time.monotonic()
 
     def _refill(self, now: float) -> None:
@@ -175,10 +180,13 @@ class Simulator:
         self.config = config
         self.stats = SimStats()
         self.rng = random.Random(config.seed)
-        self.rpm = _Bucket(config.rpm, config.limit_window_s) if config.rpm else None
-        self.tpm = _Bucket(config.tpm, config.limit_window_s) if config.tpm else None
-        self.itpm = _Bucket(config.itpm, config.limit_window_s) if config.itpm else None
-        self.otpm = _Bucket(config.otpm, config.limit_window_s) if config.otpm else None
+        if config.limit_model not in ("window", "token-bucket"):
+            raise ValueError(f"limit_model must be window or token-bucket, got {config.limit_model!r}")
+        bucket = config.limit_model == "token-bucket"
+        window, empty = (60.0, config.start_empty) if bucket else (config.limit_window_s, False)
+        self.rpm, self.tpm, self.itpm, self.otpm = (
+            _Bucket(limit, window, start_empty=empty) if limit else None
+            for limit in (config.rpm, config.tpm, config.itpm, config.otpm))
         self._counters: dict[str, ChatTokenCounter] = {}
         self._answered: set[bytes] = set()
         self._in_flight = 0
@@ -376,6 +384,7 @@ class Simulator:
         if self.stats.first_request_at is None:
             self.stats.first_request_at = self.stats.last_request_at
             self._t0 = time.monotonic()
+            self._first_request(self._t0)
         raw = await request.read()
         try:
             body = orjson.loads(raw)
@@ -388,6 +397,12 @@ class Simulator:
         if not isinstance(body.get("model"), str):
             return error_response(400, "you must provide a model parameter", param="model")
         return raw, body
+
+    def _first_request(self, now: float) -> None:
+        """A bucket that starts empty is empty when the client starts, not when the server did."""
+        for bucket in (self.rpm, self.tpm, self.itpm, self.otpm):
+            if bucket is not None:
+                bucket.t = now
 
     def _finish(self, resp: web.StreamResponse) -> web.StreamResponse:
         self.stats.statuses[resp.status] += 1
@@ -417,7 +432,7 @@ class Simulator:
             body.setdefault("model", request.match_info["deployment"])
         try:
             call = self.chat_call(body)
-            refused = await self._admit(request, raw, body, call.prompt_tokens + call.max_out, call.model)
+            refused = await self._admit(request, raw, body, self.charged(call), call.model)
             if refused is not None:
                 return refused
             payload = self.chat_answer(call)
@@ -425,6 +440,15 @@ class Simulator:
             return f.response()
         await self._delay()
         return await self._respond(request, raw, payload)
+
+    def charged(self, call: ChatCall) -> int:
+        """What TPM charges a chat request at admission: max_tokens plus its prompt, counted exactly or the way
+        OpenAI documents its own estimate (about 4 characters a token)."""
+        if self.config.tpm_count == "chars":
+            chars = sum(len(m.get("content") or "") for m in call.messages if isinstance(m, dict)
+                        and isinstance(m.get("content"), str))
+            return call.max_out + -(-chars // 4)
+        return call.prompt_tokens + call.max_out
 
     def chat_call(self, body: dict[str, Any]) -> ChatCall:
         """Check a chat body and count its prompt tokens (what admission needs); raises SimFailure."""
