@@ -29,8 +29,9 @@ def scenario(name: str, rpm: int, tpm: int, *flags: str) -> dict[str, float]:
                    "--limit-model", "token-bucket", *flags) as url:
         run = timed_run(job, url)
         stats = sim_stats(url)
-    admitted = stats["admitted_per_s"]
-    span = max(1, len(admitted))  # seconds from the first admission to the last, rounded up
+    # from the first request the server saw to the last, plus one request's share: N requests at rate r from an
+    # empty bucket take N / r, the first of them admitted after 1 / r
+    span = stats["last_request_at"] - stats["first_request_at"]
     charged = run["manifest"]["totals"]
     empty = "--start-empty" in flags
     rpm_floor = max(0.0, ROWS - (0 if empty else rpm)) / rpm * 60
@@ -38,6 +39,7 @@ def scenario(name: str, rpm: int, tpm: int, *flags: str) -> dict[str, float]:
     tpm_floor = max(0.0, tokens - (0 if empty else tpm)) / tpm * 60
     floor = max(rpm_floor, tpm_floor)
     rate = max(ROWS / rpm * 60, tokens / tpm * 60)  # seconds the job takes at exactly the binding rate
+    span += rate / ROWS
     return {"429s": stats["rate_limited"], "429_share": stats["rate_limited"] / ROWS,
             "fraction_of_floor": floor / span if floor else 1.0, "of_rate": rate / span, "wall_s": run["wall_s"]}
 

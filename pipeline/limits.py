@@ -4,10 +4,15 @@ Providers charge a request against TPM at admission, as prompt tokens plus the m
 enforce their per-minute limits in sub-minute slices too. So each budget here is an aiolimiter leaky bucket
 that holds half a second of the limit: the steady rate is exactly the limit, and a burst is never more than
 half a second's worth. Half, not a whole second: with a bucket exactly the size of the server's one-second
-slice, network jitter alone drew ~1% 429s in bench/compare.py; with half, none. The server's own view
-corrects ours: a 429 pauses every worker until the server's ``retry-after``, and ``x-ratelimit-remaining-*``
-at zero pauses until enough budget is back. Anthropic limits input and output tokens apart (output charged
-at admission as ``max_tokens``): those are two more buckets, fed by the same readings.
+slice, network jitter alone drew ~1% 429s in bench/compare.py; with half, none. Anthropic limits input and
+output tokens apart (output charged at admission as ``max_tokens``): those are two more buckets.
+
+The server's own view wins over ours (``ServerView``): every response's ``remaining`` requests and tokens,
+refilled at the limit's rate since, less what we sent after the request that reading came with, is what the
+server has; nobody sends into less than that (a bucket that starts empty is not burst into, and a count that
+differs from the server's, like OpenAI's ~4-characters-a-token estimate, is corrected on every answer). A 429
+pauses every worker until the server's ``retry-after`` and halves the pace, which then recovers additively with
+each answer (AIMD). A server that sends no headers leaves the job's limits alone in charge.
 
 Time is injected (``clock``, ``sleep``), by default the event loop's: aiolimiter's buckets read the loop's
 clock too, so the two always agree, and a test moves both by running on a virtual-time loop.
@@ -17,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
 from aiolimiter import AsyncLimiter
@@ -24,6 +30,42 @@ from aiolimiter import AsyncLimiter
 from pipeline.providers.base import RateInfo
 
 BURST_WINDOW_S = 0.5
+AIMD_DECREASE = 0.5     # the pace after a 429, as a share of the one before
+AIMD_INCREASE = 0.05    # the share of the limit's pace won back with each answer
+AIMD_FLOOR = 0.1
+
+
+@dataclass(slots=True)
+class ServerView:
+    """One of the server's buckets as its freshest reading described it: ``remaining`` at ``at``, refilled at
+    ``per_s`` since, less what was sent after the request the reading came with (``sent_then``)."""
+
+    remaining: float = 0.0
+    at: float = 0.0
+    per_s: float = 0.0
+    limit: float = 0.0
+    stamp: float = -1.0        # the cumulative amount sent before the request of the reading
+    sent_then: float = 0.0     # ... and including it, when the server charged it
+
+    def available(self, now: float, sent: float) -> float:
+        """What the server has now, by its last word."""
+        return min(self.limit, self.remaining + self.per_s * (now - self.at)) - (sent - self.sent_then)
+
+    def read(self, remaining: int, limit: int, now: float, stamp: float, charged: float) -> None:
+        """A reading, kept if it is the freshest (answers can come back out of order)."""
+        if stamp < self.stamp:
+            return
+        self.remaining, self.limit, self.per_s, self.at = float(remaining), float(limit), limit / 60.0, now
+        self.stamp, self.sent_then = stamp, stamp + charged
+
+
+@dataclass(frozen=True, slots=True)
+class Ticket:
+    """What had been sent before a request, and what it charges: ties a response's readings to the moment."""
+
+    requests: float = 0.0
+    tokens: float = 0.0
+    cost: float = 0.0
 
 
 def _bucket(per_minute: int) -> tuple[AsyncLimiter, float]:
@@ -58,6 +100,11 @@ class RateBudget:
         self._resume_at = 0.0
         self.pauses = 0
         self._largest_request = 0
+        self._sent_requests = 0.0
+        self._sent_tokens = 0.0
+        self._views: dict[str, ServerView] = {}
+        self.pace = 1.0           # AIMD: the share of the limits' rate we allow ourselves
+        self._next_at = 0.0       # while pace < 1: the earliest time of the next request
         self._largest_input = 0
         self._largest_output = 0
 
@@ -72,9 +119,37 @@ class RateBudget:
         caps = [c for c in (self.tpm, self.itpm) if c]
         return min(caps) if caps else None
 
-    async def acquire(self, tokens: int, output_tokens: int = 0) -> None:
+    async def acquire(self, tokens: int, output_tokens: int = 0) -> Ticket:
         """Wait until one more request of ``tokens`` tokens (``output_tokens`` of them its output cap) is
-        within every limit and no pause is on."""
+        within every limit, the server's view and the pace, and no pause is on; returns its ticket (for
+        ``observe``)."""
+        await self._take_local(tokens, output_tokens)
+        while True:
+            now = self._clock()
+            wait = max(self._view_wait(now, tokens), self._next_at - now if self.pace < 1 else 0.0,
+                       self._resume_at - now)
+            if wait <= 0:
+                break
+            await self._sleep(wait)
+        if self.pace < 1 and self.rpm:
+            self._next_at = max(self._next_at, self._clock()) + 60.0 / (self.rpm * self.pace)
+        ticket = Ticket(self._sent_requests, self._sent_tokens, float(tokens))
+        self._sent_requests += 1
+        self._sent_tokens += tokens
+        return ticket
+
+    def _view_wait(self, now: float, tokens: int) -> float:
+        """Seconds until the server, by its own last word, has room for one more request of ``tokens``."""
+        wait = 0.0
+        for name, need, sent in (("requests", 1.0, self._sent_requests), ("tokens", float(tokens), self._sent_tokens)):
+            view = self._views.get(name)
+            if view is not None and view.per_s > 0:
+                short = min(need, view.limit) - view.available(now, sent)
+                if short > 0:
+                    wait = max(wait, short / view.per_s)
+        return wait
+
+    async def _take_local(self, tokens: int, output_tokens: int) -> None:
         await self._wait_pause()
         if self._requests is not None:
             await self._requests.acquire(1)
@@ -102,7 +177,7 @@ class RateBudget:
             self._resume_at = resume
             self.pauses += 1
 
-    def observe(self, rate: RateInfo, *, rate_limited: bool = False) -> None:
+    def observe(self, rate: RateInfo, *, rate_limited: bool = False, ticket: Ticket | None = None) -> None:
         """Correct our view with the server's: out of requests or tokens means wait for them to come back.
 
         After a 429, a server limit below ours (or one the job did not state) becomes ours, so the workers pace
@@ -111,7 +186,19 @@ class RateBudget:
         """
         if rate_limited:
             self._adopt(rate)
-        self._pause_if_dry(rate)
+            self.pace = max(AIMD_FLOOR, self.pace * AIMD_DECREASE)
+        elif self.pace < 1:
+            self.pace = min(1.0, self.pace + AIMD_INCREASE)
+        if ticket is not None:
+            now = self._clock()
+            charged = not rate_limited  # a refused request was not charged
+            if rate.remaining_requests is not None and rate.limit_requests:
+                self._views.setdefault("requests", ServerView()).read(
+                    rate.remaining_requests, rate.limit_requests, now, ticket.requests, 1.0 if charged else 0.0)
+            if rate.remaining_tokens is not None and rate.limit_tokens:
+                self._views.setdefault("tokens", ServerView()).read(
+                    rate.remaining_tokens, rate.limit_tokens, now, ticket.tokens, ticket.cost if charged else 0.0)
+        self._pause_if_dry(rate, viewed=ticket is not None)
 
     def _adopt(self, rate: RateInfo) -> None:
         if rate.limit_requests and (self.rpm is None or rate.limit_requests < self.rpm):
@@ -127,7 +214,14 @@ class RateBudget:
             self.otpm = rate.limit_output_tokens
             self._output = _bucket(rate.limit_output_tokens)
 
-    def _pause_if_dry(self, rate: RateInfo) -> None:
+    def _pause_if_dry(self, rate: RateInfo, *, viewed: bool = False) -> None:
+        if viewed:  # requests and tokens: the server's view paces them exactly (``acquire``)
+            rate = RateInfo(limit_input_tokens=rate.limit_input_tokens,
+                            remaining_input_tokens=rate.remaining_input_tokens,
+                            reset_input_tokens_s=rate.reset_input_tokens_s,
+                            limit_output_tokens=rate.limit_output_tokens,
+                            remaining_output_tokens=rate.remaining_output_tokens,
+                            reset_output_tokens_s=rate.reset_output_tokens_s)
         if rate.remaining_requests is not None and rate.remaining_requests < 1 and rate.limit_requests:
             wait = 60.0 / rate.limit_requests
             self.pause(min(wait, rate.reset_requests_s or wait))

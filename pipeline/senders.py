@@ -128,8 +128,9 @@ class Sending:
                     if breaker is not None and stopping.is_set():  # stopped while it waited for its turn
                         breaker.release(probe)
                         return None
+                    ticket = None
                     try:
-                        await self.budget.acquire(tokens, output_tokens)
+                        ticket = await self.budget.acquire(tokens, output_tokens)
                         t0 = self._clock()
                         self.stats.requests_sent += 1
                         answer = await send()
@@ -140,7 +141,7 @@ class Sending:
                             if refused is not None:
                                 raise refused from None
                         if e.rate is not None:
-                            self.budget.observe(e.rate, rate_limited=isinstance(e, RateLimited))
+                            self.budget.observe(e.rate, rate_limited=isinstance(e, RateLimited), ticket=ticket)
                         if isinstance(e, RateLimited):
                             self.stats.rate_limited += 1
                             self.budget.pause(e.retry_after if e.retry_after is not None else 1.0)
@@ -159,7 +160,7 @@ class Sending:
         finally:
             if breaker is not None and attempts:
                 breaker.end()
-        self.budget.observe(answer.rate)
+        self.budget.observe(answer.rate, ticket=ticket)
         return Called(attempts, answer, (self._clock() - t0) * 1000)
 
     def _aborted(self, e: AbortError) -> None:
