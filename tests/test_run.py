@@ -288,3 +288,16 @@ def test_past_the_keep_budget_or_on_a_resume_the_run_renders_again(make_job, sim
         assert sum(rendered) == 300 + 300
         assert s.stats.requests == 300 + 300
     assert pl.read_parquet(Job.load(job).output.path)["status"].to_list() == ["ok"] * 300
+
+
+@pytest.mark.parametrize("binding", ["rpm", "tpm"])
+def test_a_token_bucket_server_starting_empty_draws_only_the_first_waves_429s(make_job, sim, binding):
+    # RPM 1,200 (20/s) or TPM 120,000 (~20 requests/s here), a bucket of a minute, drained at the start.
+    rpm, tpm = (1200, 100_000_000) if binding == "rpm" else (100_000, 120_000)
+    job = make_job(rows=200, limits=f"concurrency = 32\nrequests_per_minute = {rpm}\ntokens_per_minute = {tpm}")
+    with sim(rpm=rpm, tpm=tpm, limit_model="token-bucket", start_empty=True, latency_ms=50, tpm_count="chars") as s:
+        result = run(Job.load(job), base_url=s.base_url)
+        assert result.exit_code == 0 and result.stats.ok == 200
+        # before the first answer only the breaker's first wave (4) is under way: those may find it empty;
+        # after that the server's own remaining paces every request
+        assert s.stats.rate_limited <= 4, s.stats.rate_limited
