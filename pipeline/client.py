@@ -154,18 +154,15 @@ class ApiClient:
     async def embed(self, body: bytes, n_inputs: int) -> EmbeddingAnswer:
         """One embeddings request of ``n_inputs`` inputs; errors as for ``chat``."""
         p = self.provider
-        return await self._exchange(p.path("embeddings"), body,
+        return await self.call(p.path("embeddings"), body,
                                     lambda st, h, c: p.embeddings_answer(st, h, c, n_inputs))
 
     async def chat(self, body: bytes) -> Answer:
         """One chat completion; raises TransientError, RowError or AbortError with the key redacted."""
-        return await self._exchange(self.provider.path("chat"), body, self.provider.chat_answer)
+        return await self.call(self.provider.path("chat"), body, self.provider.chat_answer)
 
     async def call(self, path: str, body: bytes, parse: Callable[[int, Any, bytes], T]) -> T:
         """One request to any of the provider's endpoints, read by ``parse``; errors as for ``chat``."""
-        return await self._exchange(path, body, parse)
-
-    async def _exchange(self, path: str, body: bytes, parse: Callable[[int, Any, bytes], T]) -> T:
         status, headers, content = await self.post(path, body)
         try:
             return parse(status, headers, content)

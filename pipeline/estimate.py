@@ -249,6 +249,6 @@ def _provider_counts(job: Job, source: Source, renderer: Renderer, *, limit: int
     cache = CountCache(OutputPaths(Path(job.output.path)).token_counts)
     try:
         return count_exactly(provider, bodies, cache, base_url=url, api_key=key, max_attempts=job.limits.max_attempts,
-                             timeout_s=job.limits.timeout_s, requests_per_minute=None)
+                             timeout_s=job.limits.timeout_s)
     finally:
         cache.close()

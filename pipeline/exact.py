@@ -11,11 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
-
-import httpx
 
 from pipeline.client import ApiClient
 from pipeline.errors import OutputError, ProviderError, RateLimited
@@ -57,9 +55,7 @@ class CountCache:
 
 
 def count_exactly(provider: Provider, bodies: Mapping[str, bytes], cache: CountCache, *, base_url: str,
-                  api_key: str | None, max_attempts: int, timeout_s: float, requests_per_minute: int | None = None,
-                  transport: httpx.AsyncBaseTransport | None = None,
-                  on_count: Callable[[int], None] | None = None) -> dict[str, int]:
+                  api_key: str | None, max_attempts: int, timeout_s: float) -> dict[str, int]:
     """Every request's exact prompt tokens (key -> tokens): the cache's, then the provider's for the rest."""
     counts = cache.get(list(bodies))
     todo = [k for k in bodies if k not in counts]
@@ -71,7 +67,7 @@ def count_exactly(provider: Provider, bodies: Mapping[str, bytes], cache: CountC
     policy = RetryPolicy(max_attempts)
 
     async def main() -> None:
-        budget = RateBudget(requests_per_minute, None)
+        budget = RateBudget(None, None)  # no limits of its own: it holds the pause a 429 asks for
         queue: asyncio.Queue[str] = asyncio.Queue()
         for k in todo:
             queue.put_nowait(k)
@@ -96,11 +92,8 @@ def count_exactly(provider: Provider, bodies: Mapping[str, bytes], cache: CountC
                     cache.put(found)
                     counts.update(found)
                     found.clear()
-                if on_count is not None:
-                    on_count(1)
 
-        async with ApiClient(base_url, api_key, timeout_s=timeout_s, concurrency=WORKERS, provider=provider,
-                             transport=transport) as client:
+        async with ApiClient(base_url, api_key, timeout_s=timeout_s, concurrency=WORKERS, provider=provider) as client:
             try:
                 await asyncio.gather(*(worker(client) for _ in range(WORKERS)))
             finally:

@@ -162,7 +162,6 @@ class RateBudget:
             await _take(*self._input, tokens - output_tokens)
         if self._output is not None:
             await _take(*self._output, output_tokens)
-        await self._wait_pause()
 
     async def _wait_pause(self) -> None:
         while (delay := self._resume_at - self._clock()) > 0:
@@ -215,24 +214,15 @@ class RateBudget:
             self._output = _bucket(rate.limit_output_tokens)
 
     def _pause_if_dry(self, rate: RateInfo, *, viewed: bool = False) -> None:
-        if viewed:  # requests and tokens: the server's view paces them exactly (``acquire``)
-            rate = RateInfo(limit_input_tokens=rate.limit_input_tokens,
-                            remaining_input_tokens=rate.remaining_input_tokens,
-                            reset_input_tokens_s=rate.reset_input_tokens_s,
-                            limit_output_tokens=rate.limit_output_tokens,
-                            remaining_output_tokens=rate.remaining_output_tokens,
-                            reset_output_tokens_s=rate.reset_output_tokens_s)
-        if rate.remaining_requests is not None and rate.remaining_requests < 1 and rate.limit_requests:
-            wait = 60.0 / rate.limit_requests
-            self.pause(min(wait, rate.reset_requests_s or wait))
-        if (rate.remaining_tokens is not None and rate.limit_tokens and self._largest_request
-                and rate.remaining_tokens < self._largest_request):
-            wait = (self._largest_request - rate.remaining_tokens) * 60.0 / rate.limit_tokens
-            self.pause(min(wait, rate.reset_tokens_s or wait))
-        for remaining, limit, reset, largest in (
-                (rate.remaining_input_tokens, rate.limit_input_tokens, rate.reset_input_tokens_s, self._largest_input),
-                (rate.remaining_output_tokens, rate.limit_output_tokens, rate.reset_output_tokens_s,
-                 self._largest_output)):
+        """Pause until a bucket the server says is short of our largest request has refilled enough. With
+        ``viewed``, requests and tokens are left to the server's view, which paces them exactly."""
+        dims = [] if viewed else [
+            (rate.remaining_requests, rate.limit_requests, rate.reset_requests_s, 1),
+            (rate.remaining_tokens, rate.limit_tokens, rate.reset_tokens_s, self._largest_request)]
+        dims += [(rate.remaining_input_tokens, rate.limit_input_tokens, rate.reset_input_tokens_s, self._largest_input),
+                 (rate.remaining_output_tokens, rate.limit_output_tokens, rate.reset_output_tokens_s,
+                  self._largest_output)]
+        for remaining, limit, reset, largest in dims:
             if remaining is not None and limit and largest and remaining < largest:
                 wait = (largest - remaining) * 60.0 / limit
                 self.pause(min(wait, reset or wait))

@@ -10,7 +10,6 @@ files-and-batches flow under the same URLs, its input lines addressed to ``/chat
 
 from __future__ import annotations
 
-from typing import Any
 from urllib.parse import quote
 
 from pipeline.job import RequestSpec
@@ -59,10 +58,6 @@ class AzureProvider(OpenAIProvider):
         """Azure's Batch input lines and batches name the endpoint without a version prefix."""
         return AZURE_BATCH_URLS
 
-    def batch_api(self, base_url: str, api_key: str | None, *, timeout_s: float, max_attempts: int) -> Any:
-        """The files-and-batches client under this resource's URLs."""
-        from pipeline.providers.openai_batch import BatchClient
-
-        params = {"api-version": self.api.api_version} if self.api.api_version else None
-        return BatchClient(base_url, self.headers(api_key), api_key, urls=self.batch_urls(), params=params,
-                           timeout_s=timeout_s, max_attempts=max_attempts)
+    def batch_params(self) -> dict[str, str] | None:
+        """The deployment URLs' API version, on every Files and Batches call."""
+        return {"api-version": self.api.api_version} if self.api.api_version else None

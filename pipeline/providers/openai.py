@@ -379,12 +379,16 @@ class OpenAIProvider:
 
         return BATCH_URLS
 
+    def batch_params(self) -> dict[str, str] | None:
+        """Query parameters every Files and Batches call carries (none for OpenAI)."""
+        return None
+
     def batch_api(self, base_url: str, api_key: str | None, *, timeout_s: float, max_attempts: int) -> Any:
         """The Files and Batches client."""
         from pipeline.providers.openai_batch import BatchClient
 
-        return BatchClient(base_url, self.headers(api_key), api_key, urls=self.batch_urls(), timeout_s=timeout_s,
-                           max_attempts=max_attempts)
+        return BatchClient(base_url, self.headers(api_key), api_key, urls=self.batch_urls(),
+                           params=self.batch_params(), timeout_s=timeout_s, max_attempts=max_attempts)
 
     def batch_line(self, key: str, endpoint: str, body: bytes) -> bytes:
         """One request of a Batch input file (``custom_id`` = the request key)."""

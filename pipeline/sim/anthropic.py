@@ -181,13 +181,7 @@ class AnthropicService:
     # -- online ------------------------------------------------------------------------------------------------
 
     async def _body(self, request: web.Request) -> tuple[bytes, dict[str, Any]] | web.Response:
-        sim = self.sim
-        sim.stats.requests += 1
-        sim.stats.last_request_at = time.time()
-        if sim.stats.first_request_at is None:
-            sim.stats.first_request_at = sim.stats.last_request_at
-            sim._t0 = time.monotonic()
-            sim._first_request(sim._t0)
+        self.sim.arrived()
         raw = await request.read()
         try:
             body = orjson.loads(raw)

@@ -378,13 +378,20 @@ class Simulator:
         else:
             self._answered.add(digest)
 
-    async def _read(self, request: web.Request) -> tuple[bytes, dict[str, Any]] | web.Response:
+    def arrived(self) -> None:
+        """Count a request as it comes in, whatever its API. A bucket that starts empty is empty when the client
+        starts, not when the server did: the first request starts the limits' clocks."""
         self.stats.requests += 1
         self.stats.last_request_at = time.time()
         if self.stats.first_request_at is None:
             self.stats.first_request_at = self.stats.last_request_at
             self._t0 = time.monotonic()
-            self._first_request(self._t0)
+            for bucket in (self.rpm, self.tpm, self.itpm, self.otpm):
+                if bucket is not None:
+                    bucket.t = self._t0
+
+    async def _read(self, request: web.Request) -> tuple[bytes, dict[str, Any]] | web.Response:
+        self.arrived()
         raw = await request.read()
         try:
             body = orjson.loads(raw)
@@ -397,12 +404,6 @@ class Simulator:
         if not isinstance(body.get("model"), str):
             return error_response(400, "you must provide a model parameter", param="model")
         return raw, body
-
-    def _first_request(self, now: float) -> None:
-        """A bucket that starts empty is empty when the client starts, not when the server did."""
-        for bucket in (self.rpm, self.tpm, self.itpm, self.otpm):
-            if bucket is not None:
-                bucket.t = now
 
     def _finish(self, resp: web.StreamResponse) -> web.StreamResponse:
         self.stats.statuses[resp.status] += 1
