@@ -20,6 +20,7 @@ from typing import Any
 from pipeline.job import Job
 from pipeline.pricing import Price, Usage, no_price_warning, price_for
 from pipeline.render import RenderedChunk, Renderer, key_id
+from pipeline.rowprints import RowPrints, split_done
 from pipeline.source import Source, iter_chunks, open_source
 
 MAX_LISTED_IDS = 1000
@@ -78,10 +79,12 @@ class EstimateBuilder:
         if job.request.is_embeddings:
             self.est.context_window = job.request.max_input_tokens
 
-    def add(self, chunk: Any, done: set[str] | frozenset[str] = frozenset()) -> None:
-        """Fold one RenderedChunk in; rows whose key is in ``done`` (answered in an earlier run) cost nothing."""
+    def add(self, chunk: Any, done: set[str] | frozenset[str] = frozenset(), done_unrendered: int = 0) -> None:
+        """Fold one RenderedChunk in; rows whose key is in ``done`` (answered in an earlier run) cost nothing,
+        nor do ``done_unrendered`` more rows known answered by their print (``rowprints``)."""
         est, price = self.est, self.price
-        est.rows += len(chunk.requests) + len(chunk.skipped)
+        est.rows += len(chunk.requests) + len(chunk.skipped) + done_unrendered
+        est.rows_already_done += done_unrendered
         est.rows_skipped += len(chunk.skipped)
         ctx = est.context_window
         expected_out = self.job.estimate.output_tokens
@@ -175,14 +178,17 @@ def estimate_source(job: Job, source: Source, renderer: Renderer, price: Price |
                     limit: int | None = None, settled: Callable[[list[str]], Mapping[str, Any]] | None = None,
                     on_chunk: Callable[[int], None] | None = None, counted: array[int] | None = None,
                     keep: Callable[[RenderedChunk], None] | None = None,
-                    exact: Mapping[str, int] | None = None) -> tuple[Estimate, array[int] | None]:
+                    exact: Mapping[str, int] | None = None,
+                    prints: RowPrints | None = None) -> tuple[Estimate, array[int] | None]:
     """Render every row (sending nothing) and add up what a run will cost.
 
     With ``settled`` (the journal's lookup), rows answered before cost nothing, and the positions of the rows
     still to send come back too (None when that is every row, or without ``settled``). ``counted`` is filled
     with each row's prompt tokens by position (0 for rows not counted), for the run to reuse; ``keep`` is
     handed every rendered chunk (the run keeps them while they fit, or stages Batch API files from them).
-    ``exact`` holds the provider's own prompt counts by request key, which replace ours.
+    ``exact`` holds the provider's own prompt counts by request key, which replace ours. With ``prints``
+    (online resumes), rows whose print leads to a settled answer are not rendered at all, and the prints of
+    the rows rendered are recorded for the next run.
     """
     builder = EstimateBuilder(job, price)
     builder.est.prompt_tokens_exact, builder.est.prompt_tokens_basis = counting_basis(renderer, job.api.provider)
@@ -190,11 +196,15 @@ def estimate_source(job: Job, source: Source, renderer: Renderer, price: Price |
         builder.est.prompt_tokens_exact, builder.est.prompt_tokens_basis = True, "counted by the provider, exact"
     todo: array[int] = array("q")
     for chunk in iter_chunks(source, renderer.columns, limit=limit):
-        rendered = renderer.render_chunk(chunk, settled=settled)
+        todo_rows, by_print, new_prints = split_done(prints, chunk) if prints is not None else (chunk, 0, [])
+        rendered = renderer.render_chunk(todo_rows, settled=settled)
+        if prints is not None:
+            prints.record(rendered, new_prints)
+            prints.flush()
         if exact is not None:
             rendered = replace(rendered, requests=[replace(r, prompt_tokens=exact.get(r.key, r.prompt_tokens))
                                                    for r in rendered.requests])
-        builder.add(rendered, done=rendered.settled.keys())
+        builder.add(rendered, done=rendered.settled.keys(), done_unrendered=by_print)
         if keep is not None:
             keep(rendered)
         if settled is not None:

@@ -176,6 +176,8 @@ def _block_outcomes(db: sqlite3.Connection, index: _KeyIndex, keys: Sequence[str
 
 _COLUMNS = list(OUTCOME_FIELDS)
 _as_row = attrgetter(*_COLUMNS)  # dataclasses.astuple deep-copies every field: too slow per answer
+# outcomes_failed: the failures alone (an answer that is ok never enters it), so a resume finds what is not
+# settled without reading every outcome (rowprints.settled_keys).
 # A block's vectors are rows of their own, keyed block << 20 | row: appended in key order (so a commit writes
 # about the vectors' bytes, no more), and one is read without the rest. Stored as one 0.5 MB blob per block
 # instead, reading one row for a duplicate walked SQLite's overflow chain: 80 us a row against 6.
@@ -190,6 +192,7 @@ CREATE TABLE IF NOT EXISTS vector_blocks (
     keys BLOB, prompt_tokens BLOB, cost_usd BLOB
 );
 CREATE TABLE IF NOT EXISTS vectors (loc INTEGER PRIMARY KEY, v BLOB);
+CREATE INDEX IF NOT EXISTS outcomes_failed ON outcomes (key, retryable) WHERE status != 'ok';
 """
 _SELECT = ", ".join(_COLUMNS)
 # One statement splits a block's vectors into rows inside SQLite: a Python tuple per row cost twice as much.

@@ -29,6 +29,7 @@ from pipeline.outcome import RESULT_SCHEMA, Outcome, RunStats
 from pipeline.pricing import Price, no_price_warning, price_for
 from pipeline.providers import Provider, provider_for
 from pipeline.render import KeptChunks, Renderer, key_id
+from pipeline.rowprints import RowPrints
 from pipeline.sink import OutputPaths, PartWriter, check_free_space, claim_output, write_manifest
 from pipeline.source import Source, open_source
 from pipeline.structured import AnswerChecker, columns_of
@@ -172,9 +173,12 @@ def prepare(job: Job, *, mode: str | None = None, base_url: str | None = None, l
             kept = KeptChunks() if mode == "online" else None
             stage = (BatchStage(job.request, job.batch, checked.provider, paths.batches, in_batches)
                      if mode == "batch" else None)  # batch mode always has the journal (checked above)
+            prints = (RowPrints(store.db, str(paths.journal), checked.renderer, checked.source,
+                                retry_failed=retry_failed)
+                      if mode == "online" and isinstance(store, Journal) and not job.request.is_embeddings else None)
             est, todo = estimate_source(job, checked.source, checked.renderer, checked.price, limit=limit,
                                         settled=settled, counted=counted,
-                                        keep=kept.add if kept is not None else stage)
+                                        keep=kept.add if kept is not None else stage, prints=prints)
         finally:
             lookup.close()
         check_free_space(paths, est.rows)

