@@ -1,6 +1,6 @@
 """Benchmark: `pipeline estimate` on a 1,000,000-row Parquet input. Prints rows/s and peak RSS.
 
-Target (issue 2): a million rows in under 60 s on 2 cores, peak RSS under 1 GiB.
+Target (issue 14): a million rows in under 12 s on 2 cores, peak RSS under 400 MiB.
 Run: .venv/bin/python bench/estimate.py [ROWS]
 """
 
@@ -42,8 +42,8 @@ def main() -> None:
     peak_mib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
     print(f"rows: {est['rows']:,}  requests: {est['requests']:,}  prompt tokens: {est['prompt_tokens']:,}")
     print(f"wall: {wall:.1f} s  rows/s: {est['rows'] / wall:,.0f}  peak RSS: {peak_mib:,.0f} MiB")
-    print(f"targets: < 60 s ({'met' if wall < 60 else 'MISSED'}), "
-          f"< 1024 MiB ({'met' if peak_mib < 1024 else 'MISSED'})")
+    print(f"targets: < 12 s ({'met' if wall < 12 else 'MISSED'}), "
+          f"< 400 MiB ({'met' if peak_mib < 400 else 'MISSED'})")
 
 
 if __name__ == "__main__":

@@ -1,8 +1,9 @@
 """Benchmark: what the journal costs, and how fast a nearly finished job resumes.
 
-1. Throughput on the unlimited simulator with and without the journal (target: under 5% slower with it).
+1. Throughput on the unlimited simulator with and without the journal (target: under 3% slower with it).
 2. A 1,000,000-row job that is 99% done (the missing 1% at the end of the input, the worst case): seconds from
-   `pipeline run` starting to the first new request reaching the server (target: under 30 s).
+   `pipeline run` starting to the first new request reaching the server (target: under 5 s). The journal is
+   made as a run killed at 99% leaves it: its answers, and the row prints its start recorded (``prepare``).
 
 Run: .venv/bin/python bench/resume.py [--skip-resume]
 """
@@ -19,6 +20,7 @@ from common import BIN, WORK, clear_output, dataset, sim_stats, simulator, write
 from pipeline.job import Job
 from pipeline.journal import Journal
 from pipeline.outcome import Outcome
+from pipeline.plan import prepare
 from pipeline.render import Renderer
 from pipeline.run import run
 from pipeline.sink import OutputPaths
@@ -37,7 +39,7 @@ def overhead(rows: int = 20_000, rounds: int = 3) -> None:
     best = {k: max(v) for k, v in rates.items()}
     slower = 1 - best[True] / best[False]
     print(f"[1] journal overhead, {rows:,} rows, best of {rounds}: with {best[True]:,.0f} req/s, without "
-          f"{best[False]:,.0f} req/s -> {slower:.1%} slower  [target < 5%]")
+          f"{best[False]:,.0f} req/s -> {slower:.1%} slower  [target < 3%]")
     print(f"    all rounds: with {[round(x) for x in rates[True]]}, without {[round(x) for x in rates[False]]}")
 
 
@@ -64,6 +66,9 @@ def resume(rows: int = 1_000_000, done_share: float = 0.99) -> None:
                                     attempts=1))
         journal.flush()
     journal.close()
+    os.environ.setdefault("OPENAI_API_KEY", "sk-bench")
+    with simulator() as url:  # the killed run's start: it recorded every row's print before sending
+        prepare(job, base_url=url).close()
     print(f"    prepared a journal of {cutoff:,} answered rows in {time.perf_counter() - t:.0f} s")
     with simulator() as url:
         start = time.time()
@@ -75,7 +80,7 @@ def resume(rows: int = 1_000_000, done_share: float = 0.99) -> None:
         raise SystemExit(proc.stderr[-2000:])
     first = stats["first_request_at"] - start if stats["first_request_at"] else float("nan")
     print(f"[2] resume of a {rows:,}-row job {done_share:.0%} done: first new request after {first:.1f} s "
-          f"[target < 30 s]; finished in {total:.1f} s, {stats['requests']:,} requests sent")
+          f"[target < 5 s]; finished in {total:.1f} s, {stats['requests']:,} requests sent")
 
 
 if __name__ == "__main__":

@@ -68,6 +68,7 @@ class EstimateBuilder:
         self.job, self.price = job, price
         self.est = Estimate(job=job.name, model=job.request.model)
         self._seen: set[int] = set()  # 64 bits of each key: a third of the memory of the strings
+        self._over_context: set[int] = set()  # keys of requests over the context window (their repeats are too)
         self._costs = [0.0, 0.0, 0.0, 0.0]
         self._budget_tokens = 0
         self._flat = price is None or price.flat
@@ -91,11 +92,12 @@ class EstimateBuilder:
         costs = self._costs
         per_request = price is not None and not self._flat
         for r in chunk.requests:
-            if ctx is not None and r.budget_tokens > ctx:
+            seen_id = key_id(r.key)
+            if ctx is not None and (r.budget_tokens > ctx or seen_id in self._over_context):
+                self._over_context.add(seen_id)
                 est.over_context_rows += 1
                 if len(est.over_context_ids) < MAX_LISTED_IDS:
                     est.over_context_ids.append(r.row_id)
-            seen_id = key_id(r.key)
             if r.key in done:
                 est.rows_already_done += 1
                 self._seen.add(seen_id)
@@ -116,6 +118,10 @@ class EstimateBuilder:
                 if expected_out is not None:
                     costs[2] += price.cost(Usage(r.prompt_tokens, expected_out))
                     costs[3] += price.cost(Usage(r.prompt_tokens, expected_out), batch=True)
+
+    def counted_before(self, key: str) -> bool:
+        """Whether an earlier chunk had this key: a repeat needs no counting (it is not sent again)."""
+        return key_id(key) in self._seen
 
     def finish(self) -> Estimate:
         """Close the estimate: costs, duration under the limits, warnings."""
@@ -197,7 +203,7 @@ def estimate_source(job: Job, source: Source, renderer: Renderer, price: Price |
     todo: array[int] = array("q")
     for chunk in iter_chunks(source, renderer.columns, limit=limit):
         todo_rows, by_print, new_prints = split_done(prints, chunk) if prints is not None else (chunk, 0, [])
-        rendered = renderer.render_chunk(todo_rows, settled=settled)
+        rendered = renderer.render_chunk(todo_rows, settled=settled, counted_before=builder.counted_before)
         if prints is not None:
             prints.record(rendered, new_prints)
             prints.flush()

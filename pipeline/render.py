@@ -262,14 +262,17 @@ class Renderer:
         return self.bodies.chat(messages)
 
     def render_chunk(self, chunk: pl.DataFrame, settled: Callable[[list[str]], Mapping[str, Any]] | None = None,
-                     counted: Sequence[int] | None = None) -> RenderedChunk:
+                     counted: Sequence[int] | None = None,
+                     counted_before: Callable[[str], bool] | None = None) -> RenderedChunk:
         """Render every row of a chunk, counting prompt tokens in one batch.
 
         ``settled`` (the journal's lookup) maps keys to answers already on record; those requests are not
         sent again, so their tokens are not counted (``prompt_tokens`` is 0) and their answers come back in
         ``RenderedChunk.settled``. Resuming a nearly finished job spends its time where the work is.
         ``counted`` holds prompt tokens by row position from an earlier pass (the estimate), so a run does
-        not tokenize every row twice; rows it has no count for (0) are counted here.
+        not tokenize every row twice; rows it has no count for (0) are counted here. ``counted_before`` says
+        which keys an earlier chunk counted already (the estimate's duplicates): those rows, and repeats of a key
+        within the chunk, are not tokenized again and carry 0 prompt tokens, as they will not be sent.
         """
         rows = chunk.get_column(ROW).to_list()
         ids = chunk.get_column(self.id_column).to_list() if self.id_column else rows
@@ -310,12 +313,21 @@ class Renderer:
         def recorded(row: int) -> int:
             return have[row] if row < n_have else 0
 
-        texts = [t for p in pending if p[5] not in known and not recorded(p[0]) for t in p[3]]
+        repeats: set[int] = set()  # rows whose key is counted elsewhere
+        if counted_before is not None:
+            firsts: set[str] = set()
+            for p in pending:
+                if p[5] in firsts or counted_before(p[5]):
+                    repeats.add(p[0])
+                else:
+                    firsts.add(p[5])
+        texts = [t for p in pending if p[5] not in known and not recorded(p[0]) and p[0] not in repeats
+                 for t in p[3]]
         counts = iter(self.counter.count_texts(texts))
         max_out = self.job.request.max_tokens
         requests = []
         for row, row_id, keep, _msgs, body, key in pending:
-            if key in known:
+            if key in known or row in repeats:
                 tokens = 0
             else:
                 tokens = recorded(row) or self.fixed_tokens + sum(next(counts) for _ in variable)
