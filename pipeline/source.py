@@ -99,6 +99,10 @@ def iter_chunks(source: Source, columns: Sequence[str], *, chunk_rows: int = DEF
     Raises InputError for an empty input or for data polars cannot parse (a ragged CSV row, a corrupt page).
     """
     wanted = [ROW, *dict.fromkeys(columns)]
+    if source.format == "parquet":
+        yield from _parquet_chunks(source, wanted, chunk_rows=chunk_rows, limit=limit, rows=rows,
+                                   except_rows=except_rows)
+        return
     lf = _scan(source.files, source.format)
     # A CSV reader that reads only some columns does not notice a ragged row, and would silently shift data:
     # read every column of a CSV and select afterwards.
@@ -123,6 +127,57 @@ def iter_chunks(source: Source, columns: Sequence[str], *, chunk_rows: int = DEF
         raise InputError(where or f"{source.pattern}: cannot read {source.format} input after row {seen}: "
                                   f"{_polars_reason(e)}") from None
     if seen == 0 and rows is None and except_rows is None:
+        raise InputError(f"{source.pattern}: the input has no rows")
+
+
+def _parquet_chunks(source: Source, wanted: list[str], *, chunk_rows: int, limit: int | None,
+                    rows: Sequence[int] | None, except_rows: Sequence[int] | None) -> Iterator[pl.DataFrame]:
+    """Parquet through pyarrow's batch reader, a row group's pages at a time: polars' streaming engine held
+    ~100 MB more for a 1M-row file (measured 269 against 217 MiB peak), which an estimate feels.
+
+    Positions count across the files in order; ``rows`` / ``except_rows`` (sorted, as a plan makes them) keep
+    or drop positions, and what is kept is gathered into chunks of ``chunk_rows``.
+    """
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    schema = {c: source.schema[c] for c in wanted[1:]}
+    picked = None if rows is None else np.sort(np.asarray(rows, dtype=np.int64))
+    dropped = None if except_rows is None or not len(except_rows) else np.sort(np.asarray(except_rows, np.int64))
+    start, total, held, held_rows = 0, 0, [], 0
+    for f in source.files:
+        try:
+            batches = pq.ParquetFile(f).iter_batches(batch_size=chunk_rows, columns=wanted[1:])
+            for batch in batches:
+                if limit is not None and start >= limit:
+                    break
+                df = pl.from_arrow(batch)
+                assert isinstance(df, pl.DataFrame)
+                if df.schema != schema:
+                    df = df.cast(schema)  # the types the job was checked against (polars' view of the file)
+                end = start + df.height
+                df = df.with_columns(pl.int_range(start, end, dtype=pl.UInt32).alias(ROW)).select(wanted)
+                if limit is not None and end > limit:
+                    df, end = df.head(limit - start), limit
+                for sel, keep in ((picked, True), (dropped, False)):
+                    if sel is not None:
+                        at = sel[np.searchsorted(sel, start):np.searchsorted(sel, end)] - start
+                        mask = np.zeros(df.height, dtype=bool)
+                        mask[at] = True
+                        df = df.filter(pl.Series(mask if keep else ~mask))
+                total += end - start
+                start = end
+                if df.height:
+                    held.append(df)
+                    held_rows += df.height
+                if held_rows >= chunk_rows:
+                    yield pl.concat(held) if len(held) > 1 else held[0]
+                    held, held_rows = [], 0
+        except (OSError, ValueError, pl.exceptions.PolarsError) as e:  # pyarrow's errors are OSError/ValueError
+            raise InputError(f"{f}: cannot read parquet input after row {start}: {_polars_reason(e)}") from None
+    if held:
+        yield pl.concat(held) if len(held) > 1 else held[0]
+    if total == 0 and rows is None and except_rows is None:
         raise InputError(f"{source.pattern}: the input has no rows")
 
 
