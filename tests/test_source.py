@@ -32,6 +32,27 @@ def test_glob_of_files_reads_all_in_order(tmp_path):
     assert got["review_id"].to_list() == df["review_id"].to_list()
 
 
+@pytest.mark.parametrize("fmt", ["parquet", "csv"])
+def test_positions_kept_or_dropped_and_a_limit_across_files(tmp_path, fmt):
+    df = reviews(40).with_columns(pl.col("rating").cast(pl.Int16))
+    (tmp_path / "parts").mkdir()
+    for name, part in (("a", df[:15]), ("b", df[15:])):
+        getattr(part, f"write_{fmt}")(tmp_path / f"parts/{name}.{fmt}")
+    src = open_source(str(tmp_path / f"parts/*.{fmt}"))
+    rows = [3, 14, 15, 16, 39]
+
+    def positions(**kw) -> list[int]:
+        return pl.concat(iter_chunks(src, ["review_id", "rating"], chunk_rows=4, **kw))[ROW].to_list()
+
+    assert positions(rows=rows) == rows
+    assert positions(except_rows=rows) == [i for i in range(40) if i not in rows]
+    assert positions(limit=17) == list(range(17))
+    assert positions(rows=rows, limit=16) == [3, 14, 15]
+    got = pl.concat(iter_chunks(src, ["review_id", "rating"], chunk_rows=4, rows=rows))
+    assert got["review_id"].to_list() == [f"r{i:04d}" for i in rows]
+    assert got.schema["rating"] == src.schema["rating"]  # the types the job was checked against
+
+
 def test_missing_file(tmp_path):
     with pytest.raises(InputError, match="input file not found"):
         open_source(str(tmp_path / "x.parquet"))
