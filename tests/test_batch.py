@@ -11,7 +11,6 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-import pipeline.source
 from pipeline.errors import BudgetExceeded, JobError
 from pipeline.job import Job
 from pipeline.journal import Journal
@@ -311,8 +310,9 @@ def test_a_batch_run_reads_its_input_twice_and_renders_it_once(make_job, sim, mo
     from pipeline.render import Renderer
 
     reads, renders = [], []
-    read_parquet, render_chunk = pipeline.source._parquet_chunks, Renderer.render_chunk
-    monkeypatch.setattr(pipeline.source, "_parquet_chunks", lambda *a, **k: reads.append(1) or read_parquet(*a, **k))
+    collect_batches, render_chunk = pl.LazyFrame.collect_batches, Renderer.render_chunk
+    monkeypatch.setattr(pl.LazyFrame, "collect_batches", lambda self, *a, **k: reads.append(1)
+                        or collect_batches(self, *a, **k))
     monkeypatch.setattr(Renderer, "render_chunk", lambda self, chunk, *a, **k: renders.append(chunk.height)
                         or render_chunk(self, chunk, *a, **k))
     data = pl.concat([reviews(300), reviews(300).with_columns(pl.col("review_id") + "b")])  # half are duplicates
@@ -335,9 +335,9 @@ def test_collecting_in_a_later_run_reads_the_input_twice_too(make_job, sim, monk
         first = run(Job.load(job), base_url=s.base_url, wait=False)
         assert first.stats.pending == 50
         reads = []
-        read_parquet = pipeline.source._parquet_chunks
-        monkeypatch.setattr(pipeline.source, "_parquet_chunks",
-                            lambda *a, **k: reads.append(1) or read_parquet(*a, **k))
+        collect_batches = pl.LazyFrame.collect_batches
+        monkeypatch.setattr(pl.LazyFrame, "collect_batches", lambda self, *a, **k: reads.append(1)
+                            or collect_batches(self, *a, **k))
         time.sleep(0.4)
         second = run(Job.load(job), base_url=s.base_url)
         assert s.stats.batch_lines == 50
