@@ -44,7 +44,7 @@ from pipeline.providers import provider_for
 from pipeline.render import key_id
 from pipeline.sink import OutputPaths, PartWriter
 from pipeline.source import ROW, iter_chunks
-from pipeline.structured import AnswerChecker
+from pipeline.structured import Checker
 
 T = TypeVar("T")
 FINAL = frozenset({"completed", "failed", "expired", "cancelled"})
@@ -61,7 +61,7 @@ class BatchRun:
     tested without sleeping; by default it waits on ``stop``.
     """
 
-    def __init__(self, plan: RunPlan, api: Any, stats: RunStats, *, checker: AnswerChecker | None,
+    def __init__(self, plan: RunPlan, api: Any, stats: RunStats, *, checker: Checker | None,
                  embedding_dims: int | None, stop: threading.Event | None = None,
                  on_batches: Callable[[list[BatchPart]], None] | None = None,
                  wait: Callable[[float], bool] | None = None) -> None:
@@ -209,7 +209,7 @@ class BatchRun:
                                      cost_usd=cost, attempts=1)
         outcome = answered(r.key, a, self.price, attempts=1, latency_ms=None, batch=True)
         if self.checker is not None and outcome.status == "ok":
-            problem = self.checker.problem(outcome.content)
+            problem = self.checker.problem(outcome.content, outcome.tool_calls)
             if problem is not None:
                 return invalid_answer(outcome, problem)
         return outcome
@@ -258,7 +258,7 @@ def write_rows(plan: RunPlan, stage: BatchStage, sink: PartWriter, key_of_row: C
             found = recorded([k for k in keys if k is not None])
             for row, row_id, keep, key in zip(rows, ids, keeps, keys, strict=True):
                 ref = _RowRef(row, row_id, keep)
-                outcome = skipped(stage.skipped.get(row, "skipped")) if key is None else found.get(key)
+                outcome = skipped(*stage.skipped.get(row, ("skipped", None))) if key is None else found.get(key)
                 if outcome is None:
                     stats.pending += 1
                     continue

@@ -77,12 +77,17 @@ def print_estimate(est: Any, console: Console) -> None:
     t.add_row("rows", f"{est.rows:,}")
     if est.rows_skipped:
         t.add_row("rows skipped (null cells)", f"{est.rows_skipped:,}")
+    if est.rows_bad_image:
+        t.add_row("rows failing before the run (bad image)", f"{est.rows_bad_image:,}")
     if est.duplicate_rows:
         t.add_row("duplicate rows (sent once)", f"{est.duplicate_rows:,}")
     t.add_row("requests to send", f"{est.http_requests:,}" + (f" ({est.requests:,} inputs)"
                                                                 if est.http_requests != est.requests else ""))
     kind = "exact" if est.prompt_tokens_exact else est.prompt_tokens_basis.split(" (")[0]
     t.add_row(f"prompt tokens ({kind})", f"{est.prompt_tokens:,}")
+    if est.image_tokens_basis is not None:
+        t.add_row("  of which text", f"{est.prompt_tokens - est.image_tokens:,}")
+        t.add_row("  of which images", f"{est.image_tokens:,}")
     t.add_row("output tokens (upper bound)", f"{est.max_output_tokens:,}")
     if est.expected_output_tokens is not None:
         t.add_row("output tokens (expected)", f"{est.expected_output_tokens:,}")
@@ -102,6 +107,8 @@ def print_estimate(est: Any, console: Console) -> None:
     if not est.prompt_tokens_exact:
         console.print(f"[yellow]prompt tokens, and the costs from them, are approximate:[/] "
                       f"{escape(est.prompt_tokens_basis)}")
+    if est.image_tokens_basis is not None:
+        console.print(f"image tokens: {escape(est.image_tokens_basis)}")
     if est.price:
         console.print(f"prices: ${est.price['input_per_mtok']}/M input, ${est.price['cached_input_per_mtok']}/M "
                       f"cached, ${est.price['output_per_mtok']}/M output; source: {est.price['source']}"
@@ -110,8 +117,31 @@ def print_estimate(est: Any, console: Console) -> None:
         shown = ", ".join(str(i) for i in est.over_context_ids[:20])
         more = f" and {est.over_context_rows - 20:,} more" if est.over_context_rows > 20 else ""
         console.print(f"[yellow]rows over the context window:[/] {shown}{more}")
+    if est.bad_images:
+        print_bad_images(est.bad_images, est.rows_bad_image, console)
     for w in est.warnings:
         console.print(f"[yellow]warning:[/] {escape(w)}")
+
+
+def print_bad_images(bad: list[tuple[Any, str]], total: int, console: Console, shown: int = 20) -> None:
+    """The rows whose image cannot be sent, with why."""
+    console.print(f"[yellow]rows with an image that cannot be sent ({total:,}; they fail alone, nothing else "
+                  "is held up):[/]")
+    for row_id, why in bad[:shown]:
+        console.print(f"  row {escape(str(row_id))}: {escape(why)}")
+    if total > shown:
+        console.print(f"  and {total - shown:,} more")
+
+
+def _shortened(value: Any) -> Any:
+    """A request body with inline images cut to a note of their size: base64 is not for reading."""
+    if isinstance(value, dict):
+        return {k: _shortened(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_shortened(v) for v in value]
+    if isinstance(value, str) and len(value) > 200 and (value.startswith("data:image/") or " " not in value[:200]):
+        return f"{value[:48]}... ({len(value):,} characters of base64)"
+    return value
 
 
 @main.command()
@@ -131,9 +161,14 @@ def validate(job_path: str, n: int) -> None:
     where = provider.base_url(job.api.base_url) + provider.path(job.request.endpoint)
     console.print(f"requests as {job.api.provider} receives them: POST {escape(where)}")
     for req in report.requests:
-        body = json.loads(req.body)
+        body = _shortened(json.loads(req.body))
         console.rule(f"row {req.row_id} - {req.prompt_tokens} prompt tokens")
         console.print_json(data=body)
+    if report.bad_images:
+        print_bad_images(report.bad_images, len(report.bad_images), console)
+        console.print(f"[yellow]{job_path} is valid; {len(report.bad_images):,} row(s) will fail for their image[/] "
+                      f"({len(report.source.files)} input file(s), {len(report.source.columns)} columns)")
+        return
     console.print(f"[green]ok:[/] {job_path} is valid ({len(report.source.files)} input file(s), "
                   f"{len(report.source.columns)} columns)")
 

@@ -21,7 +21,7 @@ from pipeline.job import Job
 from pipeline.pricing import Price, Usage, no_price_warning, price_for
 from pipeline.render import RenderedChunk, Renderer, key_id
 from pipeline.rowprints import RowPrints, split_done
-from pipeline.source import Source, iter_chunks, open_source
+from pipeline.source import DEFAULT_CHUNK_ROWS, Source, iter_chunks, open_source
 
 MAX_LISTED_IDS = 1000
 
@@ -34,6 +34,8 @@ class Estimate:
     model: str
     rows: int = 0
     rows_skipped: int = 0
+    rows_bad_image: int = 0                 # rows failed before the run: an image that cannot be sent
+    bad_images: list[tuple[Any, str]] = field(default_factory=list)  # (row id, why), the first MAX_LISTED_IDS
     rows_already_done: int = 0
     requests: int = 0
     http_requests: int = 0
@@ -41,6 +43,9 @@ class Estimate:
     prompt_tokens: int = 0
     prompt_tokens_exact: bool = True        # False: an upper bound, or the tokenizer is only close
     prompt_tokens_basis: str = "tiktoken, exact"
+    image_tokens: int = 0                   # of prompt_tokens, what the images count for
+    image_tokens_basis: str | None = None   # the rule they are counted by (None: no images)
+    url_images: int = 0                     # images sent as URLs, counted at the rule's most
     max_output_tokens: int = 0
     expected_output_tokens: int | None = None
     largest_request_tokens: int = 0
@@ -86,7 +91,14 @@ class EstimateBuilder:
         est, price = self.est, self.price
         est.rows += len(chunk.requests) + len(chunk.skipped) + done_unrendered
         est.rows_already_done += done_unrendered
-        est.rows_skipped += len(chunk.skipped)
+        for s in chunk.skipped:
+            if s.error_type is None:
+                est.rows_skipped += 1
+                continue
+            est.rows_bad_image += 1
+            if len(est.bad_images) < MAX_LISTED_IDS:
+                est.bad_images.append((s.row_id, s.reason))
+        est.url_images += chunk.url_images
         ctx = est.context_window
         expected_out = self.job.estimate.output_tokens
         costs = self._costs
@@ -108,6 +120,7 @@ class EstimateBuilder:
             self._seen.add(seen_id)
             est.requests += 1
             est.prompt_tokens += r.prompt_tokens
+            est.image_tokens += r.image_tokens
             est.max_output_tokens += r.max_output_tokens
             self._budget_tokens += r.budget_tokens
             est.largest_request_tokens = max(est.largest_request_tokens, r.budget_tokens)
@@ -160,6 +173,9 @@ class EstimateBuilder:
         if by_limit:
             est.binding_limit = max(by_limit, key=lambda k: by_limit[k])
             est.duration_s = by_limit[est.binding_limit]
+        if est.rows_bad_image:
+            est.warnings.append(f"{est.rows_bad_image} row(s) have an image that cannot be sent; they fail before "
+                                "the run (`pipeline validate` lists them)")
         if est.over_context_rows:
             what = ("input limit" if self.job.request.is_embeddings
                     else "context window")
@@ -197,11 +213,19 @@ def estimate_source(job: Job, source: Source, renderer: Renderer, price: Price |
     the rows rendered are recorded for the next run.
     """
     builder = EstimateBuilder(job, price)
-    builder.est.prompt_tokens_exact, builder.est.prompt_tokens_basis = counting_basis(renderer, job.api.provider)
+    est = builder.est
+    est.prompt_tokens_exact, est.prompt_tokens_basis = counting_basis(renderer, job.api.provider)
+    if job.request.tools and est.prompt_tokens_exact:
+        est.prompt_tokens_exact = False
+        est.prompt_tokens_basis = "close (tiktoken; the tool definitions counted as their JSON)"
+    if job.request.images:
+        est.image_tokens_basis = renderer.image_rule.name
+        est.prompt_tokens_exact = est.prompt_tokens_exact and renderer.image_rule.exact
     if exact is not None:
-        builder.est.prompt_tokens_exact, builder.est.prompt_tokens_basis = True, "counted by the provider, exact"
+        est.prompt_tokens_exact, est.prompt_tokens_basis = True, "counted by the provider, exact"
     todo: array[int] = array("q")
-    for chunk in iter_chunks(source, renderer.columns, limit=limit):
+    for chunk in iter_chunks(source, renderer.columns, chunk_rows=renderer.chunk_rows(DEFAULT_CHUNK_ROWS),
+                             limit=limit):
         todo_rows, by_print, new_prints = split_done(prints, chunk) if prints is not None else (chunk, 0, [])
         rendered = renderer.render_chunk(todo_rows, settled=settled, counted_before=builder.counted_before)
         if prints is not None:
@@ -222,6 +246,9 @@ def estimate_source(job: Job, source: Source, renderer: Renderer, price: Price |
         if on_chunk is not None:
             on_chunk(chunk.height)
     est = builder.finish()
+    if est.url_images and exact is None:
+        est.prompt_tokens_exact = False
+        est.image_tokens_basis = f"{est.image_tokens_basis}; {est.url_images:,} URL image(s) at the most an image costs"
     return est, (None if settled is None or len(todo) == est.rows else todo)
 
 

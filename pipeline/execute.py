@@ -124,7 +124,7 @@ class Scheduler:
             if stopping.is_set():
                 break
             for s in chunk.skipped:
-                self._emit(s.row, self.key_of_row(s), skipped(s.reason))
+                self._emit(s.row, self.key_of_row(s), skipped(s.reason, s.error_type))
             settled = chunk.settled  # looked up in the journal by the renderer, off the event loop
             for req in chunk.requests:
                 if stopping.is_set():

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -22,6 +23,13 @@ ENDPOINTS = ("chat", "embeddings")
 MODES = ("online", "batch")
 EMBEDDING_FORMATS = ("base64", "float")
 ROLES = ("system", "developer", "user", "assistant")
+IMAGE_DETAILS = ("low", "high", "auto")
+IMAGE_POSITIONS = ("after", "before")
+TOOL_CHOICES = ("auto", "required")
+_TOOL_NAME = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")
+# Images a request may carry (OpenAI: 500; Anthropic: 100), from the providers' vision docs.
+MAX_IMAGES = {"anthropic": 100}
+OPENAI_MAX_IMAGES = 500
 DEFAULT_BASE_URL = "https://api.openai.com/v1"
 PROVIDERS = ("openai", "azure", "anthropic", "openai-compatible")
 DEFAULT_BASE_URLS = {"openai": DEFAULT_BASE_URL, "anthropic": "https://api.anthropic.com/v1"}
@@ -42,6 +50,26 @@ class Message:
 
     role: str
     content: str
+
+
+@dataclass(frozen=True)
+class ImageSpec:
+    """One image per row: a template giving an https URL, a local path (relative to the input's folder), or
+    a bare reference to a binary column; ``detail`` where the provider has it."""
+
+    template: str
+    detail: str | None = None
+    where: str = "[request].images"
+
+
+@dataclass(frozen=True)
+class ToolSpec:
+    """One function the model may call: nothing is executed, its arguments are the row's extracted fields."""
+
+    name: str
+    description: str | None
+    parameters: Mapping[str, Any]
+    strict: bool = False
 
 
 @dataclass(frozen=True)
@@ -79,6 +107,10 @@ class RequestSpec:
     batch_tokens: int = 300_000
     max_input_tokens: int = 8192
     mode: str = "online"  # or "batch": the Batch API (half the price, results within 24 h)
+    images: tuple[ImageSpec, ...] = ()
+    image_position: str = "after"  # the images follow the prompt's text in the user message, or precede it
+    tools: tuple[ToolSpec, ...] = ()
+    tool_choice: str = "auto"  # "auto", "required", or one tool's name
 
     @property
     def is_embeddings(self) -> bool:
@@ -445,6 +477,15 @@ def _parse_api(api: _Table, request: RequestSpec) -> ApiSpec:
         for name, value in (("seed", request.seed), ("reasoning_effort", request.reasoning_effort)):
             if value is not None:
                 raise JobError(f"{api.file}: [request].{name} does not apply to provider = \"anthropic\"")
+    if provider == "anthropic":
+        for i, image in enumerate(request.images):
+            if image.detail is not None:
+                raise JobError(f"{api.file}: [request].images[{i}].detail does not apply to provider = \"anthropic\" "
+                               "(Claude has no detail setting; it resizes large images itself)")
+    most_images = MAX_IMAGES.get(provider, OPENAI_MAX_IMAGES)
+    if len(request.images) > most_images:
+        raise JobError(f"{api.file}: [request].images: {len(request.images)} images per request, more than "
+                       f"{provider} takes ({most_images})")
     if provider == "anthropic" and request.is_embeddings:
         raise JobError(f"{api.file}: [request].endpoint = \"embeddings\": Anthropic has no embeddings API; use "
                        'an embeddings provider (provider = "openai", "azure" or "openai-compatible")')
@@ -518,6 +559,14 @@ def _parse_request(req: _Table, base: Path) -> RequestSpec:
         from pipeline.structured import check_schema
 
         check_schema(schema, schema_where)
+    tools = _parse_tools(req)
+    if tools and schema is not None:
+        raise req.fail("tools", "conflicts with [request].response_schema: give one of them (tool arguments are "
+                                "already typed columns)")
+    tool_choice = _parse_tool_choice(req, tools)
+    position = req.str("image_position", "after") or "after"
+    if position not in IMAGE_POSITIONS:
+        raise req.fail("image_position", f"must be one of {', '.join(IMAGE_POSITIONS)}, got {_shown(position)}")
     spec = RequestSpec(
         endpoint=endpoint,
         model=model,
@@ -534,14 +583,95 @@ def _parse_request(req: _Table, base: Path) -> RequestSpec:
         response_schema=schema,
         schema_retries=req.int("schema_retries", 1, minimum=0) or 0,
         mode=_mode(req),
+        images=_parse_images(req),
+        image_position=position,
+        tools=tools,
+        tool_choice=tool_choice,
     )
     req.done()
     return spec
 
 
+def _parse_images(req: _Table) -> tuple[ImageSpec, ...]:
+    """[request].images: each entry a template string, or a table {source = template, detail = ...}."""
+    raw = req.get("images")
+    if raw is None:
+        return ()
+    if not isinstance(raw, list) or not raw:
+        raise req.fail("images", f"must be a non-empty list of templates or {{source, detail}} tables, got "
+                                 f"{_type_name(raw)}")
+    out = []
+    for i, item in enumerate(raw):
+        key = f"images[{i}]"
+        if isinstance(item, str):
+            item = {"source": item}
+        if not isinstance(item, dict) or not set(item) <= {"source", "detail"} or "source" not in item:
+            raise req.fail(key, "must be a template string or a table with the keys source and (optionally) detail")
+        if not isinstance(item["source"], str) or not item["source"].strip():
+            raise req.fail(f"{key}.source", f"must be a non-empty template string, got {_shown(item['source'])}")
+        detail = item.get("detail")
+        if detail is not None and detail not in IMAGE_DETAILS:
+            raise req.fail(f"{key}.detail", f"must be one of {', '.join(IMAGE_DETAILS)}, got {_shown(detail)}")
+        out.append(ImageSpec(template=item["source"], detail=detail, where=req.where(key)))
+    return tuple(out)
+
+
+def _parse_tools(req: _Table) -> tuple[ToolSpec, ...]:
+    """[[request.tools]]: name, description, JSON Schema parameters, strict; checked like a response schema."""
+    raw = req.get("tools")
+    if raw is None:
+        return ()
+    if not isinstance(raw, list) or not raw:
+        raise req.fail("tools", f"must be a non-empty list of tables ([[request.tools]]), got {_type_name(raw)}")
+    from pipeline.structured import check_schema, check_valid_schema
+
+    out: list[ToolSpec] = []
+    for i, item in enumerate(raw):
+        key = f"tools[{i}]"
+        if not isinstance(item, dict):
+            raise req.fail(key, f"must be a table with name, description and parameters, got {_type_name(item)}")
+        unknown = sorted(set(item) - {"name", "description", "parameters", "strict"})
+        if unknown:
+            raise req.fail(f"{key}.{unknown[0]}", "is not a known key (known keys: description, name, parameters, "
+                                                  "strict)")
+        name = item.get("name")
+        if not isinstance(name, str) or not _TOOL_NAME.match(name):
+            raise req.fail(f"{key}.name", f"must be 1-64 letters, digits, _ or -, got {_shown(name)}")
+        if name in {t.name for t in out}:
+            raise req.fail(f"{key}.name", f"repeats the tool name {_shown(name)}")
+        description = item.get("description")
+        if description is not None and not isinstance(description, str):
+            raise req.fail(f"{key}.description", f"must be a string, got {_type_name(description)}")
+        params = item.get("parameters", {"type": "object", "properties": {}, "required": [],
+                                          "additionalProperties": False})
+        if not isinstance(params, dict):
+            raise req.fail(f"{key}.parameters", f"must be a table (a JSON Schema object), got {_type_name(params)}")
+        strict = item.get("strict", False)
+        if not isinstance(strict, bool):
+            raise req.fail(f"{key}.strict", f"must be true or false, got {_shown(strict)}")
+        where = req.where(f"{key}.parameters")
+        (check_schema if strict else check_valid_schema)(params, where)
+        out.append(ToolSpec(name=name, description=description, parameters=params, strict=strict))
+    return tuple(out)
+
+
+def _parse_tool_choice(req: _Table, tools: tuple[ToolSpec, ...]) -> str:
+    choice = req.str("tool_choice")
+    if choice is None:
+        return "auto"
+    if not tools:
+        raise req.fail("tool_choice", "needs [[request.tools]]")
+    names = [t.name for t in tools]
+    if choice not in TOOL_CHOICES and choice not in names:
+        raise req.fail("tool_choice", f"must be auto, required or a tool's name ({', '.join(names)}), got "
+                                      f"{_shown(choice)}")
+    return choice
+
+
 def _parse_embeddings_request(req: _Table) -> RequestSpec:
     for key in ("prompt", "prompt_file", "system", "messages", "max_tokens", "temperature", "top_p", "seed", "stop",
-                "reasoning_effort", "response_schema", "response_schema_file", "schema_retries"):
+                "reasoning_effort", "response_schema", "response_schema_file", "schema_retries", "images",
+                "image_position", "tools", "tool_choice"):
         if req.has(key):
             raise req.fail(key, 'does not apply to endpoint = "embeddings" (its template is [request].input)')
     model = req.str("model", required=True)

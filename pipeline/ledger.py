@@ -182,7 +182,7 @@ class BatchStage:
         self._open: _PartFile | None = None
         self._seen: set[int] = set()
         self._row_keys = bytearray()
-        self.skipped: dict[int, str] = {}
+        self.skipped: dict[int, tuple[str, str | None]] = {}  # row -> (reason, error type)
         self.refused: list[Outcome] = []
 
     def __call__(self, chunk: RenderedChunk) -> None:
@@ -193,7 +193,7 @@ class BatchStage:
         if (grow := (top + 1) * _DIGEST - len(self._row_keys)) > 0:
             self._row_keys += bytes(grow)
         for s in chunk.skipped:
-            self.skipped[s.row] = s.reason
+            self.skipped[s.row] = (s.reason, s.error_type)
         for req in chunk.requests:
             digest = bytes.fromhex(req.key)
             self._row_keys[req.row * _DIGEST:(req.row + 1) * _DIGEST] = digest

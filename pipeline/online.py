@@ -75,8 +75,9 @@ def run_online(plan: RunPlan, *, transport: httpx.AsyncBaseTransport | None = No
             return
         source, renderer = plan.checked.source, plan.checked.renderer
         phases = [{}] if plan.todo is None else [{"rows": plan.todo}, {"except_rows": plan.todo}]
+        rows = renderer.chunk_rows(RUN_CHUNK_ROWS)
         for phase in phases:
-            for c in iter_chunks(source, renderer.columns, chunk_rows=RUN_CHUNK_ROWS, limit=plan.limit, **phase):
+            for c in iter_chunks(source, renderer.columns, chunk_rows=rows, limit=plan.limit, **phase):
                 yield renderer.render_chunk(c, settled=lookup, counted=plan.counted)
 
     try:

@@ -64,6 +64,7 @@ class Outcome:
     error_type: str | None = _column(pl.String())
     model: str | None = _column(pl.String())
     embedding: bytes | None = None  # float32 little-endian, for embeddings jobs (a column of its own type)
+    tool_calls: str | None = None  # JSON [{id, name, arguments}], for tool jobs (typed columns in the sink)
     retryable: bool = False  # failed on transient trouble (retries ran out): a plain rerun tries again
 
     def as_duplicate(self) -> Outcome:
@@ -98,7 +99,8 @@ def answered(key: str, a: Answer, price: Price | None, *, attempts: int, latency
                        cost_usd=cost, latency_ms=latency_ms, attempts=attempts,
                        error="the model refused to answer", error_type="refusal", **tokens)
     return Outcome(key, "ok", content=a.content, finish_reason=a.finish_reason, refusal=a.refusal,
-                   model=a.model, cost_usd=cost, latency_ms=latency_ms, attempts=attempts, **tokens)
+                   model=a.model, cost_usd=cost, latency_ms=latency_ms, attempts=attempts,
+                   tool_calls=a.tool_calls, **tokens)
 
 
 def invalid_answer(outcome: Outcome, problem: str) -> Outcome:
@@ -132,8 +134,12 @@ def unsendable_input(key: str, prompt_tokens: int, max_input_tokens: int) -> Out
                    error_type="input_too_long" if prompt_tokens else "empty_input")
 
 
-def skipped(reason: str) -> Outcome:
-    """A row not sent (a null cell under ``skip_nulls``): no request, so no key, tokens or attempts."""
+def skipped(reason: str, error_type: str | None = None) -> Outcome:
+    """A row not sent: skipped (a null cell under ``skip_nulls``), or failed before sending when ``error_type``
+    says why (a bad image). No request, so no key, tokens or attempts; nothing is journaled, so a fixed input
+    is sent on the next run."""
+    if error_type is not None:
+        return Outcome("", "error", attempts=None, error=reason, error_type=error_type)
     return Outcome("", "skipped", attempts=None, error=reason)
 
 

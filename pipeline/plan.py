@@ -32,7 +32,8 @@ from pipeline.render import KeptChunks, Renderer, key_id
 from pipeline.rowprints import RowPrints
 from pipeline.sink import OutputPaths, PartWriter, check_free_space, claim_output, write_manifest
 from pipeline.source import Source, open_source
-from pipeline.structured import AnswerChecker, columns_of
+from pipeline.structured import AnswerChecker, Checker, columns_of
+from pipeline.tools import ToolChecker, argument_columns
 
 IN_BATCH = Outcome("", "in_batch")
 
@@ -71,13 +72,31 @@ def output_key_schema(job: Job, source: Source) -> dict[str, pl.DataType]:
     if clash:
         raise UsageError(f"{job.source}: [input].keep column(s) {', '.join(clash)} clash with result columns of "
                          "the same name; rename them in the input or leave them out of keep")
+    taken = set(schema) | set(RESULT_SCHEMA)
     if job.request.response_schema is not None:
-        taken = set(schema) | set(RESULT_SCHEMA)
         clash = [c for c in columns_of(job.request.response_schema) if c in taken]
         if clash:
             raise UsageError(f"{job.source}: [request].response_schema propert(ies) {', '.join(clash)} would "
                              "clash with output columns of the same name; rename them in the schema")
+    if job.request.tools:
+        names = argument_columns(job.request.tools)
+        clash = [c for c in names if c in taken or c in ("tool_name", "tool_calls")]
+        clash += sorted({c for c in names if names.count(c) > 1})
+        if clash:
+            raise UsageError(f"{job.source}: [[request.tools]] argument column(s) {', '.join(clash)} would clash "
+                             "with output columns of the same name; rename the parameters or the tools")
     return schema
+
+
+def answer_checker(job: Job) -> tuple[Checker | None, dict[str, pl.DataType] | None]:
+    """What checks a job's answers and the typed columns it gives: a response schema's, or the tools'."""
+    req = job.request
+    if req.response_schema is not None:
+        return AnswerChecker(req.response_schema), columns_of(req.response_schema)
+    if req.tools:
+        checker = ToolChecker(req.tools, req.tool_choice)
+        return checker, checker.columns
+    return None, None
 
 
 @dataclass
@@ -109,11 +128,10 @@ class RunPlan:
     def sink(self) -> tuple[PartWriter, Callable[[Any], tuple[Any, ...]]]:
         """The output writer of this run, and the function giving a row's id and kept values."""
         job, c = self.job, self.checked
-        schema = job.request.response_schema
         embeddings = job.request.is_embeddings
         dims = c.provider.embedding_dims(job.request.model, job.request.dimensions) if embeddings else None
-        sink = PartWriter(self.paths, c.key_schema, answer_columns=columns_of(schema) if schema else None,
-                          checker=AnswerChecker(schema) if schema is not None else None,
+        checker, columns = answer_checker(job)
+        sink = PartWriter(self.paths, c.key_schema, answer_columns=columns, checker=checker,
                           embeddings=embeddings, embedding_dims=dims)
         with_id = job.input.id is not None
         keep_index = [job.input.keep.index(c) for c in job.input.keep if c != job.input.id]
@@ -173,9 +191,12 @@ def prepare(job: Job, *, mode: str | None = None, base_url: str | None = None, l
             kept = KeptChunks() if mode == "online" else None
             stage = (BatchStage(job.request, job.batch, checked.provider, paths.batches, in_batches)
                      if mode == "batch" else None)  # batch mode always has the journal (checked above)
+            # No prints for image jobs: a print covers the row's cells, and an image file can change under the
+            # same path (it must then be sent again), so those rows are known by their key, which hashes the bytes.
             prints = (RowPrints(store.db, str(paths.journal), checked.renderer, checked.source,
                                 retry_failed=retry_failed)
-                      if mode == "online" and isinstance(store, Journal) and not job.request.is_embeddings else None)
+                      if mode == "online" and isinstance(store, Journal) and not job.request.is_embeddings
+                      and not job.request.images else None)
             est, todo = estimate_source(job, checked.source, checked.renderer, checked.price, limit=limit,
                                         settled=settled, counted=counted,
                                         keep=kept.add if kept is not None else stage, prints=prints)

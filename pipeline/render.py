@@ -12,6 +12,7 @@ import hashlib
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 import jinja2
@@ -22,6 +23,7 @@ from jinja2.runtime import new_context
 from jinja2.sandbox import SandboxedEnvironment
 
 from pipeline.errors import TemplateError
+from pipeline.images import Image, ImageLoader, ImageProblem, rule_for
 from pipeline.job import Job
 from pipeline.providers import Provider, provider_for
 from pipeline.source import ROW, Source, check_columns
@@ -40,6 +42,7 @@ class Request:
     prompt_tokens: int
     max_output_tokens: int
     keep: tuple[Any, ...]
+    image_tokens: int = 0  # of prompt_tokens, what its images count for
 
     @property
     def budget_tokens(self) -> int:
@@ -49,12 +52,14 @@ class Request:
 
 @dataclass(frozen=True, slots=True)
 class Skipped:
-    """A row not sent because a column its templates use is null and the job says ``skip_nulls``."""
+    """A row not sent: a column its templates use is null and the job says ``skip_nulls``, or (with
+    ``error_type``) its image cannot be sent, which fails the row alone, before the run."""
 
     row: int
     row_id: Any
     reason: str
     keep: tuple[Any, ...]
+    error_type: str | None = None  # set: the row fails before sending (a bad image), it is not skipped
 
 
 @dataclass(frozen=True)
@@ -64,8 +69,10 @@ class RenderedChunk:
     requests: list[Request]
     skipped: list[Skipped]
     settled: Mapping[str, Any] = field(default_factory=dict)  # key -> answer on record (not to be sent)
+    url_images: int = 0  # images sent as URLs: their dimensions, so their tokens, are unknown offline
 
 
+IMAGE_CHUNK_ROWS = 128  # an image job's chunk: 128 inline images of a few hundred KB are tens of MB
 KEEP_BYTES = 32 << 20  # what an estimate pass may keep of rendered requests for the run (~40k short rows)
 _REQUEST_OVERHEAD = 512  # a Request's object, key, id and kept values beside its body (measured ~450)
 
@@ -156,7 +163,11 @@ class Renderer:
         for i, m in enumerate(req.messages):
             self.parts.append(self._compile(m.role, m.content, f"{job.source}: [request].messages[{i}]"))
         self.parts.append(self._compile("input" if req.is_embeddings else "user", req.prompt, req.prompt_source))
+        # Images: a template each, or a bare reference to a binary column (its bytes are the image).
+        self.image_parts = [(self._compile("image", i.template, i.where), i.detail) for i in req.images]
         self.template_columns = self._referenced_columns(source)
+        self._binary = [p.pieces[0][1] if p.pieces is not None and len(p.pieces) == 1 and p.pieces[0][0]
+                        and source.schema[p.pieces[0][1]] == pl.Binary else None for p, _ in self.image_parts]
         # Plain substitutions of string and integer columns render in polars, a chunk at a time: the same text
         # Jinja would produce (nulls as "", integers in decimal), without a Python call per row.
         self.parts = [p if p.pieces is None or all(not is_col or isinstance(source.schema[v], _PLAIN_DTYPES)
@@ -167,6 +178,8 @@ class Renderer:
             check_columns(source, [self.id_column], f"{job.source}: [input].id")
         check_columns(source, job.input.keep, f"{job.source}: [input].keep")
         provider = provider or provider_for(job)
+        self.images = ImageLoader(_input_folder(job.input.path), provider.name) if req.images else None
+        self.image_rule = rule_for(provider.name, req.model)
         self.counter = provider.counter(req.model)
         self.bodies = provider.bodies(req, job.name)
         c = self.counter
@@ -179,6 +192,10 @@ class Renderer:
         # Embeddings rows whose input is a plain substitution go straight from the column to their bodies,
         # without a dict and a message list per row.
         self._direct_input = req.is_embeddings and self.parts[-1].pieces is not None
+
+    def chunk_rows(self, rows: int) -> int:
+        """Rows per chunk: fewer for image jobs, whose bodies carry their images (a chunk's bodies live at once)."""
+        return min(rows, IMAGE_CHUNK_ROWS) if self.image_parts else rows
 
     @property
     def columns(self) -> list[str]:
@@ -209,7 +226,7 @@ class Renderer:
 
     def _referenced_columns(self, source: Source) -> list[str]:
         cols: list[str] = []
-        for p in self.parts:
+        for p in [*self.parts, *(part for part, _ in self.image_parts)]:
             if p.template is None:
                 continue
             names = set(p.variables)
@@ -233,20 +250,57 @@ class Renderer:
             elif prerendered is not None and i in prerendered:
                 content = prerendered[i]
             else:
-                try:
-                    # Template.render copies the globals ChainMap into every context; a prebuilt plain dict
-                    # of globals shared across rows makes rendering ~3x cheaper, which a million rows feel.
-                    ctx = new_context(self.env, p.template.name, p.template.blocks,
-                                      {**self._globals, **values, ROW_VARIABLE: values}, shared=True)
-                    content = self._concat(p.template.root_render_func(ctx))
-                except jinja2.UndefinedError as e:
-                    raise TemplateError(f"{p.source}: row {row_id}: {e.message}") from None
-                except jinja2.exceptions.SecurityError as e:
-                    raise TemplateError(f"{p.source}: row {row_id}: not allowed in a template: {e}") from None
-                except Exception as e:  # a filter failing on this row's data
-                    raise TemplateError(f"{p.source}: row {row_id}: {type(e).__name__}: {e}") from None
+                content = self._render(p, values, row_id)
             messages.append({"role": p.role, "content": content})
         return messages
+
+    def _render(self, p: _Part, values: dict[str, Any], row_id: Any) -> str:
+        """One templated part for one row."""
+        if p.template is None:
+            return p.text
+        try:
+            # Template.render copies the globals ChainMap into every context; a prebuilt plain dict of globals
+            # shared across rows makes rendering ~3x cheaper, which a million rows feel.
+            ctx = new_context(self.env, p.template.name, p.template.blocks,
+                              {**self._globals, **values, ROW_VARIABLE: values}, shared=True)
+            return str(self._concat(p.template.root_render_func(ctx)))
+        except jinja2.UndefinedError as e:
+            raise TemplateError(f"{p.source}: row {row_id}: {e.message}") from None
+        except jinja2.exceptions.SecurityError as e:
+            raise TemplateError(f"{p.source}: row {row_id}: not allowed in a template: {e}") from None
+        except Exception as e:  # a filter failing on this row's data
+            raise TemplateError(f"{p.source}: row {row_id}: {type(e).__name__}: {e}") from None
+
+    def row_images(self, values: dict[str, Any], row_id: Any) -> list[Image]:
+        """The row's images, read and checked; ImageProblem names the image and what is wrong with it."""
+        assert self.images is not None
+        images = []
+        for n, ((part, detail), column) in enumerate(zip(self.image_parts, self._binary, strict=True)):
+            source = values[column] if column is not None else self._render(part, values, row_id)
+            try:
+                images.append(self.images.load(source, detail))
+            except ImageProblem as e:
+                which = f"images[{n}]" if len(self.image_parts) > 1 else "image"
+                raise ImageProblem(f"{which}: {e}") from None
+        most = self.images.limits.request_bytes
+        if most is not None and sum(len(i.data or b"") for i in images) > most:
+            raise ImageProblem(f"the row's images are more than {most / 1e6:g} MB together, more than one request "
+                               "takes")
+        return images
+
+    def check_images(self, chunk: pl.DataFrame) -> list[tuple[Any, str]]:
+        """(row id, why) of each row of a chunk whose images cannot be sent (what ``validate`` lists); the images
+        are read and let go, no body is built."""
+        ids = chunk.get_column(self.id_column if self.id_column else ROW).to_list()
+        bad = []
+        for row_id, values in zip(ids, chunk.select(self.template_columns).iter_rows(named=True), strict=True):
+            if self.job.input.skip_nulls and any(v is None for v in values.values()):
+                continue
+            try:
+                self.row_images(values, row_id)
+            except ImageProblem as e:
+                bad.append((row_id, f"bad image: {e}"))
+        return bad
 
     @staticmethod
     def _render_column(chunk: pl.DataFrame, part: _Part) -> list[str]:
@@ -278,14 +332,15 @@ class Renderer:
         ids = chunk.get_column(self.id_column).to_list() if self.id_column else rows
         keep_cols = [chunk.get_column(c).to_list() for c in self.job.input.keep]
         keeps = list(zip(*keep_cols, strict=True)) if keep_cols else [()] * len(rows)
-        needs_values = self.job.input.skip_nulls or any(
+        needs_values = self.job.input.skip_nulls or bool(self.image_parts) or any(
             p.template is not None and p.pieces is None for p in self.parts)
         values_iter = chunk.select(self.template_columns).iter_rows(named=True) \
             if self.template_columns and needs_values else ({} for _ in rows)
         skip_nulls = self.job.input.skip_nulls
         endpoint = self.job.request.endpoint
-        # (row, id, kept values, the texts of the templated parts, body, key)
-        pending: list[tuple[int, Any, tuple[Any, ...], tuple[str, ...], bytes, str]] = []
+        # (row, id, kept values, the texts of the templated parts, body, key, image tokens)
+        pending: list[tuple[int, Any, tuple[Any, ...], tuple[str, ...], bytes, str, int]] = []
+        url_images = 0
         skipped: list[Skipped] = []
         fast = {i: self._render_column(chunk, p) for i, p in enumerate(self.parts) if p.pieces is not None}
         variable = [i for i, p in enumerate(self.parts) if p.template is not None]
@@ -294,7 +349,7 @@ class Renderer:
             embedding = self.bodies.embedding
             for row, row_id, keep, text in zip(rows, ids, keeps, inputs, strict=True):
                 body = embedding(text)
-                pending.append((row, row_id, keep, (text,), body, request_key(endpoint, body)))
+                pending.append((row, row_id, keep, (text,), body, request_key(endpoint, body), 0))
         else:
             for n, (row, row_id, keep, values) in enumerate(zip(rows, ids, keeps, values_iter, strict=True)):
                 if skip_nulls:
@@ -303,9 +358,21 @@ class Renderer:
                         skipped.append(Skipped(row, row_id, f"skipped: null in column(s) {', '.join(nulls)}", keep))
                         continue
                 msgs = self.render_messages(values, row_id, {i: col[n] for i, col in fast.items()} if fast else None)
-                body = self.body(msgs)
+                image_tokens = 0
+                if self.image_parts:
+                    try:
+                        images = self.row_images(values, row_id)
+                    except ImageProblem as e:
+                        skipped.append(Skipped(row, row_id, f"bad image: {e}", keep, error_type="bad_image"))
+                        continue
+                    body = self.bodies.chat(msgs, images)
+                    image_tokens = sum(self.image_rule.tokens(i) for i in images)
+                    url_images += sum(i.url is not None for i in images)
+                    del images  # the bytes live on in the body alone
+                else:
+                    body = self.body(msgs)
                 pending.append((row, row_id, keep, tuple(msgs[i]["content"] for i in variable), body,
-                                request_key(endpoint, body)))
+                                request_key(endpoint, body), image_tokens))
         known = dict(settled([p[5] for p in pending])) if settled is not None else {}
         have = counted if counted is not None else ()
         n_have = len(have)
@@ -326,10 +393,20 @@ class Renderer:
         counts = iter(self.counter.count_texts(texts))
         max_out = self.job.request.max_tokens
         requests = []
-        for row, row_id, keep, _msgs, body, key in pending:
+        for row, row_id, keep, _msgs, body, key, image_tokens in pending:
             if key in known or row in repeats:
-                tokens = 0
+                tokens = image_tokens = 0
             else:
-                tokens = recorded(row) or self.fixed_tokens + sum(next(counts) for _ in variable)
-            requests.append(Request(row, row_id, key, body, tokens, max_out, keep))
-        return RenderedChunk(requests=requests, skipped=skipped, settled=known)
+                tokens = recorded(row) or self.fixed_tokens + sum(next(counts) for _ in variable) + image_tokens
+            requests.append(Request(row, row_id, key, body, tokens, max_out, keep, image_tokens))
+        return RenderedChunk(requests=requests, skipped=skipped, settled=known, url_images=url_images)
+
+
+def _input_folder(path: str) -> Path:
+    """The folder image paths are relative to: the input file's, or for a glob the folder before its first
+    wildcard."""
+    parts = Path(path).parts
+    for i, part in enumerate(parts):
+        if any(c in part for c in "*?["):
+            return Path(*parts[:i]) if i else Path(".")
+    return Path(path).parent

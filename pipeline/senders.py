@@ -39,7 +39,7 @@ from pipeline.pricing import Price, Usage
 from pipeline.providers.base import Answer, Bodies, EmbeddingAnswer
 from pipeline.render import Request
 from pipeline.retry import RetryPolicy
-from pipeline.structured import AnswerChecker
+from pipeline.structured import Checker
 from pipeline.tokens import ChatTokenCounter
 
 T = TypeVar("T", Answer, EmbeddingAnswer)
@@ -191,7 +191,7 @@ class ChatSender:
     """One row per request. With a response schema, an answer that is not valid JSON for it is asked again up
     to ``schema_retries`` times; every answer paid for is counted."""
 
-    def __init__(self, sending: Sending, *, checker: AnswerChecker | None = None, schema_retries: int = 1,
+    def __init__(self, sending: Sending, *, checker: Checker | None = None, schema_retries: int = 1,
                  counter: ChatTokenCounter | None = None) -> None:
         self.sending, self.checker, self.counter = sending, checker, counter
         self.rounds = 1 + (schema_retries if checker is not None else 0)
@@ -234,7 +234,7 @@ class ChatSender:
                                rejected=rejected)
             if self.checker is None or outcome.status != "ok":
                 return outcome
-            problem = self.checker.problem(got.answer.content)
+            problem = self.checker.problem(got.answer.content, got.answer.tool_calls)
             if problem is None:
                 return outcome
             rejected.append(answer.usage)  # type: ignore[arg-type]
@@ -246,7 +246,7 @@ class ChatSender:
         the request's prompt count and the answer's tokens, marked estimated, never presented as billed."""
         if self.counter is None:
             return a
-        completion = self.counter.count_text(a.content or a.refusal or "")
+        completion = self.counter.count_text((a.content or a.refusal or "") + (a.tool_calls or ""))
         return replace(a, usage=Usage(prompt_tokens=req.prompt_tokens, completion_tokens=completion),
                        usage_estimated=True)
 
@@ -323,7 +323,7 @@ def shared(batch: Sequence[Request], a: EmbeddingAnswer, price: Price | None, di
     return [(batch, block)]
 
 
-def sender_for(spec: RequestSpec, sending: Sending, *, bodies: Bodies, checker: AnswerChecker | None,
+def sender_for(spec: RequestSpec, sending: Sending, *, bodies: Bodies, checker: Checker | None,
                dims: int | None, counter: ChatTokenCounter | None = None) -> Sender:
     """The sender of a job's endpoint (``[request].endpoint``); ``counter`` counts answers sent without usage."""
     if spec.endpoint == "embeddings":

@@ -26,7 +26,7 @@ import pyarrow.parquet as pq
 from pipeline.errors import OutputError
 from pipeline.outcome import RESULT_SCHEMA, Outcome, VectorBlock, output_values
 from pipeline.source import ROW
-from pipeline.structured import AnswerChecker
+from pipeline.structured import Checker
 
 PART_ROWS = 10_000
 PART_VECTOR_BYTES = 32 << 20  # embeddings: parts hold up to this much of vectors (more rows when they are small)
@@ -113,7 +113,7 @@ class PartWriter:
     """Collects result rows and writes them as Parquet parts; ``finish`` compacts them into the output."""
 
     def __init__(self, paths: OutputPaths, key_schema: dict[str, pl.DataType], part_rows: int = PART_ROWS, *,
-                 answer_columns: dict[str, pl.DataType] | None = None, checker: AnswerChecker | None = None,
+                 answer_columns: dict[str, pl.DataType] | None = None, checker: Checker | None = None,
                  embeddings: bool = False, embedding_dims: int | None = None) -> None:
         self.paths = paths
         self.embeddings, self.embedding_dims = embeddings, embedding_dims
@@ -166,7 +166,7 @@ class PartWriter:
         if self.embeddings:
             c["embedding"].append(outcome.embedding if ok else None)
         if self.checker is not None:
-            values = self.checker.values(outcome.content if ok else None)
+            values = self.checker.values(outcome.content, outcome.tool_calls) if ok else self.checker.values(None)
             for name, value in zip(self.answer_columns, values, strict=True):
                 c[name].append(value)
         self._added(1)

@@ -9,7 +9,7 @@ validated against the schema; its top-level properties become typed output colum
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
-from typing import Any
+from typing import Any, Protocol
 
 import jsonschema
 import orjson
@@ -40,15 +40,21 @@ def _types(schema: Mapping[str, Any]) -> set[str]:
     return set(t) if isinstance(t, list) else {t} if isinstance(t, str) else set()
 
 
-def check_schema(schema: Mapping[str, Any], where: str) -> None:
-    """Fail with a JobError unless ``schema`` is valid JSON Schema inside the strict-mode subset."""
+def check_valid_schema(schema: Mapping[str, Any], where: str) -> None:
+    """Fail with a JobError unless ``schema`` is valid JSON Schema for an object (what tools and structured
+    outputs both take)."""
     try:
         jsonschema.validators.validator_for(schema).check_schema(schema)
     except jsonschema.SchemaError as e:
         loc = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in e.absolute_path)
         raise JobError(f"{where}{loc} is not valid JSON Schema: {e.message}") from None
     if "object" not in _types(schema):
-        raise JobError(f"{where} must be an object schema (type = \"object\") for Structured Outputs")
+        raise JobError(f"{where} must be an object schema (type = \"object\")")
+
+
+def check_schema(schema: Mapping[str, Any], where: str) -> None:
+    """Fail with a JobError unless ``schema`` is valid JSON Schema inside the strict-mode subset."""
+    check_valid_schema(schema, where)
     for path, sub in _walk(schema, where):
         if "object" in _types(sub) or "properties" in sub:
             props = list((sub.get("properties") or {}).keys())
@@ -87,6 +93,18 @@ def columns_of(schema: Mapping[str, Any]) -> dict[str, pl.DataType]:
     return {name: dtype_of(sub) for name, sub in (schema.get("properties") or {}).items()}
 
 
+class Checker(Protocol):
+    """What checks a job's answers and turns them into its typed columns (a schema's, or the tools')."""
+
+    def problem(self, content: str | None, tool_calls: str | None = None) -> str | None:
+        """None for a valid answer, else why it is not."""
+        ...
+
+    def values(self, content: str | None, tool_calls: str | None = None) -> list[Any]:
+        """The answer's typed column values (None each when there is no answer)."""
+        ...
+
+
 class AnswerChecker:
     """Parses an answer and validates it against the schema; the reason is what goes in the error column."""
 
@@ -94,7 +112,7 @@ class AnswerChecker:
         self._validator = jsonschema.validators.validator_for(schema)(schema)
         self._columns = columns_of(schema)
 
-    def problem(self, content: str | None) -> str | None:
+    def problem(self, content: str | None, tool_calls: str | None = None) -> str | None:
         """None when ``content`` is valid JSON matching the schema, else why not."""
         if content is None:
             return "the answer has no content"
@@ -102,13 +120,9 @@ class AnswerChecker:
             value = orjson.loads(content)
         except orjson.JSONDecodeError as e:
             return f"the answer is not valid JSON: {e}"
-        error = jsonschema.exceptions.best_match(self._validator.iter_errors(value))
-        if error is not None:
-            where = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in error.absolute_path) or "answer"
-            return f"the answer does not match the schema at {where.lstrip('.')}: {error.message}"
-        return None
+        return schema_problem(self._validator, value, "the answer does not match the schema")
 
-    def values(self, content: str | None) -> list[Any]:
+    def values(self, content: str | None, tool_calls: str | None = None) -> list[Any]:
         """The typed column values of a valid answer (None for each when there is none)."""
         if content is None:
             return [None] * len(self._columns)
@@ -116,8 +130,23 @@ class AnswerChecker:
             data = orjson.loads(content)
         except orjson.JSONDecodeError:
             return [None] * len(self._columns)
-        out = []
-        for name, dtype in self._columns.items():
-            v = data.get(name) if isinstance(data, dict) else None
-            out.append(orjson.dumps(v).decode() if dtype == pl.String() and isinstance(v, dict | list) else v)
-        return out
+        return column_values(self._columns, data)
+
+
+def schema_problem(validator: Any, value: Any, what: str) -> str | None:
+    """Why ``value`` is not valid for the validator's schema (the best match, with its place), or None."""
+    error = jsonschema.exceptions.best_match(validator.iter_errors(value))
+    if error is None:
+        return None
+    where = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in error.absolute_path) or "answer"
+    return f"{what} at {where.lstrip('.')}: {error.message}"
+
+
+def column_values(columns: Mapping[str, pl.DataType], data: Any) -> list[Any]:
+    """An object's top-level properties as typed column values (nested values as JSON text where the column
+    is a string)."""
+    out = []
+    for name, dtype in columns.items():
+        v = data.get(name) if isinstance(data, dict) else None
+        out.append(orjson.dumps(v).decode() if dtype == pl.String() and isinstance(v, dict | list) else v)
+    return out

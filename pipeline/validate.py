@@ -5,12 +5,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from pipeline.job import Job
 from pipeline.plan import check
 from pipeline.providers import Provider
-from pipeline.render import Request
-from pipeline.source import Source, read_head
+from pipeline.render import IMAGE_CHUNK_ROWS, Request
+from pipeline.source import Source, iter_chunks, read_head
 
 
 @dataclass(frozen=True)
@@ -22,12 +23,18 @@ class ValidationReport:
     requests: list[Request]
     provider: Provider
     warnings: list[str] = field(default_factory=list)
+    bad_images: list[tuple[Any, str]] = field(default_factory=list)  # (row id, why): every row's images checked
 
 
 def validate_job(path: str | Path, rows: int = 3) -> ValidationReport:
     """Load the job, run the run plan's checks and render the first ``rows`` rows."""
     checked = check(Job.load(path))
-    head = read_head(checked.source, checked.renderer.columns, max(rows, 1))
-    rendered = checked.renderer.render_chunk(head)
+    renderer = checked.renderer
+    head = read_head(checked.source, renderer.columns, max(rows, 1))
+    rendered = renderer.render_chunk(head)
+    bad: list[tuple[Any, str]] = []
+    if renderer.image_parts:  # every image is read and checked (a run would find a bad one only when it got there)
+        for chunk in iter_chunks(checked.source, renderer.columns, chunk_rows=IMAGE_CHUNK_ROWS):
+            bad.extend(renderer.check_images(chunk))
     return ValidationReport(job=checked.job, source=checked.source, requests=rendered.requests[:rows],
-                            provider=checked.provider, warnings=checked.warnings)
+                            provider=checked.provider, warnings=checked.warnings, bad_images=bad)

@@ -13,7 +13,7 @@ def provider_for(job: Job) -> Provider:
     if name == "anthropic":
         from pipeline.providers.anthropic import AnthropicProvider
 
-        return AnthropicProvider(job.api)
+        return AnthropicProvider(job.api, user_tools=bool(job.request.tools))
     if name == "azure":
         from pipeline.providers.azure import AzureProvider
 

@@ -27,6 +27,7 @@ from typing import Any
 import orjson
 
 from pipeline.errors import AbortError, RateLimited, RowError, TransientError
+from pipeline.images import Image
 from pipeline.job import ApiSpec, RequestSpec
 from pipeline.pricing import Usage
 from pipeline.providers.base import NO_RATE, Answer, BatchResult, EmbeddingAnswer, RateInfo
@@ -110,8 +111,9 @@ def raise_for_status(status: int, headers: Any, body: bytes) -> None:
     raise RowError(text, kind=kind, status=status)
 
 
-def message_answer(data: Any, rate: RateInfo = NO_RATE) -> Answer:
-    """A Message (parsed JSON) as an answer: text blocks joined, or the forced tool's input as JSON."""
+def message_answer(data: Any, rate: RateInfo = NO_RATE, *, user_tools: bool = False) -> Answer:
+    """A Message (parsed JSON) as an answer: text blocks joined, or the forced tool's input as JSON; with the
+    job's own tools (``user_tools``), the text and the calls apart."""
     try:
         blocks = data["content"]
         texts = [b["text"] for b in blocks if b.get("type") == "text"]
@@ -127,15 +129,23 @@ def message_answer(data: Any, rate: RateInfo = NO_RATE) -> Answer:
     except (KeyError, TypeError, AttributeError, ValueError):
         raise TransientError("HTTP 200 with a malformed body (not a Message)", kind="malformed_response",
                              status=200) from None
-    content = orjson.dumps(tools[0].get("input")).decode() if tools else ("".join(texts) if texts else None)
+    text = "".join(texts) if texts else None
+    calls = None
+    if user_tools:
+        content = text
+        calls = orjson.dumps([{"id": b.get("id"), "name": b.get("name"),
+                               "arguments": orjson.dumps(b.get("input")).decode()} for b in tools]).decode() \
+            if tools else None
+    else:
+        content = orjson.dumps(tools[0].get("input")).decode() if tools else text
     refusal = None
     if stop == "refusal":
         refusal, content = content or "the model refused to answer (stop_reason: refusal)", None
     return Answer(content=content, finish_reason=FINISH.get(stop, stop), refusal=refusal, model=data.get("model"),
-                  usage=usage, rate=rate)
+                  usage=usage, rate=rate, tool_calls=calls)
 
 
-def parse_message(status: int, headers: Any, body: bytes) -> Answer:
+def parse_message(status: int, headers: Any, body: bytes, *, user_tools: bool = False) -> Answer:
     """A Messages response: the answer, or the error class that says what to do about it."""
     if status != 200:
         raise_for_status(status, headers, body)
@@ -143,7 +153,7 @@ def parse_message(status: int, headers: Any, body: bytes) -> Answer:
         data = orjson.loads(body)
     except orjson.JSONDecodeError:
         data = None
-    return message_answer(data, parse_rate(headers))
+    return message_answer(data, parse_rate(headers), user_tools=user_tools)
 
 
 def count_answer(status: int, headers: Any, body: bytes) -> int:
@@ -168,6 +178,12 @@ def static_body(spec: RequestSpec, api: ApiSpec) -> dict[str, Any]:
         body["top_p"] = spec.top_p
     if spec.stop:
         body["stop_sequences"] = list(spec.stop)
+    if spec.tools:
+        body["tools"] = [{"name": t.name, **({"description": t.description} if t.description else {}),
+                          "input_schema": dict(t.parameters), **({"strict": True} if t.strict else {})}
+                         for t in spec.tools]
+        body["tool_choice"] = ({"type": "auto"} if spec.tool_choice == "auto" else {"type": "any"}
+                               if spec.tool_choice == "required" else {"type": "tool", "name": spec.tool_choice})
     if spec.response_schema is not None:
         style = structured_style(api, spec.model)
         if style == "json_schema":
@@ -184,6 +200,7 @@ class AnthropicBodies:
 
     def __init__(self, spec: RequestSpec, api: ApiSpec) -> None:
         self.head = static_body(spec, api)
+        self._images_first = spec.image_position == "before"
         style = structured_style(api, spec.model) if spec.response_schema is not None else None
         self.instruction = schema_instruction(spec.response_schema) if style == "none" else None  # type: ignore[arg-type]
         # The tool definition, or the JSON output schema (which the API turns into a system prompt), is prompt
@@ -191,13 +208,19 @@ class AnthropicBodies:
         self._schema_text = (orjson.dumps(self.head["tools"]).decode() if "tools" in self.head else
                              orjson.dumps(spec.response_schema).decode() if "output_config" in self.head else "")
 
-    def chat(self, messages: Sequence[Mapping[str, str]]) -> bytes:
-        """One row's body from its rendered messages."""
+    def chat(self, messages: Sequence[Mapping[str, str]], images: Sequence[Image] = ()) -> bytes:
+        """One row's body from its rendered messages, its images in the user message."""
         system = [m["content"] for m in messages if m["role"] in ("system", "developer")]
         if self.instruction is not None:
             system.append(self.instruction)
-        turns = [{"role": m["role"], "content": m["content"]} for m in messages
-                 if m["role"] not in ("system", "developer")]
+        turns: list[dict[str, Any]] = [{"role": m["role"], "content": m["content"]} for m in messages
+                                       if m["role"] not in ("system", "developer")]
+        if images:
+            parts = [{"type": "image", "source": {"type": "url", "url": i.url} if i.url else
+                      {"type": "base64", "media_type": i.mime, "data": i.base64()}} for i in images]
+            text = [{"type": "text", "text": turns[-1]["content"]}] if turns[-1]["content"] else []
+            turns[-1] = {"role": turns[-1]["role"], "content": [*parts, *text] if self._images_first
+                         else [*text, *parts]}
         body = dict(self.head)
         if system:
             body["system"] = "\n\n".join(system)
@@ -230,8 +253,9 @@ class AnthropicProvider:
 
     name = "anthropic"
 
-    def __init__(self, api: ApiSpec) -> None:
+    def __init__(self, api: ApiSpec, *, user_tools: bool = False) -> None:
         self.api = api
+        self.user_tools = user_tools  # the job has its own tools: answers carry calls, not a forced tool's input
 
     def base_url(self, url: str) -> str:
         """The API's root, with or without ``/v1`` as given (the paths carry it)."""
@@ -267,7 +291,7 @@ class AnthropicProvider:
 
     def chat_answer(self, status: int, headers: Any, body: bytes) -> Answer:
         """A Messages response: the answer, or the error class."""
-        return parse_message(status, headers, body)
+        return parse_message(status, headers, body, user_tools=self.user_tools)
 
     def embeddings_answer(self, status: int, headers: Any, body: bytes,
                           n_inputs: int) -> EmbeddingAnswer:  # pragma: no cover - refused at load
@@ -300,4 +324,4 @@ class AnthropicProvider:
         """One line of a batch's results."""
         from pipeline.providers.anthropic_batch import batch_result
 
-        return batch_result(raw)
+        return batch_result(raw, user_tools=self.user_tools)

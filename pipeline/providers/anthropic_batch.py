@@ -112,7 +112,7 @@ def _error(result: dict[str, Any]) -> ProviderError:
     return cls(f"{type_}: {message}", kind=type_)
 
 
-def batch_result(raw: bytes) -> BatchResult | None:
+def batch_result(raw: bytes, *, user_tools: bool = False) -> BatchResult | None:
     """One result line: ``{custom_id, result: {type: succeeded|errored|canceled|expired, ...}}``."""
     try:
         line = orjson.loads(raw)
@@ -122,7 +122,7 @@ def batch_result(raw: bytes) -> BatchResult | None:
         return None
     if kind == "succeeded":
         try:
-            return BatchResult(key, answer=message_answer(result.get("message")))
+            return BatchResult(key, answer=message_answer(result.get("message"), user_tools=user_tools))
         except ProviderError as e:
             return BatchResult(key, error=e)
     if kind == "errored":

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from pipeline.errors import ProviderError
+from pipeline.images import Image
 from pipeline.job import RequestSpec
 from pipeline.pricing import Usage
 from pipeline.tokens import ChatTokenCounter
@@ -50,6 +51,7 @@ class Answer:
     usage: Usage | None
     rate: RateInfo
     usage_estimated: bool = False
+    tool_calls: str | None = None  # JSON [{id, name, arguments (JSON text)}] when the model called tools
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,8 +77,9 @@ class BatchResult:
 class Bodies(Protocol):
     """The request bodies of one job, in one provider's dialect."""
 
-    def chat(self, messages: Sequence[Mapping[str, str]]) -> bytes:
-        """One row's chat body from its rendered messages (system, few-shot, user)."""
+    def chat(self, messages: Sequence[Mapping[str, str]], images: Sequence[Image] = ()) -> bytes:
+        """One row's chat body from its rendered messages (system, few-shot, user) and its images (in the user
+        message)."""
         ...
 
     def embedding(self, text: str) -> bytes:
