@@ -27,7 +27,7 @@ import orjson
 from aiohttp import web
 
 from pipeline.providers.anthropic import has_json_output
-from pipeline.sim import answers
+from pipeline.sim import answers, vision
 from pipeline.sim.errors import SimFailure
 from pipeline.tokens import get_encoding
 
@@ -132,6 +132,9 @@ class AnthropicService:
                 raise SimFailure(400, f'messages: Unexpected role "{role}". The Messages API accepts a top-level '
                                       "`system` parameter, not 'system' as an input message role.")
             total += 4 + self.tokens(self._text(m.get("content")))
+            for block in m.get("content") if isinstance(m.get("content"), list) else ():
+                if isinstance(block, dict) and block.get("type") == "image":
+                    total += vision.anthropic_block(block)[0]
         if body.get("tools"):
             total += self.tokens(orjson.dumps(body["tools"]).decode())
         fmt = (body.get("output_config") or {}).get("format")
@@ -143,12 +146,25 @@ class AnthropicService:
 
     def answer(self, body: dict[str, Any], input_tokens: int) -> dict[str, Any]:
         """The Message for a checked body (also a batch result's). Raises SimFailure for the test hooks."""
-        last = self._text(body["messages"][-1].get("content"))
+        content_blocks = body["messages"][-1].get("content")
+        last = self._text(content_blocks)
+        notes = [vision.anthropic_block(b)[1] for b in content_blocks if isinstance(b, dict)
+                 and b.get("type") == "image"] if isinstance(content_blocks, list) else []
+        if notes:  # what the simulator "sees": the images' sizes and types
+            last = f"{last}\n\nImages: {'; '.join(notes)}."
         if "SIM_400" in last:
             raise SimFailure(400, "Invalid request (the simulator's SIM_400 hook).")
         max_out = int(body["max_tokens"])
-        tool = next(iter(body.get("tools") or []), None)
-        forced = tool is not None and (body.get("tool_choice") or {}).get("type") == "tool"
+        tools = [t for t in body.get("tools") or [] if isinstance(t, dict)]
+        choice = body.get("tool_choice") or {"type": "auto"}
+        tool = None
+        if tools and choice.get("type") == "tool":
+            tool = next((t for t in tools if t.get("name") == choice.get("name")), None)
+            if tool is None:
+                raise SimFailure(400, f"tool_choice: no tool named {choice.get('name')!r} in tools")
+        elif tools and choice.get("type") != "none" and not (choice.get("type") == "auto" and "SIM_NO_TOOL" in last):
+            tool = vision.pick_tool(tools, last)
+        forced = tool is not None
         fmt = (body.get("output_config") or {}).get("format")
         stop = "end_turn"
         schema = (fmt or {}).get("schema") if fmt else tool.get("input_schema") if forced and tool else None
@@ -157,6 +173,8 @@ class AnthropicService:
             text, stop = "", "refusal"
         elif "SIM_BAD_JSON" in last and schema is not None and not forced:
             text = '{"label": "unterminated'
+        elif forced and "SIM_BAD_TOOL_ARGS" in last:
+            text = '{"amount": "not a number"}'  # Claude's tool input is always JSON; here it breaks the schema
         elif schema is not None:
             value = answers.structured(schema, last)
             text = orjson.dumps(value).decode()

@@ -34,7 +34,7 @@ import orjson
 from aiohttp import web
 
 from pipeline.providers.openai import EMBEDDING_DIMS
-from pipeline.sim import answers
+from pipeline.sim import answers, vision
 from pipeline.sim.batches import BatchService
 from pipeline.sim.errors import SimFailure, error_response
 from pipeline.tokens import ChatTokenCounter, encoding_name_for_model, get_encoding
@@ -161,6 +161,8 @@ class ChatCall:
     max_out: int
     prompt_tokens: int
     counter: ChatTokenCounter
+    prompt: str = ""  # the last message's text
+    images: tuple[str, ...] = ()  # a few words about each image of the last message
 
 
 @dataclass
@@ -459,28 +461,54 @@ class Simulator:
         if not isinstance(messages, list) or not messages:
             raise SimFailure(400, "'messages' must be a non-empty array", param="messages")
         max_out = int(body.get("max_completion_tokens") or body.get("max_tokens") or 0)
+        image_tokens, notes = 0, []
+        flat = []
+        for m in messages:
+            if isinstance(m, dict) and isinstance(m.get("content"), list):  # content parts: text and images
+                texts = []
+                for part in m["content"]:
+                    if not isinstance(part, dict) or part.get("type") not in ("text", "image_url"):
+                        raise SimFailure(400, "Invalid content part: expected type 'text' or 'image_url'.",
+                                         param="messages")
+                    if part["type"] == "text":
+                        texts.append(str(part.get("text", "")))
+                    else:
+                        tokens, note = vision.openai_part(part, model)
+                        image_tokens += tokens
+                        notes.append(note)
+                m = {**m, "content": "".join(texts)}
+            flat.append(m)
         try:
             counter = self.counter(model)
             prompt_tokens = counter.count_messages(
-                {k: v for k, v in m.items() if isinstance(v, str)} for m in messages if isinstance(m, dict))
+                {k: v for k, v in m.items() if isinstance(v, str)} for m in flat if isinstance(m, dict))
         except Exception:
             raise SimFailure(400, "Invalid 'messages'.", param="messages") from None
-        return ChatCall(body, model, messages, max_out, prompt_tokens, counter)
+        if body.get("tools"):  # read by the model: counted as their JSON, as the client's estimate does
+            prompt_tokens += len(counter.encoding.encode_ordinary(orjson.dumps(body["tools"]).decode()))
+        prompt = str(flat[-1].get("content", "")) if isinstance(flat[-1], dict) else ""
+        return ChatCall(body, model, messages, max_out, prompt_tokens + image_tokens, counter, prompt, tuple(notes))
 
     def chat_answer(self, call: ChatCall) -> dict[str, Any]:
         """The chat completion for an admitted call (also a Batch API line's body); raises SimFailure."""
-        model, messages, max_out, prompt_tokens = call.model, call.messages, call.max_out, call.prompt_tokens
+        model, max_out, prompt_tokens = call.model, call.max_out, call.prompt_tokens
         if prompt_tokens + max_out > self.config.context_window:
             raise SimFailure(400, f"This model's maximum context length is {self.config.context_window} tokens. "
                                   f"However, you requested {prompt_tokens + max_out} tokens "
                                   f"({prompt_tokens} in the messages, {max_out} in the completion).",
                              code="context_length_exceeded", param="messages")
-        prompt = str(messages[-1].get("content", "")) if isinstance(messages[-1], dict) else ""
+        prompt = call.prompt
+        if call.images:  # what the simulator "sees": the images' sizes and types
+            prompt = f"{prompt}\n\nImages: {'; '.join(call.images)}."
         if "SIM_400" in prompt:
             raise SimFailure(400, "Invalid request (the simulator's SIM_400 hook).")
         content: str | None
         refusal = None
+        tool_calls = None
         fmt = call.body.get("response_format") or {}
+        tools = [t["function"] for t in call.body.get("tools") or [] if isinstance(t, dict) and "function" in t]
+        choice = call.body.get("tool_choice", "auto")
+        calls_tool = bool(tools) and choice != "none" and not (choice == "auto" and "SIM_NO_TOOL" in prompt)
         if "SIM_REFUSE" in prompt:
             content, refusal = None, "I'm sorry, I can't help with that request."
         elif "SIM_BAD_JSON" in prompt and fmt.get("type") in ("json_schema", "json_object"):
@@ -492,19 +520,32 @@ class Simulator:
             content = orjson.dumps(answers.structured(fmt["schema"], prompt)).decode()
         elif fmt.get("type") == "json_object":
             content = orjson.dumps({"answer": answers.summary(prompt)}).decode()
+        elif calls_tool:
+            named = choice.get("function", {}).get("name") if isinstance(choice, dict) else None
+            tool = next((t for t in tools if t.get("name") == named), None) if named else vision.pick_tool(tools,
+                                                                                                           prompt)
+            if tool is None:
+                raise SimFailure(400, f"Invalid 'tool_choice': no function named {named!r} in 'tools'.",
+                                 param="tool_choice")
+            content = None
+            tool_calls = [{"id": f"call_sim{self.stats.requests}", "type": "function", "function": {
+                "name": tool["name"], "arguments": vision.tool_arguments(tool.get("parameters") or {}, prompt)}}]
         else:
             content = answers.summary(prompt)
         enc = call.counter.encoding
-        finish = "stop"
-        completion = len(enc.encode_ordinary(content or refusal or ""))
+        finish = "stop" if tool_calls is None else "tool_calls"
+        completion = len(enc.encode_ordinary(content or refusal or (orjson.dumps(tool_calls).decode()
+                                                                     if tool_calls else "")))
         if max_out and completion > max_out and content is not None:
             content = enc.decode(enc.encode_ordinary(content)[:max_out])
             completion, finish = max_out, "length"
+        message: dict[str, Any] = {"role": "assistant", "content": content, "refusal": refusal}
+        if tool_calls is not None:
+            message["tool_calls"] = tool_calls
         return {
             "id": f"chatcmpl-sim{self.stats.requests}", "object": "chat.completion", "created": int(time.time()),
             "model": model, "system_fingerprint": "fp_sim", "service_tier": "default",
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": content, "refusal": refusal},
-                         "finish_reason": finish, "logprobs": None}],
+            "choices": [{"index": 0, "message": message, "finish_reason": finish, "logprobs": None}],
             "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
                       "total_tokens": prompt_tokens + completion,
                       "prompt_tokens_details": {"cached_tokens": 0, "audio_tokens": 0},

@@ -1,0 +1,105 @@
+"""The simulator's images and tools, for both dialects: image parts decoded and counted by the same documented
+rules the client's estimate uses (``pipeline.images``), refused the way the providers refuse them, and tool
+calls answered with arguments valid for the tool's schema.
+
+Unlike the client, which reads only an image's header, the simulator decodes every inline image, so a file
+whose header is fine but whose data is cut short is refused here, as a provider refuses it.
+"""
+
+from __future__ import annotations
+
+from io import BytesIO
+from typing import Any
+
+import orjson
+import pybase64
+
+from pipeline.images import Image, ImageProblem, check, limits_for, rule_for
+from pipeline.sim import answers
+from pipeline.sim.errors import SimFailure
+
+
+def _decoded(data: bytes, provider: str, detail: str | None) -> Image:
+    """Inline bytes checked and fully decoded; SimFailure with the provider's kind of message otherwise."""
+    from PIL import Image as PILImage
+
+    try:
+        image = check(data, limits_for(provider), detail)
+        with PILImage.open(BytesIO(data)) as im:
+            im.load()  # the whole image: a truncated file fails here
+    except ImageProblem as e:
+        raise SimFailure(400, f"Invalid image: {e}", code="invalid_image_format", param="messages") from None
+    except Exception as e:  # Pillow's decoders raise many kinds
+        raise SimFailure(400, f"Invalid image: the image data could not be decoded ({type(e).__name__})",
+                         code="invalid_image_format", param="messages") from None
+    return image
+
+
+def openai_part(part: dict[str, Any], model: str) -> tuple[int, str]:
+    """(tokens, a few words about it) of one ``image_url`` content part."""
+    spec = part.get("image_url")
+    url = spec.get("url") if isinstance(spec, dict) else None
+    if not isinstance(url, str):
+        raise SimFailure(400, "Invalid 'image_url': expected an object with a 'url'.", param="messages")
+    detail = spec.get("detail") if isinstance(spec, dict) else None  # type: ignore[union-attr]
+    if detail not in (None, "low", "high", "auto"):
+        raise SimFailure(400, f"Invalid value for 'detail': {detail!r}.", param="messages")
+    rule = rule_for("openai", model)
+    if url.startswith("data:"):
+        head, _, b64 = url.partition(",")
+        if not head.endswith(";base64"):
+            raise SimFailure(400, "Invalid image URL: a data URL must be base64.", code="invalid_image_url")
+        try:
+            data = pybase64.b64decode(b64, validate=True)
+        except ValueError:
+            raise SimFailure(400, "Invalid image: the base64 data is not valid.", code="invalid_image_format") from None
+        image = _decoded(data, "openai", detail)
+        return rule.tokens(image), f"a {image.width}x{image.height} {image.mime} image"
+    if not url.startswith(("https://", "http://")):
+        raise SimFailure(400, "Invalid image URL: expected a URL or a base64 data URL.", code="invalid_image_url")
+    return rule.tokens(Image(url=url, detail=detail)), "an image at a URL"
+
+
+def anthropic_block(block: dict[str, Any]) -> tuple[int, str]:
+    """(tokens, a few words about it) of one Messages ``image`` block."""
+    source = block.get("source")
+    if not isinstance(source, dict):
+        raise SimFailure(400, "messages: image.source: Field required")
+    rule = rule_for("anthropic", "")
+    if source.get("type") == "url":
+        return rule.tokens(Image(url=str(source.get("url")))), "an image at a URL"
+    if source.get("type") != "base64":
+        raise SimFailure(400, "messages: image.source.type: Input should be 'base64' or 'url'")
+    media = source.get("media_type")
+    if media not in ("image/jpeg", "image/png", "image/gif", "image/webp"):
+        raise SimFailure(400, f"messages: image.source.media_type: Input should be 'image/jpeg', 'image/png', "
+                              f"'image/gif' or 'image/webp', got {media!r}")
+    try:
+        data = pybase64.b64decode(str(source.get("data", "")), validate=True)
+    except ValueError:
+        raise SimFailure(400, "messages: image.source.data: invalid base64 data") from None
+    image = _decoded(data, "anthropic", None)
+    if image.mime != media:
+        raise SimFailure(400, f"messages: Image does not match the provided media type {media}")
+    return rule.tokens(image), f"a {image.width}x{image.height} {image.mime} image"
+
+
+def pick_tool(tools: list[dict[str, Any]], prompt: str) -> dict[str, Any]:
+    """The tool whose name and description share the most words with the prompt (a stable choice on ties):
+    plausible routing, not a model's judgement."""
+    words = set(prompt.lower().replace(",", " ").replace(".", " ").split())
+
+    def overlap(t: dict[str, Any]) -> int:
+        text = f"{t.get('name', '')} {t.get('description', '')}".lower().replace("_", " ")
+        return len(words & set(text.replace(",", " ").replace(".", " ").split()))
+
+    best = max(overlap(t) for t in tools)
+    tied = [t for t in tools if overlap(t) == best]
+    return tied[answers._seed(prompt) % len(tied)]
+
+
+def tool_arguments(schema: dict[str, Any], prompt: str) -> str:
+    """Arguments valid for a tool's schema (the SIM_BAD_TOOL_ARGS hook: invalid JSON, as a model can write)."""
+    if "SIM_BAD_TOOL_ARGS" in prompt:
+        return '{"amount": '
+    return orjson.dumps(answers.structured(schema, prompt)).decode()
