@@ -352,3 +352,54 @@ def test_azure_deployment_urls_with_an_api_version_online_and_in_batch(make_job,
             assert s.stats.by_dialect == {"azure": 20}
     out = pl.read_parquet("out/result.parquet")
     assert out.height == 20 and (out["status"] == "ok").all() and out["stars"].dtype == pl.Int64
+
+
+TOOLS = textwrap.dedent('''\
+    tool_choice = "required"
+    [[request.tools]]
+    name = "refund"
+    description = "Refund an order the customer wants their money back for."
+    [request.tools.parameters]
+    type = "object"
+    additionalProperties = false
+    required = ["amount"]
+    [request.tools.parameters.properties.amount]
+    type = "number"
+    [[request.tools]]
+    name = "escalate"
+    description = "Escalate to a human team."
+    [request.tools.parameters]
+    type = "object"
+    additionalProperties = false
+    required = ["team"]
+    [request.tools.parameters.properties.team]
+    type = "string"
+    enum = ["security", "billing"]''')
+
+
+@pytest.mark.parametrize("mode", ["online", "batch"])
+def test_images_and_tools_on_every_provider(make_job, sim, tmp_path, mode):
+    """A job with an image per row and two tools, with only [api] changed: the same routes and typed columns on
+    every provider, online and in batch mode."""
+    from PIL import Image
+
+    for i in range(4):
+        Image.new("RGB", (60 + 20 * i, 40), (40 * i, 90, 200)).save(tmp_path / f"p{i}.png")
+    data = pl.DataFrame({"review_id": [f"r{i}" for i in range(4)], "product": ["x"] * 4,
+                         "text": ["refund my money back", "escalate to a human team"] * 2,
+                         "file": [f"p{i}.png" for i in range(4)]})
+    routes, schemas = {}, {}
+    for provider in MODELS:
+        with sim(batch_delay_s=0.3) as s:
+            request = (f'model = "{MODELS[provider]}"\nprompt = "Ticket: {{{{ text }}}}"\nmax_tokens = 60\n'
+                       f'mode = "{mode}"\nimages = ["{{{{ file }}}}"]\n{TOOLS}')
+            job = make_job(data=data, request=request, output=f'path = "out/{provider}.parquet"',
+                           extra=f"{api_table(provider, s.base_url)}\n[batch]\npoll_interval_s = 0.05\n")
+            result = run(Job.load(job))
+            assert result.exit_code == 0, (provider, result.stopped, result.stats.errors)
+        out = pl.read_parquet(f"out/{provider}.parquet").sort("review_id")
+        routes[provider] = out["tool_name"].to_list()
+        schemas[provider] = {k: v for k, v in out.schema.items() if k.startswith(("refund", "escalate", "tool"))}
+        assert (out["prompt_tokens"] > 0).all()
+    assert all(r == ["refund", "escalate"] * 2 for r in routes.values()), routes
+    assert all(s == schemas["openai"] for s in schemas.values()), schemas

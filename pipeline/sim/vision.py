@@ -84,14 +84,19 @@ def anthropic_block(block: dict[str, Any]) -> tuple[int, str]:
     return rule.tokens(image), f"a {image.width}x{image.height} {image.mime} image"
 
 
+def _stems(text: str) -> set[str]:
+    """The words of a text that carry meaning, cut to five letters ("refunded" meets "refund")."""
+    cleaned = "".join(c if c.isalnum() else " " for c in text.lower())
+    return {w[:5] for w in cleaned.split() if len(w) >= 4}
+
+
 def pick_tool(tools: list[dict[str, Any]], prompt: str) -> dict[str, Any]:
     """The tool whose name and description share the most words with the prompt (a stable choice on ties):
     plausible routing, not a model's judgement."""
-    words = set(prompt.lower().replace(",", " ").replace(".", " ").split())
+    words = _stems(prompt)
 
     def overlap(t: dict[str, Any]) -> int:
-        text = f"{t.get('name', '')} {t.get('description', '')}".lower().replace("_", " ")
-        return len(words & set(text.replace(",", " ").replace(".", " ").split()))
+        return len(words & _stems(f"{t.get('name', '')} {t.get('description', '')}".replace("_", " ")))
 
     best = max(overlap(t) for t in tools)
     tied = [t for t in tools if overlap(t) == best]
