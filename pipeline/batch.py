@@ -18,6 +18,7 @@ import contextlib
 import json
 import signal
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -118,7 +119,7 @@ class BatchRun:
 
         batch = self._provider(create, f"creating the batch of {file_id}")
         self.ledger.update_part(part.part, batch_id=str(batch["id"]), status=str(batch.get("status")),
-                                 counts=_counts(batch))
+                                 counts=_counts(batch), submitted_at=time.time())
         self.stats.requests_sent += part.requests
         Path(part.path).unlink(missing_ok=True)  # the provider holds the file now
         self._report()
@@ -311,7 +312,8 @@ def run_batches(plan: RunPlan, stage: BatchStage, *, wait: bool = True,
         extra["estimate"] = json.loads(submitted)
     extra["batches"] = [{"part": p.part, "batch_id": p.batch_id, "input_file_id": p.file_id, "status": p.status,
                          "request_counts": json.loads(p.counts) if p.counts else None, "requests": p.requests,
-                         "collected": p.collected} for p in plan.ledger.parts()]
+                         "collected": p.collected, "written_at": p.created_at, "submitted_at": p.submitted_at,
+                         "collected_at": p.collected_at} for p in plan.ledger.parts()]
     extra["totals"] = {"rows_pending_in_batches": stats.pending}
     status = "stopped" if stopped is not None else "submitted" if stats.pending else "complete"
     return Ending(stats, stopped, rows, status=status, manifest=extra)

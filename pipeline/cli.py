@@ -345,12 +345,20 @@ def batches(args: tuple[str, ...], base_url: str | None, offline: bool) -> None:
 @main.command()
 @click.argument("output", type=click.Path(dir_okay=False))
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@click.option("--html", "html_path", is_flag=False, flag_value="", default=None, metavar="[FILE]",
+              help="Write a self-contained HTML report with charts (default: beside the output).")
 @handle_errors
-def report(output: str, as_json: bool) -> None:
+def report(output: str, as_json: bool, html_path: str | None) -> None:
     """Totals, cost, errors by type and latency percentiles of an output file."""
     from pipeline.report import build_report
 
     r = build_report(output)
+    if html_path is not None:
+        from pipeline.report_html import write_html_report
+
+        written = write_html_report(output, html_path or None)
+        click.echo(f"wrote {written}")
+        return
     if as_json:
         click.echo(json.dumps(r, indent=2, default=str))
         return

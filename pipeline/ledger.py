@@ -37,7 +37,8 @@ CREATE TABLE IF NOT EXISTS batch_parts (
 CREATE TABLE IF NOT EXISTS batch_items (key TEXT PRIMARY KEY, part INTEGER);
 """
 _PART_COLUMNS = ("part, path, requests, bytes, file_id, batch_id, status, counts, output_file_id, error_file_id, "
-                 "created_at, collected")
+                 "created_at, collected, submitted_at, collected_at")
+_ADDED_COLUMNS = ("submitted_at", "collected_at")  # a ledger made before they were added gets them on open
 
 
 @dataclass(frozen=True)
@@ -56,8 +57,16 @@ class BatchPart:
     counts: str | None = None          # the provider's request_counts, as JSON
     output_file_id: str | None = None
     error_file_id: str | None = None
-    created_at: float | None = None
+    created_at: float | None = None    # when the input file was written
     collected: bool = False
+    submitted_at: float | None = None  # when its batch was created at the provider
+    collected_at: float | None = None  # when its results were collected
+
+
+def _part(row: Sequence[Any]) -> BatchPart:
+    values = list(row)
+    values[11] = bool(values[11])
+    return BatchPart(*values)
 
 
 class BatchLedger:
@@ -67,6 +76,9 @@ class BatchLedger:
         self._journal = journal
         self._db = journal.db
         self._db.executescript(_CREATE)
+        have = {str(r[1]) for r in self._db.execute("PRAGMA table_info(batch_parts)")}
+        for name in (c for c in _ADDED_COLUMNS if c not in have):
+            self._db.execute(f"ALTER TABLE batch_parts ADD COLUMN {name} REAL")
 
     def add_part(self, path: str, keys: Sequence[str], size: int) -> BatchPart:
         """Record a written batch input file and the request keys in it, in one transaction."""
@@ -87,7 +99,7 @@ class BatchLedger:
     def part(self, part: int) -> BatchPart | None:
         """One part by number."""
         row = self._db.execute(f"SELECT {_PART_COLUMNS} FROM batch_parts WHERE part = ?", (part,)).fetchone()
-        return None if row is None else BatchPart(*row[:-1], collected=bool(row[-1]))
+        return None if row is None else _part(row)
 
     def _get(self, part: int) -> BatchPart:
         found = self.part(part)
@@ -98,7 +110,7 @@ class BatchLedger:
         """Every part in order; with ``active``, those whose results are not collected yet."""
         where = " WHERE collected = 0" if active else ""
         rows = self._db.execute(f"SELECT {_PART_COLUMNS} FROM batch_parts{where} ORDER BY part")
-        return [BatchPart(*r[:-1], collected=bool(r[-1])) for r in rows]
+        return [_part(r) for r in rows]
 
     def part_keys(self, part: int) -> list[str]:
         """The request keys a part carries."""
@@ -115,7 +127,8 @@ class BatchLedger:
         collection leaves it uncollected, and the rerun downloads its results again."""
         with self._journal.transaction():
             self._journal.insert(outcomes)
-            self._db.execute("UPDATE batch_parts SET collected = 1 WHERE part = ?", (part,))
+            self._db.execute("UPDATE batch_parts SET collected = 1, collected_at = ? WHERE part = ?",
+                             (time.time(), part))
 
 
 def describe_part(part: BatchPart) -> str:

@@ -11,10 +11,12 @@ answer column is one new field, and the sink, the journal and the output schema 
 
 from __future__ import annotations
 
+import math
 import time
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field, fields, replace
+from itertools import pairwise
 from operator import attrgetter
 from typing import Any, Literal
 
@@ -231,6 +233,36 @@ class RunStats:
     cost_usd: float = 0.0
     errors: Counter[str] = field(default_factory=Counter)
     started: float = field(default_factory=time.monotonic)
+    # the running totals at the first event of each second: what the report's timeline charts are made from
+    _samples: list[tuple[float, ...]] = field(default_factory=list, repr=False)
+    _second: int = field(default=-1, repr=False)
+
+    def tick(self) -> None:
+        """Note the totals once a second (at the second's first event): a compact timeline of the run."""
+        second = int(time.monotonic() - self.started)
+        if second != self._second:
+            self._second = second
+            self._samples.append(self._totals(second))
+
+    def _totals(self, at: float) -> tuple[float, ...]:
+        return (at, self.requests_sent, self.ok, self.failed, self.rate_limited, self.retries,
+                self.prompt_tokens + self.completion_tokens, self.cost_usd)
+
+    def timeline(self, most_points: int = 1800) -> dict[str, Any]:
+        """Per-bucket counts of the run (requests sent, answers, failures, 429s, retries, tokens, dollars);
+        buckets are a second, or wider for a run longer than ``most_points`` seconds."""
+        samples = [(0.0, 0, 0, 0, 0, 0, 0, 0.0), *self._samples, self._totals(round(self.elapsed_s, 3))]
+        end = samples[-1][0]
+        bucket = max(1, math.ceil(end / most_points))
+        n = int(end // bucket) + 1
+        names = ("requests", "ok", "failed", "rate_limited", "retries", "tokens", "cost_usd")
+        series: dict[str, list[float]] = {name: [0] * n for name in names}  # type: ignore[misc]
+        for before, after in pairwise(samples):
+            slot = min(int(before[0] // bucket), n - 1)  # what happened since the last sample, at its second
+            for i, name in enumerate(names, start=1):
+                series[name][slot] += after[i] - before[i]
+        series["cost_usd"] = [round(c, 8) for c in series["cost_usd"]]
+        return {"bucket_s": bucket, "t": [i * bucket for i in range(n)], **series}
 
     @property
     def elapsed_s(self) -> float:
@@ -254,6 +286,7 @@ class RunStats:
 
     def count(self, outcome: Outcome, *, deduplicated: bool = False, resumed: bool = False) -> None:
         """One row written to the output with ``outcome`` (either mode counts rows the same way)."""
+        self.tick()
         self.rows_done += 1
         if outcome.status == "ok":
             self.ok += 1

@@ -30,12 +30,13 @@ from pipeline.pricing import Price, no_price_warning, price_for
 from pipeline.providers import Provider, provider_for
 from pipeline.render import KeptChunks, Renderer, key_id
 from pipeline.rowprints import RowPrints
-from pipeline.sink import OutputPaths, PartWriter, check_free_space, claim_output, write_manifest
+from pipeline.sink import OutputPaths, PartWriter, check_free_space, claim_output, read_manifest, write_manifest
 from pipeline.source import Source, open_source
 from pipeline.structured import AnswerChecker, Checker, columns_of
 from pipeline.tools import ToolChecker, argument_columns
 
 IN_BATCH = Outcome("", "in_batch")
+MAX_RUNS = 50  # runs kept in the manifest's history
 
 
 @dataclass(frozen=True)
@@ -117,6 +118,7 @@ class RunPlan:
     stage: BatchStage | None                # Batch API mode: the files the estimate pass wrote
     limit: int | None
     retry_failed: bool
+    fresh: bool = False                     # the journal was set aside: earlier runs are not this one's history
     started: datetime = field(default_factory=lambda: datetime.now(tz=UTC))
     t0: float = field(default_factory=time.monotonic)
 
@@ -210,7 +212,7 @@ def prepare(job: Job, *, mode: str | None = None, base_url: str | None = None, l
         raise
     return RunPlan(checked=checked, mode=mode, url=url, api_key=key, paths=paths, store=store, ledger=ledger,
                    estimate=est, todo=todo, counted=counted, kept=kept, stage=stage, limit=limit,
-                   retry_failed=retry_failed)
+                   retry_failed=retry_failed, fresh=fresh)
 
 
 def _with_batched_as_done(lookup: Reader, in_batches: set[int]) -> Callable[[list[str]], Mapping[str, Outcome]]:
@@ -295,5 +297,17 @@ def finish(plan: RunPlan, end: Ending) -> dict[str, Any]:
             manifest["totals"].update(value)
         else:
             manifest[name] = value
+    # Every run of this output, newest last (a resumed or retried job shows each): what the HTML report charts.
+    earlier = [] if plan.fresh else (read_manifest(plan.paths) or {}).get("runs") or []
+    manifest["runs"] = [*earlier[-(MAX_RUNS - 1):], {
+        "started_at": manifest["started_at"], "finished_at": manifest["finished_at"],
+        "duration_s": manifest["duration_s"], "mode": plan.mode, "status": end.status,
+        "totals": {k: manifest["totals"][k] for k in ("rows", "ok", "failed", "resumed_from_journal",
+                                                      "requests_sent", "rate_limited_429", "retries",
+                                                      "prompt_tokens", "completion_tokens", "cost_usd_this_run")},
+        "estimate": {k: est.to_dict()[k] for k in ("requests", "prompt_tokens", "max_output_tokens",
+                                                   "expected_output_tokens", "cost_usd_max", "cost_usd_expected",
+                                                   "batch_cost_usd_max", "batch_cost_usd_expected", "duration_s")},
+        "timeline": stats.timeline()}]
     write_manifest(plan.paths, manifest)
     return manifest

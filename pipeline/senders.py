@@ -132,6 +132,7 @@ class Sending:
                     try:
                         ticket = await self.budget.acquire(tokens, output_tokens)
                         t0 = self._clock()
+                        self.stats.tick()
                         self.stats.requests_sent += 1
                         answer = await send()
                     except ProviderError as e:

@@ -71,6 +71,9 @@ def show(url: str) -> int:
         worst = max(worst, sh("run", job, "--base-url", url, "--yes", "--fresh"))
         say(f"{job}: report")
         sh("report", os.path.relpath(Job.load(ROOT / job).output.path, ROOT))
+    say("jobs/classify.toml: the HTML report (charts drawn offline; open it in any browser)")
+    worst = max(worst, sh("report", "out/review-labels.parquet", "--html"))
+    print(f"report: {ROOT / 'out' / 'review-labels.report.html'}")
     say("Done. The answers above came from the simulator, not from a model.")
     print("To run the same jobs against a real provider, drop --base-url and set the key:\n"
           "    export OPENAI_API_KEY=sk-...            (ANTHROPIC_API_KEY for jobs/classify_anthropic.toml)\n"
