@@ -91,6 +91,8 @@ def print_estimate(est: Any, console: Console) -> None:
     t.add_row("output tokens (upper bound)", f"{est.max_output_tokens:,}")
     if est.expected_output_tokens is not None:
         t.add_row("output tokens (expected)", f"{est.expected_output_tokens:,}")
+        if est.expected_output_basis and "sample" in est.expected_output_basis:
+            t.add_row("  expected from", "the latest --sample")
     t.add_row("cost, upper bound", _money(est.cost_usd_max))
     if est.cost_usd_expected is not None:
         t.add_row("cost, expected", _money(est.cost_usd_expected))
@@ -109,6 +111,8 @@ def print_estimate(est: Any, console: Console) -> None:
                       f"{escape(est.prompt_tokens_basis)}")
     if est.image_tokens_basis is not None:
         console.print(f"image tokens: {escape(est.image_tokens_basis)}")
+    if est.expected_output_basis and "sample" in est.expected_output_basis:
+        console.print(f"expected output tokens: {escape(est.expected_output_basis)}")
     if est.price:
         console.print(f"prices: ${est.price['input_per_mtok']}/M input, ${est.price['cached_input_per_mtok']}/M "
                       f"cached, ${est.price['output_per_mtok']}/M output; source: {est.price['source']}"
@@ -250,6 +254,8 @@ def _interrupts_stop(job_path: str) -> Iterator[None]:
 @click.option("--fresh", is_flag=True, help="Start over: move the journal aside instead of resuming.")
 @click.option("--retry-failed", is_flag=True, help="Re-send rows that ended in an error (not only unanswered).")
 @click.option("--limit", type=click.IntRange(min=1), help="Only the first N rows (a trial run).")
+@click.option("--sample", type=click.IntRange(min=1), help="Send N random rows, show them and project the full run.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Which random rows --sample picks.")
 @click.option("--base-url", help="Override [api].base_url (also PIPELINE_BASE_URL).")
 @click.option("--yes", "-y", is_flag=True, help="Do not ask before spending above the budget.")
 @click.option("--allow-insecure", is_flag=True, help="Allow sending the key over plain http:// to a remote host.")
@@ -258,11 +264,66 @@ def _interrupts_stop(job_path: str) -> Iterator[None]:
               help="Override [request].mode: batch sends through the Batch API (half the price, within 24 h).")
 @click.option("--no-wait", is_flag=True, help="Batch mode: submit (and collect what has ended), then exit.")
 @handle_errors
-def run(job_path: str, fresh: bool, retry_failed: bool, limit: int | None, base_url: str | None, yes: bool,
-        allow_insecure: bool, plain: bool, mode: str | None, no_wait: bool) -> None:
+def run(job_path: str, fresh: bool, retry_failed: bool, limit: int | None, sample: int | None, seed: int,
+        base_url: str | None, yes: bool, allow_insecure: bool, plain: bool, mode: str | None, no_wait: bool) -> None:
     """Send every row's request and write the results; resumes where the last run stopped."""
+    if sample is not None:
+        if fresh or limit or mode == "batch" or no_wait:
+            raise click.UsageError("--sample runs online, on the rows still to do: not with --fresh, --limit, "
+                                   "--mode batch or --no-wait")
+        with _interrupts_stop(job_path):
+            _sample(job_path, sample, seed, base_url, allow_insecure)
+        return
     with _interrupts_stop(job_path):
         _run(job_path, fresh, retry_failed, limit, base_url, yes, allow_insecure, plain, mode, no_wait)
+
+
+def _sample(job_path: str, n: int, seed: int, base_url: str | None, allow_insecure: bool) -> None:
+    """Run a sample, print its rows beside their inputs, and the projection of the full run."""
+    from pipeline.job import Job
+    from pipeline.sample import run_sample
+
+    job = Job.load(job_path)
+    result = run_sample(job, n, seed=seed, base_url=base_url, allow_insecure=allow_insecure)
+    console = _out_console()
+    console.rule(f"sample of {result.rows.height} row(s), seed {seed}: inputs, then the answer")
+    for row in result.rows.iter_rows(named=True):
+        cost = "" if row.get("cost_usd") is None else f", ${row['cost_usd']:.6f}"
+        console.print(f"[bold]{escape(str(row.get(result.id_column)))}[/] " + escape(
+            f"[{row['status']}, {row.get('prompt_tokens') or 0} + {row.get('completion_tokens') or 0} tokens{cost}]"))
+        for c in result.input_columns:
+            console.print(f"  {escape(c)}: {escape(_cell(row.get(c)))}")
+        if row["status"] != "ok":
+            console.print(f"  [red]-> {escape(str(row.get('error_type')))}: {escape(_cell(row.get('error')))}[/]")
+        elif result.answer_columns:
+            console.print("  -> " + "  ".join(f"{escape(c)}: {escape(_cell(row.get(c)))}"
+                                              for c in result.answer_columns))
+        else:
+            console.print(f"  -> {escape(_cell(row.get('content')))}")
+    m, p = result.measured, result.projection
+    console.print(f"sent {result.sent:,} request(s); answers in {result.output} and in the journal (the full run "
+                  "does not pay for them again)")
+    if m is None or p is None:
+        console.print("[yellow]no answered request in the sample: nothing to project from[/]")
+        sys.exit(result.exit_code or 1)
+    lo, mid, hi = p.output_tokens
+    console.print(f"[bold]projection of the full run[/] ({p.requests_left:,} request(s) left): output tokens "
+                  f"{mid:,.0f} (95%: {lo:,.0f} - {hi:,.0f})")
+    if p.cost_usd is not None:
+        console.print(f"  cost {_money(p.cost_usd[1])} (95%: {_money(p.cost_usd[0])} - {_money(p.cost_usd[2])})")
+    console.print(f"  duration {_duration(p.duration_s[0])} - {_duration(p.duration_s[1])} (the sample's mean and "
+                  "p95 latency at the job's concurrency, or the limits, whichever is slower)")
+    console.print(f"  basis: {escape(p.basis)}")
+    uses = ("`pipeline estimate` now uses this sample's output tokens for its expected cost"
+            if job.estimate.output_tokens is None else
+            "[estimate].output_tokens stays the estimate's expected figure (remove it to use the sample's)")
+    console.print(f"run `pipeline run {job_path}` for the rest; {uses}")
+    sys.exit(result.exit_code)
+
+
+def _cell(value: Any) -> str:
+    text = "" if value is None else f"{value:.6f}" if isinstance(value, float) else str(value)
+    return text if len(text) <= 160 else text[:157] + "..."
 
 
 def _run(job_path: str, fresh: bool, retry_failed: bool, limit: int | None, base_url: str | None, yes: bool,

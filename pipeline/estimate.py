@@ -48,6 +48,7 @@ class Estimate:
     url_images: int = 0                     # images sent as URLs, counted at the rule's most
     max_output_tokens: int = 0
     expected_output_tokens: int | None = None
+    expected_output_basis: str | None = None  # where the expected figure comes from: the job, or a sample
     largest_request_tokens: int = 0
     cost_usd_max: float | None = None
     cost_usd_expected: float | None = None
@@ -69,9 +70,17 @@ class Estimate:
 class EstimateBuilder:
     """Accumulates an estimate chunk by chunk, so the run can reuse the same pass."""
 
-    def __init__(self, job: Job, price: Price | None) -> None:
+    def __init__(self, job: Job, price: Price | None, measured: Any = None) -> None:
         self.job, self.price = job, price
         self.est = Estimate(job=job.name, model=job.request.model)
+        # A typical answer's length: the job's own figure wins; else what the latest sample measured.
+        self.expected_out: int | None = job.estimate.output_tokens
+        if self.expected_out is not None:
+            self.est.expected_output_basis = "[estimate].output_tokens"
+        elif measured is not None:
+            self.expected_out = math.ceil(measured.output_tokens_mean)
+            self.est.expected_output_basis = (f"measured by `--sample` on {measured.requests} request(s): "
+                                              f"{measured.output_tokens_mean:,.1f} output tokens each")
         self._seen: set[int] = set()  # 64 bits of each key: a third of the memory of the strings
         self._over_context: set[int] = set()  # keys of requests over the context window (their repeats are too)
         self._costs = [0.0, 0.0, 0.0, 0.0]
@@ -100,7 +109,7 @@ class EstimateBuilder:
                 est.bad_images.append((s.row_id, s.reason))
         est.url_images += chunk.url_images
         ctx = est.context_window
-        expected_out = self.job.estimate.output_tokens
+        expected_out = self.expected_out
         costs = self._costs
         per_request = price is not None and not self._flat
         for r in chunk.requests:
@@ -139,8 +148,8 @@ class EstimateBuilder:
     def finish(self) -> Estimate:
         """Close the estimate: costs, duration under the limits, warnings."""
         est, lim = self.est, self.job.limits
-        if self.job.estimate.output_tokens is not None:
-            est.expected_output_tokens = self.job.estimate.output_tokens * est.requests
+        if self.expected_out is not None and not self.job.request.is_embeddings:
+            est.expected_output_tokens = self.expected_out * est.requests
         if self.price is not None and self.price.flat:
             expected_out = est.expected_output_tokens or 0
             self._costs = [self.price.cost(Usage(est.prompt_tokens, est.max_output_tokens)),
@@ -201,7 +210,7 @@ def estimate_source(job: Job, source: Source, renderer: Renderer, price: Price |
                     on_chunk: Callable[[int], None] | None = None, counted: array[int] | None = None,
                     keep: Callable[[RenderedChunk], None] | None = None,
                     exact: Mapping[str, int] | None = None,
-                    prints: RowPrints | None = None) -> tuple[Estimate, array[int] | None]:
+                    prints: RowPrints | None = None, measured: Any = None) -> tuple[Estimate, array[int] | None]:
     """Render every row (sending nothing) and add up what a run will cost.
 
     With ``settled`` (the journal's lookup), rows answered before cost nothing, and the positions of the rows
@@ -212,7 +221,7 @@ def estimate_source(job: Job, source: Source, renderer: Renderer, price: Price |
     (online resumes), rows whose print leads to a settled answer are not rendered at all, and the prints of
     the rows rendered are recorded for the next run.
     """
-    builder = EstimateBuilder(job, price)
+    builder = EstimateBuilder(job, price, measured)
     est = builder.est
     est.prompt_tokens_exact, est.prompt_tokens_basis = counting_basis(renderer, job.api.provider)
     if job.request.tools and est.prompt_tokens_exact:
@@ -257,16 +266,20 @@ def estimate(job: Job, *, limit: int | None = None, on_chunk: Callable[[int], No
     """Render every row (without sending anything) and add up what the run will cost. With ``exact``, prompt
     tokens a tokenizer cannot count exactly offline are counted by the provider (its free endpoint; the
     only thing an estimate ever sends), cached beside the output."""
+    from pipeline.sample import measured_output
+
     source = open_source(job.input.path)
     renderer = Renderer(job, source)
     price = price_for(job)
+    measured = measured_output(job)
     if not exact or renderer.counter.exact:
-        est = estimate_source(job, source, renderer, price, limit=limit, on_chunk=on_chunk)[0]
+        est = estimate_source(job, source, renderer, price, limit=limit, on_chunk=on_chunk, measured=measured)[0]
         if exact:
             est.warnings.append("--exact: the offline count is already exact for this provider")
         return est
     counts = _provider_counts(job, source, renderer, limit=limit, base_url=base_url)
-    return estimate_source(job, source, renderer, price, limit=limit, on_chunk=on_chunk, exact=counts)[0]
+    return estimate_source(job, source, renderer, price, limit=limit, on_chunk=on_chunk, exact=counts,
+                           measured=measured)[0]
 
 
 def _provider_counts(job: Job, source: Source, renderer: Renderer, *, limit: int | None,

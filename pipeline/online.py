@@ -74,7 +74,8 @@ def run_online(plan: RunPlan, *, transport: httpx.AsyncBaseTransport | None = No
             yield from kept.take()
             return
         source, renderer = plan.checked.source, plan.checked.renderer
-        phases = [{}] if plan.todo is None else [{"rows": plan.todo}, {"except_rows": plan.todo}]
+        phases = ([{}] if plan.todo is None else [{"rows": plan.todo}] if plan.only_todo
+                  else [{"rows": plan.todo}, {"except_rows": plan.todo}])
         rows = renderer.chunk_rows(RUN_CHUNK_ROWS)
         for phase in phases:
             for c in iter_chunks(source, renderer.columns, chunk_rows=rows, limit=plan.limit, **phase):

@@ -119,6 +119,7 @@ class RunPlan:
     limit: int | None
     retry_failed: bool
     fresh: bool = False                     # the journal was set aside: earlier runs are not this one's history
+    only_todo: bool = False                 # write only the rows of ``todo`` (a sample), not the rest
     started: datetime = field(default_factory=lambda: datetime.now(tz=UTC))
     t0: float = field(default_factory=time.monotonic)
 
@@ -199,9 +200,12 @@ def prepare(job: Job, *, mode: str | None = None, base_url: str | None = None, l
                                 retry_failed=retry_failed)
                       if mode == "online" and isinstance(store, Journal) and not job.request.is_embeddings
                       and not job.request.images else None)
+            from pipeline.sample import measured_output
+
             est, todo = estimate_source(job, checked.source, checked.renderer, checked.price, limit=limit,
                                         settled=settled, counted=counted,
-                                        keep=kept.add if kept is not None else stage, prints=prints)
+                                        keep=kept.add if kept is not None else stage, prints=prints,
+                                        measured=measured_output(job))
         finally:
             lookup.close()
         check_free_space(paths, est.rows)
