@@ -111,6 +111,11 @@ def print_estimate(est: Any, console: Console) -> None:
                       f"{escape(est.prompt_tokens_basis)}")
     if est.image_tokens_basis is not None:
         console.print(f"image tokens: {escape(est.image_tokens_basis)}")
+    if est.expected_cached_tokens:
+        saved = f", about {_money(est.cache_saved_usd_expected)} off" if est.cache_saved_usd_expected else ""
+        console.print(f"prompt caching: every request shares a {est.cache_prefix_tokens:,}-token static prefix; "
+                      f"about {est.expected_cached_tokens:,} prompt tokens expected from the provider's cache{saved} "
+                      "(in the expected cost only; the bounds assume no cache)")
     if est.expected_output_basis and "sample" in est.expected_output_basis:
         console.print(f"expected output tokens: {escape(est.expected_output_basis)}")
     if est.price:
@@ -436,6 +441,8 @@ def report(output: str, as_json: bool, html_path: str | None) -> None:
     t.add_row("prompt / cached / completion tokens",
               f"{r['prompt_tokens']:,} / {r['cached_tokens']:,} / {r['completion_tokens']:,}")
     t.add_row("cost", _money(r["cost_usd"]))
+    if r["cache_saved_usd"] is not None:
+        t.add_row("prompt caching saved", _money(r["cache_saved_usd"]))
     if r["estimate_cost_usd_max"] is not None:
         t.add_row("estimate before the run (expected / max)",
                   f"{_money(r['estimate_cost_usd_expected'])} / {_money(r['estimate_cost_usd_max'])}")

@@ -49,6 +49,10 @@ class Estimate:
     max_output_tokens: int = 0
     expected_output_tokens: int | None = None
     expected_output_basis: str | None = None  # where the expected figure comes from: the job, or a sample
+    cache_prefix_tokens: int = 0            # the static prompt prefix every request shares
+    expected_cached_tokens: int = 0         # of prompt_tokens, expected to be read from the provider's cache
+    expected_cache_write_tokens: int = 0    # written to the cache (Anthropic bills them at their own rate)
+    cache_saved_usd_expected: float | None = None  # what caching takes off the expected cost
     largest_request_tokens: int = 0
     cost_usd_max: float | None = None
     cost_usd_expected: float | None = None
@@ -70,8 +74,11 @@ class Estimate:
 class EstimateBuilder:
     """Accumulates an estimate chunk by chunk, so the run can reuse the same pass."""
 
-    def __init__(self, job: Job, price: Price | None, measured: Any = None) -> None:
+    def __init__(self, job: Job, price: Price | None, measured: Any = None,
+                 cache: tuple[int, int, bool] = (0, 0, False)) -> None:
         self.job, self.price = job, price
+        # (the static prefix's tokens, what each request after the first reads of it, whether the first writes)
+        self._cache = cache
         self.est = Estimate(job=job.name, model=job.request.model)
         # A typical answer's length: the job's own figure wins; else what the latest sample measured.
         self.expected_out: int | None = job.estimate.output_tokens
@@ -141,6 +148,28 @@ class EstimateBuilder:
                     costs[2] += price.cost(Usage(r.prompt_tokens, expected_out))
                     costs[3] += price.cost(Usage(r.prompt_tokens, expected_out), batch=True)
 
+    def _cache_savings(self) -> tuple[float, float]:
+        """What prompt caching takes off the expected cost (standard and Batch prices): every request after the
+        first reads the shared prefix at the cached rate; with breakpoints the first writes it, at its rate."""
+        est, price = self.est, self.price
+        prefix, read, writes = self._cache
+        est.cache_prefix_tokens = prefix
+        if not read or not est.requests:
+            return 0.0, 0.0
+        est.expected_cached_tokens = read * (est.requests - 1)
+        est.expected_cache_write_tokens = read if writes else 0
+        if price is None:
+            return 0.0, 0.0
+        out = []
+        for batch in (False, True):
+            each = price.cost(Usage(prefix, 0), batch=batch) - price.cost(Usage(prefix, 0, cached_tokens=read),
+                                                                           batch=batch)
+            extra = (price.cost(Usage(read, 0, cache_write_tokens=read), batch=batch)
+                     - price.cost(Usage(read, 0), batch=batch)) if writes else 0.0
+            out.append(each * (est.requests - 1) - extra)
+        est.cache_saved_usd_expected = out[0]
+        return out[0], out[1]
+
     def counted_before(self, key: str) -> bool:
         """Whether an earlier chunk had this key: a repeat needs no counting (it is not sent again)."""
         return key_id(key) in self._seen
@@ -156,10 +185,12 @@ class EstimateBuilder:
                            self.price.cost(Usage(est.prompt_tokens, est.max_output_tokens), batch=True),
                            self.price.cost(Usage(est.prompt_tokens, expected_out)),
                            self.price.cost(Usage(est.prompt_tokens, expected_out), batch=True)]
+        saved = self._cache_savings()
         if self.price is not None:
-            est.cost_usd_max, est.batch_cost_usd_max = self._costs[0], self._costs[1]
+            est.cost_usd_max, est.batch_cost_usd_max = self._costs[0], self._costs[1]  # bounds rely on no cache
             if est.expected_output_tokens is not None:
-                est.cost_usd_expected, est.batch_cost_usd_expected = self._costs[2], self._costs[3]
+                est.cost_usd_expected = self._costs[2] - saved[0]
+                est.batch_cost_usd_expected = self._costs[3] - saved[1]
         req = self.job.request
         if req.is_embeddings:  # many rows per request: count the requests the batches will make
             sendable = est.requests - est.over_context_rows
@@ -221,7 +252,8 @@ def estimate_source(job: Job, source: Source, renderer: Renderer, price: Price |
     (online resumes), rows whose print leads to a settled answer are not rendered at all, and the prints of
     the rows rendered are recorded for the next run.
     """
-    builder = EstimateBuilder(job, price, measured)
+    builder = EstimateBuilder(job, price, measured, (renderer.static_prefix_tokens, renderer.cached_prefix_tokens,
+                                                     renderer.cache.style == "breakpoint"))
     est = builder.est
     est.prompt_tokens_exact, est.prompt_tokens_basis = counting_basis(renderer, job.api.provider)
     if job.request.tools and est.prompt_tokens_exact:
@@ -247,7 +279,8 @@ def estimate_source(job: Job, source: Source, renderer: Renderer, price: Price |
         if keep is not None:
             keep(rendered)
         if settled is not None:
-            todo.extend(r.row for r in rendered.requests if r.key not in rendered.settled)
+            # in input order (a chunk's requests may be grouped by prompt prefix), as the readers' masks need
+            todo.extend(sorted(r.row for r in rendered.requests if r.key not in rendered.settled))
         if counted is not None:  # chunks come in input order, so positions index the array directly
             counted.extend(array(counted.typecode, bytes(counted.itemsize * chunk.height)))
             for r in rendered.requests:

@@ -189,6 +189,27 @@ class Renderer:
             self.fixed_tokens = c.priming + self.bodies.added_tokens(c) + sum(
                 c.per_message + c.fixed(p.role) + (c.fixed(p.text) if p.template is None else 0)
                 for p in self.parts)
+        # Prompt caching: the leading constant messages (system, few-shot) and what the dialect adds are the
+        # prefix every request shares; a provider that caches it bills the repeats at its cached rate.
+        self.cache = provider.prompt_cache(req.model)
+        leading = []
+        for p in self.parts[:-1]:
+            if p.template is not None:
+                break
+            leading.append(p)
+        self.static_prefix_tokens = 0 if req.is_embeddings or not leading else (
+            c.priming + self.bodies.added_tokens(c)
+            + sum(c.per_message + c.fixed(p.role) + c.fixed(p.text) for p in leading))
+        self.cached_prefix_tokens = self.cache.read_tokens(self.static_prefix_tokens)
+        if self.cache.style == "breakpoint":
+            system_static = all(p.template is None for p in self.parts if p.role in ("system", "developer"))
+            if system_static and self.cached_prefix_tokens:
+                self.bodies.mark_cache()
+            else:
+                self.cached_prefix_tokens = 0
+        # Rows whose leading messages are templated share a prefix only with rows rendering them alike: a chunk
+        # is sent in the order of those texts, so such rows go out close together (the output keeps its order).
+        self._sort_by_prefix = not req.is_embeddings and any(p.template is not None for p in self.parts[:-1])
         # Embeddings rows whose input is a plain substitution go straight from the column to their bodies,
         # without a dict and a message list per row.
         self._direct_input = req.is_embeddings and self.parts[-1].pieces is not None
@@ -373,6 +394,9 @@ class Renderer:
                     body = self.body(msgs)
                 pending.append((row, row_id, keep, tuple(msgs[i]["content"] for i in variable), body,
                                 request_key(endpoint, body), image_tokens))
+        if self._sort_by_prefix:  # the texts of the templated leading messages come first in each row's texts
+            leading = sum(1 for i in variable if i < len(self.parts) - 1)
+            pending.sort(key=lambda p: p[3][:leading])
         known = dict(settled([p[5] for p in pending])) if settled is not None else {}
         have = counted if counted is not None else ()
         n_have = len(have)

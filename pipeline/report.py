@@ -52,7 +52,20 @@ def build_report(output: str | Path) -> dict[str, Any]:
     report["estimate_cost_usd_max"] = est.get(f"{basis}cost_usd_max")
     report["estimate_cost_usd_expected"] = est.get(f"{basis}cost_usd_expected")
     report["distributions"] = _distributions(df)
+    report["cache_write_tokens"] = int(charged["cache_write_tokens"].sum() or 0)
+    report["cache_saved_usd"] = _cache_saved(report, manifest.get("price"))
     return report
+
+
+def _cache_saved(report: dict[str, Any], price: dict[str, Any] | None) -> float | None:
+    """What prompt caching saved: cached tokens at the input rate less the cached rate, less what writing to
+    the cache cost above the input rate (Anthropic). At the standard rates (a Batch run's are about half)."""
+    if not price or not (report["cached_tokens"] or report["cache_write_tokens"]):
+        return None
+    base = price["input_per_mtok"]
+    write = price.get("cache_write_per_mtok") or base
+    return (report["cached_tokens"] * (base - price["cached_input_per_mtok"])
+            - report["cache_write_tokens"] * (write - base)) / 1e6
 
 
 def _distributions(df: pl.DataFrame) -> dict[str, dict[str, int]]:

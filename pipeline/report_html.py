@@ -265,6 +265,9 @@ def write_html_report(output: str | Path, html_path: str | Path | None = None) -
                f"<tr><th>prompt / cached / completion tokens</th><td class='n'>{report['prompt_tokens']:,} / "
                f"{report['cached_tokens']:,} / {report['completion_tokens']:,}</td></tr>"
                f"<tr><th>cost</th><td class='n'>{_money(report['cost_usd'])}</td></tr>"
+               + (f"<tr><th>prompt caching saved</th><td class='n'>{_money(report['cache_saved_usd'])} "
+                  f"({report['cached_tokens']:,} tokens read from the cache)</td></tr>"
+                  if report["cache_saved_usd"] is not None else "") +
                f"<tr><th>prices</th><td>{html.escape(str(report['price_source']))}</td></tr></table>")
     body = [f"<h1>Report: {html.escape(str(report['job']))}</h1>",
             f"<p class='note'>{html.escape(str(out))}, written {generated}. Charts drawn offline by matplotlib.</p>",

@@ -30,7 +30,7 @@ from pipeline.errors import AbortError, RateLimited, RowError, TransientError
 from pipeline.images import Image
 from pipeline.job import ApiSpec, RequestSpec
 from pipeline.pricing import Usage
-from pipeline.providers.base import NO_RATE, Answer, BatchResult, EmbeddingAnswer, RateInfo
+from pipeline.providers.base import NO_RATE, Answer, BatchResult, EmbeddingAnswer, PromptCache, RateInfo
 from pipeline.providers.openai import MAX_SERVER_WAIT_S, _error_fields, _int, retry_after, schema_instruction
 from pipeline.tokens import BoundingTokenCounter, ChatTokenCounter
 
@@ -50,6 +50,18 @@ def has_json_output(model: str) -> bool:
         return False
     major, minor = int(m.group(2)), int(m.group(3) or 0)
     return (major, minor) >= (4, 5)
+
+
+def cache_minimum(model: str) -> int:
+    """The shortest prefix Claude caches (docs.anthropic.com, prompt caching: 4,096 tokens for Opus 4.5 and
+    Haiku 4.5, 2,048 for the Haiku 3 models, 1,024 for the others)."""
+    name = model.lower()
+    m = _FAMILY.search(name)
+    if m is not None and m.group(1) in ("opus", "haiku") and (int(m.group(2)), int(m.group(3) or 0)) >= (4, 5):
+        return 4096
+    if "haiku" in name and (m is None or int(m.group(2)) < 4):
+        return 2048
+    return 1024
 
 
 def structured_style(api: ApiSpec, model: str) -> str:
@@ -201,6 +213,7 @@ class AnthropicBodies:
     def __init__(self, spec: RequestSpec, api: ApiSpec) -> None:
         self.head = static_body(spec, api)
         self._images_first = spec.image_position == "before"
+        self._cache_system = False  # mark_cache: the system prompt is sent as a block with a breakpoint
         style = structured_style(api, spec.model) if spec.response_schema is not None else None
         self.instruction = schema_instruction(spec.response_schema) if style == "none" else None  # type: ignore[arg-type]
         # The tool definition, or the JSON output schema (which the API turns into a system prompt), is prompt
@@ -222,10 +235,16 @@ class AnthropicBodies:
             turns[-1] = {"role": turns[-1]["role"], "content": [*parts, *text] if self._images_first
                          else [*text, *parts]}
         body = dict(self.head)
-        if system:
+        if system and self._cache_system:  # tools and system, the static prefix, cached at this breakpoint
+            body["system"] = [{"type": "text", "text": "\n\n".join(system), "cache_control": {"type": "ephemeral"}}]
+        elif system:
             body["system"] = "\n\n".join(system)
         body["messages"] = turns
         return bytes(memoryview(orjson.dumps(body)))
+
+    def mark_cache(self) -> None:
+        """Send the system prompt with a cache breakpoint: the same text in a block, so the prompt is unchanged."""
+        self._cache_system = True
 
     def added_tokens(self, counter: ChatTokenCounter) -> int:
         """The tool definition or the schema instruction, which the prompt carries too."""
@@ -265,6 +284,10 @@ class AnthropicProvider:
     def counter(self, model: str) -> ChatTokenCounter:
         """An upper bound: no exact offline tokenizer exists for Claude."""
         return BoundingTokenCounter(model)
+
+    def prompt_cache(self, model: str) -> PromptCache:
+        """Claude caches where a request marks a breakpoint, from the model's minimum prefix."""
+        return PromptCache("breakpoint", min_tokens=cache_minimum(model))
 
     def hint(self, status: int, message: str) -> str:
         """The ``[api]`` key most likely to fix every request refused this way."""

@@ -40,6 +40,26 @@ NO_RATE = RateInfo()
 
 
 @dataclass(frozen=True, slots=True)
+class PromptCache:
+    """How a provider caches repeated prompt prefixes: ``automatic`` (OpenAI: prefixes of ``min_tokens`` and
+    more, hit in steps of ``step`` tokens) or ``breakpoint`` (Anthropic: only where a request marks it, from
+    ``min_tokens``; the first request writes the prefix, at its own price), or ``none`` (not counted)."""
+
+    style: str = "none"
+    min_tokens: int = 1024
+    step: int = 1
+
+    def read_tokens(self, prefix_tokens: int) -> int:
+        """What a request repeating a prefix of ``prefix_tokens`` reads from the cache."""
+        if self.style == "none" or prefix_tokens < self.min_tokens:
+            return 0
+        return prefix_tokens // self.step * self.step
+
+
+NO_CACHE = PromptCache()
+
+
+@dataclass(frozen=True, slots=True)
 class Answer:
     """A successful chat completion, reduced to what the output table needs. ``usage`` is None when the server
     sent none (some compatible servers): the sender then counts it and marks it estimated."""
@@ -95,6 +115,10 @@ class Bodies(Protocol):
         system prompt, a tool definition), so the estimate counts them."""
         ...
 
+    def mark_cache(self) -> None:
+        """Mark the end of the static system prompt as a cache breakpoint, where the dialect has them."""
+        ...
+
 
 class Provider(Protocol):
     """Everything that depends on a provider's wire dialect; nothing outside ``providers/`` reads its bytes.
@@ -112,6 +136,10 @@ class Provider(Protocol):
 
     def counter(self, model: str) -> ChatTokenCounter:
         """The prompt-token counter of ``model``: exact where the tokenizer is known, else an upper bound."""
+        ...
+
+    def prompt_cache(self, model: str) -> PromptCache:
+        """How this provider caches ``model``'s repeated prompt prefixes."""
         ...
 
     def hint(self, status: int, message: str) -> str:

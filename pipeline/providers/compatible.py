@@ -11,6 +11,7 @@ tiktoken's approximation, and labelled so.
 
 from __future__ import annotations
 
+from pipeline.providers.base import NO_CACHE, PromptCache
 from pipeline.providers.openai import OpenAIProvider
 from pipeline.tokens import ChatTokenCounter
 
@@ -29,3 +30,7 @@ class CompatibleProvider(OpenAIProvider):
     def counter(self, model: str) -> ChatTokenCounter:
         """tiktoken's count, labelled approximate: the server's model has its own tokenizer."""
         return ApproximateCounter(model)
+
+    def prompt_cache(self, model: str) -> PromptCache:
+        """Not counted: a compatible server may cache prefixes (vLLM does), but whether it bills less is its own."""
+        return NO_CACHE

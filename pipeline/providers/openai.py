@@ -23,7 +23,7 @@ from pipeline.errors import AbortError, RateLimited, RowError, TransientError
 from pipeline.images import Image
 from pipeline.job import ApiSpec, RequestSpec
 from pipeline.pricing import Usage
-from pipeline.providers.base import NO_RATE, Answer, BatchResult, EmbeddingAnswer, RateInfo
+from pipeline.providers.base import NO_RATE, Answer, BatchResult, EmbeddingAnswer, PromptCache, RateInfo
 from pipeline.tokens import ChatTokenCounter
 
 RETRYABLE_STATUS = frozenset({408, 409, 429, 500, 502, 503, 504})
@@ -224,6 +224,7 @@ def embeddings_answer(data: Any, n_inputs: int, rate: RateInfo = NO_RATE) -> Emb
 # -- requests --------------------------------------------------------------------------------------------------
 
 PATHS = {"chat": "/chat/completions", "embeddings": "/embeddings"}
+OPENAI_CACHE = PromptCache("automatic", min_tokens=1024, step=128)
 EMBEDDING_DIMS = {"text-embedding-3-small": 1536, "text-embedding-3-large": 3072, "text-embedding-ada-002": 1536}
 SCHEMA_INSTRUCTION = "Answer with one JSON object, and nothing else, that is valid for this JSON Schema:\n"
 
@@ -317,6 +318,9 @@ class OpenAIBodies:
             return [{"role": "system", "content": f"{first['content']}\n\n{self.instruction}"}, *messages[1:]]
         return [{"role": "system", "content": str(self.instruction)}, *messages]
 
+    def mark_cache(self) -> None:
+        """Nothing to mark: OpenAI's caching is automatic."""
+
     def added_tokens(self, counter: ChatTokenCounter) -> int:
         """The schema instruction's tokens (in the system message, or a message of its own), or the tools'."""
         if self._tools_text:
@@ -373,6 +377,11 @@ class OpenAIProvider:
     def counter(self, model: str) -> ChatTokenCounter:
         """tiktoken's encoding of the model: OpenAI's own count."""
         return ChatTokenCounter(model)
+
+    def prompt_cache(self, model: str) -> PromptCache:
+        """OpenAI caches every prompt's prefix of 1,024 tokens and more by itself, hit in steps of 128 tokens
+        (platform.openai.com/docs/guides/prompt-caching); nothing to mark."""
+        return OPENAI_CACHE
 
     def hint(self, status: int, message: str) -> str:
         """The ``[api]`` key most likely to fix a server refusing every request this way."""

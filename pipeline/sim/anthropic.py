@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 from aiohttp import web
 
-from pipeline.providers.anthropic import has_json_output
+from pipeline.providers.anthropic import cache_minimum, has_json_output
 from pipeline.sim import answers, vision
 from pipeline.sim.errors import SimFailure
 from pipeline.tokens import get_encoding
@@ -59,6 +59,7 @@ class AnthropicService:
         self._tasks: set[asyncio.Task[None]] = set()
         self._n = 0
         self._drops_left = sim.config.batch_create_drop_replies
+        self._cached: set[bytes] = set()  # prompt prefixes in the cache (they never expire here)
 
     def routes(self, app: web.Application) -> None:
         """Register the routes on ``app``."""
@@ -144,7 +145,28 @@ class AnthropicService:
             total += self.tokens(orjson.dumps(fmt.get("schema") or {}).decode())
         return total
 
-    def answer(self, body: dict[str, Any], input_tokens: int) -> dict[str, Any]:
+    def cache_usage(self, body: dict[str, Any]) -> tuple[int, int]:
+        """(read, written) prompt-cache tokens of a request: the tools and system prompt up to a block marked
+        ``cache_control``, when they are at least the model's minimum; the first time written, then read."""
+        system = body.get("system")
+        if not isinstance(system, list):
+            return 0, 0
+        marked = [i for i, b in enumerate(system) if isinstance(b, dict) and b.get("cache_control")]
+        if not marked:
+            return 0, 0
+        upto = system[:marked[-1] + 1]
+        tokens = 5 + 3 + self.tokens(self._text(upto))
+        if body.get("tools"):
+            tokens += self.tokens(orjson.dumps(body["tools"]).decode())
+        if tokens < cache_minimum(str(body.get("model"))):
+            return 0, 0
+        digest = orjson.dumps([body.get("model"), body.get("tools"), upto])
+        if digest in self._cached:
+            return tokens, 0
+        self._cached.add(digest)
+        return 0, tokens
+
+    def answer(self, body: dict[str, Any], input_tokens: int, cache: tuple[int, int] = (0, 0)) -> dict[str, Any]:
         """The Message for a checked body (also a batch result's). Raises SimFailure for the test hooks."""
         content_blocks = body["messages"][-1].get("content")
         last = self._text(content_blocks)
@@ -193,8 +215,8 @@ class AnthropicService:
             content = [{"type": "text", "text": text}] if text else []
         return {"id": f"msg_sim{self.sim.stats.requests:08d}", "type": "message", "role": "assistant",
                 "model": body["model"], "content": content, "stop_reason": stop, "stop_sequence": None,
-                "usage": {"input_tokens": input_tokens, "output_tokens": out, "cache_creation_input_tokens": 0,
-                          "cache_read_input_tokens": 0}}
+                "usage": {"input_tokens": input_tokens - cache[0] - cache[1], "output_tokens": out,
+                          "cache_creation_input_tokens": cache[1], "cache_read_input_tokens": cache[0]}}
 
     # -- online ------------------------------------------------------------------------------------------------
 
@@ -227,7 +249,7 @@ class AnthropicService:
             refused = await sim._admit(request, raw, body, input_tokens + max_out, str(body["model"]), max_out)
             if refused is not None:
                 return refused
-            payload = self.answer(body, input_tokens)
+            payload = self.answer(body, input_tokens, self.cache_usage(body))
         except SimFailure as f:
             return self.error(f.status, f.message, "invalid_request_error" if f.status < 500 else "api_error")
         await sim._delay()
