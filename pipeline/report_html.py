@@ -144,6 +144,23 @@ def _distribution_chart(plt: Any, column: str, dist: dict[str, int]) -> str:
     return _figure(f"dist-{column}", fig, f"Distribution of {column}: {shown}.")
 
 
+def _numeric_chart(plt: Any, column: str, values: pl.Series) -> str:
+    fig, ax = plt.subplots(figsize=(5, 2.6))
+    ax.hist(values.to_list(), bins=20, color="#7b61a8")
+    ax.set_xlabel(column)
+    ax.set_ylabel("rows")
+    caption = (f"Distribution of {column}: {values.len():,} values, min {values.min():,.4g}, median "
+               f"{values.median():,.4g}, max {values.max():,.4g}.")
+    return _figure(f"dist-{column}", fig, caption)
+
+
+def _numeric_answers(df: pl.DataFrame) -> dict[str, pl.Series]:
+    """The typed numeric answer columns (after the result columns), with their non-null values."""
+    start = df.columns.index("deduplicated") + 1 if "deduplicated" in df.columns else len(df.columns)
+    return {c: df[c].drop_nulls() for c in df.columns[start:]
+            if df[c].dtype.is_numeric() and df[c].drop_nulls().len()}
+
+
 def _estimate_chart(plt: Any, run: dict[str, Any]) -> str | None:
     """The estimate of the last run that sent requests, next to what that run really used."""
     est, totals = run.get("estimate") or {}, run.get("totals") or {}
@@ -254,6 +271,7 @@ def write_html_report(output: str | Path, html_path: str | Path | None = None) -
         charts.append(chart)
     timelines = [_timeline_chart(plt, r, i) for i, r in enumerate(runs, start=1)][-MAX_RUN_TIMELINES:]
     dists = [_distribution_chart(plt, c, d) for c, d in report["distributions"].items()]
+    dists += [_numeric_chart(plt, c, v) for c, v in _numeric_answers(df).items()]
     batch = _batch_chart(plt, manifest.get("batches") or []) if manifest.get("mode") == "batch" else None
     generated = datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
     summary = (f"<table><tr><th>job / model</th><td>{html.escape(str(report['job']))} / "

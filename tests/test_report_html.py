@@ -25,9 +25,11 @@ from tests.conftest import reviews, run_cli
 ROOT = Path(__file__).resolve().parent.parent
 SCREENSHOT = ROOT / "out" / "report-screenshot.png"
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-SCHEMA = ('[request.response_schema]\ntype = "object"\nadditionalProperties = false\nrequired = ["sentiment"]\n'
+SCHEMA = ('[request.response_schema]\ntype = "object"\nadditionalProperties = false\n'
+          'required = ["sentiment", "stars"]\n'
           '[request.response_schema.properties.sentiment]\ntype = "string"\n'
-          'enum = ["positive", "negative", "neutral"]\n')
+          'enum = ["positive", "negative", "neutral"]\n'
+          '[request.response_schema.properties.stars]\ntype = "integer"\nminimum = 1\nmaximum = 5\n')
 
 
 def _structured_output(make_job, sim) -> Path:
@@ -55,7 +57,8 @@ def test_report_html_holds_every_chart_and_each_run(make_job, sim):
     out = _structured_output(make_job, sim)
     page = write_html_report(out).read_text()
     ids = set(re.findall(r'<figure class="chart" id="chart-([a-z0-9-]+)">', page))
-    assert {"by-status", "by-label", "latency", "estimate", "timeline-1", "timeline-2", "dist-sentiment"} <= ids
+    assert {"by-status", "by-label", "latency", "estimate", "timeline-1", "timeline-2", "dist-sentiment",
+            "dist-stars"} <= ids
     assert "<script" not in page and "http://" not in page.replace("http://www.w3.org", "")  # nothing to fetch
     assert page.count("<svg") >= len(ids)
     assert "http_400" in page and "Invalid request" in page  # failed rows by type, with examples
@@ -166,7 +169,7 @@ def test_report_renders_in_headless_chromium(make_job, sim, tmp_path):
     assert all(u.startswith(("file:", "data:", "about:")) for u in seen["requests"]), seen["requests"]
     charts = {c["id"]: c for c in seen["charts"]}
     expected = {"chart-by-status", "chart-by-label", "chart-latency", "chart-estimate", "chart-timeline-1",
-                "chart-timeline-2", "chart-dist-sentiment"}
+                "chart-timeline-2", "chart-dist-sentiment", "chart-dist-stars"}
     assert expected <= set(charts)
     for c in charts.values():
         assert c["width"] > 100 and c["height"] > 50 and c["marks"] > 20, c  # drawn, not an empty box
