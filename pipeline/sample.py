@@ -125,8 +125,12 @@ def run_sample(job: Job, n: int, *, seed: int = 0, base_url: str | None = None, 
 
     plan = prepare(job, mode="online", base_url=base_url, allow_insecure=allow_insecure)
     try:
-        candidates = (np.frombuffer(plan.todo, dtype=np.int64) if plan.todo is not None
-                      else np.arange(plan.estimate.rows, dtype=np.int64))
+        # Rows with a request still to send: the estimate counted their prompt (answered rows, repeats of another
+        # row's request, skipped rows and rows with a bad image have no count), so every pick is one request.
+        counted = np.frombuffer(plan.counted, dtype=np.dtype(plan.counted.typecode)) if len(plan.counted) else None
+        candidates = (np.flatnonzero(counted > 0) if counted is not None else np.empty(0, dtype=np.int64))
+        if plan.todo is not None:
+            candidates = np.intersect1d(candidates, np.frombuffer(plan.todo, dtype=np.int64))
         rng = np.random.default_rng(seed)
         picks = np.sort(rng.choice(candidates, size=min(n, len(candidates)), replace=False))
         sample_plan = replace(plan, todo=array("q", picks.tolist()), kept=None, paths=sample_paths(job),

@@ -271,6 +271,9 @@ def static_body(spec: RequestSpec, job_name: str, api: ApiSpec | None = None,
             "parameters": dict(t.parameters), **({"strict": True} if t.strict else {})}} for t in spec.tools]
         body["tool_choice"] = (spec.tool_choice if spec.tool_choice in ("auto", "required")
                                else {"type": "function", "function": {"name": spec.tool_choice}})
+        if any(t.strict for t in spec.tools) and api.provider in ("openai", "azure"):
+            # OpenAI: strict schemas are not kept for parallel calls, so a strict job asks for one call at a time
+            body["parallel_tool_calls"] = False
     if spec.response_schema is not None:
         if api.structured_output == "json_schema":
             body["response_format"] = {"type": "json_schema", "json_schema": {
