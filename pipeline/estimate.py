@@ -15,13 +15,16 @@ import math
 from array import array
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pipeline.job import Job
 from pipeline.pricing import Price, Usage, no_price_warning, price_for
 from pipeline.render import RenderedChunk, Renderer, key_id
 from pipeline.rowprints import RowPrints, split_done
 from pipeline.source import DEFAULT_CHUNK_ROWS, Source, iter_chunks, open_source
+
+if TYPE_CHECKING:
+    from pipeline.sample import Measured
 
 MAX_LISTED_IDS = 1000
 
@@ -74,7 +77,7 @@ class Estimate:
 class EstimateBuilder:
     """Accumulates an estimate chunk by chunk, so the run can reuse the same pass."""
 
-    def __init__(self, job: Job, price: Price | None, measured: Any = None,
+    def __init__(self, job: Job, price: Price | None, measured: Measured | None = None,
                  cache: tuple[int, int, bool] = (0, 0, False)) -> None:
         self.job, self.price = job, price
         # (the static prefix's tokens, what each request after the first reads of it, whether the first writes)
@@ -241,7 +244,8 @@ def estimate_source(job: Job, source: Source, renderer: Renderer, price: Price |
                     on_chunk: Callable[[int], None] | None = None, counted: array[int] | None = None,
                     keep: Callable[[RenderedChunk], None] | None = None,
                     exact: Mapping[str, int] | None = None,
-                    prints: RowPrints | None = None, measured: Any = None) -> tuple[Estimate, array[int] | None]:
+                    prints: RowPrints | None = None,
+                    measured: Measured | None = None) -> tuple[Estimate, array[int] | None]:
     """Render every row (sending nothing) and add up what a run will cost.
 
     With ``settled`` (the journal's lookup), rows answered before cost nothing, and the positions of the rows

@@ -271,6 +271,7 @@ def finish(plan: RunPlan, end: Ending) -> dict[str, Any]:
     job, est, stats, price = plan.job, plan.estimate, end.stats, plan.checked.price
     stopped = end.stopped
     finished = datetime.now(tz=UTC)
+    estimated = est.to_dict()
     manifest: dict[str, Any] = {
         "job": job.name, "fingerprint": job.fingerprint(), "job_file": job.source, "status": end.status,
         "mode": plan.mode,
@@ -291,7 +292,7 @@ def finish(plan: RunPlan, end: Ending) -> dict[str, Any]:
         "errors_by_type": dict(stats.errors),
         "price": price.describe() if price is not None else None,
         "price_basis": "Batch API" if plan.mode == "batch" else "standard",
-        "estimate": est.to_dict(),
+        "estimate": estimated,
         "limits": {"concurrency": job.limits.concurrency, "requests_per_minute": job.limits.requests_per_minute,
                    "tokens_per_minute": job.limits.tokens_per_minute, "max_attempts": job.limits.max_attempts},
         "journal": str(plan.paths.journal),
@@ -309,7 +310,7 @@ def finish(plan: RunPlan, end: Ending) -> dict[str, Any]:
         "totals": {k: manifest["totals"][k] for k in ("rows", "ok", "failed", "resumed_from_journal",
                                                       "requests_sent", "rate_limited_429", "retries",
                                                       "prompt_tokens", "completion_tokens", "cost_usd_this_run")},
-        "estimate": {k: est.to_dict()[k] for k in ("requests", "prompt_tokens", "max_output_tokens",
+        "estimate": {k: estimated[k] for k in ("requests", "prompt_tokens", "max_output_tokens",
                                                    "expected_output_tokens", "cost_usd_max", "cost_usd_expected",
                                                    "batch_cost_usd_max", "batch_cost_usd_expected", "duration_s")},
         "timeline": stats.timeline()}]

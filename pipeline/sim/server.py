@@ -482,23 +482,27 @@ class Simulator:
                         notes.append(note)
                 m = {**m, "content": "".join(texts)}
             flat.append(m)
+        lead, last = ([{k: v for k, v in m.items() if isinstance(v, str)} for m in part if isinstance(m, dict)]
+                      for part in (flat[:-1], flat[-1:]))
         try:
             counter = self.counter(model)
-            prompt_tokens = counter.count_messages(
-                {k: v for k, v in m.items() if isinstance(v, str)} for m in flat if isinstance(m, dict))
+            # what precedes the last turn (with the reply priming), and the last turn: each tokenized once
+            lead_tokens = counter.count_messages(lead)
+            prompt_tokens = lead_tokens + counter.count_messages(last) - counter.priming
         except Exception:
             raise SimFailure(400, "Invalid 'messages'.", param="messages") from None
+        tools_tokens = 0
         if body.get("tools"):  # read by the model: counted as their JSON, as the client's estimate does
-            prompt_tokens += len(counter.encoding.encode_ordinary(orjson.dumps(body["tools"]).decode()))
+            tools_tokens = len(counter.encoding.encode_ordinary(orjson.dumps(body["tools"]).decode()))
+        prompt_tokens += tools_tokens
         prompt = str(flat[-1].get("content", "")) if isinstance(flat[-1], dict) else ""
         prefix = (b"", 0)
-        if len(flat) > 1:  # OpenAI caches a prompt's prefix by itself; here the prefix is what precedes the last turn
-            lead = [{k: v for k, v in m.items() if isinstance(v, str)} for m in flat[:-1] if isinstance(m, dict)]
-            tools_tokens = (len(counter.encoding.encode_ordinary(orjson.dumps(body["tools"]).decode()))
-                            if body.get("tools") else 0)
+        # OpenAI caches a prompt's prefix by itself; here the prefix is what precedes the last turn, hashed only
+        # when it is long enough to be cached
+        if len(flat) > 1 and lead_tokens + tools_tokens >= CACHE_MIN_TOKENS:
             digest = hashlib.blake2b(orjson.dumps([model, body.get("tools"), body.get("response_format"), lead]),
                                      digest_size=16).digest()
-            prefix = (digest, counter.count_messages(lead) + tools_tokens)
+            prefix = (digest, lead_tokens + tools_tokens)
         return ChatCall(body, model, messages, max_out, prompt_tokens + image_tokens, counter, prompt, tuple(notes),
                         prefix)
 
