@@ -351,7 +351,7 @@ class BatchListing:
 def list_batches(job_path: str, *, base_url: str | None = None, refresh: bool = True) -> BatchListing:
     """The batches of a job (``pipeline batches JOB``); open ones are asked for their current status."""
     job = Job.load(job_path)
-    paths = OutputPaths(Path(job.output.path))
+    paths = OutputPaths(Path(job.output.local))
     if not paths.journal.exists():
         return BatchListing()
     with Journal(paths.journal) as journal:
@@ -377,7 +377,7 @@ def cancel_batches(job_path: str, *, base_url: str | None = None) -> list[str]:
     """Ask the provider to cancel every open batch of a job (``pipeline batches cancel JOB``); returns one
     line per batch. What they finished is collected by the next run, like any ended batch."""
     job = Job.load(job_path)
-    paths = OutputPaths(Path(job.output.path))
+    paths = OutputPaths(Path(job.output.local))
     if not paths.journal.exists():
         return [f"{job_path}: no batches (no journal at {paths.journal})"]
     lines: list[str] = []

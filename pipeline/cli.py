@@ -268,10 +268,22 @@ def _interrupts_stop(job_path: str) -> Iterator[None]:
 @click.option("--mode", type=click.Choice(["online", "batch"]),
               help="Override [request].mode: batch sends through the Batch API (half the price, within 24 h).")
 @click.option("--no-wait", is_flag=True, help="Batch mode: submit (and collect what has ended), then exit.")
+@click.option("--engine", type=click.Choice(["local", "ray"]), help="Override [engine].kind: ray runs the job's "
+              "partitions on a Ray cluster under one global rate budget.")
+@click.option("--address", help="Ray engine: the cluster's address (default [engine].address, else a local Ray).")
+@click.option("--workers", type=click.IntRange(min=1), help="Ray engine: tasks at once (default [engine].workers).")
 @handle_errors
 def run(job_path: str, fresh: bool, retry_failed: bool, limit: int | None, sample: int | None, seed: int,
-        base_url: str | None, yes: bool, allow_insecure: bool, plain: bool, mode: str | None, no_wait: bool) -> None:
+        base_url: str | None, yes: bool, allow_insecure: bool, plain: bool, mode: str | None, no_wait: bool,
+        engine: str | None, address: str | None, workers: int | None) -> None:
     """Send every row's request and write the results; resumes where the last run stopped."""
+    if engine == "ray" or (engine is None and (address is not None or _job_engine(job_path) == "ray")):
+        if sample is not None or limit or mode == "batch" or no_wait or retry_failed:
+            raise click.UsageError("the Ray engine runs online over whole partitions: not with --sample, --limit, "
+                                   "--mode batch, --no-wait or --retry-failed")
+        with _interrupts_stop(job_path):
+            _run_ray(job_path, fresh, base_url, allow_insecure, address, workers)
+        return
     if sample is not None:
         if fresh or limit or mode == "batch" or no_wait:
             raise click.UsageError("--sample runs online, on the rows still to do: not with --fresh, --limit, "
@@ -281,6 +293,34 @@ def run(job_path: str, fresh: bool, retry_failed: bool, limit: int | None, sampl
         return
     with _interrupts_stop(job_path):
         _run(job_path, fresh, retry_failed, limit, base_url, yes, allow_insecure, plain, mode, no_wait)
+
+
+def _job_engine(job_path: str) -> str:
+    from pipeline.job import Job
+
+    return Job.load(job_path).engine.kind
+
+
+def _run_ray(job_path: str, fresh: bool, base_url: str | None, allow_insecure: bool, address: str | None,
+             workers: int | None) -> None:
+    from pipeline.engines.ray_engine import run_ray
+    from pipeline.job import Job
+
+    job = Job.load(job_path)
+    err = _err_console()
+    err.print(f"Ray engine: planning partitions of {escape(job.input.path)} ...")
+    result = run_ray(job, base_url=base_url, address=address, workers=workers, fresh=fresh,
+                     allow_insecure=allow_insecure)
+    s = result.stats
+    click.echo(f"wrote {result.output} ({result.partitions_done:,} of {result.partitions:,} partitions complete; this "
+               f"run: {s.rows_done:,} rows, {s.ok:,} ok, {s.failed:,} failed, {s.skipped:,} skipped, "
+               f"{s.requests_sent:,} requests, {s.rate_limited:,} 429s; ${s.cost_usd:,.4f} spent)")
+    if s.errors:
+        click.echo("errors: " + ", ".join(f"{k} {v:,}" for k, v in s.errors.most_common()), err=True)
+    if result.stopped is not None:
+        click.echo(f"stopped: {result.stopped}", err=True)
+        click.echo(f"every committed chunk is kept; run `pipeline run {job_path}` again to resume", err=True)
+    sys.exit(result.exit_code)
 
 
 def _sample(job_path: str, n: int, seed: int, base_url: str | None, allow_insecure: bool) -> None:
@@ -409,7 +449,7 @@ def batches(args: tuple[str, ...], base_url: str | None, offline: bool) -> None:
 
 
 @main.command()
-@click.argument("output", type=click.Path(dir_okay=False))
+@click.argument("output", type=click.Path())
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @click.option("--html", "html_path", is_flag=False, flag_value="", default=None, metavar="[FILE]",
               help="Write a self-contained HTML report with charts (default: beside the output).")

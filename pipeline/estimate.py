@@ -305,7 +305,7 @@ def estimate(job: Job, *, limit: int | None = None, on_chunk: Callable[[int], No
     only thing an estimate ever sends), cached beside the output."""
     from pipeline.sample import measured_output
 
-    source = open_source(job.input.path)
+    source = open_source(job.input.path, job.storage.endpoint_url)
     renderer = Renderer(job, source)
     price = price_for(job)
     measured = measured_output(job)
@@ -339,7 +339,7 @@ def _provider_counts(job: Job, source: Source, renderer: Renderer, *, limit: int
     bodies: dict[str, bytes] = {}
     for chunk in iter_chunks(source, renderer.columns, limit=limit):
         bodies.update((r.key, r.body) for r in renderer.render_chunk(chunk).requests)
-    cache = CountCache(OutputPaths(Path(job.output.path)).token_counts)
+    cache = CountCache(OutputPaths(Path(job.output.local)).token_counts)
     try:
         return count_exactly(provider, bodies, cache, base_url=url, api_key=key, max_attempts=job.limits.max_attempts,
                              timeout_s=job.limits.timeout_s)

@@ -120,9 +120,36 @@ class RequestSpec:
 
 @dataclass(frozen=True)
 class OutputSpec:
-    """Where the result table goes."""
+    """Where the result table goes (a local path or an object-storage URL)."""
 
     path: str
+    stage: str | None = None    # an object-storage output: its journal and working files, on this machine
+
+    @property
+    def local(self) -> str:
+        """The path the run writes to on this machine (the output itself, or its stage)."""
+        return self.stage or self.path
+
+
+ENGINES = ("local", "ray")
+
+
+@dataclass(frozen=True)
+class EngineSpec:
+    """Where the scheduler runs: this process, or tasks on a Ray cluster over partitions of the input."""
+
+    kind: str = "local"
+    address: str | None = None      # a Ray cluster's address; none: a local Ray started and stopped by the run
+    workers: int = 4                # tasks running at once (each with its share of the concurrency)
+    partition_rows: int = 50_000    # rows per partition (Parquet: whole row groups up to about this many)
+    commit_rows: int = 256          # answers a task commits at a time: the most a killed task loses
+
+
+@dataclass(frozen=True)
+class StorageSpec:
+    """Object storage settings (credentials come from each cloud's own environment and config chain)."""
+
+    endpoint_url: str | None = None  # an S3-compatible server; else AWS_ENDPOINT_URL
 
 
 @dataclass(frozen=True)
@@ -204,6 +231,8 @@ class Job:
     pricing: PricingSpec = field(default_factory=PricingSpec)
     estimate: EstimateSpec = field(default_factory=EstimateSpec)
     batch: BatchSpec = field(default_factory=BatchSpec)
+    engine: EngineSpec = field(default_factory=EngineSpec)
+    storage: StorageSpec = field(default_factory=StorageSpec)
     source: str = "<job>"
 
     @classmethod
@@ -313,6 +342,10 @@ def _known_hint(table: _Table) -> str:
 
 
 def _resolve(base: Path, value: str) -> str:
+    from pipeline.storage import is_url
+
+    if is_url(value):
+        return value
     p = Path(value).expanduser()
     return os.path.normpath(p if p.is_absolute() else (base / p))
 
@@ -360,7 +393,10 @@ def parse_job(raw: Mapping[str, Any], *, file: str = "<job>", base: Path | None 
     assert out_path is not None
     if not out_path.endswith(".parquet"):
         raise out.fail("path", f"must end in .parquet, got {_shown(out_path)}")
-    output_spec = OutputSpec(path=_resolve(base, out_path))
+    from pipeline.storage import is_url, stage_path
+
+    output_spec = OutputSpec(path=_resolve(base, out_path),
+                             stage=stage_path(out_path, base) if is_url(out_path) else None)
     out.done()
 
     api_spec = _parse_api(_Table(file, "api", top.get("api") or {}), request_spec)
@@ -420,9 +456,25 @@ def parse_job(raw: Mapping[str, Any], *, file: str = "<job>", base: Path | None 
         raise bt.fail("poll_max_interval_s", f"({batch.poll_max_interval_s:g}) cannot be below poll_interval_s "
                                              f"({batch.poll_interval_s:g})")
     bt.done()
+    engine = _parse_engine(_Table(file, "engine", top.get("engine") or {}))
+    st = _Table(file, "storage", top.get("storage") or {})
+    storage = StorageSpec(endpoint_url=st.str("endpoint_url"))
+    st.done()
     top.done()
     return Job(name=name, input=input_spec, request=request_spec, output=output_spec, api=api_spec,
-               limits=limits, budget=budget, pricing=pricing, estimate=estimate, batch=batch, source=file)
+               limits=limits, budget=budget, pricing=pricing, estimate=estimate, batch=batch, engine=engine,
+               storage=storage, source=file)
+
+
+def _parse_engine(eng: _Table) -> EngineSpec:
+    kind = eng.str("kind", "local") or "local"
+    if kind not in ENGINES:
+        raise eng.fail("kind", f"must be one of {', '.join(ENGINES)}, got {_shown(kind)}")
+    spec = EngineSpec(kind=kind, address=eng.str("address"), workers=eng.int("workers", 4) or 4,
+                      partition_rows=eng.int("partition_rows", 50_000) or 50_000,
+                      commit_rows=eng.int("commit_rows", 256) or 256)
+    eng.done()
+    return spec
 
 
 def provider_of_url(url: str) -> str:

@@ -83,7 +83,13 @@ async def _take(bucket: AsyncLimiter, capacity: float, amount: float) -> None:
 
 
 class RateBudget:
-    """The limits of one run; ``await budget.acquire(tokens)`` before each request is sent."""
+    """The limits of one run; ``await budget.acquire(tokens)`` before each request is sent.
+
+    ``adapts``: whether a 429 lowers this budget's own limits and pace. A budget that gets its rate from
+    elsewhere (the Ray engine's leases, whose pace is cut once for the whole cluster) turns it off.
+    """
+
+    adapts = True
 
     def __init__(self, requests_per_minute: int | None, tokens_per_minute: int | None, *,
                  input_tokens_per_minute: int | None = None, output_tokens_per_minute: int | None = None,
@@ -169,6 +175,9 @@ class RateBudget:
 
     def pause(self, seconds: float) -> None:
         """Hold every worker for ``seconds`` (a 429 means the server's budget is gone for all of us)."""
+        self._hold(seconds)
+
+    def _hold(self, seconds: float) -> None:
         if seconds <= 0:
             return
         resume = self._clock() + seconds
@@ -183,7 +192,7 @@ class RateBudget:
         themselves instead of all retrying into the same empty bucket. Not before: until the server's bucket
         runs dry, its burst allowance is ours to use.
         """
-        if rate_limited:
+        if rate_limited and self.adapts:
             self._adopt(rate)
             self.pace = max(AIMD_FLOOR, self.pace * AIMD_DECREASE)
         elif self.pace < 1:
@@ -225,4 +234,4 @@ class RateBudget:
         for remaining, limit, reset, largest in dims:
             if remaining is not None and limit and largest and remaining < largest:
                 wait = (largest - remaining) * 60.0 / limit
-                self.pause(min(wait, reset or wait))
+                self._hold(min(wait, reset or wait))

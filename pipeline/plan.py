@@ -55,7 +55,7 @@ class Checked:
 def check(job: Job) -> Checked:
     """Every check that needs neither a server nor a key: input, templates, output columns, price."""
     provider = provider_for(job)
-    source = open_source(job.input.path)
+    source = open_source(job.input.path, job.storage.endpoint_url)
     renderer = Renderer(job, source, provider)
     price = price_for(job)
     warnings = [] if price is not None else [no_price_warning(job.request.model)]
@@ -130,26 +130,35 @@ class RunPlan:
 
     def sink(self) -> tuple[PartWriter, Callable[[Any], tuple[Any, ...]]]:
         """The output writer of this run, and the function giving a row's id and kept values."""
-        job, c = self.job, self.checked
-        embeddings = job.request.is_embeddings
-        dims = c.provider.embedding_dims(job.request.model, job.request.dimensions) if embeddings else None
-        checker, columns = answer_checker(job)
-        sink = PartWriter(self.paths, c.key_schema, answer_columns=columns, checker=checker,
-                          embeddings=embeddings, embedding_dims=dims)
-        with_id = job.input.id is not None
-        keep_index = [job.input.keep.index(c) for c in job.input.keep if c != job.input.id]
-
-        def key_of_row(req: Any) -> tuple[Any, ...]:
-            return (req.row_id if with_id else req.row, *[req.keep[i] for i in keep_index])
-
-        def id_of_row(req: Any) -> tuple[Any, ...]:  # the same without kept columns: called per row, kept lean
-            return (req.row_id if with_id else req.row,)
-
-        return sink, key_of_row if keep_index else id_of_row
+        return output_writer(self.checked, self.paths), key_function(self.job)
 
     def close(self) -> None:
         """Release the journal."""
         self.store.close()
+
+
+def output_writer(c: Checked, paths: OutputPaths, *, stage: bool = True) -> PartWriter:
+    """The output writer of a checked job (``stage=False``: a frame builder, with no parts folder)."""
+    job = c.job
+    embeddings = job.request.is_embeddings
+    dims = c.provider.embedding_dims(job.request.model, job.request.dimensions) if embeddings else None
+    checker, columns = answer_checker(job)
+    return PartWriter(paths, c.key_schema, answer_columns=columns, checker=checker, embeddings=embeddings,
+                      embedding_dims=dims, stage=stage)
+
+
+def key_function(job: Job) -> Callable[[Any], tuple[Any, ...]]:
+    """The function giving a request's row id and kept values (the output's key columns)."""
+    with_id = job.input.id is not None
+    keep_index = [job.input.keep.index(c) for c in job.input.keep if c != job.input.id]
+
+    def key_of_row(req: Any) -> tuple[Any, ...]:
+        return (req.row_id if with_id else req.row, *[req.keep[i] for i in keep_index])
+
+    def id_of_row(req: Any) -> tuple[Any, ...]:  # the same without kept columns: called per row, kept lean
+        return (req.row_id if with_id else req.row,)
+
+    return key_of_row if keep_index else id_of_row
 
 
 def prepare(job: Job, *, mode: str | None = None, base_url: str | None = None, limit: int | None = None,
@@ -168,7 +177,7 @@ def prepare(job: Job, *, mode: str | None = None, base_url: str | None = None, l
     url = resolve_base_url(job, base_url)
     key = resolve_api_key(job, url)
     check_transport_security(url, key is not None, allow_insecure)
-    paths = OutputPaths(Path(job.output.path))
+    paths = OutputPaths(Path(job.output.local))
     claim_output(paths, job.name, job.fingerprint())
     if fresh:
         _move_aside(paths.journal)

@@ -11,15 +11,28 @@ from pipeline.errors import InputError
 from pipeline.sink import OutputPaths, read_manifest
 
 
+def read_output(output: str | Path) -> pl.DataFrame:
+    """An output table: the local engine's file, or the Ray engine's dataset folder (its chunks, in row order of
+    their partitions)."""
+    path = Path(output)
+    if path.is_dir():
+        files = sorted(str(f) for f in path.glob("part-*.parquet"))
+        if not files:
+            raise InputError(f"{path}: the output dataset has no committed chunk yet")
+    elif path.is_file():
+        files = [str(path)]
+    else:
+        raise InputError(f"{path}: output file not found")
+    try:
+        return pl.read_parquet(files)
+    except Exception as e:  # polars raises several unrelated types for unreadable files
+        raise InputError(f"{path}: cannot read the output: {str(e).splitlines()[0] if str(e) else e}") from None
+
+
 def build_report(output: str | Path) -> dict[str, Any]:
     """Totals, cost, errors by type, latency percentiles and (for enum-like text columns) distributions."""
     path = Path(output)
-    if not path.is_file():
-        raise InputError(f"{path}: output file not found")
-    try:
-        df = pl.read_parquet(path)
-    except Exception as e:  # polars raises several unrelated types for unreadable files
-        raise InputError(f"{path}: cannot read the output: {str(e).splitlines()[0] if str(e) else e}") from None
+    df = read_output(path)
     if "status" not in df.columns:
         raise InputError(f"{path}: not a pipeline output (no status column)")
     manifest = read_manifest(OutputPaths(path)) or {}

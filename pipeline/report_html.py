@@ -22,7 +22,7 @@ from typing import Any
 import polars as pl
 
 from pipeline.errors import OutputError
-from pipeline.report import build_report
+from pipeline.report import build_report, read_output
 from pipeline.sink import OutputPaths, read_manifest
 
 EXAMPLES_PER_ERROR = 3
@@ -256,7 +256,7 @@ def write_html_report(output: str | Path, html_path: str | Path | None = None) -
     """Write the HTML report of an output (beside it, ``<output>.report.html``, unless told where)."""
     report = build_report(output)
     out = Path(output)
-    df = pl.read_parquet(out)
+    df = read_output(out)
     manifest = read_manifest(OutputPaths(out)) or {}
     runs: list[dict[str, Any]] = manifest.get("runs") or []
     target = Path(html_path) if html_path else out.with_suffix(".report.html")

@@ -23,6 +23,7 @@ from pipeline.job import Job
 from pipeline.ledger import BatchPart
 from pipeline.outcome import RunStats
 from pipeline.plan import RunPlan, finish, prepare
+from pipeline.storage import is_url, pull_manifest, push_output
 
 
 @dataclass
@@ -49,7 +50,7 @@ class RunResult:
 
 
 def _with_frame_input(job: Job, data: pl.DataFrame) -> Job:
-    path = Path(job.output.path).with_suffix(".input.parquet")
+    path = Path(job.output.local).with_suffix(".input.parquet")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         data.write_parquet(path)
@@ -77,6 +78,9 @@ def run(job: Job, *, base_url: str | None = None, limit: int | None = None, fres
     """
     if data is not None:
         job = _with_frame_input(job, data)
+    remote = is_url(job.output.path)
+    if remote:
+        pull_manifest(job)
     plan = prepare(job, mode=mode, base_url=base_url, limit=limit, fresh=fresh, retry_failed=retry_failed,
                    allow_insecure=allow_insecure, journal=journal)
     try:
@@ -92,6 +96,8 @@ def run(job: Job, *, base_url: str | None = None, limit: int | None = None, fres
             end = run_online(plan, transport=transport, on_progress=on_progress, handle_signals=handle_signals,
                              grace_s=grace_s)
         manifest = finish(plan, end)
+        if remote:
+            push_output(job, plan.paths.output, plan.paths.manifest)
     finally:
         plan.close()
     return RunResult(output=plan.paths.output, manifest=plan.paths.manifest, stats=end.stats,

@@ -32,7 +32,7 @@ Z95 = 1.96
 
 def sample_paths(job: Job) -> OutputPaths:
     """Where a sample's answers and manifest go: beside the output, ``<output>.sample.parquet``."""
-    out = Path(job.output.path)
+    out = Path(job.output.local)
     return OutputPaths(out.with_name(out.stem + ".sample.parquet"))
 
 

@@ -114,7 +114,7 @@ class PartWriter:
 
     def __init__(self, paths: OutputPaths, key_schema: dict[str, pl.DataType], part_rows: int = PART_ROWS, *,
                  answer_columns: dict[str, pl.DataType] | None = None, checker: Checker | None = None,
-                 embeddings: bool = False, embedding_dims: int | None = None) -> None:
+                 embeddings: bool = False, embedding_dims: int | None = None, stage: bool = True) -> None:
         self.paths = paths
         self.embeddings, self.embedding_dims = embeddings, embedding_dims
         self.answer_columns = answer_columns or {}
@@ -142,6 +142,8 @@ class PartWriter:
         self.part_rows = part_rows
         if embeddings and embedding_dims:
             self.part_rows = max(part_rows, PART_VECTOR_BYTES // (4 * embedding_dims))
+        if not stage:  # a frame builder only (``take``): the Ray engine's commits write their own files
+            return
         # A crashed run leaves parts of a table that the journal can rebuild: start clean.
         shutil.rmtree(paths.parts, ignore_errors=True)
         try:
@@ -237,6 +239,18 @@ class PartWriter:
         if not frames:
             return pl.DataFrame(schema=self.schema)
         return (frames[0] if len(frames) == 1 else pl.concat(frames, how="vertical", rechunk=False)).sort(ROW)
+
+    def take(self) -> pl.DataFrame:
+        """The rows added so far as one frame in the output's schema, sorted by input position (with ``__row``);
+        the buffers are emptied."""
+        return self._buffered()
+
+    def arrow_table(self, df: pl.DataFrame) -> Any:
+        """A frame of ``take`` as the output file's Arrow table (without ``__row``)."""
+        if self._arrow_schema is None:
+            self._arrow_schema = pl.DataFrame(schema=self.schema).drop(ROW).to_arrow().schema
+        table = df.drop(ROW).to_arrow()
+        return table if table.schema.equals(self._arrow_schema) else table.cast(self._arrow_schema)
 
     def _stream(self) -> None:
         """Append the buffered rows that continue the output without a gap, in whole row groups; the rest

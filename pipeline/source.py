@@ -11,10 +11,12 @@ import glob
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import polars as pl
 
 from pipeline.errors import InputError
+from pipeline.storage import is_url, list_files, local_copy, open_input
 
 ROW = "__row"  # the input position of a row; the default id, and the output order
 FORMATS = {".parquet": "parquet", ".pq": "parquet", ".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl"}
@@ -29,6 +31,17 @@ class Source:
     files: tuple[str, ...]
     format: str
     schema: dict[str, pl.DataType]
+    endpoint_url: str | None = None  # object storage: the S3-compatible endpoint, if not AWS's
+    origins: tuple[str, ...] = ()    # CSV/JSONL objects: their addresses (``files`` are the local copies)
+
+    def origin(self, i: int) -> str:
+        """Where the i-th file really lives (its address on object storage, or the local path)."""
+        return self.origins[i] if self.origins else self.files[i]
+
+    @property
+    def remote(self) -> bool:
+        """Whether the files are read in place on object storage (Parquet objects)."""
+        return any(is_url(f) for f in self.files)
 
     @property
     def columns(self) -> list[str]:
@@ -36,10 +49,19 @@ class Source:
         return list(self.schema)
 
 
-def open_source(pattern: str) -> Source:
-    """Find the input's files and read their schema; fails with the file named, before any row is read."""
-    matches = sorted(glob.glob(pattern, recursive=True)) if glob.has_magic(pattern) else [pattern]
-    files = tuple(f for f in matches if Path(f).is_file())
+def open_source(pattern: str, endpoint_url: str | None = None) -> Source:
+    """Find the input's files and read their schema; fails with the file named, before any row is read.
+
+    On object storage, Parquet objects are read in place (footers and row groups, by ranged reads); a CSV or
+    JSONL object is copied to the local cache first, since its reader needs a local file to stream from.
+    """
+    remote = is_url(pattern)
+    if remote:
+        matches = list_files(pattern, endpoint_url)
+        files = tuple(matches)
+    else:
+        matches = sorted(glob.glob(pattern, recursive=True)) if glob.has_magic(pattern) else [pattern]
+        files = tuple(f for f in matches if Path(f).is_file())
     if not files:
         what = "no file matches the glob" if glob.has_magic(pattern) else "input file not found"
         raise InputError(f"{pattern}: {what}")
@@ -52,10 +74,13 @@ def open_source(pattern: str) -> Source:
                          "use one format per job")
     fmt = kinds.pop()
     assert fmt is not None
+    origins: tuple[str, ...] = ()
+    if remote and fmt != "parquet":
+        origins, files = files, tuple(local_copy(f, endpoint_url) for f in files)
     schema: dict[str, pl.DataType] | None = None
     for f in files:
         try:
-            s = dict(_scan([f], fmt).collect_schema())
+            s = _remote_schema(f, endpoint_url) if is_url(f) else dict(_scan([f], fmt).collect_schema())
         except Exception as e:  # polars raises several unrelated types for unreadable files
             raise InputError(f"{f}: cannot read {fmt} input: {_polars_reason(e)}") from None
         if schema is None:
@@ -64,7 +89,25 @@ def open_source(pattern: str) -> Source:
             raise InputError(f"{f}: columns differ from {files[0]} "
                              f"({sorted(set(s) ^ set(schema))}); all files of a glob need the same columns")
     assert schema is not None
-    return Source(pattern=pattern, files=files, format=fmt, schema=schema)
+    return Source(pattern=pattern, files=files, format=fmt, schema=schema, endpoint_url=endpoint_url,
+                  origins=origins)
+
+
+def _remote_schema(url: str, endpoint_url: str | None) -> dict[str, pl.DataType]:
+    """A Parquet object's schema as polars sees it, from its footer alone."""
+    import pyarrow.parquet as pq
+
+    arrow = pq.read_schema(open_input(url, endpoint_url))
+    frame = pl.from_arrow(arrow.empty_table())
+    assert isinstance(frame, pl.DataFrame)
+    return dict(frame.schema)
+
+
+def parquet_file(source: Source, f: str) -> Any:
+    """A ``pq.ParquetFile`` of one of the source's files, local or on object storage."""
+    import pyarrow.parquet as pq
+
+    return pq.ParquetFile(open_input(f, source.endpoint_url) if is_url(f) else f)
 
 
 def _scan(files: Sequence[str], fmt: str) -> pl.LazyFrame:
@@ -99,7 +142,7 @@ def iter_chunks(source: Source, columns: Sequence[str], *, chunk_rows: int = DEF
     Raises InputError for an empty input or for data polars cannot parse (a ragged CSV row, a corrupt page).
     """
     wanted = [ROW, *dict.fromkeys(columns)]
-    if source.format == "parquet" and _parquet_rows(source) >= PYARROW_FROM_ROWS:
+    if source.format == "parquet" and (source.remote or _parquet_rows(source) >= PYARROW_FROM_ROWS):
         yield from _parquet_chunks(source, wanted, chunk_rows=chunk_rows, limit=limit, rows=rows,
                                    except_rows=except_rows)
         return
@@ -150,7 +193,6 @@ def _parquet_chunks(source: Source, wanted: list[str], *, chunk_rows: int, limit
     or drop positions, and what is kept is gathered into chunks of ``chunk_rows``.
     """
     import numpy as np
-    import pyarrow.parquet as pq
 
     schema = {c: source.schema[c] for c in wanted[1:]}
     picked = None if rows is None else np.sort(np.asarray(rows, dtype=np.int64))
@@ -158,7 +200,7 @@ def _parquet_chunks(source: Source, wanted: list[str], *, chunk_rows: int, limit
     start, total, held, held_rows = 0, 0, [], 0
     for f in source.files:
         try:
-            batches = pq.ParquetFile(f).iter_batches(batch_size=chunk_rows, columns=wanted[1:])
+            batches = parquet_file(source, f).iter_batches(batch_size=chunk_rows, columns=wanted[1:])
             for batch in batches:
                 if limit is not None and start >= limit:
                     break

@@ -1,0 +1,182 @@
+"""One partition run by the local engine's own machinery: the same scheduler, senders, client and retries.
+
+What differs from a local run is only where things are kept: the rate comes from the cluster's leases
+(``LeasedBudget``), answers go to committed chunks of the output dataset (``ChunkSink``) instead of the driver's
+journal and file, and a temporary journal on the task's own disk serves what a journal does inside a run (an
+identical row waiting for its twin's answer). The API key is read from the task's own environment, so it never
+travels with the task.
+
+Nothing here knows Ray: ``engines/ray.py`` calls ``run_partition`` in a Ray task with the actor's methods as
+``ask`` and ``tell``; tests call it with a ``GlobalBudget`` directly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from pipeline.breaker import Breaker
+from pipeline.client import ApiClient, resolve_api_key
+from pipeline.engines.budget import Ask, LeasedBudget, Report, Tell
+from pipeline.engines.commit import ChunkSink, committed, covered
+from pipeline.engines.partitions import Partition, iter_partition
+from pipeline.errors import AbortError, BudgetExceeded, PipelineError, StopRun
+from pipeline.execute import Scheduler, in_thread
+from pipeline.job import Job
+from pipeline.journal import Journal
+from pipeline.outcome import RunStats
+from pipeline.plan import check, key_function, output_writer, stop_reason_kind
+from pipeline.retry import RetryPolicy
+from pipeline.senders import Sending, sender_for
+from pipeline.sink import OutputPaths
+
+EXIT_HOOK = "PIPELINE_TEST_EXIT_AFTER"  # "N:MARKER": the first task to commit N rows exits (a killed worker)
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """What a task needs besides the budget: the job, its slice, where answers go, and its share of the cap."""
+
+    job: Job
+    partition: Partition
+    dataset: str
+    url: str
+    concurrency: int
+    worker: str
+    grace_s: float = 5.0
+
+
+def totals_of(stats: RunStats) -> dict[str, Any]:
+    """A run's totals as the manifest names them (summed over partitions by the driver)."""
+    return {"rows": stats.rows_done, "ok": stats.ok, "failed": stats.failed, "skipped": stats.skipped,
+            "deduplicated": stats.deduplicated, "requests_sent": stats.requests_sent, "retries": stats.retries,
+            "rate_limited_429": stats.rate_limited, "prompt_tokens": stats.prompt_tokens,
+            "cached_tokens": stats.cached_tokens, "completion_tokens": stats.completion_tokens,
+            "reasoning_tokens": stats.reasoning_tokens, "cache_write_tokens": stats.cache_write_tokens,
+            "answers_with_estimated_usage": stats.usage_estimated, "cost_usd_this_run": stats.cost_usd}
+
+
+def run_partition(spec: TaskSpec, ask: Ask, tell: Tell, *,
+                  transport: httpx.AsyncBaseTransport | None = None) -> dict[str, Any]:
+    """Run what is left of one partition; returns its totals, errors and how it ended (never raises for a stop:
+    the driver decides what a stop means for the run)."""
+    job, part = spec.job, spec.partition
+    done = committed(spec.dataset, job.storage.endpoint_url).get(part.id, [])
+    result: dict[str, Any] = {"partition": part.id, "rows": part.rows, "committed_before": covered(done),
+                              "committed": 0, "chunks": 0, "totals": totals_of(RunStats()), "errors": {},
+                              "stopped": None, "leases": 0}
+    if covered(done) >= part.rows:
+        return result
+    # The job narrowed to this partition's file: only its schema is read, not the whole input's.
+    one = replace(job, input=replace(job.input, path=part.file))
+    checked = check(one)
+    key = resolve_api_key(job, spec.url)
+    scratch = Path(tempfile.mkdtemp(prefix=f"pipeline-task-{part.id}-"))
+    stats = RunStats(rows_total=part.rows - covered(done))
+    frame = output_writer(checked, OutputPaths(scratch / "chunk.parquet"), stage=False)
+    sink = ChunkSink(frame, dataset=spec.dataset, partition=part.id, row_start=part.row_start, rows=part.rows,
+                     done=done, commit_rows=job.engine.commit_rows, endpoint_url=job.storage.endpoint_url)
+    journal = Journal(scratch / "task.journal.sqlite")
+    exit_after = _exit_hook()
+    stopped: PipelineError | None = None
+
+    async def main() -> None:
+        nonlocal stopped
+        lim = job.limits
+        async with ApiClient(spec.url, key, provider=checked.provider, timeout_s=lim.timeout_s,
+                             concurrency=spec.concurrency, transport=transport) as client:
+            watched: Any = sink if exit_after is None else _Watched(sink, exit_after)
+            scheduler = Scheduler(journal=journal, sink=watched, key_of_row=key_function(job),
+                                  concurrency=spec.concurrency, grace_s=spec.grace_s, stats=stats)
+            sending: Sending | None = None
+
+            def share(left: float | None) -> None:
+                if sending is not None and left is not None:
+                    sending.max_cost_usd = left
+
+            budget = LeasedBudget(
+                lim.requests_per_minute, lim.tokens_per_minute, ask=ask, tell=tell,
+                report=lambda: Report(stats.requests_sent, stats.requests_sent - stats.rate_limited,
+                                      stats.rate_limited, stats.cost_usd),
+                on_stop=lambda reason: scheduler.request_stop(BudgetExceeded(reason)), on_spend_share=share,
+                input_tokens_per_minute=lim.input_tokens_per_minute,
+                output_tokens_per_minute=lim.output_tokens_per_minute)
+            sending = Sending(client, budget, RetryPolicy(lim.max_attempts), stats, scheduler,
+                              price=checked.price, max_cost_usd=job.budget.max_cost_usd,
+                              breaker=Breaker(checked.provider.hint))
+            renderer = checked.renderer
+            sender = sender_for(job.request, sending, bodies=renderer.bodies, checker=sink.checker,
+                                dims=sink.embedding_dims, counter=renderer.counter)
+            lookup = journal.reader()
+
+            def chunks() -> Any:
+                rows = min(renderer.chunk_rows(job.engine.commit_rows), job.engine.commit_rows)
+                for c in iter_partition(checked.source, part, renderer.columns, chunk_rows=rows, skip=done):
+                    yield renderer.render_chunk(c, settled=lookup)
+
+            try:
+                await scheduler.run(in_thread(chunks()), sender)
+            except (StopRun, AbortError) as e:
+                stopped = e
+            finally:
+                lookup.close()
+                result["leases"] = budget.leases
+
+    try:
+        asyncio.run(main())
+    finally:
+        journal.close()
+        sink.finish()
+        shutil.rmtree(scratch, ignore_errors=True)
+    result.update(committed=sink.rows_committed, chunks=sink.chunks, totals=totals_of(stats),
+                  errors=dict(stats.errors))
+    if stopped is not None:
+        result["stopped"] = {"kind": stop_reason_kind(stopped), "message": str(stopped),
+                             "exit_code": stopped.exit_code}
+    return result
+
+
+def _exit_hook() -> tuple[int, Path] | None:
+    """Fault injection for the tests (as the simulator's hooks): the task that first reaches N committed rows
+    while MARKER does not exist creates it and exits at once, as a killed worker would."""
+    raw = os.environ.get(EXIT_HOOK)
+    if not raw:
+        return None
+    n, _, marker = raw.partition(":")
+    return int(n), Path(marker)
+
+
+class _Watched:
+    """The sink, with the test's kill switch (and nothing else) in front of it."""
+
+    def __init__(self, sink: ChunkSink, exit_after: tuple[int, Path] | None) -> None:
+        self._sink, self._exit_after = sink, exit_after
+        self.checker, self.embedding_dims = sink.checker, sink.embedding_dims
+
+    def add(self, *args: Any, **kwargs: Any) -> None:
+        self._sink.add(*args, **kwargs)
+        if self._exit_after is not None and self._sink.rows_committed >= self._exit_after[0]:
+            marker = self._exit_after[1]
+            try:
+                fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                self._exit_after = None
+                return
+            os.close(fd)
+            os._exit(17)
+
+    def add_block(self, *args: Any, **kwargs: Any) -> None:
+        self._sink.add_block(*args, **kwargs)
+
+    def flush(self) -> None:
+        self._sink.flush()
+
+    def finish(self) -> int:
+        return self._sink.finish()
