@@ -75,6 +75,9 @@ def print_estimate(est: Any, console: Console) -> None:
     t.add_column("what", style="bold")
     t.add_column("value", justify="right")
     t.add_row("rows", f"{est.rows:,}")
+    if est.input_files > 1 or est.input_remote:
+        where = "on object storage" if est.input_remote else "local"
+        t.add_row("  from", f"{est.input_files:,} file(s), {where}")
     if est.rows_skipped:
         t.add_row("rows skipped (null cells)", f"{est.rows_skipped:,}")
     if est.rows_bad_image:

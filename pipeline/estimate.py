@@ -36,6 +36,8 @@ class Estimate:
     job: str
     model: str
     rows: int = 0
+    input_files: int = 0                    # the files (or objects) the rows came from
+    input_remote: bool = False              # read in place on object storage (Parquet: only the columns used)
     rows_skipped: int = 0
     rows_bad_image: int = 0                 # rows failed before the run: an image that cannot be sent
     bad_images: list[tuple[Any, str]] = field(default_factory=list)  # (row id, why), the first MAX_LISTED_IDS
@@ -292,6 +294,7 @@ def estimate_source(job: Job, source: Source, renderer: Renderer, price: Price |
         if on_chunk is not None:
             on_chunk(chunk.height)
     est = builder.finish()
+    est.input_files, est.input_remote = len(source.files), bool(source.remote or source.origins)
     if est.url_images and exact is None:
         est.prompt_tokens_exact = False
         est.image_tokens_basis = f"{est.image_tokens_basis}; {est.url_images:,} URL image(s) at the most an image costs"

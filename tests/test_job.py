@@ -52,8 +52,8 @@ def test_unknown_key(make_job):
 
 def test_unknown_top_level_table(make_job):
     _bad(make_job(extra="[retries]\nx = 1"),
-         "job.toml: retries is not a known key (known keys: api, batch, budget, estimate, input, limits, name, output, "
-         "pricing, request)")
+         "job.toml: retries is not a known key (known keys: api, batch, budget, engine, estimate, input, limits, name, "
+         "output, pricing, request, storage)")
 
 
 def test_missing_required_key(make_job):
@@ -136,3 +136,29 @@ def test_api_base_url_scheme(make_job):
 def test_library_raises_job_error(make_job):
     with pytest.raises(JobError, match=r"\[limits\]\.timeout_s must be a number > 0"):
         Job.load(make_job(limits="timeout_s = 0"))
+
+
+def _engine_job(tmp_path: Path, extra: str, output: str = "out/x.parquet", input_path: str = "in.csv") -> Path:
+    p = tmp_path / "job.toml"
+    p.write_text(f'name = "e"\n[input]\npath = "{input_path}"\n[request]\nmodel = "gpt-4o-mini"\n'
+                 f'prompt = "{{{{ a }}}}"\n[output]\npath = "{output}"\n{extra}')
+    return p
+
+
+def test_engine_and_storage_tables_are_validated_with_their_key_named(tmp_path: Path) -> None:
+    job = Job.load(_engine_job(tmp_path, '[engine]\nkind = "ray"\nworkers = 8\npartition_rows = 1000\n'
+                                         '[storage]\nendpoint_url = "http://127.0.0.1:9000"\n'))
+    assert (job.engine.kind, job.engine.workers, job.engine.partition_rows) == ("ray", 8, 1000)
+    assert job.storage.endpoint_url == "http://127.0.0.1:9000"
+    with pytest.raises(JobError, match=r"job.toml: \[engine\].kind must be one of local, ray, got \"spark\""):
+        Job.load(_engine_job(tmp_path, '[engine]\nkind = "spark"\n'))
+    with pytest.raises(JobError, match=r"\[engine\].workers must be a positive integer"):
+        Job.load(_engine_job(tmp_path, '[engine]\nworkers = 0\n'))
+    with pytest.raises(JobError, match=r"\[storage\].bucket is not a known key"):
+        Job.load(_engine_job(tmp_path, '[storage]\nbucket = "b"\n'))
+
+
+def test_object_storage_paths_stay_urls_and_the_output_is_staged_beside_the_job(tmp_path: Path) -> None:
+    job = Job.load(_engine_job(tmp_path, "", output="s3://bucket/out/x.parquet", input_path="s3://bucket/in/*.csv"))
+    assert job.input.path == "s3://bucket/in/*.csv" and job.output.path == "s3://bucket/out/x.parquet"
+    assert job.output.local == str(tmp_path / ".pipeline" / "s3" / "bucket" / "out" / "x.parquet")

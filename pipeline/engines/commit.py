@@ -96,6 +96,8 @@ class ChunkSink:
             self._settled[lo - row_start:hi - row_start] = b"\x01" * (hi - lo)
         self._held: dict[int, tuple[tuple[Any, ...], Outcome, bool]] = {}
         self._cursor = 0                     # every position before it is settled
+        while self._cursor < rows and self._settled[self._cursor]:  # a retried task: past what was committed
+            self._cursor += 1
         self._ready = 0                      # held rows before the cursor
         self.rows_committed = 0
         self.chunks = 0
