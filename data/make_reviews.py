@@ -66,5 +66,5 @@ def make(rows: int, seed: int = 7) -> pl.DataFrame:
 if __name__ == "__main__":
     n = int(sys.argv[1]) if len(sys.argv) > 1 else 3000
     dest = Path(sys.argv[2]) if len(sys.argv) > 2 else Path(__file__).with_name("reviews.parquet")
-    make(n).write_parquet(dest)
+    make(n).write_parquet(dest, row_group_size=500)  # row groups: what the Ray engine cuts partitions at
     print(f"wrote {n} reviews to {dest}")

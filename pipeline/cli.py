@@ -12,6 +12,7 @@ import signal
 import sys
 from collections.abc import Callable, Iterator
 from functools import wraps
+from pathlib import Path
 from typing import Any, TypeVar
 
 import click
@@ -312,8 +313,13 @@ def _run_ray(job_path: str, fresh: bool, base_url: str | None, allow_insecure: b
     job = Job.load(job_path)
     err = _err_console()
     err.print(f"Ray engine: planning partitions of {escape(job.input.path)} ...")
+
+    def progress(s: Any, done: int, total: int) -> None:
+        err.print(f"  {done:,}/{total:,} partitions done; {s.rows_done:,} rows ({s.ok:,} ok, {s.failed:,} failed), "
+                  f"{s.requests_sent:,} requests, {s.rate_limited:,} 429s, ${s.cost_usd:,.4f}")
+
     result = run_ray(job, base_url=base_url, address=address, workers=workers, fresh=fresh,
-                     allow_insecure=allow_insecure)
+                     allow_insecure=allow_insecure, on_progress=progress)
     s = result.stats
     click.echo(f"wrote {result.output} ({result.partitions_done:,} of {result.partitions:,} partitions complete; this "
                f"run: {s.rows_done:,} rows, {s.ok:,} ok, {s.failed:,} failed, {s.skipped:,} skipped, "
@@ -460,8 +466,15 @@ def batches(args: tuple[str, ...], base_url: str | None, offline: bool) -> None:
 def report(output: str, as_json: bool, html_path: str | None) -> None:
     """Totals, cost, errors by type and latency percentiles of an output file."""
     from pipeline.report import build_report
+    from pipeline.storage import fetch_output, is_url
 
+    shown = output
+    if is_url(output):  # copied here first (the manifest too); an HTML report lands in this folder
+        output = str(fetch_output(output))
+        if html_path == "":
+            html_path = Path(output).with_suffix(".report.html").name
     r = build_report(output)
+    r["output"] = shown
     if html_path is not None:
         from pipeline.report_html import write_html_report
 
@@ -472,7 +485,7 @@ def report(output: str, as_json: bool, html_path: str | None) -> None:
         click.echo(json.dumps(r, indent=2, default=str))
         return
     console = _out_console()
-    t = Table(title=f"Report for {output}", show_header=False, title_justify="left")
+    t = Table(title=f"Report for {shown}", show_header=False, title_justify="left")
     t.add_column("what", style="bold")
     t.add_column("value", justify="right")
     t.add_row("job / model", f"{r['job']} / {r['model']}")

@@ -208,3 +208,37 @@ def push_output(job: Any, output: Path, manifest: Path) -> None:
     the table it describes)."""
     upload(output, job.output.path, job.storage.endpoint_url)
     upload(manifest, manifest_url(job.output.path), job.storage.endpoint_url)
+
+
+def fetch_output(url: str, endpoint_url: str | None = None) -> Path:
+    """An output on object storage (a file, or a Ray engine's folder of chunks) and its manifest, copied to a
+    temporary folder for ``pipeline report``."""
+    import tempfile
+
+    import pyarrow.fs as pafs
+
+    fs, path = filesystem(url, endpoint_url)
+    dest = Path(tempfile.mkdtemp(prefix="pipeline-report-")) / Path(urlsplit(url).path).name
+    try:
+        kind = fs.get_file_info(path.rstrip("/")).type
+    except OSError as e:
+        raise InputError(f"{url}: cannot read the output: {_reason(e)}") from None
+    if kind == pafs.FileType.File:
+        names = [""]
+    elif kind == pafs.FileType.Directory:
+        dest.mkdir()
+        names = [n for n in list_names(url, endpoint_url) if n.endswith(".parquet")]
+    else:
+        raise InputError(f"{url}: output not found")
+    for name in names:
+        src = f"{path.rstrip('/')}/{name}" if name else path
+        try:
+            with fs.open_input_stream(src) as f, open(dest / name if name else dest, "wb") as out:
+                while chunk := f.read(8 << 20):
+                    out.write(chunk)
+        except OSError as e:
+            raise InputError(f"{url}: cannot copy the output: {_reason(e)}") from None
+    manifest = read_bytes(manifest_url(url), endpoint_url)
+    if manifest is not None:
+        dest.with_suffix(".manifest.json").write_bytes(manifest)
+    return dest

@@ -19,7 +19,7 @@ from pipeline.sim import simulator_process
 ROOT = Path(__file__).resolve().parent.parent
 PIPELINE = str(Path(sys.executable).parent / "pipeline")
 JOBS = ["jobs/summarise.toml", "jobs/classify.toml", "jobs/classify_anthropic.toml", "jobs/describe_photos.toml",
-        "jobs/route_tickets.toml"]
+        "jobs/route_tickets.toml", "jobs/summarise_ray.toml"]
 SIM_ARGS = ["--rpm", "6000", "--tpm", "3000000", "--latency-ms", "60", "--latency-jitter-ms", "140",
             "--error-rate", "0.02", "--rate-429", "0.01", "--drop-rate", "0.005", "--overloaded-rate", "0.01",
             "--seed", "7"]
@@ -56,6 +56,9 @@ def show(url: str) -> int:
             sh("validate", job, "--rows", "1")
             sh("estimate", job)
             sh("estimate", job, "--exact", "--base-url", url)
+        elif Job.load(ROOT / job).engine.kind == "ray":
+            say(f"{job}: the summarise job again, on the Ray engine: partitions run by Ray tasks (a local Ray, "
+                "started and stopped by the run) under one global rate budget, answers committed in chunks")
         elif Job.load(ROOT / job).request.images:
             say(f"{job}: every photo is opened and checked first (type by its bytes, size, pixels); then the cost, "
                 "image tokens apart")

@@ -119,8 +119,10 @@ def dataset_of(job: Job) -> str:
 
 def run_ray(job: Job, *, base_url: str | None = None, address: str | None = None, workers: int | None = None,
             fresh: bool = False, allow_insecure: bool = False,
-            on_progress: Callable[[RunStats], None] | None = None) -> RayRun:
-    """Run a job on Ray; resumes from the driver's journal and the committed chunks unless ``fresh``."""
+            on_progress: Callable[[RunStats, int, int], None] | None = None) -> RayRun:
+    """Run a job on Ray; resumes from the driver's journal and the committed chunks unless ``fresh``.
+
+    ``on_progress(stats, partitions_finished, partitions_to_run)`` is called as each task ends."""
     t0, started = time.monotonic(), datetime.now(tz=UTC)
     checked = check(job)
     url = resolve_base_url(job, base_url)
@@ -179,7 +181,8 @@ def run_ray(job: Job, *, base_url: str | None = None, address: str | None = None
 
 
 def _drive(job: Job, url: str, address: str | None, workers: int, todo: list[Partition], dataset: str, db: Any,
-           on_progress: Callable[[RunStats], None] | None) -> tuple[RunStats, PipelineError | None, dict[str, Any]]:
+           on_progress: Callable[[RunStats, int, int], None] | None,
+           ) -> tuple[RunStats, PipelineError | None, dict[str, Any]]:
     """Run the partitions still to do, ``workers`` at a time; sum their totals."""
     stats = RunStats(rows_total=sum(p.rows for p in todo))
     if not todo:
@@ -201,6 +204,8 @@ def _drive(job: Job, url: str, address: str | None, workers: int, todo: list[Par
         share = max(1, lim.concurrency // workers)
         queue = list(todo)
         running: dict[Any, Partition] = {}
+        interrupted = False
+        finished = 0
         while queue or running:
             while queue and len(running) < workers and stopped is None:
                 p = queue.pop(0)
@@ -210,11 +215,15 @@ def _drive(job: Job, url: str, address: str | None, workers: int, todo: list[Par
                 break
             try:
                 ready, _ = ray.wait(list(running), num_returns=1, timeout=WAIT_S)
-            except KeyboardInterrupt:
-                stopped = Interrupted("stopped by SIGINT")
+            except (KeyboardInterrupt, Interrupted) as e:
+                if interrupted:  # a second Ctrl-C: leave now (what the tasks committed stays)
+                    raise
+                interrupted = True
+                stopped = e if isinstance(e, Interrupted) else Interrupted("stopped by SIGINT")
+                # A cancelled task gets a KeyboardInterrupt, stops its scheduler and commits what it holds.
                 for ref in running:
                     ray.cancel(ref)
-                ready = list(running)
+                continue
             for ref in ready:
                 p = running.pop(ref)
                 result = _result(ray, ref, p)
@@ -230,8 +239,9 @@ def _drive(job: Job, url: str, address: str | None, workers: int, todo: list[Par
                             ray.cancel(other)
                 if result["committed_before"] + result["committed"] >= p.rows:
                     _mark(db, p, "done", result["totals"])
-            if on_progress is not None:
-                on_progress(stats)
+                    finished += 1
+                if on_progress is not None:
+                    on_progress(stats, finished, len(todo))
         engine["budget"] = ray.get(actor.totals.remote())
     finally:
         if actor is not None:
