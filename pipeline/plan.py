@@ -52,10 +52,12 @@ class Checked:
     warnings: list[str] = field(default_factory=list)
 
 
-def check(job: Job) -> Checked:
-    """Every check that needs neither a server nor a key: input, templates, output columns, price."""
+def check(job: Job, source: Source | None = None) -> Checked:
+    """Every check that needs neither a server nor a key: input, templates, output columns, price.
+
+    ``source`` replaces the job's whole input (a Ray task checks against its partition's file only)."""
     provider = provider_for(job)
-    source = open_source(job.input.path, job.storage.endpoint_url)
+    source = source or open_source(job.input.path, job.storage.endpoint_url)
     renderer = Renderer(job, source, provider)
     price = price_for(job)
     warnings = [] if price is not None else [no_price_warning(job.request.model)]

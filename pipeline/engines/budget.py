@@ -161,7 +161,9 @@ class GlobalBudget:
         if new_429 > 0 or new_answers > 0:
             self._refill(self._clock())  # what was earned at the old pace stays earned
         if new_429 > 0:
-            self.pace = max(AIMD_FLOOR, self.pace * AIMD_DECREASE ** min(new_429, 1))
+            # Once per report that saw any (a worker reports once per lease): the 429s a worker gets within one
+            # lease answer the same overshoot, and cutting per 429 would take four workers' pace to the floor.
+            self.pace = max(AIMD_FLOOR, self.pace * AIMD_DECREASE)
             w.seen_429 = report.rate_limited
         elif new_answers > 0 and self.pace < 1.0:
             self.pace = min(1.0, self.pace + AIMD_INCREASE * new_answers)

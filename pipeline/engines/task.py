@@ -16,7 +16,7 @@ import asyncio
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +36,7 @@ from pipeline.plan import check, key_function, output_writer, stop_reason_kind
 from pipeline.retry import RetryPolicy
 from pipeline.senders import Sending, sender_for
 from pipeline.sink import OutputPaths
+from pipeline.source import open_source
 
 EXIT_HOOK = "PIPELINE_TEST_EXIT_AFTER"  # "N:MARKER": the first task to commit N rows exits (a killed worker)
 
@@ -74,9 +75,8 @@ def run_partition(spec: TaskSpec, ask: Ask, tell: Tell, *,
                               "stopped": None, "leases": 0}
     if covered(done) >= part.rows:
         return result
-    # The job narrowed to this partition's file: only its schema is read, not the whole input's.
-    one = replace(job, input=replace(job.input, path=part.file))
-    checked = check(one)
+    # Checked against this partition's file only: its schema is read, not every file's of the input.
+    checked = check(job, open_source(part.file, job.storage.endpoint_url))
     key = resolve_api_key(job, spec.url)
     scratch = Path(tempfile.mkdtemp(prefix=f"pipeline-task-{part.id}-"))
     stats = RunStats(rows_total=part.rows - covered(done))
