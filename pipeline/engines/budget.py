@@ -14,7 +14,9 @@ restarted owner learns the spend again from the next leases, and a 429 anywhere 
 worker learns with its next lease, at most ``LEASE_S`` later.
 
 ``LeasedBudget`` is the worker's side: a ``RateBudget`` (so the server's own readings, pauses and a request's
-fit are handled exactly as in a local run) whose rate comes from leases instead of local buckets.
+fit are handled exactly as in a local run) whose requests and tokens come from leases instead of local buckets.
+Anthropic's separate input- and output-token limits are not leased: each worker keeps local buckets of an even
+share of them (``engines/task.py``).
 """
 
 from __future__ import annotations

@@ -160,9 +160,9 @@ def run_ray(job: Job, *, base_url: str | None = None, address: str | None = None
         chunks = committed(dataset, job.storage.endpoint_url)
         stale = _drop_stale(dataset, job, chunks, {p.id for p in parts})
         todo = [p for p in parts if p.id not in finished and covered(chunks.get(p.id, [])) < p.rows]
-        for p in parts:  # finished by a task whose result the driver never saw (the driver was stopped)
-            if p.id not in finished and p not in todo:
-                _mark(db, p, "done", {})
+        for p in parts:  # every partition planned is on record; some finished by a task whose result the driver
+            if p.id not in finished:  # never saw (it was stopped): their chunks say so
+                _mark(db, p, "todo" if p in todo else "done", {})
         stats, stopped, engine = _drive(job, url, address, workers, todo, dataset, db, on_progress)
     finally:
         journal.close()
@@ -209,7 +209,8 @@ def _drive(job: Job, url: str, address: str | None, workers: int, todo: list[Par
         while queue or running:
             while queue and len(running) < workers and stopped is None:
                 p = queue.pop(0)
-                spec = TaskSpec(job=job, partition=p, dataset=dataset, url=url, concurrency=share, worker=p.id)
+                spec = TaskSpec(job=job, partition=p, dataset=dataset, url=url, concurrency=share, worker=p.id,
+                                workers=workers)
                 running[remote_task.remote(spec, actor)] = p
             if not running:
                 break

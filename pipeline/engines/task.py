@@ -51,6 +51,7 @@ class TaskSpec:
     url: str
     concurrency: int
     worker: str
+    workers: int = 1            # tasks at once: Anthropic's input and output token limits are split among them
     grace_s: float = 5.0
 
 
@@ -106,8 +107,10 @@ def run_partition(spec: TaskSpec, ask: Ask, tell: Tell, *,
                 report=lambda: Report(stats.requests_sent, stats.requests_sent - stats.rate_limited,
                                       stats.rate_limited, stats.cost_usd),
                 on_stop=lambda reason: scheduler.request_stop(BudgetExceeded(reason)), on_spend_share=share,
-                input_tokens_per_minute=lim.input_tokens_per_minute,
-                output_tokens_per_minute=lim.output_tokens_per_minute)
+                input_tokens_per_minute=_share(lim.input_tokens_per_minute, spec.workers),
+                output_tokens_per_minute=_share(lim.output_tokens_per_minute, spec.workers))
+            # What may ever fit is the whole limit's question, not the share's (the buckets hold the share).
+            budget.itpm, budget.otpm = lim.input_tokens_per_minute, lim.output_tokens_per_minute
             sending = Sending(client, budget, RetryPolicy(lim.max_attempts), stats, scheduler,
                               price=checked.price, max_cost_usd=job.budget.max_cost_usd,
                               breaker=Breaker(checked.provider.hint))
@@ -141,6 +144,11 @@ def run_partition(spec: TaskSpec, ask: Ask, tell: Tell, *,
         result["stopped"] = {"kind": stop_reason_kind(stopped), "message": str(stopped),
                              "exit_code": stopped.exit_code}
     return result
+
+
+def _share(per_minute: int | None, workers: int) -> int | None:
+    """A static share of a limit the global budget does not lease (Anthropic's input and output tokens)."""
+    return None if per_minute is None else max(1, per_minute // max(1, workers))
 
 
 def _exit_hook() -> tuple[int, Path] | None:
