@@ -7,7 +7,7 @@ Run: .venv/bin/python bench/estimate.py [ROWS]
 from __future__ import annotations
 
 import json
-import resource
+import os
 import subprocess
 import sys
 import time
@@ -33,13 +33,16 @@ def main() -> None:
                    .replace('path = "../data/reviews.parquet"', f'path = "{data.name}"')
                    .replace('path = "../out/review-summaries.parquet"', 'path = "out/bench.parquet"'))
     t = time.perf_counter()
-    proc = subprocess.run([str(ROOT / ".venv/bin/pipeline"), "estimate", str(job), "--json"],
-                          capture_output=True, text=True)
+    proc = subprocess.Popen([str(ROOT / ".venv/bin/pipeline"), "estimate", str(job), "--json"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    out = proc.stdout.read() if proc.stdout else ""
+    err = proc.stderr.read() if proc.stderr else ""
+    _, status, usage = os.wait4(proc.pid, 0)  # this child's own peak, not every child's of this script
     wall = time.perf_counter() - t
-    if proc.returncode != 0:
-        sys.exit(f"estimate failed: {proc.stderr}")
-    est = json.loads(proc.stdout)
-    peak_mib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    if os.waitstatus_to_exitcode(status) != 0:
+        sys.exit(f"estimate failed: {err}")
+    est = json.loads(out)
+    peak_mib = usage.ru_maxrss / 1024
     print(f"rows: {est['rows']:,}  requests: {est['requests']:,}  prompt tokens: {est['prompt_tokens']:,}")
     print(f"wall: {wall:.1f} s  rows/s: {est['rows'] / wall:,.0f}  peak RSS: {peak_mib:,.0f} MiB")
     print(f"targets: < 12 s ({'met' if wall < 12 else 'MISSED'}), "

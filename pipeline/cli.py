@@ -394,7 +394,8 @@ def _run(job_path: str, fresh: bool, retry_failed: bool, limit: int | None, base
         result = run_job(job, base_url=base_url, limit=limit, fresh=fresh, retry_failed=retry_failed,
                          allow_insecure=allow_insecure, on_progress=progress.update,
                          on_estimate=lambda est: _confirm_estimate(est, job, yes, batch=mode == "batch"),
-                         handle_signals=True, mode=mode, wait=not no_wait, on_batches=BatchDisplay().update)
+                         handle_signals=True, mode=mode, wait=not no_wait, on_batches=BatchDisplay().update,
+                         release_memory=True)
     s = result.stats
     spent = "at the Batch API price " if mode == "batch" else ""
     click.echo(f"wrote {result.output} ({s.rows_done:,} rows: {s.ok:,} ok, {s.failed:,} failed, "

@@ -30,9 +30,17 @@ RUN_CHUNK_ROWS = 2_000  # small chunks keep the first request early and the prod
 
 def run_online(plan: RunPlan, *, transport: httpx.AsyncBaseTransport | None = None,
                on_progress: Callable[[RunStats], None] | None = None, handle_signals: bool = False,
-               grace_s: float = 5.0) -> Ending:
-    """Send what the plan has still to do; whatever ends the run, what was answered is in the output."""
+               grace_s: float = 5.0, release_memory: bool = False) -> Ending:
+    """Send what the plan has still to do; whatever ends the run, what was answered is in the output.
+
+    ``release_memory`` (the caller owns the process: the CLI) lets the tokenizer go once nothing is left to
+    count: a run that sends what its estimate rendered and counted needs it only for an answer without usage.
+    """
     sink, key_of_row = plan.sink()
+    if release_memory and plan.kept is not None and plan.kept.complete and plan.todo is None:
+        from pipeline.tokens import release_encodings
+
+        release_encodings()
     lookup = plan.store.reader(retry_failed=plan.retry_failed)
     stopped: PipelineError | None = None
     stats = RunStats(rows_total=plan.estimate.rows)

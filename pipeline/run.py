@@ -64,7 +64,8 @@ def run(job: Job, *, base_url: str | None = None, limit: int | None = None, fres
         on_progress: Callable[[RunStats], None] | None = None,
         on_estimate: Callable[[Estimate], bool] | None = None, handle_signals: bool = False,
         grace_s: float = 5.0, journal: bool = True, data: pl.DataFrame | None = None, mode: str | None = None,
-        wait: bool = True, on_batches: Callable[[list[BatchPart]], None] | None = None) -> RunResult:
+        wait: bool = True, on_batches: Callable[[list[BatchPart]], None] | None = None,
+        release_memory: bool = False) -> RunResult:
     """Run a job to the end (or until stopped); resumes from the journal unless ``fresh``.
 
     ``on_estimate`` sees the estimate before anything is sent and returns False to cancel (the CLI asks the
@@ -72,6 +73,9 @@ def run(job: Job, *, base_url: str | None = None, limit: int | None = None, fres
     returned in ``RunResult.stopped``, with everything answered so far written. ``journal=False`` runs
     without resume (only for measuring the journal's overhead). ``data`` runs the job on a DataFrame instead
     of its [input].path (it is saved beside the output, so resume works for it too).
+
+    ``release_memory``: the caller owns the process (the CLI does), so what the run no longer needs, such as
+    the tokenizer's tables after the estimate counted everything, is given back to the system.
 
     ``mode`` overrides ``[request].mode``: ``"batch"`` goes through the Batch API (``wait=False`` submits and
     returns; a later run collects), reporting the job's batches to ``on_batches`` as they move.
@@ -94,7 +98,7 @@ def run(job: Job, *, base_url: str | None = None, limit: int | None = None, fres
             from pipeline.online import run_online  # loaded by online runs only
 
             end = run_online(plan, transport=transport, on_progress=on_progress, handle_signals=handle_signals,
-                             grace_s=grace_s)
+                             grace_s=grace_s, release_memory=release_memory)
         manifest = finish(plan, end)
         if remote:
             push_output(job, plan.paths.output, plan.paths.manifest)

@@ -8,10 +8,14 @@ tiktoken's fast Rust ``Encoding`` from them and never touch the network.
 from __future__ import annotations
 
 import binascii
+import contextlib
+import ctypes
+import gc
 import gzip
 import hashlib
 import io
 import math
+import weakref
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from functools import cache
@@ -89,6 +93,21 @@ def get_encoding(name: str) -> tiktoken.Encoding:
     return enc
 
 
+_COUNTERS: weakref.WeakSet[ChatTokenCounter] = weakref.WeakSet()
+
+
+def release_encodings() -> None:
+    """Let every tokenizer's tables go (o200k's are about 50 MiB) when a run has nothing left to count: the
+    counters reload them if they are asked again (an answer without usage). glibc keeps freed small blocks in
+    its arenas, so they are handed back to the system too, or the memory would stay resident."""
+    get_encoding.cache_clear()
+    for counter in list(_COUNTERS):
+        counter._encoding = None
+    gc.collect()
+    with contextlib.suppress(AttributeError, OSError):  # not glibc: the allocator keeps what it keeps
+        ctypes.CDLL(None).malloc_trim(0)
+
+
 class _NotPickled(dict):  # type: ignore[type-arg]
     """Stands in for tiktoken's kept copy of the ranks; an Encoding is rebuilt by name, never pickled."""
 
@@ -112,8 +131,17 @@ class ChatTokenCounter:
     priming = REPLY_PRIMING
 
     def __init__(self, model: str) -> None:
-        self.encoding = get_encoding(encoding_name_for_model(model))
+        self._name = encoding_name_for_model(model)
+        self._encoding: tiktoken.Encoding | None = get_encoding(self._name)
         self._fixed: dict[str, int] = {}
+        _COUNTERS.add(self)
+
+    @property
+    def encoding(self) -> tiktoken.Encoding:
+        """The tokenizer (reloaded after ``release_encodings``)."""
+        if self._encoding is None:
+            self._encoding = get_encoding(self._name)
+        return self._encoding
 
     def count_text(self, text: str) -> int:
         """Tokens of one string, as plain text (special-token strings in user data are just text to the API)."""
@@ -174,8 +202,10 @@ class BoundingTokenCounter(ChatTokenCounter):
     priming = 16
 
     def __init__(self, model: str) -> None:
-        self.encoding = get_encoding("cl100k_base")
+        self._name = "cl100k_base"
+        self._encoding = get_encoding(self._name)
         self._fixed = {}
+        _COUNTERS.add(self)
 
     def count_text(self, text: str) -> int:
         """A bound on the tokens of one string."""

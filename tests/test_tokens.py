@@ -56,3 +56,13 @@ def test_batch_counts_match_single_counts():
     counter = ChatTokenCounter("gpt-4o")
     many = TEXTS * 20
     assert counter.count_texts(many) == [counter.count_text(t) for t in many]
+
+
+def test_released_encodings_are_reloaded_when_a_counter_is_asked_again() -> None:
+    from pipeline.tokens import ChatTokenCounter, get_encoding, release_encodings
+
+    counter = ChatTokenCounter("gpt-4o-mini")
+    before = counter.count_text("The kettle arrived broken.")
+    release_encodings()
+    assert counter._encoding is None and get_encoding.cache_info().currsize == 0
+    assert counter.count_text("The kettle arrived broken.") == before  # reloaded, same count
