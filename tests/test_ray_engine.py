@@ -207,3 +207,14 @@ def test_the_budget_is_one_for_the_cluster_and_a_stop_keeps_what_was_committed(t
     assert 20 <= sent < n
     df = read_output(tmp_path / "out" / "ds.parquet")
     assert df.height == result.stats.rows_done and (df["status"] == "ok").all()  # every answer paid for is kept
+
+
+def test_a_dead_server_stops_the_ray_run_with_one_clear_message(tmp_path: Path) -> None:
+    from tests.conftest import run_cli
+
+    reviews(40).write_parquet(tmp_path / "input.parquet", row_group_size=20)
+    path = job_file(tmp_path, f"http://127.0.0.1:{free_port()}/v1", limits="max_attempts = 2\ntimeout_s = 5",
+                    engine="workers = 2\npartition_rows = 20")
+    r = run_cli("run", path)
+    assert r.exit_code == 3
+    assert "no answer" in r.output and "check [api].base_url" in r.output and "Traceback" not in r.output
