@@ -181,6 +181,9 @@ def prepare(job: Job, *, mode: str | None = None, base_url: str | None = None, l
     check_transport_security(url, key is not None, allow_insecure)
     paths = OutputPaths(Path(job.output.local))
     claim_output(paths, job.name, job.fingerprint())
+    if paths.output.is_dir():  # before anything is sent: a run could not write its file there at the end
+        raise OutputError(f"{paths.output}: is a folder (the Ray engine's dataset of chunks); run it with "
+                          "--engine ray, or choose another [output].path for the local engine")
     if fresh:
         _move_aside(paths.journal)
     store: OutcomeStore = Journal(paths.journal) if journal else NullJournal()

@@ -218,3 +218,15 @@ def test_a_dead_server_stops_the_ray_run_with_one_clear_message(tmp_path: Path) 
     r = run_cli("run", path)
     assert r.exit_code == 3
     assert "no answer" in r.output and "check [api].base_url" in r.output and "Traceback" not in r.output
+
+
+def test_the_local_engine_refuses_a_ray_dataset_folder_before_sending(tmp_path: Path) -> None:
+    from tests.conftest import run_cli
+
+    reviews(10).write_parquet(tmp_path / "input.parquet")
+    with SimServer(SimConfig()) as s:
+        path = job_file(tmp_path, s.base_url, engine="workers = 1")
+        assert run_cli("run", path).exit_code == 0
+        r = run_cli("run", path, "--engine", "local", "--fresh")
+        assert r.exit_code == 2 and "is a folder (the Ray engine's dataset" in r.output
+        assert s.stats.requests == 10  # the refused run sent nothing
