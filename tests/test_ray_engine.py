@@ -80,6 +80,7 @@ def test_a_cooldown_one_worker_reports_reaches_every_other_worker_through_the_ac
     from pipeline.engines.budget import Report
     from pipeline.engines.ray_engine import _actor_class
 
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
     try:
         actor = _actor_class(ray).remote(6_000, None, None)

@@ -187,6 +187,8 @@ def _drive(job: Job, url: str, address: str | None, workers: int, todo: list[Par
     stats = RunStats(rows_total=sum(p.rows for p in todo))
     if not todo:
         return stats, None, {}
+    # Ray reports usage statistics to its makers unless told not to: nothing here leaves the machine unasked.
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     ray = _ray()
     started_here = not ray.is_initialized()
     if started_here:
