@@ -202,3 +202,50 @@ def test_token_counts_from_the_estimate_pass_are_reused_not_recounted(make_job, 
     reused = [q.prompt_tokens for c in iter_chunks(src, r.columns, chunk_rows=7)
               for q in r.render_chunk(c, counted=counted).requests]
     assert reused == fresh
+
+
+SCHEMA = ('[request.response_schema]\ntype = "object"\nadditionalProperties = false\nrequired = ["label"]\n'
+          '[request.response_schema.properties.label]\ntype = "string"\n')
+
+
+@pytest.mark.parametrize(("api", "request_extra"), [
+    ("", ""),
+    ('base_url = "http://localhost:8080/v1"\nstructured_output = "json_object"', SCHEMA),  # the schema in system
+    ('provider = "anthropic"', ""),  # system and developer messages joined into the top-level system
+    ('provider = "anthropic"', SCHEMA),
+    ('provider = "azure"\nbase_url = "https://r.openai.azure.com/openai/v1"\ndeployment = "d"', ""),
+])
+def test_framed_bodies_are_the_body_builders_bytes_for_every_dialect(make_job, api, request_extra):
+    """The frame (the body cut around its templated texts) must give the builder's exact bytes: keys hash them."""
+    from pipeline.render import _Part
+
+    df = pl.DataFrame({
+        "review_id": ["a", "b", "c", "d", "e"],
+        "product": ["lamp", None, 'quote " back \\ slash', "\x00\x1f\x7f\u2028 ctl", "ünïcödé 👍"],
+        "text": ["line one\nline two\n", "", "\t", '{"json": [1]}', "</script> & <b>"],
+    })
+    model = "claude-haiku-4-5" if "anthropic" in api else "gpt-4o-mini"
+    request = (f'model = "{model}"\nsystem = "About {{{{ product }}}}."\nmax_tokens = 20\n'
+               'prompt = "{{ text }}"\n'
+               '[[request.messages]]\nrole = "developer"\ncontent = "Be brief about {{ product }}: {{ text }}"\n'
+               '[[request.messages]]\nrole = "assistant"\ncontent = "OK."\n' + request_extra)
+    job = Job.load(make_job(data=df, request=request, extra=f"[api]\n{api}"))
+    src = open_source(job.input.path)
+    framed = Renderer(job, src)
+    assert framed._body_frame is not None
+    builder = Renderer(job, src)
+    builder.parts = [_Part(p.role, p.source, p.template, p.text, None) for p in builder.parts]
+    chunk = next(iter_chunks(src, framed.columns))
+    a, b = framed.render_chunk(chunk).requests, builder.render_chunk(chunk).requests
+    assert [r.body for r in a] == [r.body for r in b]
+    assert [(r.key, r.prompt_tokens) for r in a] == [(r.key, r.prompt_tokens) for r in b]
+
+
+def test_a_body_builder_that_changes_a_text_gets_no_frame(make_job):
+    """A builder that does more than place a text (here: strips it) cannot be framed, and is not."""
+    job = Job.load(make_job(rows=3))
+    src = open_source(job.input.path)
+    r = Renderer(job, src)
+    chat = r.bodies.chat
+    r.bodies.chat = lambda messages, images=(): chat([{**m, "content": m["content"].upper()} for m in messages])
+    assert r._frame() is None
