@@ -15,18 +15,88 @@ import math
 from array import array
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field, replace
+from functools import partial
 from typing import TYPE_CHECKING, Any
+
+import polars as pl
 
 from pipeline.job import Job
 from pipeline.pricing import Price, Usage, no_price_warning, price_for
-from pipeline.render import RenderedChunk, Renderer, key_id
+from pipeline.render import PreparedChunk, RenderedChunk, Renderer, key_id
 from pipeline.rowprints import RowPrints, split_done
-from pipeline.source import DEFAULT_CHUNK_ROWS, Source, iter_chunks, open_source
+from pipeline.source import DEFAULT_CHUNK_ROWS, ROW, Source, iter_chunks, open_source
+from pipeline.tokens import CountingFailed, CountingProcess
 
 if TYPE_CHECKING:
     from pipeline.sample import Measured
 
 MAX_LISTED_IDS = 1000
+# Past this many rows an estimate counts tokens in a process of its own, beside the rendering; below, the process's
+# start (about 0.4 s, 68 MiB) costs more than it saves.
+COUNT_ELSEWHERE_ROWS = 100_000
+
+
+@dataclass
+class _Waiting:
+    """A rendered chunk waiting for its token counts, with what its finishing needs."""
+
+    prepared: PreparedChunk
+    height: int
+    by_print: int
+    new_prints: list[Any]
+    chunk: pl.DataFrame  # its rows, for the ids of rows the estimate lists (a lean pass)
+
+
+def _counted_in(firsts: set[str], before: Callable[[str], bool], key: str) -> bool:
+    return key in firsts or before(key)
+
+
+class _Counting:
+    """Where an estimate's token counting happens: in this process for the first ``COUNT_ELSEWHERE_ROWS`` rows,
+    then in a ``CountingProcess``, one chunk behind the rendering. If that process fails, counting comes back
+    here: the counts are the same either way, only slower."""
+
+    def __init__(self, renderer: Renderer) -> None:
+        self._counter = renderer.counter
+        self._rows = 0
+        self._process: CountingProcess | None = None
+        self._tried = False
+
+    def seen(self, rows: int) -> None:
+        """Count rows rendered; start the process once there are enough."""
+        self._rows += rows
+        name = self._counter.encoding_name
+        if not self._tried and self._rows >= COUNT_ELSEWHERE_ROWS and name is not None:
+            self._tried = True
+            try:
+                self._process = CountingProcess(name)
+            except OSError:
+                self._process = None
+
+    def submit(self, item: _Waiting) -> bool:
+        """Hand a chunk's texts to the process; False: count them here (no process, or texts it cannot take)."""
+        if self._process is None:
+            return False
+        try:
+            self._process.submit(item.prepared.texts)
+        except CountingFailed:
+            return False
+        return True
+
+    def collect(self, item: _Waiting) -> list[int]:
+        """The counts of a submitted chunk."""
+        if self._process is not None:
+            try:
+                return self._counter.scaled(self._process.result())
+            except CountingFailed:
+                self.close()
+        return self._counter.count_texts(item.prepared.texts)
+
+    def close(self) -> None:
+        """Stop the process, if there is one."""
+        if self._process is not None:
+            self._process.close()
+            self._process = None
 
 
 @dataclass
@@ -271,28 +341,59 @@ def estimate_source(job: Job, source: Source, renderer: Renderer, price: Price |
     if exact is not None:
         est.prompt_tokens_exact, est.prompt_tokens_basis = True, "counted by the provider, exact"
     todo: array[int] = array("q")
-    for chunk in iter_chunks(source, renderer.columns, chunk_rows=renderer.chunk_rows(DEFAULT_CHUNK_ROWS),
-                             limit=limit):
-        todo_rows, by_print, new_prints = split_done(prints, chunk) if prints is not None else (chunk, 0, [])
-        rendered = renderer.render_chunk(todo_rows, settled=settled, counted_before=builder.counted_before)
+
+    def finish(w: _Waiting, counts: list[int]) -> None:
+        rendered = renderer.finish_chunk(w.prepared, counts)
         if prints is not None:
-            prints.record(rendered, new_prints)
+            prints.record(rendered, w.new_prints)
             prints.flush()
         if exact is not None:
             rendered = replace(rendered, requests=[replace(r, prompt_tokens=exact.get(r.key, r.prompt_tokens))
                                                    for r in rendered.requests])
-        builder.add(rendered, done=rendered.settled.keys(), done_unrendered=by_print)
+        listed = len(builder.est.over_context_ids)
+        builder.add(rendered, done=rendered.settled.keys(), done_unrendered=w.by_print)
+        if lean and renderer.id_column and len(builder.est.over_context_ids) > listed:  # row numbers -> ids
+            rows = w.chunk.get_column(ROW).to_list()
+            ids = dict(zip(rows, w.chunk.get_column(renderer.id_column).to_list(), strict=True))
+            builder.est.over_context_ids[listed:] = [ids[r] for r in builder.est.over_context_ids[listed:]]
         if keep is not None:
             keep(rendered)
         if settled is not None:
             # in input order (a chunk's requests may be grouped by prompt prefix), as the readers' masks need
             todo.extend(sorted(r.row for r in rendered.requests if r.key not in rendered.settled))
         if counted is not None:  # chunks come in input order, so positions index the array directly
-            counted.extend(array(counted.typecode, bytes(counted.itemsize * chunk.height)))
+            counted.extend(array(counted.typecode, bytes(counted.itemsize * w.height)))
             for r in rendered.requests:
                 counted[r.row] = r.prompt_tokens
         if on_chunk is not None:
-            on_chunk(chunk.height)
+            on_chunk(w.height)
+
+    # nothing kept, recorded or resumed: requests need no ids but for the rows the estimate lists
+    lean = keep is None and counted is None and settled is None and prints is None and exact is None
+    counting = _Counting(renderer)
+    waiting: _Waiting | None = None  # the chunk whose texts the counting process is counting
+    try:
+        for chunk in iter_chunks(source, renderer.columns, chunk_rows=renderer.chunk_rows(DEFAULT_CHUNK_ROWS),
+                                 limit=limit):
+            todo_rows, by_print, new_prints = split_done(prints, chunk) if prints is not None else (chunk, 0, [])
+            before = builder.counted_before
+            if waiting is not None and waiting.prepared.firsts:  # not yet in the builder: counted meanwhile
+                before = partial(_counted_in, waiting.prepared.firsts, builder.counted_before)
+            item = _Waiting(renderer.prepare_chunk(todo_rows, settled=settled, counted_before=before, lean=lean),
+                            chunk.height, by_print, new_prints, todo_rows)
+            counts = counting.collect(waiting) if waiting is not None else None
+            overlapped = counting.submit(item)
+            if waiting is not None:
+                assert counts is not None
+                finish(waiting, counts)
+            waiting = item if overlapped else None
+            if not overlapped:
+                finish(item, renderer.counter.count_texts(item.prepared.texts))
+            counting.seen(chunk.height)
+        if waiting is not None:
+            finish(waiting, counting.collect(waiting))
+    finally:
+        counting.close()
     est = builder.finish()
     est.input_files, est.input_remote = len(source.files), bool(source.remote or source.origins)
     if est.url_images and exact is None:

@@ -77,6 +77,22 @@ class RenderedChunk:
     url_images: int = 0  # images sent as URLs: their dimensions, so their tokens, are unknown offline
 
 
+@dataclass
+class PreparedChunk:
+    """A chunk rendered up to its token counting (``Renderer.prepare_chunk``)."""
+
+    # (row, id, kept values, the texts of the templated parts, body, key, image tokens), in sending order
+    pending: list[tuple[int, Any, tuple[Any, ...], tuple[str, ...], bytes, str, int]]
+    repeat: list[bool]  # by pending position: not counted, as it will not be sent (answered, or a repeated key)
+    prior: list[int] | None  # by pending position: the count of an earlier pass (0: none)
+    texts: list[str]  # what must be counted, the templated parts of each row that needs counting in turn
+    skipped: list[Skipped]
+    known: Mapping[str, Any]  # key -> answer on record
+    url_images: int
+    per_row: int  # templated parts per row
+    firsts: set[str]  # the keys this chunk counts (with ``counted_before``): a later chunk's repeats of them
+
+
 IMAGE_CHUNK_ROWS = 128  # an image job's chunk: 128 inline images of a few hundred KB are tens of MB
 KEEP_BYTES = 32 << 20  # what an estimate pass may keep of rendered requests for the run (~40k short rows)
 _REQUEST_OVERHEAD = 512  # a Request's object, key, id and kept values beside its body (measured ~450)
@@ -400,7 +416,15 @@ class Renderer:
     def render_chunk(self, chunk: pl.DataFrame, settled: Callable[[list[str]], Mapping[str, Any]] | None = None,
                      counted: Sequence[int] | None = None,
                      counted_before: Callable[[str], bool] | None = None) -> RenderedChunk:
-        """Render every row of a chunk, counting prompt tokens in one batch.
+        """Render every row of a chunk, counting prompt tokens in one batch (``prepare_chunk`` says how)."""
+        prepared = self.prepare_chunk(chunk, settled, counted, counted_before)
+        return self.finish_chunk(prepared, self.counter.count_texts(prepared.texts))
+
+    def prepare_chunk(self, chunk: pl.DataFrame, settled: Callable[[list[str]], Mapping[str, Any]] | None = None,
+                      counted: Sequence[int] | None = None,
+                      counted_before: Callable[[str], bool] | None = None, *, lean: bool = False) -> PreparedChunk:
+        """Render every row of a chunk up to its token counting: ``texts`` are what ``finish_chunk`` needs
+        counted, in one batch (``render_chunk`` does both; the estimate counts in another process meanwhile).
 
         ``settled`` (the journal's lookup) maps keys to answers already on record; those requests are not
         sent again, so their tokens are not counted (``prompt_tokens`` is 0) and their answers come back in
@@ -409,11 +433,20 @@ class Renderer:
         not tokenize every row twice; rows it has no count for (0) are counted here. ``counted_before`` says
         which keys an earlier chunk counted already (the estimate's duplicates): those rows, and repeats of a key
         within the chunk, are not tokenized again and carry 0 prompt tokens, as they will not be sent.
+        ``lean`` (an estimate, which sends nothing and keeps nothing): each request may carry its row number as
+        its id, and no kept values.
         """
+        fast = {i: self._render_column(chunk, p) for i, p in enumerate(self.parts) if p.pieces is not None}
+        variable = [i for i, p in enumerate(self.parts) if p.template is not None]
+        frame = self._body_frame
+        framed = frame is not None and not self.job.input.skip_nulls and all(i in fast for i in variable)
         rows = chunk.get_column(ROW).to_list()
-        ids = chunk.get_column(self.id_column).to_list() if self.id_column else rows
-        keep_cols = [chunk.get_column(c).to_list() for c in self.job.input.keep]
-        keeps = list(zip(*keep_cols, strict=True)) if keep_cols else [()] * len(rows)
+        if lean and framed:  # a third of an estimate's time went into these Python objects
+            ids, keeps = rows, [()] * len(rows)
+        else:
+            ids = chunk.get_column(self.id_column).to_list() if self.id_column else rows
+            keep_cols = [chunk.get_column(c).to_list() for c in self.job.input.keep]
+            keeps = list(zip(*keep_cols, strict=True)) if keep_cols else [()] * len(rows)
         needs_values = self.job.input.skip_nulls or bool(self.image_parts) or any(
             p.template is not None and p.pieces is None for p in self.parts)
         values_iter = chunk.select(self.template_columns).iter_rows(named=True) \
@@ -424,11 +457,9 @@ class Renderer:
         pending: list[tuple[int, Any, tuple[Any, ...], tuple[str, ...], bytes, str, int]] = []
         url_images = 0
         skipped: list[Skipped] = []
-        fast = {i: self._render_column(chunk, p) for i, p in enumerate(self.parts) if p.pieces is not None}
-        variable = [i for i, p in enumerate(self.parts) if p.template is not None]
         inputs = fast.get(len(self.parts) - 1)
-        frame = self._body_frame
-        if frame is not None and not skip_nulls and all(i in fast for i in variable):
+        if framed:
+            assert frame is not None
             columns = [fast[i] for i in variable]
             texts_of = list(zip(*columns, strict=True)) if len(columns) > 1 else [(t,) for t in columns[0]] \
                 if columns else [()] * len(rows)
@@ -482,8 +513,8 @@ class Renderer:
         prior = [have[p[0]] if p[0] < n_have else 0 for p in pending] if n_have else None
         # which rows go out and need counting: not answered before, not counted before, not a repeat
         repeat = [False] * len(pending)
+        firsts: set[str] = set()
         if counted_before is not None:
-            firsts: set[str] = set()
             for n, p in enumerate(pending):
                 if p[5] in firsts or counted_before(p[5]):
                     repeat[n] = True
@@ -493,16 +524,20 @@ class Renderer:
             repeat = [r or p[5] in known for r, p in zip(repeat, pending, strict=True)]
         texts = [t for p, r, c in zip(pending, repeat, prior or repeat, strict=True) if not r and not (prior and c)
                  for t in p[3]]
-        counts = self.counter.count_texts(texts)
-        per_row = len(variable)
+        return PreparedChunk(pending, repeat, prior, texts, skipped, known, url_images, len(variable), firsts)
+
+    def finish_chunk(self, prepared: PreparedChunk, counts: list[int]) -> RenderedChunk:
+        """The chunk's requests, given the token counts of its ``texts``."""
+        per_row = prepared.per_row
         if per_row != 1:  # one sum per row of its templated parts' counts
             it = iter(counts)
-            counts = [sum(next(it) for _ in variable) for _ in range(len(counts) // per_row)] if per_row else []
+            counts = [sum(next(it) for _ in range(per_row)) for _ in range(len(counts) // per_row)] if per_row else []
         counts_it = iter(counts)
         max_out = self.job.request.max_tokens
         fixed = self.fixed_tokens
+        repeat, prior = prepared.repeat, prepared.prior
         requests = []
-        for n, (row, row_id, keep, _msgs, body, key, image_tokens) in enumerate(pending):
+        for n, (row, row_id, keep, _msgs, body, key, image_tokens) in enumerate(prepared.pending):
             if repeat[n]:
                 tokens = image_tokens = 0
             elif prior and prior[n]:
@@ -510,7 +545,8 @@ class Renderer:
             else:
                 tokens = fixed + next(counts_it) + image_tokens if per_row else fixed + image_tokens
             requests.append(Request(row, row_id, key, body, tokens, max_out, keep, image_tokens))
-        return RenderedChunk(requests=requests, skipped=skipped, settled=known, url_images=url_images)
+        return RenderedChunk(requests=requests, skipped=prepared.skipped, settled=prepared.known,
+                             url_images=prepared.url_images)
 
 
 def _input_folder(path: str) -> Path:

@@ -15,13 +15,19 @@ import gzip
 import hashlib
 import io
 import math
+import signal
+import subprocess
+import sys
+import threading
 import weakref
+from array import array
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from functools import cache
 from importlib import resources
-from typing import Any
+from typing import Any, BinaryIO
 
+import orjson
 import tiktoken
 
 # The split patterns and special tokens are part of each encoding's definition (tiktoken_ext/openai_public.py).
@@ -137,6 +143,11 @@ class ChatTokenCounter:
         _COUNTERS.add(self)
 
     @property
+    def encoding_name(self) -> str | None:
+        """The tiktoken encoding behind the counts, for a ``CountingProcess`` to load."""
+        return self._name
+
+    @property
     def encoding(self) -> tiktoken.Encoding:
         """The tokenizer (reloaded after ``release_encodings``)."""
         if self._encoding is None:
@@ -164,6 +175,10 @@ class ChatTokenCounter:
     def _count_slice(self, texts: Sequence[str]) -> list[int]:
         encode = self.encoding.encode_ordinary
         return [len(encode(t)) for t in texts]
+
+    def scaled(self, tokens: list[int]) -> list[int]:
+        """What ``count_texts`` makes of the tokenizer's own counts (a ``CountingProcess``'s): the same."""
+        return tokens
 
     def fixed(self, text: str) -> int:
         """Token count of a string that repeats across rows (roles, a constant system prompt), memoised."""
@@ -215,6 +230,11 @@ class BoundingTokenCounter(ChatTokenCounter):
         encode, factor, ceil = self.encoding.encode_ordinary, self.factor, math.ceil
         return [ceil(factor * len(encode(t))) for t in texts]
 
+    def scaled(self, tokens: list[int]) -> list[int]:
+        """The bound from cl100k's counts."""
+        factor, ceil = self.factor, math.ceil
+        return [ceil(factor * n) for n in tokens]
+
     def count_messages(self, messages: Iterable[dict[str, str]]) -> int:
         """A bound on the prompt tokens of one request."""
         total = self.priming
@@ -222,3 +242,99 @@ class BoundingTokenCounter(ChatTokenCounter):
             total += self.per_message + sum(self.fixed(v) if k == "role" else self.count_text(v)
                                             for k, v in msg.items())
         return total
+
+
+class CountingFailed(Exception):
+    """The counting process is gone or refused a batch: the caller counts in its own process instead."""
+
+
+class CountingProcess:
+    """Counts tokens in a child process, so that counting runs beside the rendering instead of after it.
+
+    Why a process and not a thread: tiktoken holds the GIL while it encodes a text; on this project's 2-core
+    machine two threads counted 300k prompts in 1.6-2.0 s against 1.9-2.2 s on one, so a counting thread would
+    only take turns with the rendering. The child runs this file alone (not the pipeline package, so without
+    polars, pyarrow or the HTTP stack) and holds the tokenizer's tables: about 68 MiB resident.
+
+    One batch is under way at a time: ``submit`` hands it over (on a thread, as the child may still be loading
+    its tables), ``result`` waits for its counts. The child ignores Ctrl-C (the parent decides) and leaves
+    when its input closes, so it cannot outlive the parent.
+    """
+
+    def __init__(self, encoding_name: str) -> None:
+        code = ("import importlib.util, sys; s = importlib.util.spec_from_file_location('pipeline_token_process', "
+                "sys.argv[1]); m = importlib.util.module_from_spec(s); s.loader.exec_module(m); m.serve(sys.argv[2])")
+        self._proc = subprocess.Popen([sys.executable, "-c", code, __file__, encoding_name],
+                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+        self._writer: threading.Thread | None = None
+        self._failed: BaseException | None = None
+
+    def submit(self, texts: Sequence[str]) -> None:
+        """Hand one batch of texts over. Raises CountingFailed for texts JSON cannot carry (lone surrogates)."""
+        try:
+            payload = orjson.dumps(list(texts))
+        except orjson.JSONEncodeError as e:
+            raise CountingFailed(str(e)) from None
+        stdin = self._proc.stdin
+        assert stdin is not None
+
+        def write() -> None:
+            try:
+                stdin.write(len(payload).to_bytes(8, "little") + payload)
+                stdin.flush()
+            except OSError as e:
+                self._failed = e
+
+        self._writer = threading.Thread(target=write, name="pipeline-count-writer", daemon=True)
+        self._writer.start()
+
+    def result(self) -> list[int]:
+        """The counts of the batch submitted last, in its order."""
+        if self._writer is not None:
+            self._writer.join()
+            self._writer = None
+        if self._failed is not None:
+            raise CountingFailed(str(self._failed))
+        stdout = self._proc.stdout
+        assert stdout is not None
+        data = _read_frame(stdout)
+        if data is None:
+            raise CountingFailed(f"the token counting process ended (exit status {self._proc.poll()})")
+        counts = array("I")
+        counts.frombytes(data)
+        return counts.tolist()
+
+    def close(self) -> None:
+        """Let the child go: it leaves when its input closes."""
+        if self._writer is not None:
+            self._writer.join(timeout=5)
+        with contextlib.suppress(OSError):
+            if self._proc.stdin is not None:
+                self._proc.stdin.close()
+        try:
+            self._proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            self._proc.kill()
+            self._proc.wait()
+        if self._proc.stdout is not None:
+            self._proc.stdout.close()
+
+
+def _read_frame(stream: BinaryIO) -> bytes | None:
+    head = stream.read(8)
+    if len(head) < 8:
+        return None
+    n = int.from_bytes(head, "little")
+    data = stream.read(n)
+    return data if len(data) == n else None
+
+
+def serve(encoding_name: str) -> None:
+    """The counting process: a batch of texts in (length-prefixed JSON), their token counts out (uint32)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    encode = get_encoding(encoding_name).encode_ordinary
+    stdin, stdout = sys.stdin.buffer, sys.stdout.buffer
+    while (data := _read_frame(stdin)) is not None:
+        counts = array("I", [len(encode(t)) for t in orjson.loads(data)]).tobytes()
+        stdout.write(len(counts).to_bytes(8, "little") + counts)
+        stdout.flush()

@@ -310,11 +310,11 @@ def test_a_batch_run_reads_its_input_twice_and_renders_it_once(make_job, sim, mo
     from pipeline.render import Renderer
 
     reads, renders = [], []
-    collect_batches, render_chunk = pl.LazyFrame.collect_batches, Renderer.render_chunk
+    collect_batches, prepare_chunk = pl.LazyFrame.collect_batches, Renderer.prepare_chunk
     monkeypatch.setattr(pl.LazyFrame, "collect_batches", lambda self, *a, **k: reads.append(1)
                         or collect_batches(self, *a, **k))
-    monkeypatch.setattr(Renderer, "render_chunk", lambda self, chunk, *a, **k: renders.append(chunk.height)
-                        or render_chunk(self, chunk, *a, **k))
+    monkeypatch.setattr(Renderer, "prepare_chunk", lambda self, chunk, *a, **k: renders.append(chunk.height)
+                        or prepare_chunk(self, chunk, *a, **k))
     data = pl.concat([reviews(300), reviews(300).with_columns(pl.col("review_id") + "b")])  # half are duplicates
     job = batch_job(make_job, data=data, per_file=100)
     with sim(batch_delay_s=0.05) as s:

@@ -1,4 +1,5 @@
 import json
+import sys
 
 import polars as pl
 import pytest
@@ -68,3 +69,52 @@ def test_cli_json_and_table(make_job):
     table = run_cli("estimate", job.name)
     assert table.exit_code == 0
     assert "cost at Batch API price" in table.output and "prompt tokens (exact)" in table.output
+
+
+@pytest.mark.parametrize("provider", ["", '[api]\nprovider = "anthropic"'])
+def test_counting_in_a_process_of_its_own_gives_the_same_estimate(make_job, monkeypatch, provider):
+    """Past COUNT_ELSEWHERE_ROWS the counting moves to a child process, one chunk behind the rendering; the
+    estimate must not change by a token, duplicates across the overlapped chunks included."""
+    estimate_module = sys.modules["pipeline.estimate"]  # the package's `estimate` is the function
+    from pipeline.source import DEFAULT_CHUNK_ROWS
+
+    rows = 2 * DEFAULT_CHUNK_ROWS + 700
+    df = reviews(rows).with_columns(  # every third row repeats a row of the chunk before it
+        pl.when(pl.int_range(pl.len()) % 3 == 0).then(pl.col("text").shift(DEFAULT_CHUNK_ROWS // 2))
+        .otherwise(pl.col("text")).fill_null("x").alias("text"),
+        pl.lit("lamp").alias("product"))
+    model = 'model = "claude-haiku-4-5"\n' if provider else 'model = "gpt-4o-mini"\n'
+    job = Job.load(make_job(data=df, extra=provider, request=model + 'system = "S."\nprompt = "{{ product }}: '
+                            '{{ text }}"\nmax_tokens = 50'))
+    here = estimate(job)
+    started = []
+    real = estimate_module.CountingProcess
+
+    def process(name):
+        started.append(name)
+        return real(name)
+
+    monkeypatch.setattr(estimate_module, "CountingProcess", process)
+    monkeypatch.setattr(estimate_module, "COUNT_ELSEWHERE_ROWS", 1)
+    elsewhere = estimate(job)
+    assert started == ["cl100k_base" if provider else "o200k_base"]
+    assert elsewhere.to_dict() == here.to_dict()
+    assert here.duplicate_rows > 0 and here.rows == rows
+
+
+def test_a_counting_process_that_dies_is_replaced_by_counting_here(make_job, monkeypatch):
+    estimate_module = sys.modules["pipeline.estimate"]  # the package's `estimate` is the function
+    from pipeline.source import DEFAULT_CHUNK_ROWS
+
+    job = Job.load(make_job(rows=3 * DEFAULT_CHUNK_ROWS))
+    here = estimate(job)
+    real = estimate_module.CountingProcess
+
+    def dying(name):
+        proc = real(name)
+        proc._proc.kill()
+        return proc
+
+    monkeypatch.setattr(estimate_module, "CountingProcess", dying)
+    monkeypatch.setattr(estimate_module, "COUNT_ELSEWHERE_ROWS", 1)
+    assert estimate(job).to_dict() == here.to_dict()

@@ -250,13 +250,13 @@ def _count_renders(monkeypatch):
     from pipeline.render import Renderer
 
     rendered: list[int] = []
-    real = Renderer.render_chunk
+    real = Renderer.prepare_chunk  # render_chunk's first half, and what the estimate calls
 
     def counting(self, chunk, *args, **kwargs):
         rendered.append(chunk.height)
         return real(self, chunk, *args, **kwargs)
 
-    monkeypatch.setattr(Renderer, "render_chunk", counting)
+    monkeypatch.setattr(Renderer, "prepare_chunk", counting)
     return rendered
 
 

@@ -66,3 +66,35 @@ def test_released_encodings_are_reloaded_when_a_counter_is_asked_again() -> None
     release_encodings()
     assert counter._encoding is None and get_encoding.cache_info().currsize == 0
     assert counter.count_text("The kettle arrived broken.") == before  # reloaded, same count
+
+
+@pytest.mark.parametrize("name", ["o200k_base", "cl100k_base"])
+def test_the_counting_process_counts_as_this_process_does(name):
+    from pipeline.tokens import CountingProcess
+
+    enc = get_encoding(name)
+    proc = CountingProcess(name)
+    try:
+        proc.submit(TEXTS)
+        assert proc.result() == [len(enc.encode_ordinary(t)) for t in TEXTS]
+        proc.submit([])
+        assert proc.result() == []
+    finally:
+        proc.close()
+    assert proc._proc.returncode == 0  # it left when its input closed
+
+
+def test_the_counting_process_refuses_what_it_cannot_carry_and_says_when_it_is_gone():
+    from pipeline.tokens import CountingFailed, CountingProcess
+
+    proc = CountingProcess("o200k_base")
+    try:
+        with pytest.raises(CountingFailed):
+            proc.submit(["a lone surrogate \ud800"])  # JSON cannot carry it: the caller counts it itself
+        proc._proc.kill()
+        proc._proc.wait()
+        proc.submit(["hello"])
+        with pytest.raises(CountingFailed):
+            proc.result()
+    finally:
+        proc.close()
