@@ -25,7 +25,7 @@ from pipeline.pricing import Price, Usage, no_price_warning, price_for
 from pipeline.render import PreparedChunk, RenderedChunk, Renderer, key_id
 from pipeline.rowprints import RowPrints, split_done
 from pipeline.source import DEFAULT_CHUNK_ROWS, ROW, Source, iter_chunks, open_source
-from pipeline.tokens import CountingFailed, CountingProcess
+from pipeline.tokens import CountingFailed, CountingProcess, release_encodings
 
 if TYPE_CHECKING:
     from pipeline.sample import Measured
@@ -72,6 +72,10 @@ class _Counting:
                 self._process = CountingProcess(name)
             except OSError:
                 self._process = None
+                return
+            # This process's own tables (about 46 MiB) are not needed while the child counts; they come back
+            # if anything here counts again (a failed child, an answer without usage).
+            release_encodings()
 
     def submit(self, item: _Waiting) -> bool:
         """Hand a chunk's texts to the process; False: count them here (no process, or texts it cannot take)."""
