@@ -65,11 +65,10 @@ class _Counting:
     def seen(self, rows: int) -> None:
         """Count rows rendered; start the process once there are enough."""
         self._rows += rows
-        name = self._counter.encoding_name
-        if not self._tried and self._rows >= COUNT_ELSEWHERE_ROWS and name is not None:
+        if not self._tried and self._rows >= COUNT_ELSEWHERE_ROWS:
             self._tried = True
             try:
-                self._process = CountingProcess(name)
+                self._process = CountingProcess(self._counter.encoding_name)
             except OSError:
                 self._process = None
                 return
@@ -385,11 +384,10 @@ def estimate_source(job: Job, source: Source, renderer: Renderer, price: Price |
                 before = partial(_counted_in, waiting.prepared.firsts, builder.counted_before)
             item = _Waiting(renderer.prepare_chunk(todo_rows, settled=settled, counted_before=before, lean=lean),
                             chunk.height, by_print, new_prints, todo_rows)
-            counts = counting.collect(waiting) if waiting is not None else None
-            overlapped = counting.submit(item)
-            if waiting is not None:
-                assert counts is not None
-                finish(waiting, counts)
+            counted_one = (waiting, counting.collect(waiting)) if waiting is not None else None
+            overlapped = counting.submit(item)  # before finishing the one counted: the child works meanwhile
+            if counted_one is not None:
+                finish(*counted_one)
             waiting = item if overlapped else None
             if not overlapped:
                 finish(item, renderer.counter.count_texts(item.prepared.texts))

@@ -156,7 +156,13 @@ def _plain_pieces(ast: jinja2.nodes.Template) -> tuple[tuple[bool, str], ...] | 
 
 def request_key(endpoint: str, body: bytes) -> str:
     """The identity of a request: the same endpoint and body is the same question, asked once."""
-    return hashlib.blake2b(endpoint.encode() + b"\n" + body, digest_size=16).hexdigest()
+    return request_keys(endpoint, [body])[0]
+
+
+def request_keys(endpoint: str, bodies: Sequence[bytes]) -> list[str]:
+    """``request_key`` of many bodies of one endpoint (a chunk's), without encoding the endpoint each time."""
+    prefix, blake = endpoint.encode() + b"\n", hashlib.blake2b
+    return [blake(prefix + body, digest_size=16).hexdigest() for body in bodies]
 
 
 def key_id(key: str) -> int:
@@ -277,14 +283,22 @@ class Renderer:
         segments.append(body[at:])
         return _BodyFrame(tuple(segments), tuple(n for _, _, n, _ in holes), tuple(q for *_, q in holes))
 
-    def _framed(self, frame: _BodyFrame, texts: Sequence[str]) -> bytes:
-        """One row's body from the frame."""
-        out = [frame.segments[0]]
-        for seg, n, quoted in zip(frame.segments[1:], frame.order, frame.quoted, strict=True):
-            escaped = orjson.dumps(texts[n])
-            out.append(escaped if quoted else escaped[1:-1])
-            out.append(seg)
-        return b"".join(out)
+    @staticmethod
+    def _framed(frame: _BodyFrame, texts_of: Sequence[Sequence[str]]) -> list[bytes]:
+        """The bodies of rows from the frame, given each row's templated texts."""
+        dumps = orjson.dumps
+        if len(frame.segments) == 2 and frame.quoted[0]:  # one text, a whole JSON string: the common case, lean
+            head, tail = frame.segments
+            return [head + dumps(texts[0]) + tail for texts in texts_of]
+        bodies = []
+        for texts in texts_of:
+            out = [frame.segments[0]]
+            for seg, n, quoted in zip(frame.segments[1:], frame.order, frame.quoted, strict=True):
+                escaped = dumps(texts[n])
+                out.append(escaped if quoted else escaped[1:-1])
+                out.append(seg)
+            bodies.append(b"".join(out))
+        return bodies
 
     def chunk_rows(self, rows: int) -> int:
         """Rows per chunk: fewer for image jobs, whose bodies carry their images (a chunk's bodies live at once)."""
@@ -349,7 +363,7 @@ class Renderer:
 
     def _check_frame(self, frame: _BodyFrame, texts: Sequence[str], prerendered: dict[int, str]) -> None:
         slow = self.body(self.render_messages({}, None, prerendered))
-        if self._framed(frame, texts) != slow:  # a body builder the frame does not fit: a bug, said loudly
+        if self._framed(frame, [texts])[0] != slow:  # a body builder the frame does not fit: a bug, said loudly
             raise AssertionError("the framed request body differs from the body builder's")
 
     def _render(self, p: _Part, values: dict[str, Any], row_id: Any) -> str:
@@ -461,20 +475,12 @@ class Renderer:
         if framed:
             assert frame is not None
             columns = [fast[i] for i in variable]
-            texts_of = list(zip(*columns, strict=True)) if len(columns) > 1 else [(t,) for t in columns[0]] \
-                if columns else [()] * len(rows)
+            texts_of: list[tuple[str, ...]] = list(zip(*columns, strict=True)) if columns else [()] * len(rows)
             if texts_of:  # the frame must build what the builder builds
                 self._check_frame(frame, texts_of[0], {i: col[0] for i, col in fast.items()})
-            if len(frame.segments) == 2 and frame.quoted[0]:
-                head, tail = frame.segments
-                dumps = orjson.dumps
-                bodies = [head + dumps(t[0]) + tail for t in texts_of]
-            else:
-                bodies = [self._framed(frame, t) for t in texts_of]
-            prefix = endpoint.encode() + b"\n"
-            blake = hashlib.blake2b
-            pending = [(row, row_id, keep, texts, body, blake(prefix + body, digest_size=16).hexdigest(), 0)
-                       for row, row_id, keep, texts, body in zip(rows, ids, keeps, texts_of, bodies, strict=True)]
+            bodies = self._framed(frame, texts_of)
+            pending = [(row, row_id, keep, texts, body, key, 0) for row, row_id, keep, texts, body, key
+                       in zip(rows, ids, keeps, texts_of, bodies, request_keys(endpoint, bodies), strict=True)]
         elif self._direct_input and inputs is not None and not skip_nulls:
             embedding = self.bodies.embedding
             for row, row_id, keep, text in zip(rows, ids, keeps, inputs, strict=True):

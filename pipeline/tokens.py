@@ -143,7 +143,7 @@ class ChatTokenCounter:
         _COUNTERS.add(self)
 
     @property
-    def encoding_name(self) -> str | None:
+    def encoding_name(self) -> str:
         """The tiktoken encoding behind the counts, for a ``CountingProcess`` to load."""
         return self._name
 
@@ -174,10 +174,10 @@ class ChatTokenCounter:
 
     def _count_slice(self, texts: Sequence[str]) -> list[int]:
         encode = self.encoding.encode_ordinary
-        return [len(encode(t)) for t in texts]
+        return self.scaled([len(encode(t)) for t in texts])
 
     def scaled(self, tokens: list[int]) -> list[int]:
-        """What ``count_texts`` makes of the tokenizer's own counts (a ``CountingProcess``'s): the same."""
+        """What ``count_texts`` makes of the tokenizer's own counts (also a ``CountingProcess``'s): the same."""
         return tokens
 
     def fixed(self, text: str) -> int:
@@ -226,10 +226,6 @@ class BoundingTokenCounter(ChatTokenCounter):
         """A bound on the tokens of one string."""
         return math.ceil(self.factor * len(self.encoding.encode_ordinary(text)))
 
-    def _count_slice(self, texts: Sequence[str]) -> list[int]:
-        encode, factor, ceil = self.encoding.encode_ordinary, self.factor, math.ceil
-        return [ceil(factor * len(encode(t))) for t in texts]
-
     def scaled(self, tokens: list[int]) -> list[int]:
         """The bound from cl100k's counts."""
         factor, ceil = self.factor, math.ceil
@@ -251,10 +247,11 @@ class CountingFailed(Exception):
 class CountingProcess:
     """Counts tokens in a child process, so that counting runs beside the rendering instead of after it.
 
-    Why a process and not a thread: tiktoken holds the GIL while it encodes a text; on this project's 2-core
-    machine two threads counted 300k prompts in 1.6-2.0 s against 1.9-2.2 s on one, so a counting thread would
-    only take turns with the rendering. The child runs this file alone (not the pipeline package, so without
-    polars, pyarrow or the HTTP stack) and holds the tokenizer's tables: about 68 MiB resident.
+    Why a process and not a thread: on this project's 2-core machine two threads counted 300k short prompts
+    in 1.6-2.0 s against 1.9-2.2 s on one (tiktoken takes the GIL back for every text, and the handovers cost
+    what the second core gives), so a counting thread would mostly take turns with the rendering. The child
+    runs this file alone (not the pipeline package, so without polars, pyarrow or the HTTP stack) and holds
+    the tokenizer's tables: about 68 MiB resident.
 
     One batch is under way at a time: ``submit`` hands it over (on a thread, as the child may still be loading
     its tables), ``result`` waits for its counts. The child ignores Ctrl-C (the parent decides) and leaves
