@@ -31,9 +31,10 @@ if TYPE_CHECKING:
     from pipeline.sample import Measured
 
 MAX_LISTED_IDS = 1000
-# Past this many rows an estimate counts tokens in a process of its own, beside the rendering; below, the process's
-# start (about 0.4 s, 68 MiB) costs more than it saves.
-COUNT_ELSEWHERE_ROWS = 100_000
+# Past this many texts to count an estimate counts tokens in a process of its own, beside the rendering; below, the
+# process's start (about 0.4 s, 68 MiB) costs more than it saves. Texts, not rows: a resume renders only what is
+# left, and its answered rows count nothing.
+COUNT_ELSEWHERE_TEXTS = 100_000
 
 
 @dataclass
@@ -52,20 +53,20 @@ def _counted_in(firsts: set[str], before: Callable[[str], bool], key: str) -> bo
 
 
 class _Counting:
-    """Where an estimate's token counting happens: in this process for the first ``COUNT_ELSEWHERE_ROWS`` rows,
+    """Where an estimate's token counting happens: in this process for the first ``COUNT_ELSEWHERE_TEXTS`` texts,
     then in a ``CountingProcess``, one chunk behind the rendering. If that process fails, counting comes back
     here: the counts are the same either way, only slower."""
 
     def __init__(self, renderer: Renderer) -> None:
         self._counter = renderer.counter
-        self._rows = 0
+        self._texts = 0
         self._process: CountingProcess | None = None
         self._tried = False
 
-    def seen(self, rows: int) -> None:
-        """Count rows rendered; start the process once there are enough."""
-        self._rows += rows
-        if not self._tried and self._rows >= COUNT_ELSEWHERE_ROWS:
+    def seen(self, item: _Waiting) -> None:
+        """Add up the texts a chunk had to count; start the process once there are enough."""
+        self._texts += len(item.prepared.texts)
+        if not self._tried and self._texts >= COUNT_ELSEWHERE_TEXTS:
             self._tried = True
             try:
                 self._process = CountingProcess(self._counter.encoding_name)
@@ -391,7 +392,7 @@ def estimate_source(job: Job, source: Source, renderer: Renderer, price: Price |
             waiting = item if overlapped else None
             if not overlapped:
                 finish(item, renderer.counter.count_texts(item.prepared.texts))
-            counting.seen(chunk.height)
+            counting.seen(item)
         if waiting is not None:
             finish(waiting, counting.collect(waiting))
     finally:

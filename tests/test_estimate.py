@@ -73,7 +73,7 @@ def test_cli_json_and_table(make_job):
 
 @pytest.mark.parametrize("provider", ["", '[api]\nprovider = "anthropic"'])
 def test_counting_in_a_process_of_its_own_gives_the_same_estimate(make_job, monkeypatch, provider):
-    """Past COUNT_ELSEWHERE_ROWS the counting moves to a child process, one chunk behind the rendering; the
+    """Past COUNT_ELSEWHERE_TEXTS the counting moves to a child process, one chunk behind the rendering; the
     estimate must not change by a token, duplicates across the overlapped chunks included."""
     estimate_module = sys.modules["pipeline.estimate"]  # the package's `estimate` is the function
     from pipeline.source import DEFAULT_CHUNK_ROWS
@@ -95,7 +95,7 @@ def test_counting_in_a_process_of_its_own_gives_the_same_estimate(make_job, monk
         return real(name)
 
     monkeypatch.setattr(estimate_module, "CountingProcess", process)
-    monkeypatch.setattr(estimate_module, "COUNT_ELSEWHERE_ROWS", 1)
+    monkeypatch.setattr(estimate_module, "COUNT_ELSEWHERE_TEXTS", 1)
     elsewhere = estimate(job)
     assert started == ["cl100k_base" if provider else "o200k_base"]
     assert elsewhere.to_dict() == here.to_dict()
@@ -116,5 +116,21 @@ def test_a_counting_process_that_dies_is_replaced_by_counting_here(make_job, mon
         return proc
 
     monkeypatch.setattr(estimate_module, "CountingProcess", dying)
-    monkeypatch.setattr(estimate_module, "COUNT_ELSEWHERE_ROWS", 1)
+    monkeypatch.setattr(estimate_module, "COUNT_ELSEWHERE_TEXTS", 1)
     assert estimate(job).to_dict() == here.to_dict()
+
+
+def test_rows_with_nothing_to_count_do_not_start_the_counting_process(make_job, monkeypatch):
+    """What starts the process is texts to count, not rows read: a resume's answered rows, like these repeats
+    of one row, count nothing and must not pay for a process."""
+    estimate_module = sys.modules["pipeline.estimate"]
+    from pipeline.source import DEFAULT_CHUNK_ROWS
+
+    df = pl.concat([reviews(1)] * (3 * DEFAULT_CHUNK_ROWS))
+    job = Job.load(make_job(data=df))
+    started = []
+    monkeypatch.setattr(estimate_module, "CountingProcess", lambda name: started.append(name))
+    monkeypatch.setattr(estimate_module, "COUNT_ELSEWHERE_TEXTS", 2)
+    est = estimate(job)
+    assert est.rows == 3 * DEFAULT_CHUNK_ROWS and est.requests == 1
+    assert started == []
