@@ -17,13 +17,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _tree_memory_mib(pid: int) -> tuple[float, float]:
+def _tree_memory_mib(pid: int) -> tuple[float, float, list[str]]:
     """(resident, proportional) MiB of a process and its children: the estimate counts tokens in a child past
     100k rows. Resident sizes count pages the two share twice (a child forked and not yet exec'd shares all of
     its parent's, and read 513-515 MiB); the proportional set size (Pss) splits each shared page among its
-    sharers, so its sum is what the tree holds."""
+    sharers, so its sum is what the tree holds. Also each process's command and Pss, to tell what a peak was."""
     rss = pss = 0
-    todo = [pid]
+    todo, members = [pid], []
     while todo:
         p = todo.pop()
         try:
@@ -33,12 +33,16 @@ def _tree_memory_mib(pid: int) -> tuple[float, float]:
                         rss += int(line.split()[1])
                     elif line.startswith("Pss:"):
                         pss += int(line.split()[1])
+                        own = int(line.split()[1])
+            with open(f"/proc/{p}/cmdline", "rb") as f:
+                command = f.read(40).replace(b"\0", b" ").decode(errors="replace").strip()
+            members.append(f"{command}: {own // 1024} MiB")
             for task in os.listdir(f"/proc/{p}/task"):
                 with open(f"/proc/{p}/task/{task}/children") as f:
                     todo.extend(int(c) for c in f.read().split())
         except (FileNotFoundError, ProcessLookupError, PermissionError):
             continue
-    return rss / 1024, pss / 1024
+    return rss / 1024, pss / 1024, members
 
 
 def main() -> None:
@@ -61,12 +65,14 @@ def main() -> None:
     t = time.perf_counter()
     proc = subprocess.Popen([str(ROOT / ".venv/bin/pipeline"), "estimate", str(job), "--json"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    peak_rss, peak_pss = [0.0], [0.0]
+    peak_rss, peak_pss, at_peak = [0.0], [0.0], [[]]
 
     def sample() -> None:
         while proc.poll() is None:
-            rss, pss = _tree_memory_mib(proc.pid)
-            peak_rss[0], peak_pss[0] = max(peak_rss[0], rss), max(peak_pss[0], pss)
+            rss, pss, members = _tree_memory_mib(proc.pid)
+            if pss > peak_pss[0]:
+                peak_pss[0], at_peak[0] = pss, members
+            peak_rss[0] = max(peak_rss[0], rss)
             time.sleep(0.02)
 
     sampler = threading.Thread(target=sample, daemon=True)
@@ -84,6 +90,7 @@ def main() -> None:
     print(f"wall: {wall:.1f} s  rows/s: {est['rows'] / wall:,.0f}  peak memory: {peak_mib:,.0f} MiB "
           f"(the estimate with its counting process, Pss; the estimate's own peak RSS {own_mib:,.0f} MiB; "
           f"the tree's RSS summed {peak_rss[0]:,.0f} MiB)")
+    print(f"at the peak: {'; '.join(at_peak[0])}")
     print(f"targets: < 12 s ({'met' if wall < 12 else 'MISSED'}), "
           f"< 400 MiB ({'met' if peak_mib < 400 else 'MISSED'})")
 

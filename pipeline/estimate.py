@@ -34,7 +34,7 @@ MAX_LISTED_IDS = 1000
 # Past this many texts to count an estimate counts tokens in a process of its own, beside the rendering; below, the
 # process's start (about 0.4 s, 68 MiB) costs more than it saves. Texts, not rows: a resume renders only what is
 # left, and its answered rows count nothing.
-COUNT_ELSEWHERE_TEXTS = 100_000
+COUNT_ELSEWHERE_TEXTS = 50_000
 
 
 @dataclass
