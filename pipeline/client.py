@@ -2,9 +2,11 @@
 
 What the bytes mean is the provider module's business (``providers/``); this is the transport side: the base
 URL and key resolved from the job and the environment, the refusal to send a key in clear text, redaction of
-the key from every message, and the client itself. Sending goes through httpx's transport seam; the default
-transport is httpx-aiohttp, because httpx's own pool costs ~3 ms of CPU per request at the concurrency this
-tool runs at, and aiohttp's ~0.3 ms (see DESIGN.md).
+the key from every message, and the client itself. By default a request goes straight to an aiohttp session:
+httpx's own pool costs ~3 ms of CPU per request at the concurrency this tool runs at (see DESIGN.md), and
+httpx's models over aiohttp (the httpx-aiohttp transport) still cost twice what aiohttp does alone. httpx's
+transport seam stays: an injected ``httpx.AsyncBaseTransport`` (tests use ``httpx.MockTransport``) is sent
+through instead, and both routes give the caller the same (status, headers, body).
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from urllib.parse import urlsplit
 
 import aiohttp
 import httpx
-from httpx_aiohttp import AiohttpTransport
+from yarl import URL
 
 from pipeline.errors import ProviderError, UsageError
 from pipeline.job import Job
@@ -102,54 +104,61 @@ class ApiClient:
         self._open: httpx.AsyncBaseTransport | None = None
 
     async def __aenter__(self) -> ApiClient:
-        self._headers = list(self.provider.headers(self._key).items())
-        self._timeouts = httpx.Timeout(self._timeout, connect=min(10.0, self._timeout)).as_dict()
+        self._headers = self.provider.headers(self._key)
+        self._urls: dict[str, Any] = {}
+        if self._transport is not None:
+            self._timeouts = httpx.Timeout(self._timeout, connect=min(10.0, self._timeout)).as_dict()
+            self._open = self._transport
+            return self
         proxy = _env_proxy(self.base_url)
-        # Loading the CA bundle takes ~20 ms: only an https URL (or a proxy, which may be https) needs it.
-        tls = proxy is not None or not self.base_url.startswith("http://")
-        self._open = self._transport or AiohttpTransport(client=self._session, proxy=proxy, verify=tls)
-        self._urls: dict[str, httpx.URL] = {}
-        return self
-
-    def _session(self) -> aiohttp.ClientSession:
+        self._proxy: dict[str, Any] = {} if proxy is None else {
+            "proxy": str(proxy.url), "proxy_headers": dict(proxy.headers) or None,
+            "proxy_auth": aiohttp.BasicAuth(*proxy.auth) if proxy.auth else None}
         # One connection per worker, kept alive. trust_env is off because aiohttp then looks up netrc and proxy
-        # settings in a thread on every request; the proxy is resolved once instead (``_env_proxy``).
+        # settings in a thread on every request; the proxy is resolved once instead (``_env_proxy``). Each
+        # request's whole exchange is bounded by ``asyncio.timeout`` in ``post``; only connecting has its own.
         connector = aiohttp.TCPConnector(limit=self._concurrency, limit_per_host=self._concurrency,
                                          keepalive_timeout=30, ttl_dns_cache=300)
-        return aiohttp.ClientSession(connector=connector, trust_env=False, cookie_jar=aiohttp.DummyCookieJar())
-
-    def url(self, path: str) -> httpx.URL:
-        """Parsed once per path: httpx would otherwise parse and merge the URL twice per request."""
-        u = self._urls.get(path)
-        if u is None:
-            u = self._urls[path] = httpx.URL(self.base_url + path)
-        return u
+        self._aiohttp = aiohttp.ClientSession(
+            connector=connector, trust_env=False, cookie_jar=aiohttp.DummyCookieJar(),
+            timeout=aiohttp.ClientTimeout(total=None, sock_connect=min(10.0, self._timeout)))
+        return self
 
     async def __aexit__(self, *exc: object) -> None:
         if self._open is not None:
             await self._open.aclose()
+        elif getattr(self, "_aiohttp", None) is not None:
+            await self._aiohttp.close()
 
-    async def post(self, path: str, body: bytes) -> tuple[int, httpx.Headers, bytes]:
-        """Send one body; connection-level failures become TransientError (retried).
-
-        The request goes straight to the transport: httpx.AsyncClient's layers (URL and header merging,
-        auth flow, redirects, cookies, event hooks) did nothing for these requests but took a quarter of the
-        client's CPU at full speed (py-spy, bench/compare.py workload 1).
-        """
-        assert self._open is not None, "use ApiClient as an async context manager"
-        request = httpx.Request("POST", self.url(path), headers=self._headers, content=body,
-                                extensions={"timeout": self._timeouts})
+    async def post(self, path: str, body: bytes) -> tuple[int, Any, bytes]:
+        """Send one body; connection-level failures become TransientError (retried). The headers returned
+        answer ``get(name)`` case-insensitively, whichever route the request took."""
+        url = self._urls.get(path)
+        if url is None:  # parsed once per path, not once per request
+            url = self._urls[path] = (URL if self._open is None else httpx.URL)(self.base_url + path)
         try:
-            # httpx's timeouts bound each socket read; a body that trickles in needs an overall deadline too.
+            # A body that trickles in needs an overall deadline, not only one per socket read.
             async with asyncio.timeout(self._timeout):
-                resp = await self._open.handle_async_request(request)
-                try:
-                    content = await resp.aread()
-                finally:
-                    await resp.aclose()
-            return resp.status_code, resp.headers, content
+                if self._open is None:
+                    async with self._aiohttp.request("POST", url, data=body, headers=self._headers,
+                                                     allow_redirects=False, **self._proxy) as r:
+                        return r.status, r.headers, await r.read()
+                return await self._through_transport(url, body)
         except TRANSPORT_ERRORS as e:
             raise transport_error(e, self._timeout, lambda t: redact(t, self._key)) from None
+
+    async def _through_transport(self, url: httpx.URL, body: bytes) -> tuple[int, httpx.Headers, bytes]:
+        """The injected transport's route: straight to it, without httpx.AsyncClient's layers (URL and header
+        merging, auth flow, redirects, cookies, event hooks), which these requests do not need."""
+        assert self._open is not None, "use ApiClient as an async context manager"
+        request = httpx.Request("POST", url, headers=self._headers, content=body,
+                                extensions={"timeout": self._timeouts})
+        resp = await self._open.handle_async_request(request)
+        try:
+            content = await resp.aread()
+        finally:
+            await resp.aclose()
+        return resp.status_code, resp.headers, content
 
     async def embed(self, body: bytes, n_inputs: int) -> EmbeddingAnswer:
         """One embeddings request of ``n_inputs`` inputs; errors as for ``chat``."""
