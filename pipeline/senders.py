@@ -118,41 +118,47 @@ class Sending:
         attempts = 0
         stopping = self.stopper.stopping
         breaker = self.breaker
+        ticket: Any = None
+        t0 = 0.0
+
+        async def attempt() -> T | None:
+            nonlocal attempts, ticket, t0
+            if stopping.is_set() and attempts:
+                return None
+            probe = await breaker.admit(not attempts) if breaker is not None else False
+            attempts += 1
+            if breaker is not None and stopping.is_set():  # stopped while it waited for its turn
+                breaker.release(probe)
+                return None
+            ticket = None
+            try:
+                ticket = await self.budget.acquire(tokens, output_tokens)
+                t0 = self._clock()
+                self.stats.tick()
+                self.stats.requests_sent += 1
+                answer = await send()
+            except ProviderError as e:
+                if breaker is not None:
+                    breaker.record(probe, e)
+                    refused = breaker.refused(e) if attempts == 1 else None
+                    if refused is not None:
+                        raise refused from None
+                if e.rate is not None:
+                    self.budget.observe(e.rate, rate_limited=isinstance(e, RateLimited), ticket=ticket)
+                if isinstance(e, RateLimited):
+                    self.stats.rate_limited += 1
+                    self.budget.pause(e.retry_after if e.retry_after is not None else 1.0)
+                raise
+            except BaseException:  # cancelled (the run is stopping): it taught nothing
+                if breaker is not None:
+                    breaker.release(probe)
+                raise
+            if breaker is not None:
+                breaker.record(probe, None)
+            return answer
+
         try:
-            async for attempt in self.policy.asynchronous(self._sleep, before_sleep=self._retrying):
-                with attempt:
-                    if stopping.is_set() and attempts:
-                        return None
-                    probe = await breaker.admit(not attempts) if breaker is not None else False
-                    attempts += 1
-                    if breaker is not None and stopping.is_set():  # stopped while it waited for its turn
-                        breaker.release(probe)
-                        return None
-                    ticket = None
-                    try:
-                        ticket = await self.budget.acquire(tokens, output_tokens)
-                        t0 = self._clock()
-                        self.stats.tick()
-                        self.stats.requests_sent += 1
-                        answer = await send()
-                    except ProviderError as e:
-                        if breaker is not None:
-                            breaker.record(probe, e)
-                            refused = breaker.refused(e) if attempts == 1 else None
-                            if refused is not None:
-                                raise refused from None
-                        if e.rate is not None:
-                            self.budget.observe(e.rate, rate_limited=isinstance(e, RateLimited), ticket=ticket)
-                        if isinstance(e, RateLimited):
-                            self.stats.rate_limited += 1
-                            self.budget.pause(e.retry_after if e.retry_after is not None else 1.0)
-                        raise
-                    except BaseException:  # cancelled (the run is stopping): it taught nothing
-                        if breaker is not None:
-                            breaker.release(probe)
-                        raise
-                    if breaker is not None:
-                        breaker.record(probe, None)
+            answer = await self.policy.call(attempt, self._sleep, before_sleep=self._retrying)
         except AbortError as e:
             self._aborted(e)
             return None
@@ -161,6 +167,8 @@ class Sending:
         finally:
             if breaker is not None and attempts:
                 breaker.end()
+        if answer is None:
+            return None
         self.budget.observe(answer.rate, ticket=ticket)
         return Called(attempts, answer, (self._clock() - t0) * 1000)
 
