@@ -138,9 +138,13 @@ class Scheduler:
                     continue
                 outcome = settled.get(key)
                 if outcome is None and not first:
-                    # An identical row's request finished while this chunk was being queued.
-                    self._flush()
+                    # An identical row's request finished while this chunk was being queued. Its answer left
+                    # ``in_flight`` only once committed, so the journal has it; committing what else is pending
+                    # first (a transaction per duplicate row) is only for the case that it does not.
                     outcome = self.journal.get(key)
+                    if outcome is None:
+                        self._flush()
+                        outcome = self.journal.get(key)
                 if outcome is not None:
                     self._emit(req.row, self.key_of_row(req), outcome, deduplicated=not first, resumed=first)
                     continue
