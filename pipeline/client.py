@@ -4,7 +4,8 @@ What the bytes mean is the provider module's business (``providers/``); this is 
 URL and key resolved from the job and the environment, the refusal to send a key in clear text, redaction of
 the key from every message, and the client itself. By default a request goes straight to an aiohttp session:
 httpx's own pool costs ~3 ms of CPU per request at the concurrency this tool runs at (see DESIGN.md), and
-httpx's models over aiohttp (the httpx-aiohttp transport) still cost twice what aiohttp does alone. httpx's
+httpx's models over aiohttp (the httpx-aiohttp transport, used here before) cost 0.23-0.24 ms of CPU per request
+against 0.14-0.15 ms straight to aiohttp (this client alone, 20,000 chat requests at 128 in flight). httpx's
 transport seam stays: an injected ``httpx.AsyncBaseTransport`` (tests use ``httpx.MockTransport``) is sent
 through instead, and both routes give the caller the same (status, headers, body).
 """
