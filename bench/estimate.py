@@ -12,9 +12,8 @@ import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+from common import ROOT, dataset
 
 
 def _tree(pid: int) -> list[int]:
@@ -65,16 +64,7 @@ def _pss_mib(pids: list[int]) -> tuple[float, list[str]]:
 def main() -> None:
     rows = int(sys.argv[1]) if len(sys.argv) > 1 else 1_000_000
     work = ROOT / "bench" / "data"
-    work.mkdir(parents=True, exist_ok=True)
-    data = work / f"reviews-{rows}.parquet"
-    if not data.exists():
-        # In a process of its own: a child's peak RSS as the kernel reports it starts at its parent's resident
-        # size when it was started, and building a million rows here made the first run read 778 MiB.
-        t = time.perf_counter()
-        subprocess.run([sys.executable, "-c", "import sys; sys.path.insert(0, sys.argv[1]); "
-                        "from make_reviews import make; make(int(sys.argv[2]), seed=42).write_parquet(sys.argv[3])",
-                        str(ROOT / "data"), str(rows), str(data)], check=True)
-        print(f"built {data.name} ({rows:,} rows, seed 42) in {time.perf_counter() - t:.1f} s")
+    data = dataset(rows)
     job = work / "estimate-bench.toml"
     job.write_text((ROOT / "jobs" / "summarise.toml").read_text()
                    .replace('path = "../data/reviews.parquet"', f'path = "{data.name}"')
@@ -106,7 +96,7 @@ def main() -> None:
         sys.exit(f"estimate failed: {err}")
     est = json.loads(out)
     own_mib = usage.ru_maxrss / 1024
-    peak_mib = max(peak_pss[0], own_mib)  # what the tree holds, sampled every 20 ms, or the process's own peak
+    peak_mib = max(peak_pss[0], own_mib)  # what the tree holds (Pss, every half second), or its own peak
     print(f"rows: {est['rows']:,}  requests: {est['requests']:,}  prompt tokens: {est['prompt_tokens']:,}")
     print(f"wall: {wall:.1f} s  rows/s: {est['rows'] / wall:,.0f}  peak memory: {peak_mib:,.0f} MiB "
           f"(the estimate with its counting process, Pss; the estimate's own peak RSS {own_mib:,.0f} MiB; "
