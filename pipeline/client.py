@@ -102,11 +102,12 @@ class ApiClient:
         self._timeout = timeout_s
         self._concurrency = concurrency
         self._transport = transport
-        self._open: httpx.AsyncBaseTransport | None = None
+        self._urls: dict[str, Any] = {}  # per path, parsed once: a yarl.URL for aiohttp, an httpx.URL for a transport
+        self._open: httpx.AsyncBaseTransport | None = None  # the injected transport, once entered
+        self._aiohttp: aiohttp.ClientSession | None = None  # else this session, once entered
 
     async def __aenter__(self) -> ApiClient:
         self._headers = self.provider.headers(self._key)
-        self._urls: dict[str, Any] = {}
         if self._transport is not None:
             self._timeouts = httpx.Timeout(self._timeout, connect=min(10.0, self._timeout)).as_dict()
             self._open = self._transport
@@ -128,30 +129,31 @@ class ApiClient:
     async def __aexit__(self, *exc: object) -> None:
         if self._open is not None:
             await self._open.aclose()
-        elif getattr(self, "_aiohttp", None) is not None:
+        if self._aiohttp is not None:
             await self._aiohttp.close()
 
     async def post(self, path: str, body: bytes) -> tuple[int, Any, bytes]:
         """Send one body; connection-level failures become TransientError (retried). The headers returned
         answer ``get(name)`` case-insensitively, whichever route the request took."""
+        session = self._aiohttp
         url = self._urls.get(path)
-        if url is None:  # parsed once per path, not once per request
-            url = self._urls[path] = (URL if self._open is None else httpx.URL)(self.base_url + path)
+        if url is None:
+            url = self._urls[path] = (httpx.URL if session is None else URL)(self.base_url + path)
         try:
             # A body that trickles in needs an overall deadline, not only one per socket read.
             async with asyncio.timeout(self._timeout):
-                if self._open is None:
-                    async with self._aiohttp.request("POST", url, data=body, headers=self._headers,
-                                                     allow_redirects=False, **self._proxy) as r:
-                        return r.status, r.headers, await r.read()
-                return await self._through_transport(url, body)
+                if session is None:
+                    return await self._through_transport(url, body)
+                async with session.request("POST", url, data=body, headers=self._headers, allow_redirects=False,
+                                           **self._proxy) as r:
+                    return r.status, r.headers, await r.read()
         except TRANSPORT_ERRORS as e:
             raise transport_error(e, self._timeout, lambda t: redact(t, self._key)) from None
 
     async def _through_transport(self, url: httpx.URL, body: bytes) -> tuple[int, httpx.Headers, bytes]:
         """The injected transport's route: straight to it, without httpx.AsyncClient's layers (URL and header
         merging, auth flow, redirects, cookies, event hooks), which these requests do not need."""
-        assert self._open is not None, "use ApiClient as an async context manager"
+        assert self._open is not None, "use ApiClient as an async context manager"  # neither route was opened
         request = httpx.Request("POST", url, headers=self._headers, content=body,
                                 extensions={"timeout": self._timeouts})
         resp = await self._open.handle_async_request(request)

@@ -87,7 +87,7 @@ def transport_error(e: BaseException, timeout_s: float, redact: Callable[[str], 
     """A failure to get any answer (refused, reset, DNS, timed out) as the transient error it is; the message
     says which, with the key redacted, and names the call when ``what`` says it."""
     prefix = f"{what}: " if what else ""
-    if isinstance(e, httpx.TimeoutException | TimeoutError):  # aiohttp's connect and read timeouts are too
+    if isinstance(e, httpx.TimeoutException | TimeoutError):  # aiohttp's own timeouts are TimeoutErrors too
         return TransientError(f"{prefix}timed out after {timeout_s:g} s", kind="timeout")
     reason = redact(str(e) or type(e).__name__)
     return TransientError(f"{prefix}connection error: {reason}", kind="connection")
