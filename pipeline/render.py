@@ -528,8 +528,9 @@ class Renderer:
                     firsts.add(p[5])
         if known:
             repeat = [r or p[5] in known for r, p in zip(repeat, pending, strict=True)]
-        texts = [t for p, r, c in zip(pending, repeat, prior or repeat, strict=True) if not r and not (prior and c)
-                 for t in p[3]]
+        # a row with a count from the earlier pass is not counted again either
+        skip_count = repeat if prior is None else [r or c > 0 for r, c in zip(repeat, prior, strict=True)]
+        texts = [t for p, skip in zip(pending, skip_count, strict=True) if not skip for t in p[3]]
         return PreparedChunk(pending, repeat, prior, texts, skipped, known, url_images, len(variable), firsts)
 
     def finish_chunk(self, prepared: PreparedChunk, counts: list[int]) -> RenderedChunk:
