@@ -21,7 +21,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from pipeline.errors import Interrupted, PipelineError
+from pipeline.errors import Interrupted, JournalUnusable, PipelineError
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -260,7 +260,8 @@ def _interrupts_stop(job_path: str) -> Iterator[None]:
 
 @main.command()
 @click.argument("job_path", metavar="JOB", type=click.Path(dir_okay=False))
-@click.option("--fresh", is_flag=True, help="Start over: move the journal aside instead of resuming.")
+@click.option("--fresh", is_flag=True, help="Start over: move the output, its manifest and its journal aside "
+              "(kept, renamed with the time) instead of resuming; every row is paid for again.")
 @click.option("--retry-failed", is_flag=True, help="Re-send rows that ended in an error (not only unanswered).")
 @click.option("--limit", type=click.IntRange(min=1), help="Only the first N rows (a trial run).")
 @click.option("--sample", type=click.IntRange(min=1), help="Send N random rows, show them and project the full run.")
@@ -371,7 +372,7 @@ def _sample(job_path: str, n: int, seed: int, base_url: str | None, allow_insecu
     uses = ("`pipeline estimate` now uses this sample's output tokens for its expected cost"
             if job.estimate.output_tokens is None else
             "[estimate].output_tokens stays the estimate's expected figure (remove it to use the sample's)")
-    console.print(f"run `pipeline run {job_path}` for the rest; {uses}")
+    console.print(f"run `{escape(rerun_command(job_path, base_url=base_url))}` for the rest; {uses}")
     sys.exit(result.exit_code)
 
 
@@ -387,29 +388,63 @@ def _run(job_path: str, fresh: bool, retry_failed: bool, limit: int | None, base
     from pipeline.run import run as run_job
 
     job = Job.load(job_path)
+    again = rerun_command(job_path, base_url=base_url, mode=mode)
     mode = mode or job.request.mode
     if no_wait and mode != "batch":
         raise click.UsageError("--no-wait applies to --mode batch only")
-    with ProgressDisplay(force_plain=plain or mode == "batch") as progress:
-        result = run_job(job, base_url=base_url, limit=limit, fresh=fresh, retry_failed=retry_failed,
-                         allow_insecure=allow_insecure, on_progress=progress.update,
-                         on_estimate=lambda est: _confirm_estimate(est, job, yes, batch=mode == "batch"),
-                         handle_signals=True, mode=mode, wait=not no_wait, on_batches=BatchDisplay().update,
-                         release_memory=True)
+    try:
+        with ProgressDisplay(force_plain=plain or mode == "batch") as progress:
+            result = run_job(job, base_url=base_url, limit=limit, fresh=fresh, retry_failed=retry_failed,
+                             allow_insecure=allow_insecure, on_progress=progress.update,
+                             on_estimate=lambda est: _confirm_estimate(est, job, yes, batch=mode == "batch"),
+                             handle_signals=True, mode=mode, wait=not no_wait, on_batches=BatchDisplay().update,
+                             release_memory=True)
+    except JournalUnusable as e:
+        raise JournalUnusable(f"{e}{_fresh_cost(job, limit)}") from None
+    except Interrupted as e:  # before anything was sent, or a second signal while the output was written
+        raise Interrupted(f"{e}; everything answered is saved, run `{again}` again to resume") from None
+    for path in result.set_aside:
+        click.echo(f"--fresh: set aside (kept, not deleted): {path}", err=True)
     s = result.stats
     spent = "at the Batch API price " if mode == "batch" else ""
+    cost = (f"${s.cost_usd:,.4f} spent {spent}this run" if result.manifest_data.get("price") is not None
+            else f"cost unknown: no price for {job.request.model!r}")
     click.echo(f"wrote {result.output} ({s.rows_done:,} rows: {s.ok:,} ok, {s.failed:,} failed, "
-               f"{s.skipped:,} skipped, {s.resumed:,} from the journal, {s.deduplicated:,} deduplicated; "
-               f"${s.cost_usd:,.4f} spent {spent}this run)")
+               f"{s.skipped:,} skipped, {s.resumed:,} from the journal, {s.deduplicated:,} deduplicated; {cost})")
     if s.errors:
         click.echo("errors: " + ", ".join(f"{k} {v:,}" for k, v in s.errors.most_common()), err=True)
     if s.pending and result.stopped is None:
-        click.echo(f"{s.pending:,} rows are still in batches at the provider; run `pipeline run {job_path} "
-                   f"--mode batch` again to collect them (`pipeline batches {job_path}` shows them)", err=True)
+        collect = rerun_command(job_path, base_url=base_url, mode="batch")
+        click.echo(f"{s.pending:,} rows are still in batches at the provider; run `{collect}` again to collect them "
+                   f"(`pipeline batches {job_path}` shows them)", err=True)
     if result.stopped is not None:
         click.echo(f"stopped: {result.stopped}", err=True)
-        click.echo(f"everything answered is saved; run `pipeline run {job_path}` again to resume", err=True)
+        click.echo(f"everything answered is saved; run `{again}` again to resume", err=True)
     sys.exit(result.exit_code)
+
+
+def rerun_command(job_path: str, *, base_url: str | None = None, mode: str | None = None) -> str:
+    """The command to run the job again, with the flags that chose where and how it was sent: copied as
+    printed, it must reach the same server the same way."""
+    import shlex
+
+    words = ["pipeline", "run", job_path]
+    if base_url:
+        words += ["--base-url", base_url]
+    if mode:
+        words += ["--mode", mode]
+    return " ".join(shlex.quote(w) for w in words)
+
+
+def _fresh_cost(job: Any, limit: int | None) -> str:
+    """What paying again for every row would cost (for a journal that cannot be used), as a clause."""
+    from pipeline.estimate import estimate as run_estimate
+
+    try:
+        est = run_estimate(job, limit=limit)
+    except PipelineError:
+        return ""
+    return f" (by the estimate, --fresh would send {est.requests:,} requests: up to {_money(est.cost_usd_max)})"
 
 
 @main.command()

@@ -74,11 +74,15 @@ def check_transport_security(base_url: str, has_key: bool, allow_insecure: bool)
 def resolve_base_url(job: Job, override: str | None) -> str:
     """--base-url, then PIPELINE_BASE_URL, then the job's [api].base_url; as the job's provider writes it (the
     provider is the job's, whichever URL is used: pointing a job at another server keeps its dialect)."""
+    from pipeline.job import url_problem
     from pipeline.providers import provider_for
 
     url = override or os.environ.get("PIPELINE_BASE_URL") or job.api.base_url
-    if not url.startswith(("http://", "https://")):
-        raise UsageError(f"base URL must start with http:// or https://, got {url!r}")
+    problem = url_problem(url)
+    if problem:
+        where = "--base-url" if override else "PIPELINE_BASE_URL" if os.environ.get("PIPELINE_BASE_URL") else \
+            f"{job.source}: [api].base_url"
+        raise UsageError(f"{where}: the base URL {problem}, got {url!r}")
     return provider_for(job).base_url(url)
 
 

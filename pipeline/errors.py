@@ -8,6 +8,8 @@ Errors are classed by what the caller can do about them, so decisions test a typ
     │   ├── InputError            the input data: names the file (and the row when known)
     │   ├── TemplateError         a prompt template: names the template and the row
     │   └── OutputError           the output folder or journal cannot be used
+    │       ├── RunLocked         another run of the same job holds the output's lock
+    │       └── JournalUnusable   the journal is damaged, or missing beside an output that needs it
     ├── ProviderError             an HTTP outcome from the API
     │   ├── TransientError        worth retrying (5xx, timeouts, dropped connections)
     │   │   └── RateLimited       a 429: every worker pauses, not just the one that got it
@@ -55,6 +57,15 @@ class TemplateError(UsageError):
 
 class OutputError(UsageError):
     """The output location, or the journal beside it, cannot be used."""
+
+
+class RunLocked(OutputError):
+    """Another run of the same job (same output) is going on; this one sent nothing."""
+
+
+class JournalUnusable(OutputError):
+    """The journal cannot be trusted to say what was paid for (damaged, or missing beside answers); nothing was
+    sent, and only the user can choose between restoring it and paying again (``--fresh``)."""
 
 
 class ProviderError(PipelineError):

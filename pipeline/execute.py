@@ -60,6 +60,11 @@ class Scheduler:
         self._ready: list[tuple[Sequence[Request], Result]] = []
         self._workers: list[asyncio.Task[None]] = []
 
+    @property
+    def seen(self) -> set[int]:
+        """Key ids of every request taken so far (a row repeating one is a duplicate)."""
+        return self._seen
+
     # -- control ----------------------------------------------------------------------------------------------
 
     def request_stop(self, reason: PipelineError | None = None) -> None:

@@ -491,11 +491,30 @@ def provider_of_url(url: str) -> str:
     return "openai-compatible"
 
 
+def url_problem(url: str) -> str | None:
+    """Why ``url`` cannot be a base URL (None: it can): checked when the job is read, so ``validate`` refuses
+    what the run's HTTP client would trip on."""
+    from urllib.parse import urlsplit
+
+    if not url.startswith(("http://", "https://")):
+        return "must start with http:// or https://"
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises for a port that is not a number from 0 to 65535
+    except ValueError as e:
+        return f"is not a valid URL ({e})"
+    if not parts.hostname:
+        return "names no host"
+    return None
+
+
 def _parse_api(api: _Table, request: RequestSpec) -> ApiSpec:
     """[api]: the provider (said, or known from the base URL), its URL, key variable and dialect settings."""
     base_url = api.str("base_url")
-    if base_url is not None and not base_url.startswith(("http://", "https://")):
-        raise api.fail("base_url", f"must start with http:// or https://, got {_shown(base_url)}")
+    if base_url is not None:
+        problem = url_problem(base_url)
+        if problem:
+            raise api.fail("base_url", f"{problem}, got {_shown(base_url)}")
     provider = api.str("provider") or (provider_of_url(base_url) if base_url else "openai")
     if provider not in PROVIDERS:
         raise api.fail("provider", f"must be one of {', '.join(PROVIDERS)}, got {_shown(provider)}")

@@ -29,7 +29,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from pipeline.errors import OutputError
+from pipeline.errors import JournalUnusable, OutputError
 from pipeline.outcome import OUTCOME_FIELDS, Outcome, VectorBlock, embedding_row
 
 SCHEMA_VERSION = 2  # 2: vector_blocks and vectors (a version-1 journal is read as is; they are added on open)
@@ -207,11 +207,16 @@ _LOOKUP_BATCH = 900  # under SQLite's default limit of host parameters
 class Journal:
     """The durable record of outcomes beside an output file."""
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, *, check: bool = False) -> None:
+        """``check``: verify every page first (``PRAGMA quick_check``), as a run does before it sends anything:
+        a damaged page is otherwise found only when a lookup or a commit reaches it, mid-run, after paying."""
         self.path = Path(path)
+        existed = self.path.exists() and self.path.stat().st_size > 0
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+            if check and existed:
+                self._check()
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=NORMAL")
             # Checkpoints are where WAL mode pays for fsync; fewer, larger ones keep commits cheap.
@@ -222,11 +227,33 @@ class Journal:
                 self._db.execute(f"ALTER TABLE outcomes ADD COLUMN {name}")
             self._db.execute("INSERT OR REPLACE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
         except (sqlite3.Error, OSError) as e:
+            with contextlib.suppress(AttributeError):
+                self._db.close()
+            if type(e) is sqlite3.DatabaseError:  # "file is not a database", "disk image is malformed"
+                raise JournalUnusable(f"{self.path}: the journal is damaged ({e}); nothing was sent") from None
             raise OutputError(f"{self.path}: cannot open the journal: {e}") from None
         self._pending: list[tuple[object, ...]] = []
         self._pending_blocks: list[tuple[VectorBlock, bytes]] = []  # with their keys as binary digests
         self._index: _KeyIndex | None = None  # loaded when a lookup first needs it
         self._recent = _RecentBlocks()
+
+    def _check(self) -> None:
+        """Raise JournalUnusable unless every page and index of the file is sound."""
+        problems = [str(r[0]) for r in self._db.execute("PRAGMA quick_check(5)")]
+        if problems != ["ok"]:
+            self._db.close()
+            raise JournalUnusable(f"{self.path}: the journal is damaged ({'; '.join(problems)[:300]}); "
+                                  "nothing was sent")
+
+    def is_empty(self) -> bool:
+        """Whether nothing was ever recorded: no outcome, no embeddings block, no Batch API file."""
+        for table in ("outcomes", "vector_blocks", "batch_parts"):
+            try:
+                if self._db.execute(f"SELECT 1 FROM {table} LIMIT 1").fetchone() is not None:
+                    return False
+            except sqlite3.OperationalError:  # batch_parts exists once a batch run made it
+                continue
+        return True
 
     def close(self) -> None:
         """Release the connection (flushing what is buffered, where there is a buffer)."""
@@ -346,6 +373,21 @@ class Journal:
         if in_blocks:
             counts["ok"] = counts.get("ok", 0) + int(in_blocks)
         return counts
+
+
+def journal_fingerprint(path: Path) -> str | None:
+    """The job fingerprint a journal records, read without writing to it (None: no journal, or unreadable)."""
+    if not path.is_file():
+        return None
+    try:
+        db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+        try:
+            row = db.execute("SELECT value FROM meta WHERE name = 'fingerprint'").fetchone()
+        finally:
+            db.close()
+    except sqlite3.Error:
+        return None
+    return None if row is None else str(row[0])
 
 
 class JournalReader:

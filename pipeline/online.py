@@ -8,8 +8,9 @@ back from the journal into the output while those requests are in flight.
 from __future__ import annotations
 
 import asyncio
-import signal
+import contextlib
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import httpx
 
@@ -17,22 +18,27 @@ from pipeline.breaker import Breaker
 from pipeline.client import ApiClient
 from pipeline.errors import AbortError, Interrupted, PipelineError, StopRun
 from pipeline.execute import Scheduler, in_thread
+from pipeline.interrupts import StopSignals
+from pipeline.journal import NullJournal
 from pipeline.limits import RateBudget
-from pipeline.outcome import RunStats
+from pipeline.outcome import RunStats, skipped
 from pipeline.plan import Ending, RunPlan
-from pipeline.render import RenderedChunk
+from pipeline.render import RenderedChunk, key_id
 from pipeline.retry import RetryPolicy
 from pipeline.senders import Sending, sender_for
+from pipeline.sink import PartWriter
 from pipeline.source import iter_chunks
 
 RUN_CHUNK_ROWS = 2_000  # small chunks keep the first request early and the producer thread's bursts short
 
 
 def run_online(plan: RunPlan, *, transport: httpx.AsyncBaseTransport | None = None,
-               on_progress: Callable[[RunStats], None] | None = None, handle_signals: bool = False,
+               on_progress: Callable[[RunStats], None] | None = None, signals: StopSignals | None = None,
                grace_s: float = 5.0, release_memory: bool = False) -> Ending:
-    """Send what the plan has still to do; whatever ends the run, what was answered is in the output.
+    """Send what the plan has still to do; whatever ends the run, every row answered by any run of the job is
+    in the output.
 
+    ``signals`` (the CLI's): SIGINT/SIGTERM stop the scheduler while it runs, then let the output be written.
     ``release_memory`` (the caller owns the process: the CLI) lets the tokenizer go once nothing is left to
     count: a run that sends what its estimate rendered and counted needs it only for an answer without usage.
     """
@@ -62,19 +68,20 @@ def run_online(plan: RunPlan, *, transport: httpx.AsyncBaseTransport | None = No
             sender = sender_for(job.request, sending, bodies=renderer.bodies, checker=sink.checker,
                                 dims=sink.embedding_dims, counter=renderer.counter)
             loop = asyncio.get_running_loop()
-            before = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
-            if handle_signals:
-                for sig in before:
-                    loop.add_signal_handler(sig, scheduler.interrupt, Interrupted(f"stopped by {sig.name}"))
+            if signals is not None:
+                # A Python-level handler runs on this (the loop's) thread between two steps; the stop itself
+                # is scheduled as a callback, so it never lands inside the loop's own bookkeeping.
+                signals.target = lambda reason: loop.call_soon_threadsafe(scheduler.interrupt, reason)
+                if signals.reason is not None:
+                    scheduler.interrupt(signals.reason)
             try:
                 await scheduler.run(in_thread(chunks()), sender)
             except (StopRun, AbortError) as e:
                 stopped = e
             finally:
-                if handle_signals:
-                    for sig, handler in before.items():  # asyncio would put back the defaults, not these
-                        loop.remove_signal_handler(sig)
-                        signal.signal(sig, handler)
+                if signals is not None:
+                    signals.target, signals.deferring = None, True  # from here on: let the output be written
+                seen.update(scheduler.seen)
 
     def chunks() -> Iterator[RenderedChunk]:
         kept = plan.kept
@@ -89,9 +96,55 @@ def run_online(plan: RunPlan, *, transport: httpx.AsyncBaseTransport | None = No
             for c in iter_chunks(source, renderer.columns, chunk_rows=rows, limit=plan.limit, **phase):
                 yield renderer.render_chunk(c, settled=lookup, counted=plan.counted)
 
+    seen: set[int] = set()
+    ended_well = False
     try:
         asyncio.run(main())
+        if stopped is not None:
+            _fill_from_journal(plan, sink, key_of_row, stats, seen)
+        ended_well = True
+    except BaseException as e:
+        if not isinstance(e, Interrupted | KeyboardInterrupt):  # a second signal: leave now
+            with contextlib.suppress(Exception):  # best effort: the output is never replaced by a smaller one
+                _fill_from_journal(plan, sink, key_of_row, stats, seen)
+        raise
     finally:
         lookup.close()
-        rows = sink.finish()
+        rows = sink.finish(never_smaller=not ended_well or stopped is not None)
+    if stopped is None and signals is not None and signals.reason is not None:
+        stopped = signals.reason  # came while the output was written: it was let finish, then the run ends here
     return Ending(stats, stopped, rows, status="complete" if stopped is None else "stopped")
+
+
+def _fill_from_journal(plan: RunPlan, sink: PartWriter, key_of_row: Callable[[Any], tuple[Any, ...]],
+                       stats: RunStats, seen: set[int]) -> None:
+    """A run that stopped before its end: the rows it did not reach go to the output from the journal, where
+    any run answered them, so the output holds every answer, not only this run's (nothing is sent here).
+
+    ``seen``: key ids of the requests the scheduler took; a row repeating one of them is a duplicate."""
+    if plan.only_todo or isinstance(plan.store, NullJournal):
+        return
+    missing = sink.missing_rows(plan.estimate.rows)
+    if not len(missing):
+        return
+    renderer, source = plan.checked.renderer, plan.checked.source
+    reader = plan.store.reader(retry_failed=plan.retry_failed, any_outcome=True)
+    try:
+        for c in iter_chunks(source, renderer.columns, chunk_rows=renderer.chunk_rows(RUN_CHUNK_ROWS),
+                             limit=plan.limit, rows=missing):
+            chunk = renderer.render_chunk(c, settled=reader, counted=plan.counted)
+            for s in chunk.skipped:
+                outcome = skipped(s.reason, s.error_type)
+                sink.add(s.row, key_of_row(s), outcome)
+                stats.count(outcome, deduplicated=False, resumed=False)
+            for req in chunk.requests:
+                outcome = chunk.settled.get(req.key)
+                if outcome is None:
+                    continue
+                kid = key_id(req.key)
+                duplicate = kid in seen
+                seen.add(kid)
+                sink.add(req.row, key_of_row(req), outcome, deduplicated=duplicate)
+                stats.count(outcome, deduplicated=duplicate, resumed=not duplicate)
+    finally:
+        reader.close()

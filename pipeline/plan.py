@@ -20,17 +20,34 @@ from typing import Any
 import polars as pl
 
 from pipeline.client import check_transport_security, resolve_api_key, resolve_base_url
-from pipeline.errors import BudgetExceeded, Interrupted, OutputError, PipelineError, UsageError
+from pipeline.errors import (
+    BudgetExceeded,
+    Interrupted,
+    JobError,
+    JournalUnusable,
+    OutputError,
+    PipelineError,
+    UsageError,
+)
 from pipeline.estimate import Estimate, estimate_source
 from pipeline.job import MODES, Job
-from pipeline.journal import Journal, NullJournal, OutcomeStore, Reader
+from pipeline.journal import Journal, NullJournal, OutcomeStore, Reader, journal_fingerprint
 from pipeline.ledger import BatchLedger, BatchStage
 from pipeline.outcome import RESULT_SCHEMA, Outcome, RunStats
 from pipeline.pricing import Price, no_price_warning, price_for
 from pipeline.providers import Provider, provider_for
 from pipeline.render import KeptChunks, Renderer, key_id
 from pipeline.rowprints import RowPrints
-from pipeline.sink import OutputPaths, PartWriter, check_free_space, claim_output, read_manifest, write_manifest
+from pipeline.runlock import RunLock
+from pipeline.sink import (
+    OutputPaths,
+    PartWriter,
+    answered_rows,
+    check_free_space,
+    claim_output,
+    read_manifest,
+    write_manifest,
+)
 from pipeline.source import Source, open_source
 from pipeline.structured import AnswerChecker, Checker, columns_of
 from pipeline.tools import ToolChecker, argument_columns
@@ -60,6 +77,11 @@ def check(job: Job, source: Source | None = None) -> Checked:
     source = source or open_source(job.input.path, job.storage.endpoint_url)
     renderer = Renderer(job, source, provider)
     price = price_for(job)
+    if price is None and job.budget.max_cost_usd is not None:
+        # Without a price every answer would count as $0 against the budget: it would switch itself off.
+        raise JobError(f"{job.source}: [budget].max_cost_usd is set, but no price is known for model "
+                       f"{job.request.model!r}, so the budget could not be kept; add a [pricing] table "
+                       "(input_per_mtok and output_per_mtok) or remove [budget]")
     warnings = [] if price is not None else [no_price_warning(job.request.model)]
     return Checked(job, provider, source, renderer, price, output_key_schema(job, source), warnings)
 
@@ -122,6 +144,8 @@ class RunPlan:
     retry_failed: bool
     fresh: bool = False                     # the journal was set aside: earlier runs are not this one's history
     only_todo: bool = False                 # write only the rows of ``todo`` (a sample), not the rest
+    lock: RunLock | None = None             # held from ``prepare`` to ``close``: one run of this output at a time
+    set_aside: list[Path] = field(default_factory=list)  # where --fresh moved the earlier output and journal
     started: datetime = field(default_factory=lambda: datetime.now(tz=UTC))
     t0: float = field(default_factory=time.monotonic)
 
@@ -135,8 +159,12 @@ class RunPlan:
         return output_writer(self.checked, self.paths), key_function(self.job)
 
     def close(self) -> None:
-        """Release the journal."""
-        self.store.close()
+        """Release the journal and the run's lock."""
+        try:
+            self.store.close()
+        finally:
+            if self.lock is not None:
+                self.lock.release()
 
 
 def output_writer(c: Checked, paths: OutputPaths, *, stage: bool = True) -> PartWriter:
@@ -180,18 +208,22 @@ def prepare(job: Job, *, mode: str | None = None, base_url: str | None = None, l
     key = resolve_api_key(job, url)
     check_transport_security(url, key is not None, allow_insecure)
     paths = OutputPaths(Path(job.output.local))
-    claim_output(paths, job.name, job.fingerprint())
-    if paths.output.is_dir():  # before anything is sent: a run could not write its file there at the end
-        raise OutputError(f"{paths.output}: is a folder (the Ray engine's dataset of chunks); run it with "
-                          "--engine ray, or choose another [output].path for the local engine")
-    if fresh:
-        _move_aside(paths.journal)
-    store: OutcomeStore = Journal(paths.journal) if journal else NullJournal()
+    lock = RunLock(paths.output)
+    lock.acquire()  # first: everything below reads, moves or writes what another run of this job would
+    store: OutcomeStore | None = None
     stage: BatchStage | None = None
     try:
+        if paths.output.is_dir():  # before anything is sent: a run could not write its file there at the end
+            raise OutputError(f"{paths.output}: is a folder (the Ray engine's dataset of chunks); run it with "
+                              "--engine ray, or choose another [output].path for the local engine")
+        claim_output(paths, job.name, job.fingerprint(), journal_owner=journal_fingerprint(paths.journal))
+        set_aside = _set_aside(paths) if fresh else []
+        store = Journal(paths.journal, check=True) if journal else NullJournal()
         owner = store.get_meta("fingerprint")
         if owner is not None and owner != job.fingerprint():
             raise OutputError(f"{paths.journal}: the journal belongs to another job; use --fresh to start over")
+        if isinstance(store, Journal) and store.is_empty():
+            _refuse_lost_journal(paths)
         store.set_meta("fingerprint", job.fingerprint())
         ledger = BatchLedger(store) if isinstance(store, Journal) else None
         open_parts = ledger.parts(active=True) if ledger is not None else []
@@ -222,15 +254,34 @@ def prepare(job: Job, *, mode: str | None = None, base_url: str | None = None, l
                                         measured=measured_output(job))
         finally:
             lookup.close()
-        check_free_space(paths, est.rows)
+        check_free_space(paths, est.requests)
     except BaseException:
         if stage is not None:
             stage.discard()
-        store.close()
+        if store is not None:
+            store.close()
+        lock.release()
         raise
     return RunPlan(checked=checked, mode=mode, url=url, api_key=key, paths=paths, store=store, ledger=ledger,
                    estimate=est, todo=todo, counted=counted, kept=kept, stage=stage, limit=limit,
-                   retry_failed=retry_failed, fresh=fresh)
+                   retry_failed=retry_failed, fresh=fresh, lock=lock, set_aside=set_aside)
+
+
+def _refuse_lost_journal(paths: OutputPaths) -> None:
+    """A new, empty journal beside an output that holds answers: the journal that recorded them is gone.
+
+    Running on would pay for every one of those rows again, silently. Rebuilding the journal from the output
+    was the other choice; it is refused instead because the output holds each answer's columns, not the exact
+    request that was paid for (its key hashes the body), so a job changed since (a template, a parameter) would
+    be matched to answers of other requests. The user chooses: restore the journal, or ``--fresh``."""
+    if not paths.output.is_file():
+        return
+    answered = answered_rows(paths.output)
+    if answered:
+        raise JournalUnusable(
+            f"{paths.journal}: missing or empty, but {paths.output} holds {answered:,} answered row(s) of this job; "
+            "running now would pay for them again. Restore the journal if you can (a backup, or the file that "
+            "was moved), or run with --fresh: it moves the output aside and pays for every row again")
 
 
 def _with_batched_as_done(lookup: Reader, in_batches: set[int]) -> Callable[[list[str]], Mapping[str, Outcome]]:
@@ -243,10 +294,18 @@ def _with_batched_as_done(lookup: Reader, in_batches: set[int]) -> Callable[[lis
     return settled
 
 
-def _move_aside(path: Path) -> Path | None:
+def _set_aside(paths: OutputPaths) -> list[Path]:
+    """``--fresh``: the earlier output, its manifest and its journal are moved aside, never overwritten with
+    nothing (a fresh run that stops at once would otherwise leave an empty table where answers were)."""
+    stamp = datetime.now(tz=UTC).strftime("%Y%m%dT%H%M%SZ")
+    moved = [_move_aside(p, stamp) for p in (paths.output, paths.manifest, paths.journal)]
+    return [p for p in moved if p is not None]
+
+
+def _move_aside(path: Path, stamp: str | None = None) -> Path | None:
     if not path.exists():
         return None
-    stamp = datetime.now(tz=UTC).strftime("%Y%m%dT%H%M%SZ")
+    stamp = stamp or datetime.now(tz=UTC).strftime("%Y%m%dT%H%M%SZ")
     aside = path.with_name(f"{path.stem}.{stamp}{path.suffix}")
     n = 1
     while aside.exists():  # never overwrite an older journal set aside in the same second

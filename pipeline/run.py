@@ -8,6 +8,7 @@ to the journal and the output, and the manifest says how the run ended.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -19,6 +20,7 @@ import polars as pl
 from pipeline.client import resolve_api_key, resolve_base_url
 from pipeline.errors import BudgetExceeded, OutputError, PipelineError, StopRun
 from pipeline.estimate import Estimate
+from pipeline.interrupts import StopSignals
 from pipeline.job import Job
 from pipeline.ledger import BatchPart
 from pipeline.outcome import RunStats
@@ -36,6 +38,7 @@ class RunResult:
     estimate: Estimate
     stopped: PipelineError | None = None
     manifest_data: dict[str, Any] = field(default_factory=dict)
+    set_aside: list[Path] = field(default_factory=list)  # where --fresh moved the earlier output and journal
 
     def frame(self) -> pl.DataFrame:
         """The output table, read back (for notebooks: ``run(job, data=df).frame()``)."""
@@ -82,30 +85,36 @@ def run(job: Job, *, base_url: str | None = None, limit: int | None = None, fres
     """
     if data is not None:
         job = _with_frame_input(job, data)
-    remote = is_url(job.output.path)
-    if remote:
-        pull_manifest(job)
-    plan = prepare(job, mode=mode, base_url=base_url, limit=limit, fresh=fresh, retry_failed=retry_failed,
-                   allow_insecure=allow_insecure, journal=journal)
-    try:
-        _accept(plan, on_estimate)
-        if plan.mode == "batch":
-            from pipeline.batch import run_batches  # loaded by batch runs only
-
-            assert plan.stage is not None
-            end = run_batches(plan, plan.stage, wait=wait, on_batches=on_batches, handle_signals=handle_signals)
-        else:
-            from pipeline.online import run_online  # loaded by online runs only
-
-            end = run_online(plan, transport=transport, on_progress=on_progress, handle_signals=handle_signals,
-                             grace_s=grace_s, release_memory=release_memory)
-        manifest = finish(plan, end)
+    signals = StopSignals() if handle_signals else contextlib.nullcontext()
+    with signals:
+        remote = is_url(job.output.path)
         if remote:
-            push_output(job, plan.paths.output, plan.paths.manifest)
-    finally:
-        plan.close()
+            pull_manifest(job)
+        plan = prepare(job, mode=mode, base_url=base_url, limit=limit, fresh=fresh, retry_failed=retry_failed,
+                       allow_insecure=allow_insecure, journal=journal)
+        try:
+            _accept(plan, on_estimate)
+            if isinstance(signals, StopSignals):
+                signals.raise_if_stopped()  # a signal while the estimate was accepted: nothing is sent
+            if plan.mode == "batch":
+                from pipeline.batch import run_batches  # loaded by batch runs only
+
+                assert plan.stage is not None
+                end = run_batches(plan, plan.stage, wait=wait, on_batches=on_batches, handle_signals=handle_signals)
+            else:
+                from pipeline.online import run_online  # loaded by online runs only
+
+                end = run_online(plan, transport=transport, on_progress=on_progress,
+                                 signals=signals if isinstance(signals, StopSignals) else None,
+                                 grace_s=grace_s, release_memory=release_memory)
+            manifest = finish(plan, end)
+            if remote:
+                push_output(job, plan.paths.output, plan.paths.manifest)
+        finally:
+            plan.close()
     return RunResult(output=plan.paths.output, manifest=plan.paths.manifest, stats=end.stats,
-                     estimate=plan.estimate, stopped=end.stopped, manifest_data=manifest)
+                     estimate=plan.estimate, stopped=end.stopped, manifest_data=manifest,
+                     set_aside=plan.set_aside)
 
 
 def _accept(plan: RunPlan, on_estimate: Callable[[Estimate], bool] | None) -> None:

@@ -81,16 +81,39 @@ BYTES_PER_ROW_FLOOR = 256  # journal + output, the least a row takes; real answe
 
 
 def check_free_space(paths: OutputPaths, rows: int) -> None:
-    """Refuse to start when the output's disk clearly cannot hold the run (a floor, not a promise)."""
+    """Refuse to start when the output's disk clearly cannot hold the run (a floor, not a promise).
+
+    ``rows`` are the requests still to send: what this run adds to the journal and the output."""
     need = MIN_FREE_BYTES + rows * BYTES_PER_ROW_FLOOR
     free = shutil.disk_usage(paths.output.parent).free
     if free < need:
-        raise OutputError(f"{paths.output.parent}: only {free / 2**20:,.0f} MiB free, and {rows:,} rows need at "
-                          f"least {need / 2**20:,.0f} MiB for the journal and the output; free some space first")
+        raise OutputError(f"{paths.output.parent}: only {free / 2**20:,.1f} MiB free; a run keeps "
+                          f"{MIN_FREE_BYTES / 2**20:,.0f} MiB free for rewriting the output, plus "
+                          f"{BYTES_PER_ROW_FLOOR} bytes for each of the {rows:,} request(s) still to send "
+                          f"({need / 2**20:,.1f} MiB in all); free some space first")
 
 
-def claim_output(paths: OutputPaths, job_name: str, fingerprint: str) -> None:
-    """Refuse an output that belongs to another job (or to no job of ours); check the folder is writable."""
+def answered_rows(output: Path) -> int:
+    """How many rows of an output file were answered (status ok); 0 when it cannot be read."""
+    try:
+        return int(pl.scan_parquet(output).filter(pl.col("status") == "ok").select(pl.len()).collect().item())
+    except (OSError, pl.exceptions.PolarsError):
+        return 0
+
+
+def output_rows(output: Path) -> int | None:
+    """The rows of an output file, from its footer (None when there is no readable file)."""
+    try:
+        return int(pq.ParquetFile(output).metadata.num_rows)
+    except (OSError, ValueError):  # pyarrow's ArrowInvalid (not Parquet) is a ValueError
+        return None
+
+
+def claim_output(paths: OutputPaths, job_name: str, fingerprint: str, *, journal_owner: str | None = None) -> None:
+    """Refuse an output that belongs to another job (or to no job of ours); check the folder is writable.
+
+    An output whose manifest is gone is still this job's when the journal beside it says so (``journal_owner``,
+    the fingerprint it records): the journal is what a resume needs, so the run goes on."""
     try:
         paths.output.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -102,9 +125,13 @@ def claim_output(paths: OutputPaths, job_name: str, fingerprint: str) -> None:
                  f"job {owner!r} with another model, endpoint or provider (was {manifest.get('model')!r} on "
                  f"{manifest.get('provider', 'openai')!r})")
         raise OutputError(f"{paths.output}: belongs to {whose}; choose another [output].path or remove the old output")
-    if manifest is None and paths.output.exists():
-        raise OutputError(f"{paths.output}: exists and was not written by a pipeline job; "
-                          "choose another [output].path or remove it")
+    if manifest is None and paths.output.exists() and journal_owner != fingerprint:
+        journal = (f"its journal {paths.journal.name} belongs to another job" if journal_owner is not None else
+                   f"there is no journal of this job beside it ({paths.journal.name})")
+        raise OutputError(f"{paths.output}: exists without its manifest ({paths.manifest.name}), and {journal}, so "
+                          "nothing says it is this job's output. If it is (its manifest was deleted), restoring the "
+                          "journal keeps its answers: the run then resumes from it. Otherwise move the file away or "
+                          "choose another [output].path; either way, the rows in it are paid for again")
     if not os.access(paths.output.parent, os.W_OK):
         raise OutputError(f"{paths.output.parent}: the output folder is not writable")
 
@@ -134,6 +161,7 @@ class PartWriter:
         self._next_row = 0                   # rows before this one are in the output file
         self._lowest = math.inf              # the first row buffered: nothing can go out until it is _next_row
         self._since_look = 0
+        self._have = bytearray()             # by input position: 1 once the row was added (``missing_rows``)
         self._writer: pq.ParquetWriter | None = None
         self._arrow_schema: Any = None
         self._tmp = paths.output.with_suffix(".parquet.tmp")
@@ -158,6 +186,10 @@ class PartWriter:
         c[ROW].append(row)
         if row < self._lowest:
             self._lowest = row
+        have = self._have
+        if row >= len(have):
+            have.extend(bytes(row - len(have) + 4096))
+        have[row] = 1
         for name, value in zip(self._key_columns, keys, strict=True):
             c[name].append(value)
         shown = outcome.as_duplicate() if deduplicated else outcome
@@ -172,6 +204,12 @@ class PartWriter:
             for name, value in zip(self.answer_columns, values, strict=True):
                 c[name].append(value)
         self._added(1)
+
+    def missing_rows(self, total: int) -> np.ndarray:
+        """The input positions below ``total`` that no row was added for yet (a stopped run fills them from the
+        journal)."""
+        have = np.frombuffer(bytes(self._have[:total]), dtype=np.uint8)
+        return np.concatenate([np.flatnonzero(have == 0), np.arange(len(have), total)]).astype(np.int64)
 
     def _new_buffers(self) -> None:
         self._cols = {c: [] for c in self.schema}
@@ -192,6 +230,11 @@ class PartWriter:
         one DataFrame per part, not a Python value per cell (nor a DataFrame per request)."""
         self._blocks.append((rows, keys, block))
         self._lowest = min(self._lowest, min(rows))
+        top = max(rows)
+        if top >= len(self._have):
+            self._have.extend(bytes(top - len(self._have) + 4096))
+        for r in rows:
+            self._have[r] = 1
         self._added(len(rows))
 
     def _blocks_frame(self) -> pl.DataFrame:
@@ -346,11 +389,12 @@ class PartWriter:
         for lo in range(self._next_row, int(top) + 1, COMPACT_ROWS):
             self._write(lf.filter(pl.col(ROW).is_between(lo, lo + COMPACT_ROWS - 1)).collect().sort(ROW))
 
-    def finish(self) -> int:
-        """Write what is left and close the output file; returns the number of rows.
+    def finish(self, *, never_smaller: bool = False) -> int:
+        """Write what is left and close the output file; returns the number of rows in the output.
 
         Without parts the buffered rows go straight to the output; otherwise they become a last part and the
-        parts are merged.
+        parts are merged. ``never_smaller`` (a run that did not end well): an existing output with more rows is
+        kept as it is rather than replaced (its answers are in the journal too, and a rerun writes them all).
         """
         if self._part == 0:
             df = self._buffered()
@@ -364,6 +408,11 @@ class PartWriter:
         assert self._writer is not None
         try:
             self._writer.close()
+            before = output_rows(self.paths.output) if never_smaller else None
+            if before is not None and before > self.rows_written:
+                self._tmp.unlink()
+                shutil.rmtree(self.paths.parts, ignore_errors=True)
+                return before
             self._tmp.replace(self.paths.output)
         except OSError as e:
             raise OutputError(f"{self.paths.output}: cannot write output: {e.strerror}") from None

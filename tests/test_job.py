@@ -162,3 +162,33 @@ def test_object_storage_paths_stay_urls_and_the_output_is_staged_beside_the_job(
     job = Job.load(_engine_job(tmp_path, "", output="s3://bucket/out/x.parquet", input_path="s3://bucket/in/*.csv"))
     assert job.input.path == "s3://bucket/in/*.csv" and job.output.path == "s3://bucket/out/x.parquet"
     assert job.output.local == str(tmp_path / ".pipeline" / "s3" / "bucket" / "out" / "x.parquet")
+
+
+def test_a_base_url_with_a_port_out_of_range_is_refused_by_validate(make_job):
+    job = make_job(extra='[api]\nbase_url = "http://127.0.0.1:99999/v1"')
+    _bad(job, 'job.toml: [api].base_url is not a valid URL (Port out of range 0-65535), got '
+              '"http://127.0.0.1:99999/v1"')
+
+
+def test_a_budget_on_a_model_without_a_price_is_refused_before_anything_is_sent(make_job, sim):
+    request = 'model = "house-model-7"\nprompt = "{{ text }}"\nmax_tokens = 20'
+    job = make_job(request=request, extra='[api]\nprovider = "openai-compatible"\nbase_url = "http://127.0.0.1:1/v1"'
+                                          '\n\n[budget]\nmax_cost_usd = 0.000001')
+    expected = ("job.toml: [budget].max_cost_usd is set, but no price is known for model 'house-model-7', so the "
+                "budget could not be kept; add a [pricing] table (input_per_mtok and output_per_mtok) or remove "
+                "[budget]")
+    _bad(job, expected)
+    with sim() as s:
+        result = run_cli("run", job.name, "--base-url", s.base_url, "--yes")
+        assert s.stats.requests == 0
+    assert result.exit_code == 2 and expected in result.output
+
+
+def test_without_a_price_the_run_says_cost_unknown_not_zero(make_job, sim):
+    request = 'model = "house-model-7"\nprompt = "{{ text }}"\nmax_tokens = 20'
+    job = make_job(rows=3, request=request, extra='[api]\nprovider = "openai-compatible"\n'
+                                                  'base_url = "http://127.0.0.1:1/v1"')
+    with sim(models=["house-model-7"]) as s:
+        result = run_cli("run", job.name, "--base-url", s.base_url)
+    assert result.exit_code == 0, result.output
+    assert "cost unknown: no price for 'house-model-7'" in result.output and "$0.0000 spent" not in result.output

@@ -105,3 +105,87 @@ def test_unwritable_output_location_fails_before_sending(make_job, sim, tmp_path
         assert s.stats.requests == 0
     assert result.exit_code == 2
     assert result.output.startswith(f"error: {tmp_path / 'blocked'}: cannot create the output folder")
+
+
+def _garble_the_middle(path: Path, size: int = 8192) -> None:
+    data = bytearray(path.read_bytes())
+    mid = len(data) // 2 // 4096 * 4096  # a whole page in the middle of the file
+    data[mid:mid + size] = random.Random(3).randbytes(size)
+    path.write_bytes(bytes(data))
+
+
+def test_a_damaged_journal_stops_the_run_before_any_request_and_leaves_the_output_as_it_was(make_job, sim, tmp_path):
+    job = make_job(rows=1500)
+    with sim() as s:
+        run(Job.load(job), base_url=s.base_url, limit=1000)
+        output = tmp_path / "out/result.parquet"
+        before = output.read_bytes()
+        _garble_the_middle(tmp_path / "out/result.journal.sqlite")
+        sent = s.stats.requests
+        result = run_cli("run", job.name, "--base-url", s.base_url, "--yes")
+        assert s.stats.requests == sent  # nothing was sent
+    assert result.exit_code == 2, result.output
+    assert "the journal is damaged" in result.output and "nothing was sent" in result.output
+    assert "--fresh would send 1,500 requests: up to $" in result.output and "Traceback" not in result.output
+    assert output.read_bytes() == before
+
+
+def test_a_deleted_journal_beside_answers_is_refused_then_fresh_moves_the_output_aside(make_job, sim, tmp_path):
+    job = make_job(rows=30)
+    with sim() as s:
+        run(Job.load(job), base_url=s.base_url)
+        (tmp_path / "out/result.journal.sqlite").unlink()
+        refused = run_cli("run", job.name, "--base-url", s.base_url)
+        assert s.stats.requests == 30  # nothing paid again
+        assert refused.exit_code == 2
+        assert "missing or empty, but" in refused.output and "holds 30 answered row(s)" in refused.output
+        fresh = run_cli("run", job.name, "--base-url", s.base_url, "--fresh")
+        assert fresh.exit_code == 0 and s.stats.requests == 60
+    assert "--fresh: set aside (kept, not deleted): " in fresh.output and "out/result.2" in fresh.output, fresh.output
+    aside = list((tmp_path / "out").glob("result.2*.parquet"))
+    assert len(aside) == 1 and pl.read_parquet(aside[0]).height == 30
+
+
+def test_a_stopped_resume_keeps_every_row_answered_by_earlier_runs(make_job, sim, tmp_path):
+    job = make_job(rows=400, limits="concurrency = 4", extra="[budget]\nmax_cost_usd = 0.004\n")
+    with sim() as s:
+        first = run(Job.load(job), base_url=s.base_url, limit=150)
+        assert first.exit_code == 0 and first.stats.ok == 150
+        second = run(Job.load(job), base_url=s.base_url)  # the budget stops it part of the way through the rest
+        assert second.stopped is not None and "max_cost_usd" in str(second.stopped)
+        answered = s.stats.ok
+    out = pl.read_parquet(tmp_path / "out/result.parquet")
+    assert 150 < answered < 400
+    assert out.height == answered and out["review_id"].n_unique() == answered
+    assert set(reviews(150)["review_id"]) <= set(out["review_id"])  # the first run's rows are all still there
+    assert out["review_id"].to_list() == sorted(out["review_id"].to_list())
+    assert (out["status"] == "ok").all()
+    assert second.manifest_data["rows_in_output"] == answered
+
+
+def test_a_fresh_run_that_fails_at_once_keeps_the_earlier_output_aside(make_job, sim, tmp_path, monkeypatch):
+    job = make_job(rows=10)
+    with sim() as s:
+        run(Job.load(job), base_url=s.base_url)
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-wrong")
+    with sim(api_key="sk-right") as s:
+        result = run(Job.load(job), base_url=s.base_url, fresh=True)
+        assert result.exit_code == 3
+    aside = list((tmp_path / "out").glob("result.2*.parquet"))
+    assert len(aside) == 1 and pl.read_parquet(aside[0]).height == 10
+
+
+def test_an_output_without_its_manifest_is_resumed_from_its_journal(make_job, sim, tmp_path):
+    job = make_job(rows=25)
+    with sim() as s:
+        run(Job.load(job), base_url=s.base_url)
+        (tmp_path / "out/result.manifest.json").unlink()
+        again = run(Job.load(job), base_url=s.base_url)
+        assert s.stats.requests == 25 and again.exit_code == 0 and again.stats.resumed == 25
+        (tmp_path / "out/result.manifest.json").unlink()
+        (tmp_path / "out/result.journal.sqlite").unlink()
+        refused = run_cli("run", job.name, "--base-url", s.base_url)
+        assert s.stats.requests == 25
+    assert refused.exit_code == 2
+    assert "exists without its manifest" in refused.output and "restoring the journal keeps its answers" in \
+        refused.output

@@ -36,9 +36,10 @@ from pipeline.errors import (
     UsageError,
 )
 from pipeline.job import Job
-from pipeline.journal import Journal
+from pipeline.journal import Journal, journal_fingerprint
 from pipeline.outcome import RunStats
 from pipeline.plan import _move_aside, check
+from pipeline.runlock import RunLock
 from pipeline.sink import OutputPaths, claim_output, read_manifest, write_manifest
 from pipeline.storage import filesystem, is_url, manifest_url, pull_manifest, upload
 
@@ -134,50 +135,55 @@ def run_ray(job: Job, *, base_url: str | None = None, address: str | None = None
     if remote:
         pull_manifest(job)
     paths = OutputPaths(Path(job.output.local))
-    if not remote and Path(dataset).is_file():
-        raise OutputError(f"{dataset}: is a file (the local engine's output); the Ray engine writes a folder of "
-                          "chunks there: choose another [output].path or remove the file")
-    claim_output(paths, job.name, job.fingerprint())
-    earlier = [] if fresh else (read_manifest(paths) or {}).get("runs") or []
-    # Ours from the first moment: a driver stopped before its end leaves a folder a rerun may resume.
-    write_manifest(paths, {"job": job.name, "fingerprint": job.fingerprint(), "status": "running",
-                           "engine": {"kind": "ray"}, "output": dataset, "runs": earlier})
-    if fresh:
-        _move_aside(paths.journal)
-        _clear(dataset, job)
-    if not remote:
-        Path(dataset).mkdir(parents=True, exist_ok=True)
-    parts = plan_partitions(checked.source, job.fingerprint(), job.engine.partition_rows)
-    journal = Journal(paths.journal)
+    lock = RunLock(paths.output)
+    lock.acquire()  # one run of this job at a time, whichever engine (the local one takes the same lock)
     try:
-        owner = journal.get_meta("fingerprint")
-        if owner is not None and owner != job.fingerprint():
-            raise OutputError(f"{paths.journal}: the journal belongs to another job; use --fresh to start over")
-        journal.set_meta("fingerprint", job.fingerprint())
-        db = journal.db
-        db.execute(PARTITIONS_TABLE)
-        finished = {r[0] for r in db.execute("SELECT id FROM partitions WHERE status = 'done'")}
+        if not remote and Path(dataset).is_file():
+            raise OutputError(f"{dataset}: is a file (the local engine's output); the Ray engine writes a folder of "
+                              "chunks there: choose another [output].path or remove the file")
+        claim_output(paths, job.name, job.fingerprint(), journal_owner=journal_fingerprint(paths.journal))
+        earlier = [] if fresh else (read_manifest(paths) or {}).get("runs") or []
+        # Ours from the first moment: a driver stopped before its end leaves a folder a rerun may resume.
+        write_manifest(paths, {"job": job.name, "fingerprint": job.fingerprint(), "status": "running",
+                               "engine": {"kind": "ray"}, "output": dataset, "runs": earlier})
+        if fresh:
+            _move_aside(paths.journal)
+            _clear(dataset, job)
+        if not remote:
+            Path(dataset).mkdir(parents=True, exist_ok=True)
+        parts = plan_partitions(checked.source, job.fingerprint(), job.engine.partition_rows)
+        journal = Journal(paths.journal, check=True)
+        try:
+            owner = journal.get_meta("fingerprint")
+            if owner is not None and owner != job.fingerprint():
+                raise OutputError(f"{paths.journal}: the journal belongs to another job; use --fresh to start over")
+            journal.set_meta("fingerprint", job.fingerprint())
+            db = journal.db
+            db.execute(PARTITIONS_TABLE)
+            finished = {r[0] for r in db.execute("SELECT id FROM partitions WHERE status = 'done'")}
+            chunks = committed(dataset, job.storage.endpoint_url)
+            stale = _drop_stale(dataset, job, chunks, {p.id for p in parts})
+            todo = [p for p in parts if p.id not in finished and covered(chunks.get(p.id, [])) < p.rows]
+            for p in parts:  # every partition planned is on record; some finished by a task whose result the driver
+                if p.id not in finished:  # never saw (it was stopped): their chunks say so
+                    _mark(db, p, "todo" if p in todo else "done", {})
+            stats, stopped, engine = _drive(job, url, address, workers, todo, dataset, db, on_progress)
+        finally:
+            journal.close()
         chunks = committed(dataset, job.storage.endpoint_url)
-        stale = _drop_stale(dataset, job, chunks, {p.id for p in parts})
-        todo = [p for p in parts if p.id not in finished and covered(chunks.get(p.id, [])) < p.rows]
-        for p in parts:  # every partition planned is on record; some finished by a task whose result the driver
-            if p.id not in finished:  # never saw (it was stopped): their chunks say so
-                _mark(db, p, "todo" if p in todo else "done", {})
-        stats, stopped, engine = _drive(job, url, address, workers, todo, dataset, db, on_progress)
+        rows_in_output = sum(covered(chunks.get(p.id, [])) for p in parts)
+        done = sum(1 for p in parts if covered(chunks.get(p.id, [])) >= p.rows)
+        manifest = _manifest(job, checked, url, paths, dataset, stats, stopped, started, t0, rows_in_output,
+                             {**engine, "kind": "ray", "address": address or "local", "workers": workers,
+                              "partitions": len(parts), "partitions_done": done, "partitions_run": len(todo),
+                              "stale_chunks_removed": stale, "commit_rows": job.engine.commit_rows}, earlier)
+        write_manifest(paths, manifest)
+        if remote:
+            upload(paths.manifest, manifest_url(dataset), job.storage.endpoint_url)
+        return RayRun(output=dataset if remote else Path(dataset), manifest=paths.manifest, stats=stats,
+                      partitions=len(parts), partitions_done=done, stopped=stopped, manifest_data=manifest)
     finally:
-        journal.close()
-    chunks = committed(dataset, job.storage.endpoint_url)
-    rows_in_output = sum(covered(chunks.get(p.id, [])) for p in parts)
-    done = sum(1 for p in parts if covered(chunks.get(p.id, [])) >= p.rows)
-    manifest = _manifest(job, checked, url, paths, dataset, stats, stopped, started, t0, rows_in_output,
-                         {**engine, "kind": "ray", "address": address or "local", "workers": workers,
-                          "partitions": len(parts), "partitions_done": done, "partitions_run": len(todo),
-                          "stale_chunks_removed": stale, "commit_rows": job.engine.commit_rows}, earlier)
-    write_manifest(paths, manifest)
-    if remote:
-        upload(paths.manifest, manifest_url(dataset), job.storage.endpoint_url)
-    return RayRun(output=dataset if remote else Path(dataset), manifest=paths.manifest, stats=stats,
-                  partitions=len(parts), partitions_done=done, stopped=stopped, manifest_data=manifest)
+        lock.release()
 
 
 def _drive(job: Job, url: str, address: str | None, workers: int, todo: list[Partition], dataset: str, db: Any,
