@@ -49,6 +49,7 @@ from pipeline.sink import (
     write_manifest,
 )
 from pipeline.source import Source, open_source
+from pipeline.storage import is_url
 from pipeline.structured import AnswerChecker, Checker, columns_of
 from pipeline.tools import ToolChecker, argument_columns
 
@@ -75,6 +76,10 @@ def check(job: Job, source: Source | None = None) -> Checked:
     ``source`` replaces the job's whole input (a Ray task checks against its partition's file only)."""
     provider = provider_for(job)
     source = source or open_source(job.input.path, job.storage.endpoint_url)
+    output = Path(job.output.local).resolve()
+    if any(not is_url(f) and Path(f).resolve() == output for f in source.files):
+        raise JobError(f"{job.source}: [output].path {job.output.path!r} is the input file itself; the run would "
+                       "replace its own input with its results: choose another [output].path")
     renderer = Renderer(job, source, provider)
     price = price_for(job)
     if price is None and job.budget.max_cost_usd is not None:

@@ -82,7 +82,8 @@ def open_source(pattern: str, endpoint_url: str | None = None) -> Source:
         try:
             s = _remote_schema(f, endpoint_url) if is_url(f) else dict(_scan([f], fmt).collect_schema())
         except Exception as e:  # polars raises several unrelated types for unreadable files
-            raise InputError(f"{f}: cannot read {fmt} input: {_polars_reason(e)}") from None
+            where = _find_bad_jsonl_line([f]) if fmt == "jsonl" and not is_url(f) else None
+            raise InputError(where or f"{f}: cannot read {fmt} input: {_polars_reason(e)}") from None
         if schema is None:
             schema = s
         elif set(s) != set(schema):
@@ -166,7 +167,8 @@ def iter_chunks(source: Source, columns: Sequence[str], *, chunk_rows: int = DEF
                 seen += chunk.height
                 yield chunk.select(wanted) if project_late else chunk
     except pl.exceptions.PolarsError as e:
-        where = _find_ragged_csv_row(source) if source.format == "csv" else None
+        where = (_find_ragged_csv_row(source) if source.format == "csv" else
+                 _find_bad_jsonl_line(source.files) if source.format == "jsonl" else None)
         raise InputError(where or f"{source.pattern}: cannot read {source.format} input after row {seen}: "
                                   f"{_polars_reason(e)}") from None
     if seen == 0 and rows is None and except_rows is None:
@@ -234,6 +236,24 @@ def _parquet_chunks(source: Source, wanted: list[str], *, chunk_rows: int, limit
         raise InputError(f"{source.pattern}: the input has no rows")
 
 
+def _find_bad_jsonl_line(files: Sequence[str]) -> str | None:
+    """Polars does not say which JSONL line it could not parse; find it, since that is what the user fixes."""
+    import orjson
+
+    for f in files:
+        with open(f, "rb") as fh:
+            for n, line in enumerate(fh, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    value = orjson.loads(line)
+                except orjson.JSONDecodeError as e:
+                    return f"{f}: line {n} is not valid JSON ({e})"
+                if not isinstance(value, dict):
+                    return f"{f}: line {n} is not a JSON object (each line must be one record)"
+    return None
+
+
 def _find_ragged_csv_row(source: Source) -> str | None:
     """Polars does not say which line is ragged; find it, since that is what the user has to fix."""
     import csv
@@ -256,3 +276,35 @@ def read_head(source: Source, columns: Sequence[str], n: int) -> pl.DataFrame:
     for chunk in iter_chunks(source, columns, chunk_rows=max(n, 1), limit=n):
         return chunk
     raise InputError(f"{source.pattern}: the input has no rows")  # pragma: no cover - iter_chunks raises
+
+
+def input_warnings(source: Source, id_column: str | None) -> list[str]:
+    """What the input holds that a run would take as it is but a user would not expect: duplicate or null ids
+    (rows that cannot be told apart in the output) and repeated CSV header names (polars renames all but the
+    first, so a template naming one reads the first). Reads the id column once: for ``validate``, not runs."""
+    warnings: list[str] = []
+    if source.format == "csv":
+        import csv
+
+        for f in source.files:
+            try:
+                with open(f, newline="", encoding="utf-8", errors="replace") as fh:
+                    header = next(csv.reader(fh), [])
+            except OSError:
+                continue
+            repeated = sorted({c for c in header if header.count(c) > 1})
+            if repeated:
+                warnings.append(f"{f}: the header repeats column name(s) {', '.join(map(repr, repeated))}; "
+                                "only the first of each is read under that name (rename the others)")
+    if id_column is not None and id_column in source.schema and not source.remote:
+        counts = _scan(source.files, source.format).select(
+            pl.col(id_column).null_count().alias("nulls"), pl.len().alias("rows"),
+            pl.col(id_column).drop_nulls().n_unique().alias("unique"),
+            (pl.len() - pl.col(id_column).null_count()).alias("present")).collect().row(0, named=True)
+        if counts["nulls"]:
+            warnings.append(f"{source.pattern}: {counts['nulls']:,} row(s) have a null [input].id "
+                            f"({id_column!r}); the output cannot tell them apart by id")
+        if counts["unique"] < counts["present"]:
+            warnings.append(f"{source.pattern}: [input].id ({id_column!r}) repeats: {counts['present']:,} ids, "
+                            f"{counts['unique']:,} distinct; the output will hold several rows with one id")
+    return warnings

@@ -11,7 +11,7 @@ from pipeline.job import Job
 from pipeline.plan import check
 from pipeline.providers import Provider
 from pipeline.render import IMAGE_CHUNK_ROWS, Request
-from pipeline.source import Source, iter_chunks, read_head
+from pipeline.source import Source, input_warnings, iter_chunks, read_head
 
 
 @dataclass(frozen=True)
@@ -36,5 +36,6 @@ def validate_job(path: str | Path, rows: int = 3) -> ValidationReport:
     if renderer.image_parts:  # every image is read and checked (a run would find a bad one only when it got there)
         for chunk in iter_chunks(checked.source, renderer.columns, chunk_rows=IMAGE_CHUNK_ROWS):
             bad.extend(renderer.check_images(chunk))
+    warnings = [*checked.warnings, *input_warnings(checked.source, checked.job.input.id)]
     return ValidationReport(job=checked.job, source=checked.source, requests=rendered.requests[:rows],
-                            provider=checked.provider, warnings=checked.warnings, bad_images=bad)
+                            provider=checked.provider, warnings=warnings, bad_images=bad)

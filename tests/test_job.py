@@ -192,3 +192,25 @@ def test_without_a_price_the_run_says_cost_unknown_not_zero(make_job, sim):
         result = run_cli("run", job.name, "--base-url", s.base_url)
     assert result.exit_code == 0, result.output
     assert "cost unknown: no price for 'house-model-7'" in result.output and "$0.0000 spent" not in result.output
+
+
+def test_an_output_path_that_is_the_input_file_is_refused_by_validate(make_job):
+    job = make_job(output='path = "input.parquet"')
+    _bad(job, f"job.toml: [output].path '{job.parent / 'input.parquet'}' is the input file itself; the run would "
+              "replace its own input with its results: choose another [output].path")
+
+
+def test_validate_warns_on_duplicate_or_null_ids_and_repeated_csv_header_names(make_job, tmp_path):
+    import polars as pl
+
+    make_job(rows=5)  # the job file; its CSV input is written below with a repeated header
+    (tmp_path / "input.csv").write_text("review_id,text,text\nr1,a,b\nr1,c,d\n,e,f\n")
+    job = tmp_path / "job.toml"
+    job.write_text(job.read_text().replace('path = "input.parquet"', 'path = "input.csv"')
+                   .replace('keep = ["product"]', "").replace("Review of {{ product }}: ", ""))
+    result = run_cli("validate", "job.toml")
+    assert result.exit_code == 0, result.output
+    assert "the header repeats column name(s) 'text'" in result.output
+    assert "1 row(s) have a null [input].id ('review_id')" in result.output
+    assert "[input].id ('review_id') repeats: 2 ids, 1 distinct" in result.output
+    assert pl.read_csv(tmp_path / "input.csv").height == 3

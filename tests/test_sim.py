@@ -70,13 +70,13 @@ def test_limits_enforced_over_a_short_window_refuse_bursts(sim):
 
 
 def test_token_bucket_model_starts_empty_at_the_first_request_and_refills_continuously(sim):
-    import time
-
     with sim(rpm=600, limit_model="token-bucket", start_empty=True) as s:
-        time.sleep(0.3)  # the server has been up a while: the bucket is still empty at the first request
+        now = [1000.0]
+        s.sim.clock = lambda: now[0]  # the limits' time moves only when the test says: a busy machine cannot
+        now[0] += 30  # the server has been up a while: the bucket is still empty at the first request
         first = httpx.post(f"{s.base_url}/chat/completions", json=BODY)
         assert first.status_code == 429 and float(first.headers["retry-after-ms"]) <= 100
-        time.sleep(0.12)  # 10 a second come back
+        now[0] += 0.12  # 10 a second come back: one request's worth, and a fifth
         second = httpx.post(f"{s.base_url}/chat/completions", json=BODY)
         assert second.status_code == 200 and second.headers["x-ratelimit-remaining-requests"] == "0"
         # reset = the time until the bucket holds a whole minute again

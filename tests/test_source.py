@@ -110,3 +110,15 @@ def test_globs_with_different_columns_are_refused(tmp_path):
     reviews(3).drop("rating").write_parquet(tmp_path / "b.parquet")
     with pytest.raises(InputError, match=r"columns differ from .*a\.parquet \(\['rating'\]\)"):
         open_source(str(tmp_path / "*.parquet"))
+
+
+def test_a_bad_jsonl_record_is_named_by_its_line(tmp_path):
+    import pytest
+
+    from pipeline.errors import InputError
+    from pipeline.source import iter_chunks, open_source
+
+    path = tmp_path / "in.jsonl"
+    path.write_text('{"id": 1, "text": "a"}\n{"id": 2, "text": "b"}\n{"id": 3, "text": "c"\n{"id": 4, "text": "d"}\n')
+    with pytest.raises(InputError, match=r"in\.jsonl: line 3 is not valid JSON"):
+        list(iter_chunks(open_source(str(path)), ["text"]))

@@ -25,7 +25,7 @@ import tempfile
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -196,6 +196,8 @@ class Simulator:
         self._answered: set[bytes] = set()
         self._prefixes: set[bytes] = set()  # prompt prefixes in the cache (they never expire here)
         self._in_flight = 0
+        # The limits' clock: a test sets another to move time by hand (real-time refills fail on a busy machine).
+        self.clock: Callable[[], float] = time.monotonic
         self._t0 = time.monotonic()
         self.batch_api = BatchService(self)
         from pipeline.sim.anthropic import AnthropicService
@@ -302,7 +304,7 @@ class Simulator:
         if cfg.insufficient_quota:
             return self._refuse(dialect, 429, "You exceeded your current quota, please check your plan and billing "
                                               "details.", "insufficient_quota", "insufficient_quota")
-        now = time.monotonic()
+        now = self.clock()
         waits = []
         charges = [("requests", self.rpm, 1), ("tokens", self.tpm, cost_tokens)]
         if dialect == "anthropic":
@@ -391,7 +393,7 @@ class Simulator:
         self.stats.last_request_at = time.time()
         if self.stats.first_request_at is None:
             self.stats.first_request_at = self.stats.last_request_at
-            self._t0 = time.monotonic()
+            self._t0 = self.clock()
             for bucket in (self.rpm, self.tpm, self.itpm, self.otpm):
                 if bucket is not None:
                     bucket.t = self._t0
