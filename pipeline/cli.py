@@ -577,6 +577,8 @@ def report(output: str, as_json: bool, html_path: str | None) -> None:
 @click.option("--itpm", type=click.IntRange(min=1), help="Anthropic: input tokens per minute to enforce.")
 @click.option("--otpm", type=click.IntRange(min=1), help="Anthropic: output tokens per minute to enforce.")
 @click.option("--api-key", "api_key_env", metavar="ENV", help="Require the key held in this environment variable.")
+@click.option("--lenient", is_flag=True, help="Accept what the real APIs refuse (unknown parameters, values out of "
+              "range, parameters a model family does not take); strict by default.")
 @click.option("--models", help="Comma-separated models to accept (others: 404).")
 @click.option("--seed", default=0, show_default=True, help="Seed of the fault injection.")
 @click.option("--batch-delay-s", default=1.0, show_default=True, help="Batch API: time from creation to completion.")
@@ -592,7 +594,7 @@ def sim(host: str, port: int, port_file: str | None, rpm: int | None, tpm: int |
         latency_ms: float,
         latency_jitter_ms: float, error_rate: float, rate_429: float, drop_rate: float, slow_body_rate: float,
         malformed_rate: float, insufficient_quota: bool, overloaded_rate: float, itpm: int | None, otpm: int | None,
-        api_key_env: str | None, models: str | None,
+        api_key_env: str | None, lenient: bool, models: str | None,
         seed: int, batch_delay_s: float, batch_line_error_rate: float, batch_fail: bool,
         batch_expire_fraction: float | None, batch_create_hold_s: float, batch_create_drop_replies: int) -> None:
     """Run the local simulator of the OpenAI, Azure OpenAI and Anthropic APIs (for demos, tests and benchmarks)."""
@@ -609,7 +611,7 @@ def sim(host: str, port: int, port_file: str | None, rpm: int | None, tpm: int |
                     error_rate=error_rate, rate_429=rate_429, drop_rate=drop_rate, slow_body_rate=slow_body_rate,
                     malformed_rate=malformed_rate, insufficient_quota=insufficient_quota,
                     overloaded_rate=overloaded_rate, itpm=itpm, otpm=otpm,
-                    api_key=os.environ.get(api_key_env) if api_key_env else None,
+                    api_key=os.environ.get(api_key_env) if api_key_env else None, lenient=lenient,
                     models=tuple(m.strip() for m in models.split(",")) if models else (), seed=seed,
                     batch_delay_s=batch_delay_s, batch_line_error_rate=batch_line_error_rate, batch_fail=batch_fail,
                     batch_expire_fraction=batch_expire_fraction, batch_create_hold_s=batch_create_hold_s,

@@ -167,6 +167,7 @@ class ApiSpec:
     api_version: str | None = None        # azure: set for the older /openai/deployments/... URLs
     max_tokens_field: str = "max_completion_tokens"
     structured_output: str = "json_schema"
+    json_object_schema: bool = False      # openai-compatible: the schema also beside json_object (an extension)
     anthropic_version: str = "2023-06-01"
 
 
@@ -542,6 +543,12 @@ def _parse_api(api: _Table, request: RequestSpec) -> ApiSpec:
     if structured not in choices:
         raise api.fail("structured_output", f'must be one of {", ".join(choices)} for provider = "{provider}", '
                                             f"got {_shown(structured)}")
+    if api.has("json_object_schema") and provider != "openai-compatible":
+        raise api.fail("json_object_schema", 'is for provider = "openai-compatible" only: OpenAI\'s and Azure\'s '
+                                             "json_object takes no schema (it goes in the prompt)")
+    json_object_schema = api.bool("json_object_schema")
+    if json_object_schema and structured != "json_object":
+        raise api.fail("json_object_schema", 'applies with structured_output = "json_object" only')
     if provider == "azure" and api.has("api_version") and not api.has("deployment"):
         raise api.fail("deployment", "is required with api_version (the older URLs name the deployment)")
     if provider == "anthropic":
@@ -564,6 +571,7 @@ def _parse_api(api: _Table, request: RequestSpec) -> ApiSpec:
                    api_key_env=api.str("api_key_env", DEFAULT_KEY_ENV[provider]) or DEFAULT_KEY_ENV[provider],
                    deployment=api.str("deployment"), api_version=api.str("api_version"),
                    max_tokens_field=max_tokens_field, structured_output=structured,
+                   json_object_schema=json_object_schema,
                    anthropic_version=api.str("anthropic_version", "2023-06-01") or "2023-06-01")
     api.done()
     return spec

@@ -36,6 +36,7 @@ from pipeline.ledger import BatchLedger, BatchStage
 from pipeline.outcome import RESULT_SCHEMA, Outcome, RunStats
 from pipeline.pricing import Price, no_price_warning, price_for
 from pipeline.providers import Provider, provider_for
+from pipeline.providers.families import check_family
 from pipeline.render import KeptChunks, Renderer, key_id
 from pipeline.rowprints import RowPrints
 from pipeline.runlock import RunLock
@@ -88,6 +89,11 @@ def check(job: Job, source: Source | None = None) -> Checked:
                        f"{job.request.model!r}, so the budget could not be kept; add a [pricing] table "
                        "(input_per_mtok and output_per_mtok) or remove [budget]")
     warnings = [] if price is not None else [no_price_warning(job.request.model)]
+    req = job.request
+    if not req.is_embeddings:
+        warnings += check_family(job.source, job.api.provider, req.model, temperature=req.temperature,
+                                 top_p=req.top_p, reasoning_effort=req.reasoning_effort, max_tokens=req.max_tokens,
+                                 stop=bool(req.stop), anthropic_version=job.api.anthropic_version)
     return Checked(job, provider, source, renderer, price, output_key_schema(job, source), warnings)
 
 

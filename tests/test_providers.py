@@ -93,8 +93,9 @@ def test_older_claude_models_get_the_schema_as_one_forced_tool(make_job):
     assert body["tools"][0]["input_schema"]["required"] == ["label"] and "output_config" not in body
 
 
-def test_compatible_json_object_sends_the_schema_beside_it_and_in_the_system_prompt(make_job):
-    job = job_with(make_job, 'base_url = "http://127.0.0.1:9/v1"\nstructured_output = "json_object"', schema=True)
+def test_compatible_json_object_sends_the_schema_beside_it_when_asked_and_in_the_system_prompt(make_job):
+    job = job_with(make_job, 'base_url = "http://127.0.0.1:9/v1"\nstructured_output = "json_object"\n'
+                             'json_object_schema = true', schema=True)
     body, req = first_body(job)
     assert body["response_format"]["type"] == "json_object" and body["response_format"]["schema"]["required"]
     assert body["max_tokens"] == 20 and "max_completion_tokens" not in body
@@ -212,3 +213,12 @@ def test_message_batch_objects_and_result_lines_in_the_batch_runners_terms():
     assert isinstance(gone.error, TransientError) and gone.attempts == 0
     cancelled = batch_result(orjson.dumps({"custom_id": "k4", "result": {"type": "canceled"}}))
     assert cancelled.error.kind == "batch_cancelled"
+
+
+@pytest.mark.parametrize("provider", ['provider = "openai"', 'base_url = "https://r.openai.azure.com/openai/v1/"\n'
+                                      'deployment = "prod"', 'base_url = "http://127.0.0.1:9/v1"'])
+def test_json_object_is_the_type_alone_unless_a_compatible_server_is_told_otherwise(make_job, provider):
+    job = job_with(make_job, f'{provider}\nstructured_output = "json_object"', schema=True)
+    body, _ = first_body(job)
+    assert body["response_format"] == {"type": "json_object"}
+    assert "JSON" in body["messages"][0]["content"]  # OpenAI's json_object needs the word in the messages

@@ -245,7 +245,8 @@ def static_body(spec: RequestSpec, job_name: str, api: ApiSpec | None = None,
 
     ``api`` says the dialect's variations: which field caps the output (``max_completion_tokens``, or the
     older ``max_tokens`` many compatible servers only know), and how a response schema is asked for
-    (``json_schema`` strict; ``json_object`` with the schema beside it; or ``none``, the schema in the prompt).
+    (``json_schema`` strict; ``json_object``, the schema in the prompt and, for a compatible server that reads it,
+    beside the type too; or ``none``, the schema in the prompt).
     """
     api = api or ApiSpec()
     body: dict[str, Any] = {"model": model or spec.model}
@@ -279,7 +280,10 @@ def static_body(spec: RequestSpec, job_name: str, api: ApiSpec | None = None,
             body["response_format"] = {"type": "json_schema", "json_schema": {
                 "name": schema_name(job_name), "schema": spec.response_schema, "strict": True}}
         elif api.structured_output == "json_object":
-            body["response_format"] = {"type": "json_object", "schema": spec.response_schema}
+            # OpenAI's json_object has no other key (and OpenAI refuses unknown parameters): the schema is in the
+            # prompt. Some compatible servers also read it beside the type, when the job says so.
+            body["response_format"] = ({"type": "json_object", "schema": spec.response_schema}
+                                       if api.json_object_schema else {"type": "json_object"})
     return body
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import itertools
 import math
 import re
 import time
@@ -29,6 +30,7 @@ from aiohttp import web
 from pipeline.providers.anthropic import cache_minimum, has_json_output
 from pipeline.sim import answers, vision
 from pipeline.sim.errors import SimFailure
+from pipeline.sim.rules import check_anthropic_headers, check_anthropic_sampling
 from pipeline.tokens import get_encoding
 
 if TYPE_CHECKING:
@@ -42,6 +44,7 @@ KNOWN_FIELDS = frozenset({"model", "max_tokens", "messages", "system", "temperat
                           "stop_sequences", "tools", "tool_choice", "output_config", "metadata", "stream",
                           "thinking", "service_tier"})
 SLICES = 10
+_ERROR_IDS = itertools.count(1)
 
 
 def _iso(t: float) -> str:
@@ -76,9 +79,11 @@ class AnthropicService:
 
     @staticmethod
     def error(status: int, message: str, type_: str, headers: dict[str, str] | None = None) -> web.Response:
-        """Anthropic's error body."""
-        body = {"type": "error", "error": {"type": type_, "message": message}}
-        return web.Response(status=status, body=orjson.dumps(body), content_type="application/json", headers=headers)
+        """Anthropic's error body, with the ``request-id`` its answers carry."""
+        request_id = f"req_sim{next(_ERROR_IDS):016d}"
+        body = {"type": "error", "error": {"type": type_, "message": message}, "request_id": request_id}
+        return web.Response(status=status, body=orjson.dumps(body), content_type="application/json",
+                            headers={**(headers or {}), "request-id": request_id})
 
     def rate_headers(self) -> dict[str, str]:
         """anthropic-ratelimit-* of the configured limits; resets are the times the buckets are full again."""
@@ -229,8 +234,14 @@ class AnthropicService:
             return self.error(400, "The request body is not valid JSON.", "invalid_request_error")
         if not isinstance(body, dict):
             return self.error(400, "The request body must be a JSON object.", "invalid_request_error")
-        if request.headers.get("anthropic-version") != "2023-06-01":
-            return self.error(400, "anthropic-version: header is required", "invalid_request_error")
+        problem = check_anthropic_headers(request.headers)
+        if problem is not None:
+            return self.error(400, problem, "invalid_request_error")
+        if not self.sim.config.lenient:
+            try:
+                check_anthropic_sampling(body, request.headers["anthropic-version"])
+            except SimFailure as f:
+                return self.error(f.status, f.message, "invalid_request_error")
         return raw, body
 
     async def messages(self, request: web.Request) -> web.StreamResponse:
@@ -387,6 +398,8 @@ class AnthropicService:
             if rate and sim.rng.random() < rate:
                 sim.stats.injected["batch_line_error"] += 1
                 raise SimFailure(500, "Internal server error (injected).")
+            if not sim.config.lenient:  # a batch's lines are checked as they run, each failing alone
+                check_anthropic_sampling(params, "2023-06-01")
             tokens = self.check(params)
             message = self.answer(params, tokens)
             sim.stats.billed_input_tokens += tokens

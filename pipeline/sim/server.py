@@ -37,6 +37,7 @@ from pipeline.providers.openai import EMBEDDING_DIMS
 from pipeline.sim import answers, vision
 from pipeline.sim.batches import BatchService
 from pipeline.sim.errors import SimFailure, error_response
+from pipeline.sim.rules import check_openai_chat
 from pipeline.tokens import ChatTokenCounter, encoding_name_for_model, get_encoding
 
 CACHE_MIN_TOKENS, CACHE_STEP = 1024, 128  # OpenAI's prompt caching
@@ -51,6 +52,7 @@ class SimConfig:
 
     rpm: int | None = None
     tpm: int | None = None
+    lenient: bool = False            # accept what the real APIs refuse (unknown parameters, wrong ranges, ...)
     limit_model: str = "window"      # "window": a bucket of limit_window_s seconds of the limit, starting full;
     #                                  "token-bucket": a continuous bucket holding a whole minute's limit
     start_empty: bool = False        # token-bucket: start drained, as a busy account's bucket is
@@ -272,8 +274,8 @@ class Simulator:
             return error_response(404, "Resource not found (the deployment URLs need ?api-version=).")
         if key is None:
             return None
-        if dialect == "anthropic":
-            if request.headers.get("x-api-key") != key:
+        if dialect == "anthropic":  # the key in x-api-key, or as a bearer token (what the current SDK sends)
+            if request.headers.get("x-api-key") != key and request.headers.get("Authorization") != f"Bearer {key}":
                 return self.anthropic.error(401, "invalid x-api-key", "authentication_error")
             return None
         given = request.headers.get("api-key") if dialect == "azure" else request.headers.get("Authorization")
@@ -360,8 +362,11 @@ class Simulator:
                 request.transport.abort()
             raise asyncio.CancelledError
         data = orjson.dumps(payload)
-        headers = {**self._rate_headers(self.dialect(request)), "x-request-id": f"req_{self.stats.requests:012d}",
-                   "openai-processing-ms": str(int(cfg.latency_ms))}
+        dialect = self.dialect(request)
+        headers = ({**self._rate_headers(dialect), "request-id": f"req_sim{self.stats.requests:016d}"}
+                   if dialect == "anthropic" else
+                   {**self._rate_headers(dialect), "x-request-id": f"req_{self.stats.requests:012d}",
+                    "openai-processing-ms": str(int(cfg.latency_ms))})
         if cfg.malformed_rate and r() < cfg.malformed_rate:
             self.stats.injected["malformed"] += 1
             return web.Response(body=data[: len(data) // 2], content_type="application/json", headers=headers)
@@ -466,6 +471,8 @@ class Simulator:
             raise SimFailure(400, "you must provide a model parameter", param="model")
         if not isinstance(messages, list) or not messages:
             raise SimFailure(400, "'messages' must be a non-empty array", param="messages")
+        if not self.config.lenient:
+            check_openai_chat(body)
         max_out = int(body.get("max_completion_tokens") or body.get("max_tokens") or 0)
         image_tokens, notes = 0, []
         flat = []
