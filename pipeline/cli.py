@@ -110,6 +110,8 @@ def print_estimate(est: Any, console: Console) -> None:
         t.add_row("rows over the input limit" if est.http_requests != est.requests or est.max_output_tokens == 0
                   else "rows over the context window", f"{est.over_context_rows:,} (window {est.context_window:,})")
     console.print(t)
+    if (line := largest_line(est)) is not None:
+        console.print(escape(line))
     if not est.prompt_tokens_exact:
         console.print(f"[yellow]prompt tokens, and the costs from them, are approximate:[/] "
                       f"{escape(est.prompt_tokens_basis)}")
@@ -134,6 +136,15 @@ def print_estimate(est: Any, console: Console) -> None:
         print_bad_images(est.bad_images, est.rows_bad_image, console)
     for w in est.warnings:
         console.print(f"[yellow]warning:[/] {escape(w)}")
+
+
+def largest_line(est: Any) -> str | None:
+    """The rows with the most prompt tokens and their share of the job's: one huge row can be most of the cost."""
+    if not est.largest_requests or not est.prompt_tokens:
+        return None
+    shown = ", ".join(f"row {row_id}: {tokens:,} ({tokens / est.prompt_tokens:.0%})"
+                      for row_id, tokens in est.largest_requests)
+    return f"largest requests (prompt tokens, share of the job's {est.prompt_tokens:,}): {shown}"
 
 
 def print_bad_images(bad: list[tuple[Any, str]], total: int, console: Console, shown: int = 20) -> None:
@@ -171,7 +182,11 @@ def validate(job_path: str, n: int) -> None:
         click.echo(f"warning: {w}", err=True)
     job = report.job
     provider = report.provider
-    where = provider.base_url(job.api.base_url) + provider.path(job.request.endpoint)
+    import os
+
+    address = os.environ.get("PIPELINE_BASE_URL") or job.api.base_url
+    where = (provider.base_url(address) if address else "(the address --base-url or PIPELINE_BASE_URL gives)") \
+        + provider.path(job.request.endpoint)
     console.print(f"requests as {job.api.provider} receives them: POST {escape(where)}")
     for req in report.requests:
         body = _shortened(json.loads(req.body))
@@ -182,6 +197,12 @@ def validate(job_path: str, n: int) -> None:
         console.print(f"[yellow]{job_path} is valid; {len(report.bad_images):,} row(s) will fail for their image[/] "
                       f"({len(report.source.files)} input file(s), {len(report.source.columns)} columns)")
         return
+    if report.estimate is not None:
+        console.print(estimate_line(report.estimate))
+        if (line := largest_line(report.estimate)) is not None:
+            console.print(escape(line))
+        for w in report.estimate.warnings:
+            console.print(f"[yellow]warning:[/] {escape(w)}")
     console.print(f"[green]ok:[/] {job_path} is valid ({len(report.source.files)} input file(s), "
                   f"{len(report.source.columns)} columns)")
 

@@ -78,6 +78,11 @@ def resolve_base_url(job: Job, override: str | None) -> str:
     from pipeline.providers import provider_for
 
     url = override or os.environ.get("PIPELINE_BASE_URL") or job.api.base_url
+    if not url:
+        example = ("https://RESOURCE.openai.azure.com/openai/v1" if job.api.provider == "azure"
+                   else "http://localhost:8000/v1")
+        raise UsageError(f'{job.source}: [api].base_url is required for provider = "{job.api.provider}" (for '
+                         f'example "{example}"), unless --base-url or PIPELINE_BASE_URL gives the address')
     problem = url_problem(url)
     if problem:
         where = "--base-url" if override else "PIPELINE_BASE_URL" if os.environ.get("PIPELINE_BASE_URL") else \

@@ -11,6 +11,7 @@ them once.
 
 from __future__ import annotations
 
+import heapq
 import math
 from array import array
 from collections.abc import Callable, Mapping
@@ -30,6 +31,7 @@ from pipeline.tokens import CountingFailed, CountingProcess, release_encodings
 if TYPE_CHECKING:
     from pipeline.sample import Measured
 
+LARGEST_LISTED = 3  # the largest rows an estimate names
 MAX_LISTED_IDS = 1000
 # Past this many texts to count an estimate counts tokens in a process of its own, beside the rendering; below, the
 # process's start (about 0.4 s, 68 MiB) costs more than it saves. Texts, not rows: a resume renders only what is
@@ -133,6 +135,9 @@ class Estimate:
     expected_cache_write_tokens: int = 0    # written to the cache (Anthropic bills them at their own rate)
     cache_saved_usd_expected: float | None = None  # what caching takes off the expected cost
     largest_request_tokens: int = 0
+    # the rows with the most prompt tokens, largest first: (row id, prompt tokens); one huge row can be most of a
+    # job's cost, and the user should know before paying for it
+    largest_requests: list[tuple[Any, int]] = field(default_factory=list)
     cost_usd_max: float | None = None
     cost_usd_expected: float | None = None
     batch_cost_usd_max: float | None = None
@@ -159,6 +164,7 @@ class EstimateBuilder:
         # (the static prefix's tokens, what each request after the first reads of it, whether the first writes)
         self._cache = cache
         self.est = Estimate(job=job.name, model=job.request.model)
+        self._largest: list[tuple[int, int, Any]] = []  # a min-heap of (prompt tokens, row, id): the largest rows
         # A typical answer's length: the job's own figure wins; else what the latest sample measured.
         self.expected_out: int | None = job.estimate.output_tokens
         if self.expected_out is not None:
@@ -173,7 +179,7 @@ class EstimateBuilder:
         self._budget_tokens = 0
         self._flat = price is None or price.flat
         if price is None:
-            self.est.warnings.append(no_price_warning(job.request.model))
+            self.est.warnings.append(no_price_warning(job.request.model, job.api.provider))
         else:
             self.est.price = price.describe()
             self.est.context_window = price.context_window
@@ -198,6 +204,7 @@ class EstimateBuilder:
         expected_out = self.expected_out
         costs = self._costs
         per_request = price is not None and not self._flat
+        largest = self._largest
         for r in chunk.requests:
             seen_id = key_id(r.key)
             if ctx is not None and (r.budget_tokens > ctx or seen_id in self._over_context):
@@ -219,6 +226,9 @@ class EstimateBuilder:
             est.max_output_tokens += r.max_output_tokens
             self._budget_tokens += r.budget_tokens
             est.largest_request_tokens = max(est.largest_request_tokens, r.budget_tokens)
+            if len(largest) < LARGEST_LISTED or r.prompt_tokens > largest[0][0]:
+                item = (r.prompt_tokens, r.row, r.row_id)
+                (heapq.heappush if len(largest) < LARGEST_LISTED else heapq.heapreplace)(largest, item)
             if per_request:
                 assert price is not None
                 costs[0] += price.cost(Usage(r.prompt_tokens, r.max_output_tokens))
@@ -253,9 +263,21 @@ class EstimateBuilder:
         """Whether an earlier chunk had this key: a repeat needs no counting (it is not sent again)."""
         return key_id(key) in self._seen
 
+    def name_largest(self, chunk: pl.DataFrame, id_column: str) -> None:
+        """Give the largest rows of a lean pass (which carry their row number as id) the ids ``chunk`` holds."""
+        rows = chunk.get_column(ROW)
+        first, last = rows[0], rows[-1]
+        if not any(first <= row <= last and row_id == row for _, row, row_id in self._largest):
+            return
+        ids = dict(zip(rows.to_list(), chunk.get_column(id_column).to_list(), strict=True))
+        self._largest = [(t, row, ids[row]) if row_id == row and row in ids else (t, row, row_id)
+                         for t, row, row_id in self._largest]
+        heapq.heapify(self._largest)
+
     def finish(self) -> Estimate:
         """Close the estimate: costs, duration under the limits, warnings."""
         est, lim = self.est, self.job.limits
+        est.largest_requests = [(row_id, tokens) for tokens, _row, row_id in sorted(self._largest, reverse=True)]
         if self.expected_out is not None and not self.job.request.is_embeddings:
             est.expected_output_tokens = self.expected_out * est.requests
         if self.price is not None and self.price.flat:
@@ -356,6 +378,8 @@ def estimate_source(job: Job, source: Source, renderer: Renderer, price: Price |
                                                    for r in rendered.requests])
         listed = len(builder.est.over_context_ids)
         builder.add(rendered, done=rendered.settled.keys(), done_unrendered=w.by_print)
+        if lean and renderer.id_column:  # the largest rows found in this chunk carry row numbers: ids instead
+            builder.name_largest(w.chunk, renderer.id_column)
         if lean and renderer.id_column and len(builder.est.over_context_ids) > listed:  # row numbers -> ids
             rows = w.chunk.get_column(ROW).to_list()
             ids = dict(zip(rows, w.chunk.get_column(renderer.id_column).to_list(), strict=True))

@@ -7,6 +7,7 @@ Relative paths resolve against the job file's folder, so a job runs the same fro
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import json
 import os
@@ -285,6 +286,9 @@ class _Table:
         value = self.get(key)
         if value is None:
             if required:
+                typo = difflib.get_close_matches(key, [k for k in self.raw if k not in self.seen], n=1, cutoff=0.75)
+                if typo:  # `promt = ...`: the key the user meant is there, misspelled
+                    raise self.fail(typo[0], f"is not a known key; did you mean {key!r}?")
                 raise self.fail(key, "is required")
             return default
         if not isinstance(value, str) or (required and not value.strip()):
@@ -334,6 +338,9 @@ class _Table:
     def done(self) -> None:
         unknown = sorted(set(self.raw) - self.seen)
         if unknown:
+            near = difflib.get_close_matches(unknown[0], sorted(self.seen), n=1, cutoff=0.75)
+            if near:
+                raise self.fail(unknown[0], f"is not a known key; did you mean {near[0]!r}?")
             raise self.fail(unknown[0], "is not a known key" + _known_hint(self))
 
 
@@ -520,11 +527,9 @@ def _parse_api(api: _Table, request: RequestSpec) -> ApiSpec:
     if provider not in PROVIDERS:
         raise api.fail("provider", f"must be one of {', '.join(PROVIDERS)}, got {_shown(provider)}")
     if base_url is None:
-        base_url = DEFAULT_BASE_URLS.get(provider)
-        if base_url is None:
-            example = ("https://RESOURCE.openai.azure.com/openai/v1" if provider == "azure"
-                       else "http://localhost:8000/v1")
-            raise api.fail("base_url", f'is required for provider = "{provider}" (for example "{example}")')
+        # No default address (Azure, a compatible server): --base-url or PIPELINE_BASE_URL may give it at run
+        # time, so "" here; resolve_base_url says what is missing if nothing does.
+        base_url = DEFAULT_BASE_URLS.get(provider, "")
     openai_family = provider != "anthropic"
     for key in ("deployment", "api_version"):
         if api.has(key) and provider != "azure":

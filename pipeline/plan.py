@@ -88,7 +88,7 @@ def check(job: Job, source: Source | None = None) -> Checked:
         raise JobError(f"{job.source}: [budget].max_cost_usd is set, but no price is known for model "
                        f"{job.request.model!r}, so the budget could not be kept; add a [pricing] table "
                        "(input_per_mtok and output_per_mtok) or remove [budget]")
-    warnings = [] if price is not None else [no_price_warning(job.request.model)]
+    warnings = [] if price is not None else [no_price_warning(job.request.model, job.api.provider)]
     req = job.request
     if not req.is_embeddings:
         warnings += check_family(job.source, job.api.provider, req.model, temperature=req.temperature,

@@ -23,10 +23,25 @@ from pipeline.job import Job, PricingSpec
 PRICE_PROVIDERS = {"openai": "openai", "azure": "azure", "anthropic": "anthropic", "openai-compatible": None}
 
 
-def no_price_warning(model: str) -> str:
-    """What the user is told when a model has no known price."""
-    return (f"no price known for model {model!r}: cost columns will be null "
+def no_price_warning(model: str, provider: str = "openai") -> str:
+    """What the user is told when a model has no known price: the nearest names the price table knows, since
+    a typo is the most common reason (and a misspelled model would fail every row at the provider)."""
+    near = nearest_models(model, provider)
+    hint = f" (did you mean {' or '.join(map(repr, near))}?)" if near else ""
+    return (f"no price known for model {model!r}{hint}: cost columns will be null "
             "(add a [pricing] table with input_per_mtok and output_per_mtok to the job)")
+
+
+def nearest_models(model: str, provider: str = "openai", n: int = 3) -> list[str]:
+    """The model names of ``provider`` in the bundled price table closest to ``model``."""
+    import difflib
+
+    from genai_prices import data_snapshot
+
+    wanted = PRICE_PROVIDERS.get(provider, provider)
+    names = [m.id for p in data_snapshot.get_snapshot().providers
+             if p.id == wanted or (provider == "azure" and p.id == "openai") for m in p.models]
+    return difflib.get_close_matches(model, names, n=n, cutoff=0.6)
 BATCH_DISCOUNT = 0.5
 
 

@@ -134,9 +134,29 @@ class _Part:
     text: str
     pieces: tuple[tuple[bool, str], ...] | None = None  # (is_column, literal or column): a plain substitution
     variables: frozenset[str] = frozenset()  # the names the template reads
+    row_keys: frozenset[str] | None = frozenset()  # the columns read as row["..."] (None: any column)
 
 
 _PLAIN_DTYPES = (pl.String, pl.Int8, pl.Int16, pl.Int32, pl.Int64, pl.UInt8, pl.UInt16, pl.UInt32, pl.UInt64)
+
+
+def row_columns(ast: jinja2.nodes.Template) -> frozenset[str] | None:
+    """The columns a template reads through ``row["..."]`` or ``row.name``; None when it uses ``row`` any other
+    way (a computed key, a loop over it), so that any column may be read."""
+    keys: set[str] = set()
+    constant = 0
+    for node in ast.find_all((jinja2.nodes.Getitem, jinja2.nodes.Getattr)):
+        target = node.node
+        if isinstance(target, jinja2.nodes.Name) and target.name == ROW_VARIABLE:
+            if isinstance(node, jinja2.nodes.Getattr):
+                keys.add(node.attr)
+            elif isinstance(node.arg, jinja2.nodes.Const) and isinstance(node.arg.value, str):
+                keys.add(node.arg.value)
+            else:
+                return None
+            constant += 1
+    uses = sum(1 for n in ast.find_all(jinja2.nodes.Name) if n.name == ROW_VARIABLE and n.ctx == "load")
+    return frozenset(keys) if uses == constant else None
 
 
 def _plain_pieces(ast: jinja2.nodes.Template) -> tuple[tuple[bool, str], ...] | None:
@@ -329,7 +349,7 @@ class Renderer:
                 raise TemplateError(f"{where}: {type(e).__name__}: {e}") from None
             return _Part(role=role, source=where, template=None, text=text)
         return _Part(role=role, source=where, template=template, text=text, pieces=_plain_pieces(ast),
-                     variables=variables)
+                     variables=variables, row_keys=row_columns(ast))
 
     def _referenced_columns(self, source: Source) -> list[str]:
         cols: list[str] = []
@@ -338,8 +358,11 @@ class Renderer:
                 continue
             names = set(p.variables)
             if ROW_VARIABLE in names and ROW_VARIABLE not in source.schema:
-                cols.extend(source.columns)  # `row["odd name"]` can use any column
                 names.discard(ROW_VARIABLE)
+                if p.row_keys is None:
+                    cols.extend(source.columns)  # `row[some_expression]` can read any column
+                else:
+                    names |= p.row_keys  # `row["odd name"]`: exactly the columns named
             missing = sorted(n for n in names if n not in source.schema)
             if missing:
                 raise TemplateError(f"{p.source}: template uses column(s) the input lacks: {', '.join(missing)} "

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pipeline.estimate import Estimate, estimate_source
 from pipeline.job import Job
 from pipeline.plan import check
 from pipeline.providers import Provider
@@ -24,6 +25,7 @@ class ValidationReport:
     provider: Provider
     warnings: list[str] = field(default_factory=list)
     bad_images: list[tuple[Any, str]] = field(default_factory=list)  # (row id, why): every row's images checked
+    estimate: Estimate | None = None  # every row rendered and counted: the largest rows, the rows over the limits
 
 
 def validate_job(path: str | Path, rows: int = 3) -> ValidationReport:
@@ -37,5 +39,7 @@ def validate_job(path: str | Path, rows: int = 3) -> ValidationReport:
         for chunk in iter_chunks(checked.source, renderer.columns, chunk_rows=IMAGE_CHUNK_ROWS):
             bad.extend(renderer.check_images(chunk))
     warnings = [*checked.warnings, *input_warnings(checked.source, checked.job.input.id)]
+    est = estimate_source(checked.job, checked.source, renderer, checked.price)[0]
+    est.warnings = [w for w in est.warnings if w not in warnings]
     return ValidationReport(job=checked.job, source=checked.source, requests=rendered.requests[:rows],
-                            provider=checked.provider, warnings=warnings, bad_images=bad)
+                            provider=checked.provider, warnings=warnings, bad_images=bad, estimate=est)

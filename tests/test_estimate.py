@@ -134,3 +134,18 @@ def test_rows_with_nothing_to_count_do_not_start_the_counting_process(make_job, 
     est = estimate(job)
     assert est.rows == 3 * DEFAULT_CHUNK_ROWS and est.requests == 1
     assert started == []
+
+
+def test_validate_and_estimate_name_the_largest_requests_and_their_share(make_job):
+    import polars as pl
+
+    from tests.conftest import run_cli
+
+    df = pl.DataFrame({"review_id": ["a", "b", "c", "d"], "product": ["x"] * 4,
+                       "text": ["short", "word " * 3000, "a bit longer text", "tiny"]})
+    job = make_job(data=df)
+    result = run_cli("validate", job.name)
+    assert result.exit_code == 0, result.output
+    line = next(x for x in result.output.splitlines() if x.startswith("largest requests"))
+    assert "row b: 3,0" in line and "(98%)" in line and line.index("row b") < line.index("row c")
+    assert "largest requests" in run_cli("estimate", job.name).output

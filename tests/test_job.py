@@ -45,8 +45,10 @@ def test_negative_number(make_job):
 
 
 def test_unknown_key(make_job):
-    _bad(make_job(limits="concurency = 3"),
-         "job.toml: [limits].concurency is not a known key (known keys: concurrency, input_tokens_per_minute, "
+    _bad(make_job(limits="concurency = 3"), "job.toml: [limits].concurency is not a known key; did you mean "
+                                            "'concurrency'?")
+    _bad(make_job(limits="parallelism = 3"),
+         "job.toml: [limits].parallelism is not a known key (known keys: concurrency, input_tokens_per_minute, "
          "max_attempts, output_tokens_per_minute, requests_per_minute, timeout_s, tokens_per_minute)")
 
 
@@ -214,3 +216,17 @@ def test_validate_warns_on_duplicate_or_null_ids_and_repeated_csv_header_names(m
     assert "1 row(s) have a null [input].id ('review_id')" in result.output
     assert "[input].id ('review_id') repeats: 2 ids, 1 distinct" in result.output
     assert pl.read_csv(tmp_path / "input.csv").height == 3
+
+
+def test_a_misspelled_key_is_named_with_the_key_it_resembles(make_job):
+    job = make_job(request='model = "gpt-4o-mini"\npromt = "{{ text }}"\nmax_tokens = 20')
+    _bad(job, "job.toml: [request].promt is not a known key; did you mean 'prompt'?")
+    job = make_job(request='model = "gpt-4o-mini"\nprompt = "{{ text }}"\nmax_token = 20')
+    _bad(job, "job.toml: [request].max_token is not a known key; did you mean 'max_tokens'?")
+
+
+def test_a_misspelled_model_is_warned_with_the_nearest_known_ones(make_job):
+    job = make_job(request='model = "gpt-4o-mnii"\nprompt = "{{ text }}"\nmax_tokens = 20')
+    result = run_cli("validate", job.name)
+    assert result.exit_code == 0
+    assert "no price known for model 'gpt-4o-mnii' (did you mean 'gpt-4o-mini'" in result.output

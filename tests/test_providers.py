@@ -46,7 +46,6 @@ def test_a_job_without_base_url_is_openai_and_anthropic_gets_its_own_default(mak
 
 
 @pytest.mark.parametrize(("api", "request_extra", "message"), [
-    ('provider = "azure"', "", '[api].base_url is required for provider = "azure"'),
     ('provider = "anthropic"\nmax_tokens_field = "max_tokens"', "", "does not apply to provider"),
     ('provider = "openai"\nstructured_output = "tool"', "", "must be one of json_schema, json_object, none"),
     ('provider = "bedrock"', "", "must be one of openai, azure, anthropic, openai-compatible"),
@@ -222,3 +221,20 @@ def test_json_object_is_the_type_alone_unless_a_compatible_server_is_told_otherw
     body, _ = first_body(job)
     assert body["response_format"] == {"type": "json_object"}
     assert "JSON" in body["messages"][0]["content"]  # OpenAI's json_object needs the word in the messages
+
+
+def test_base_url_on_the_command_line_or_in_the_environment_gives_a_compatible_job_its_address(make_job, sim,
+                                                                                              monkeypatch):
+    from tests.conftest import run_cli
+
+    job = make_job(rows=3, extra='[api]\nprovider = "openai-compatible"')
+    missing = run_cli("run", job.name)
+    assert missing.exit_code == 2
+    assert '[api].base_url is required for provider = "openai-compatible"' in missing.output
+    assert "unless --base-url or PIPELINE_BASE_URL gives the address" in missing.output
+    with sim() as s:
+        assert run_cli("run", job.name, "--base-url", s.base_url).exit_code == 0
+        monkeypatch.setenv("PIPELINE_BASE_URL", s.base_url)
+        assert run_cli("validate", job.name).exit_code == 0
+        assert run_cli("run", job.name).exit_code == 0
+        assert s.stats.requests == 3

@@ -249,3 +249,23 @@ def test_a_body_builder_that_changes_a_text_gets_no_frame(make_job):
     chat = r.bodies.chat
     r.bodies.chat = lambda messages, images=(): chat([{**m, "content": m["content"].upper()} for m in messages])
     assert r._frame() is None
+
+
+def test_row_subscripts_name_exactly_the_columns_read_so_skip_nulls_skips_only_those(make_job):
+    import polars as pl
+
+    from pipeline.job import Job
+    from pipeline.render import Renderer
+    from pipeline.source import iter_chunks, open_source
+
+    df = pl.DataFrame({"id": ["a", "b", "c"], "product name": ["lamp", None, "tent"],
+                       "text": ["ok", "fine", "good"], "unused": [None, None, "x"]})
+    job = Job.load(make_job(data=df, input='path = "input.parquet"\nid = "id"\nskip_nulls = true',
+                            request='model = "gpt-4o-mini"\nprompt = "{{ row[\\"product name\\"] }}: {{ text }}"\n'
+                                    "max_tokens = 20"))
+    source = open_source(job.input.path)
+    renderer = Renderer(job, source)
+    assert set(renderer.template_columns) == {"product name", "text"}
+    chunk = renderer.render_chunk(next(iter_chunks(source, renderer.columns)))
+    assert [s.row_id for s in chunk.skipped] == ["b"] and len(chunk.requests) == 2
+    assert "product name" in chunk.skipped[0].reason and "unused" not in chunk.skipped[0].reason
