@@ -515,6 +515,30 @@ def batches(args: tuple[str, ...], base_url: str | None, offline: bool) -> None:
 
 
 @main.command()
+@click.argument("output", type=click.Path(dir_okay=False))
+@click.option("--rows", "n", default=10, show_default=True, type=click.IntRange(min=1), help="How many rows.")
+@click.option("--where", help="Only rows matching this SQL condition, e.g. \"status != 'ok'\".")
+@click.option("--random", "seed", type=int, default=None, metavar="SEED",
+              help="Random rows (picked with this seed) instead of the first ones.")
+@handle_errors
+def show(output: str, n: int, where: str | None, seed: int | None) -> None:
+    """Rows of an output beside the inputs the prompt read: the answers, to read."""
+    from pipeline.show import show_rows
+
+    shown = show_rows(output, rows=n, where=where, seed=seed)
+    console = _out_console()
+    t = Table(title=f"{shown.rows.height} of {shown.total:,} row(s) of {output}" + (f" where {where}" if where else ""),
+              title_justify="left", show_lines=True, box=box.SIMPLE_HEAD)
+    for c in shown.rows.columns:
+        style = "cyan" if c in shown.input_columns else "green" if c in shown.answer_columns else None
+        t.add_column(c, style=style, overflow="fold", max_width=60 if c in shown.answer_columns else 40)
+    for row in shown.rows.iter_rows():
+        t.add_row(*[escape(_cell(v)) for v in row])
+    console.print(t)
+    console.print("inputs in [cyan]cyan[/], answers in [green]green[/]")
+
+
+@main.command()
 @click.argument("output", type=click.Path())
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @click.option("--html", "html_path", is_flag=False, flag_value="", default=None, metavar="[FILE]",
