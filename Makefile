@@ -2,14 +2,23 @@
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
+CORE := $(VENV)/.installed-core
 STAMP := $(VENV)/.installed
+PIP := $(PY) -m pip install --quiet --disable-pip-version-check
 
-.PHONY: install test lint demo demo-batch bench bench-detail clean
+.PHONY: install test lint demo demo-batch demo-ray bench bench-detail clean
 
+# The package alone: what a user installs, and all the demo needs (about half a minute).
+$(CORE): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) -e .
+	touch $(CORE)
+
+# With the test and Ray extras: what `make test` and the benchmarks need.
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev,ray]'
-	touch $(STAMP)
+	$(PIP) -e '.[dev,ray]'
+	touch $(STAMP) $(CORE)
 
 install: $(STAMP)
 
@@ -19,11 +28,15 @@ test: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check pipeline tests bench scripts
 
-demo: $(STAMP)
+demo: $(CORE)
 	$(PY) scripts/demo.py
 
-demo-batch: $(STAMP)
+demo-batch: $(CORE)
 	$(PY) scripts/demo_batch.py
+
+demo-ray: $(CORE)
+	$(PIP) -e '.[ray]'
+	$(PY) scripts/demo_ray.py
 
 # The side-by-side table against the peers (their virtualenvs are created under bench/.venvs on first use).
 bench: $(STAMP)

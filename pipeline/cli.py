@@ -397,9 +397,9 @@ def _sample(job_path: str, n: int, seed: int, base_url: str | None, allow_insecu
     sys.exit(result.exit_code)
 
 
-def _cell(value: Any) -> str:
+def _cell(value: Any, width: int = 160) -> str:
     text = "" if value is None else f"{value:.6f}" if isinstance(value, float) else str(value)
-    return text if len(text) <= 160 else text[:157] + "..."
+    return text if len(text) <= width else text[:width - 3] + "..."
 
 
 def _run(job_path: str, fresh: bool, retry_failed: bool, limit: int | None, base_url: str | None, yes: bool,
@@ -532,8 +532,9 @@ def show(output: str, n: int, where: str | None, seed: int | None) -> None:
     for c in shown.rows.columns:
         style = "cyan" if c in shown.input_columns else "green" if c in shown.answer_columns else None
         t.add_column(c, style=style, overflow="fold", max_width=60 if c in shown.answer_columns else 40)
+    widths = [100 if c in shown.answer_columns else 60 for c in shown.rows.columns]
     for row in shown.rows.iter_rows():
-        t.add_row(*[escape(_cell(v)) for v in row])
+        t.add_row(*[escape(_cell(v, w)) for v, w in zip(row, widths, strict=True)])
     console.print(t)
     console.print("inputs in [cyan]cyan[/], answers in [green]green[/]")
 

@@ -124,3 +124,23 @@ def encode_embedding(v: np.ndarray, encoding_format: str) -> Any:
     if encoding_format == "base64":
         return pybase64.b64encode(v.astype("<f4").tobytes()).decode()
     return v.tolist()
+
+
+def schema_in_prompt(messages: Any) -> dict[str, Any] | None:
+    """The JSON Schema a prompt states ("... valid for this JSON Schema: {...}"), the last one given; None if
+    none. What a model answering in JSON mode follows, since the request itself carries no schema."""
+    import json
+
+    texts = [m.get("content") for m in messages if isinstance(m, dict)] if isinstance(messages, list) else []
+    for text in reversed([t for t in texts if isinstance(t, str)]):
+        at = text.rfind("JSON Schema")
+        start = text.find("{", at) if at >= 0 else -1
+        if start < 0:
+            continue
+        try:
+            schema, _ = json.JSONDecoder().raw_decode(text[start:])
+        except ValueError:
+            continue
+        if isinstance(schema, dict):
+            return schema
+    return None

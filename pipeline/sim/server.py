@@ -544,6 +544,9 @@ class Simulator:
             content = orjson.dumps(answers.structured(schema, prompt)).decode()
         elif fmt.get("type") == "json_object" and isinstance(fmt.get("schema"), dict):  # as llama.cpp's server does
             content = orjson.dumps(answers.structured(fmt["schema"], prompt)).decode()
+        elif fmt.get("type") == "json_object" and (schema := answers.schema_in_prompt(call.messages)) is not None:
+            # as a model does: it reads the schema the prompt states and answers in its shape
+            content = orjson.dumps(answers.structured(schema, prompt)).decode()
         elif fmt.get("type") == "json_object":
             content = orjson.dumps({"answer": answers.summary(prompt)}).decode()
         elif calls_tool:
