@@ -49,7 +49,7 @@ def handle_errors(fn: F) -> F:
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(package_name="pipeline")
+@click.version_option(package_name="llm-pipeline")
 def main() -> None:
     """Send every row of a table to an OpenAI-compatible API and get a clean Parquet table back."""
 
@@ -242,7 +242,9 @@ def estimate_line(est: Any, *, batch: bool = False) -> str:
     expected = f" (expected {_money(est.cost_usd_expected)})" if est.cost_usd_expected is not None else ""
     bound = "" if est.prompt_tokens_exact else f" ({est.prompt_tokens_basis.split(' (')[0]})"
     return (f"estimate: {est.rows:,} rows, {done}{est.requests:,} requests to send, {est.prompt_tokens:,} prompt "
-            f"tokens{bound}, up to {_money(est.cost_usd_max)}{expected}; {_duration(est.duration_s)} under the limits")
+            f"tokens{bound}, up to {_money(est.cost_usd_max)}{expected}; "
+            + (f"{_duration(est.duration_s)} under the limits" if est.duration_s is not None
+               else "duration not bounded (no [limits] set)"))
 
 
 def _confirm_estimate(est: Any, job: Any, yes: bool, *, batch: bool = False) -> bool:

@@ -74,7 +74,7 @@ def _ray() -> Any:
     try:
         import ray
     except ImportError:
-        raise UsageError("the Ray engine needs Ray: pip install 'pipeline[ray]'") from None
+        raise UsageError("the Ray engine needs Ray: pip install 'llm-pipeline[ray]'") from None
     return ray
 
 
