@@ -343,10 +343,13 @@ class Journal:
             self._db.execute("BEGIN")
             yield
             self._db.execute("COMMIT")
-        except sqlite3.Error as e:
+        except BaseException as e:  # any exception (a signal's too): never leave a BEGIN open
             if self._db.in_transaction:
-                self._db.execute("ROLLBACK")
-            raise OutputError(f"{self.path}: cannot write the journal: {e}") from None
+                with contextlib.suppress(sqlite3.Error):
+                    self._db.execute("ROLLBACK")
+            if isinstance(e, sqlite3.Error):
+                raise OutputError(f"{self.path}: cannot write the journal: {e}") from None
+            raise
 
     def lookup(self, keys: Sequence[str], *, retry_failed: bool = False) -> dict[str, Outcome]:
         """The settled outcomes among ``keys``. Transient failures are never settled; with ``retry_failed``,

@@ -149,3 +149,20 @@ def test_a_journal_made_before_an_outcome_field_existed_gets_its_column(tmp_path
         j.add(Outcome("new", "error", refusal="no", error="refused", error_type="refusal"))
         j.flush()
         assert j.get("new").refusal == "no"
+
+
+def test_a_transaction_interrupted_by_any_exception_is_rolled_back(tmp_path):
+    import pytest
+
+    from pipeline.journal import Journal
+    from pipeline.outcome import Outcome
+
+    j = Journal(tmp_path / "j.sqlite")
+    with pytest.raises(KeyboardInterrupt), j.transaction():
+        j.insert([Outcome("a" * 32, "ok", content="x")])
+        raise KeyboardInterrupt
+    assert not j.db.in_transaction and j.get("a" * 32) is None
+    with j.transaction():  # usable again at once
+        j.insert([Outcome("b" * 32, "ok", content="y")])
+    assert j.get("b" * 32) is not None
+    j.close()
