@@ -27,6 +27,7 @@ test: $(STAMP)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check pipeline tests bench scripts
+	$(VENV)/bin/mypy
 
 demo: $(CORE)
 	$(PY) scripts/demo.py

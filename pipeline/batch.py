@@ -85,8 +85,8 @@ class BatchRun:
             if part.batch_id is None and not self.stop.is_set():
                 self._submit(part, resumed=True)
         stage.commit(self.journal)
-        while not self.stop.is_set() and (part := stage.next_part(self.ledger)) is not None:
-            self._submit(part, resumed=False)
+        while not self.stop.is_set() and (staged := stage.next_part(self.ledger)) is not None:
+            self._submit(staged, resumed=False)
         stage.discard()
         with contextlib.suppress(OSError):
             self.plan.paths.batches.rmdir()  # empty once every file is at the provider

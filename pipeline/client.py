@@ -145,7 +145,7 @@ class ApiClient:
         """Send one body; connection-level failures become TransientError (retried). The headers returned
         answer ``get(name)`` case-insensitively, whichever route the request took."""
         session = self._aiohttp
-        url = self._urls.get(path)
+        url: Any = self._urls.get(path)  # a yarl URL for the session, an httpx one for an injected transport
         if url is None:
             url = self._urls[path] = (httpx.URL if session is None else URL)(self.base_url + path)
         try:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import heapq
 import math
 from array import array
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Set
 from dataclasses import asdict, dataclass, field, replace
 from functools import partial
 from typing import TYPE_CHECKING, Any
@@ -186,7 +186,7 @@ class EstimateBuilder:
         if job.request.is_embeddings:
             self.est.context_window = job.request.max_input_tokens
 
-    def add(self, chunk: Any, done: set[str] | frozenset[str] = frozenset(), done_unrendered: int = 0) -> None:
+    def add(self, chunk: Any, done: Set[str] = frozenset(), done_unrendered: int = 0) -> None:
         """Fold one RenderedChunk in; rows whose key is in ``done`` (answered in an earlier run) cost nothing,
         nor do ``done_unrendered`` more rows known answered by their print (``rowprints``)."""
         est, price = self.est, self.price

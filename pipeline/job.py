@@ -7,6 +7,7 @@ Relative paths resolve against the job file's folder, so a job runs the same fro
 
 from __future__ import annotations
 
+import builtins
 import difflib
 import hashlib
 import json
@@ -291,11 +292,11 @@ class _Table:
                     raise self.fail(typo[0], f"is not a known key; did you mean {key!r}?")
                 raise self.fail(key, "is required")
             return default
-        if not isinstance(value, str) or (required and not value.strip()):
+        if not isinstance(value, builtins.str) or (required and not value.strip()):
             raise self.fail(key, f"must be a non-empty string, got {_shown(value)}")
         return value
 
-    def int(self, key: str, default: int | None = None, *, minimum: int = 1) -> int | None:
+    def int(self, key: builtins.str, default: int | None = None, *, minimum: int = 1) -> int | None:
         value = self.get(key)
         if value is None:
             return default
@@ -304,7 +305,7 @@ class _Table:
             raise self.fail(key, f"must be {kind}, got {_shown(value)}")
         return value
 
-    def number(self, key: str, default: float | None = None, *, low: float = 0.0,
+    def number(self, key: builtins.str, default: float | None = None, *, low: float = 0.0,
                high: float | None = None, strict_low: bool = True) -> float | None:
         value = self.get(key)
         if value is None:
@@ -317,7 +318,7 @@ class _Table:
             raise self.fail(key, f"must be {rng}, got {_shown(value)}")
         return float(value)
 
-    def bool(self, key: str, default: bool = False) -> bool:
+    def bool(self, key: builtins.str, default: bool = False) -> bool:
         value = self.get(key)
         if value is None:
             return default
@@ -325,13 +326,13 @@ class _Table:
             raise self.fail(key, f"must be true or false, got {_shown(value)}")
         return value
 
-    def str_list(self, key: str) -> tuple[str, ...]:
+    def str_list(self, key: builtins.str) -> tuple[builtins.str, ...]:
         value = self.get(key)
         if value is None:
             return ()
-        if isinstance(value, str):
+        if isinstance(value, builtins.str):
             value = [value]
-        if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+        if not isinstance(value, list) or not all(isinstance(v, builtins.str) and v for v in value):
             raise self.fail(key, f"must be a list of strings, got {_shown(value)}")
         return tuple(value)
 

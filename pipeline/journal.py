@@ -49,7 +49,7 @@ def _digests(keys: Sequence[str]) -> bytes | None:
 
 def _raw(a: np.ndarray) -> memoryview:
     """An array's bytes without copying them (``tobytes`` copies 0.5 MB per block, into fresh pages)."""
-    return memoryview(np.ascontiguousarray(a).reshape(-1).view(np.uint8))
+    return memoryview(np.ascontiguousarray(a).reshape(-1).view(np.uint8))  # type: ignore[arg-type]
 
 
 def _prefixes(digests: bytes) -> np.ndarray:
@@ -420,7 +420,7 @@ def _outcome(row: Sequence[Any]) -> Outcome:
     values = list(row[:-1])
     if values[_FLAG] is not None:  # SQLite hands flags back as 0/1
         values[_FLAG] = bool(values[_FLAG])
-    return Outcome(*values, retryable=bool(row[-1]))
+    return Outcome(*values, retryable=bool(row[-1]))  # type: ignore[misc]  # values stop before retryable
 
 
 def _lookup(db: sqlite3.Connection, index: _KeyIndex, keys: Sequence[str], retry_failed: bool,

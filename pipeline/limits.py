@@ -99,6 +99,8 @@ class RateBudget:
         self.itpm, self.otpm = input_tokens_per_minute, output_tokens_per_minute
         self._clock = clock or (lambda: asyncio.get_running_loop().time())
         self._sleep = sleep
+        self._requests: AsyncLimiter | None
+        self._tokens: AsyncLimiter | None
         self._requests, _ = _bucket(requests_per_minute) if requests_per_minute else (None, 0.0)
         self._tokens, self._token_capacity = _bucket(tokens_per_minute) if tokens_per_minute else (None, 0.0)
         self._input = _bucket(input_tokens_per_minute) if input_tokens_per_minute else None

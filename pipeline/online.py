@@ -71,7 +71,10 @@ def run_online(plan: RunPlan, *, transport: httpx.AsyncBaseTransport | None = No
             if signals is not None:
                 # A Python-level handler runs on this (the loop's) thread between two steps; the stop itself
                 # is scheduled as a callback, so it never lands inside the loop's own bookkeeping.
-                signals.target = lambda reason: loop.call_soon_threadsafe(scheduler.interrupt, reason)
+                def interrupt(reason: Interrupted) -> None:
+                    loop.call_soon_threadsafe(scheduler.interrupt, reason)
+
+                signals.target = interrupt
                 if signals.reason is not None:
                     scheduler.interrupt(signals.reason)
             try:
@@ -131,16 +134,17 @@ def _fill_from_journal(plan: RunPlan, sink: PartWriter, key_of_row: Callable[[An
     reader = plan.store.reader(retry_failed=plan.retry_failed, any_outcome=True)
     try:
         for c in iter_chunks(source, renderer.columns, chunk_rows=renderer.chunk_rows(RUN_CHUNK_ROWS),
-                             limit=plan.limit, rows=missing):
+                             limit=plan.limit, rows=missing.tolist()):
             chunk = renderer.render_chunk(c, settled=reader, counted=plan.counted)
             for s in chunk.skipped:
                 outcome = skipped(s.reason, s.error_type)
                 sink.add(s.row, key_of_row(s), outcome)
                 stats.count(outcome, deduplicated=False, resumed=False)
             for req in chunk.requests:
-                outcome = chunk.settled.get(req.key)
-                if outcome is None:
+                settled = chunk.settled.get(req.key)
+                if settled is None:
                     continue
+                outcome = settled
                 kid = key_id(req.key)
                 duplicate = kid in seen
                 seen.add(kid)

@@ -166,6 +166,8 @@ def lookup_price(model: str, overrides: PricingSpec | None = None, *, now: datet
     Embedding models bill input tokens only, so a missing output price means 0 for them (and only for them).
     """
     overrides = overrides or PricingSpec()
+    inp: Rate | None
+    out: Rate | None
     if overrides.input_per_mtok is not None and (overrides.output_per_mtok is not None or embeddings):
         inp = Rate(overrides.input_per_mtok)
         cached = Rate(overrides.cached_input_per_mtok if overrides.cached_input_per_mtok is not None
@@ -190,7 +192,7 @@ def lookup_price(model: str, overrides: PricingSpec | None = None, *, now: datet
     std = info.get_prices(when)
     inp, out = _rate(std.input_mtok), _rate(std.output_mtok)
     if embeddings and out is None:
-        out = Rate(0.0)
+        out = Rate(0.0)  # embedding models bill input tokens only
     if inp is None or out is None:
         return None
     cached = _rate(std.cache_read_mtok) or inp

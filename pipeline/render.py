@@ -146,6 +146,7 @@ def row_columns(ast: jinja2.nodes.Template) -> frozenset[str] | None:
     keys: set[str] = set()
     constant = 0
     for node in ast.find_all((jinja2.nodes.Getitem, jinja2.nodes.Getattr)):
+        assert isinstance(node, jinja2.nodes.Getitem | jinja2.nodes.Getattr)
         target = node.node
         if isinstance(target, jinja2.nodes.Name) and target.name == ROW_VARIABLE:
             if isinstance(node, jinja2.nodes.Getattr):

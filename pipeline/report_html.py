@@ -149,8 +149,9 @@ def _numeric_chart(plt: Any, column: str, values: pl.Series) -> str:
     ax.hist(values.to_list(), bins=20, color="#7b61a8")
     ax.set_xlabel(column)
     ax.set_ylabel("rows")
-    caption = (f"Distribution of {column}: {values.len():,} values, min {values.min():,.4g}, median "
-               f"{values.median():,.4g}, max {values.max():,.4g}.")
+    low, mid, high = (float(v) for v in (values.min(), values.median(), values.max()))  # type: ignore[arg-type]
+    caption = (f"Distribution of {column}: {values.len():,} values, min {low:,.4g}, median {mid:,.4g}, "
+               f"max {high:,.4g}.")
     return _figure(f"dist-{column}", fig, caption)
 
 

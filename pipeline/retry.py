@@ -46,7 +46,7 @@ class RetryPolicy:
     multiplier_s: float = 0.5
     max_wait_s: float = 30.0
 
-    def _parts(self) -> dict[str, Any]:
+    def _parts(self) -> dict[str, Any]:  # tenacity's keyword arguments, shared by both forms
         return {"stop": stop_after_attempt(self.max_attempts), "reraise": True,
                 "wait": wait_server_hint(wait_random_exponential(multiplier=self.multiplier_s, max=self.max_wait_s)),
                 "retry": retry_if_exception_type(TransientError)}
@@ -54,7 +54,7 @@ class RetryPolicy:
     def asynchronous(self, sleep: Callable[[float], Awaitable[Any]] = asyncio.sleep,
                      before_sleep: Callable[[RetryCallState], Any] | None = None) -> AsyncRetrying:
         """The policy for ``async for attempt in ...`` (online requests); ``before_sleep`` sees each retry."""
-        extra = {"before_sleep": before_sleep} if before_sleep is not None else {}
+        extra: dict[str, Any] = {"before_sleep": before_sleep} if before_sleep is not None else {}
         return AsyncRetrying(sleep=sleep, **self._parts(), **extra)
 
     async def call(self, attempt: Callable[[], Awaitable[R]], sleep: Callable[[float], Awaitable[Any]] = asyncio.sleep,

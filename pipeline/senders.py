@@ -228,7 +228,7 @@ class ChatSender:
 
     async def _ask(self, req: Request) -> Outcome | None:
         s, client = self.sending, self.sending.client
-        attempts, rejected = 0, []
+        attempts, rejected = 0, list[Usage]()
         outcome: Outcome | None = None
         for _ in range(self.rounds):
             got = await s.call(req.budget_tokens, lambda: client.chat(req.body), req.max_output_tokens)
@@ -246,8 +246,9 @@ class ChatSender:
             problem = self.checker.problem(got.answer.content, got.answer.tool_calls)
             if problem is None:
                 return outcome
-            rejected.append(answer.usage)  # type: ignore[arg-type]
-        assert outcome is not None
+            if answer.usage is not None:
+                rejected.append(answer.usage)
+        assert outcome is not None and problem is not None
         return invalid_answer(outcome, problem)
 
     def _counted(self, req: Request, a: Answer) -> Answer:

@@ -209,7 +209,7 @@ def _parquet_chunks(source: Source, wanted: list[str], *, chunk_rows: int, limit
                 df = pl.from_arrow(batch)
                 assert isinstance(df, pl.DataFrame)
                 if df.schema != schema:
-                    df = df.cast(schema)  # the types the job was checked against (polars' view of the file)
+                    df = df.cast(dict(schema))  # type: ignore[arg-type]  # polars' Mapping is invariant  # the types the job was checked against (polars' view of the file)
                 end = start + df.height
                 df = df.with_columns(pl.int_range(start, end, dtype=pl.UInt32).alias(ROW)).select(wanted)
                 if limit is not None and end > limit:

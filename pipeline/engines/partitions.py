@@ -118,7 +118,7 @@ def _parquet_groups(source: Source, part: Partition, wanted: list[str], chunk_ro
             df = pl.from_arrow(batch)
             assert isinstance(df, pl.DataFrame)
             if df.schema != schema:
-                df = df.cast(schema)
+                df = df.cast(dict(schema))  # type: ignore[arg-type]  # polars' Mapping is invariant
             end = start + df.height
             yield df.with_columns(pl.int_range(start, end, dtype=pl.UInt32).alias(ROW)).select(wanted)
             start = end

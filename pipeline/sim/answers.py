@@ -89,8 +89,8 @@ def _value(schema: Any, seed: int, depth: int = 0, prompt: str = "") -> Any:
         lo, hi = int(schema.get("minimum", 0)), int(schema.get("maximum", 100))
         return lo + seed % max(1, hi - lo + 1)
     if kind == "number":
-        lo, hi = float(schema.get("minimum", 0.0)), float(schema.get("maximum", 1.0))
-        return round(lo + (seed % 1000) / 999 * (hi - lo), 3)
+        low, high = float(schema.get("minimum", 0.0)), float(schema.get("maximum", 1.0))
+        return round(low + (seed % 1000) / 999 * (high - low), 3)
     if kind == "boolean":
         return bool(seed & 1)
     return None

@@ -138,7 +138,8 @@ class AnthropicService:
                 raise SimFailure(400, f'messages: Unexpected role "{role}". The Messages API accepts a top-level '
                                       "`system` parameter, not 'system' as an input message role.")
             total += 4 + self.tokens(self._text(m.get("content")))
-            for block in m.get("content") if isinstance(m.get("content"), list) else ():
+            content = m.get("content")
+            for block in content if isinstance(content, list) else ():
                 if isinstance(block, dict) and block.get("type") == "image":
                     total += vision.anthropic_block(block)[0]
         if body.get("tools"):
