@@ -27,10 +27,14 @@ from typing import TYPE_CHECKING, Any
 import orjson
 from aiohttp import web
 
-from pipeline.providers.anthropic import cache_minimum, has_json_output
 from pipeline.sim import answers, vision
 from pipeline.sim.errors import SimFailure
-from pipeline.sim.rules import check_anthropic_headers, check_anthropic_sampling
+from pipeline.sim.rules import (
+    check_anthropic_headers,
+    check_anthropic_sampling,
+    claude_cache_minimum,
+    takes_output_format,
+)
 from pipeline.tokens import get_encoding
 
 if TYPE_CHECKING:
@@ -146,7 +150,7 @@ class AnthropicService:
             total += self.tokens(orjson.dumps(body["tools"]).decode())
         fmt = (body.get("output_config") or {}).get("format")
         if fmt is not None:
-            if not has_json_output(model):
+            if not takes_output_format(model):
                 raise SimFailure(400, f"output_config.format: structured outputs are not supported by {model}")
             total += self.tokens(orjson.dumps(fmt.get("schema") or {}).decode())
         return total
@@ -164,7 +168,7 @@ class AnthropicService:
         tokens = 5 + 3 + self.tokens(self._text(upto))
         if body.get("tools"):
             tokens += self.tokens(orjson.dumps(body["tools"]).decode())
-        if tokens < cache_minimum(str(body.get("model"))):
+        if tokens < claude_cache_minimum(str(body.get("model"))):
             return 0, 0
         digest = orjson.dumps([body.get("model"), body.get("tools"), upto])
         if digest in self._cached:

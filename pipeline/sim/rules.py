@@ -138,3 +138,76 @@ def check_anthropic_sampling(body: dict[str, Any], version: str) -> None:
     one_sampler = version_nums >= (4, 5) or (name == "opus" and version_nums >= (4, 1))
     if one_sampler and temperature is not None and top_p is not None:
         raise SimFailure(400, "temperature and top_p cannot both be specified for this model. Please use only one.")
+
+
+# -- facts the simulator answers by (its own copies: the client's tables are not trusted here) -----------------
+
+# OpenAI's embedding models and their default vector sizes (platform.openai.com/docs/guides/embeddings).
+EMBEDDING_DIMS = {"text-embedding-3-small": 1536, "text-embedding-3-large": 3072, "text-embedding-ada-002": 1536}
+
+
+def claude_version(model: str) -> tuple[str, tuple[int, int]] | None:
+    """("opus" | "sonnet" | "haiku", (major, minor)) of a Claude model name; None for another name."""
+    m = _CLAUDE.search(model.lower()) or re.search(r"claude-(\d)-(\d)?-?(opus|sonnet|haiku)", model.lower())
+    if m is None:
+        return None
+    if m.group(1) in ("opus", "sonnet", "haiku"):
+        return m.group(1), (int(m.group(2)), int(m.group(3) or 0))
+    return m.group(3), (int(m.group(1)), int(m.group(2) or 0))
+
+
+def takes_output_format(model: str) -> bool:
+    """Whether a Claude model takes ``output_config.format`` (structured outputs: the 4.5 models and later)."""
+    v = claude_version(model)
+    return v is not None and v[1] >= (4, 5)
+
+
+def claude_cache_minimum(model: str) -> int:
+    """The shortest prompt prefix Claude caches (prompt caching docs: 4,096 tokens for Opus 4.5 and Haiku 4.5,
+    2,048 for the Haiku 3 models, 1,024 for the others)."""
+    v = claude_version(model)
+    if v is not None and v[0] in ("opus", "haiku") and v[1] >= (4, 5):
+        return 4096
+    if v is not None and v[0] == "haiku" and v[1] < (4, 0):
+        return 2048
+    return 1024
+
+
+# -- images -------------------------------------------------------------------------------------------------
+
+IMAGE_TYPES = {"PNG": "image/png", "JPEG": "image/jpeg", "GIF": "image/gif", "WEBP": "image/webp"}
+
+
+def check_image(data: bytes, dialect: str) -> tuple[str, int, int]:
+    """(media type, width, height) of an inline image the provider takes, fully decoded; SimFailure otherwise.
+
+    OpenAI: PNG, JPEG, WEBP or non-animated GIF, up to 20 MB (images-vision guide). Anthropic: the same types, up
+    to 5 MB of base64 text and 8,000 px a side (vision docs). The whole image is decoded, so a file cut short is
+    refused as the provider refuses it."""
+    from io import BytesIO
+
+    from PIL import Image as PILImage
+
+    def refuse(why: str) -> SimFailure:
+        return SimFailure(400, f"Invalid image: {why}", code="invalid_image_format", param="messages")
+
+    if not data:
+        raise refuse("the image is empty")
+    if dialect == "anthropic" and 4 * -(-len(data) // 3) > 5 * 1024 * 1024:
+        raise refuse("image exceeds 5 MB maximum")
+    if dialect != "anthropic" and len(data) > 20_000_000:
+        raise refuse("image exceeds 20 MB maximum")
+    try:
+        with PILImage.open(BytesIO(data)) as im:
+            fmt, (width, height) = im.format, im.size
+            animated = getattr(im, "is_animated", False)
+            im.load()
+    except Exception:  # Pillow's decoders raise many kinds
+        raise refuse("the image data could not be decoded") from None
+    if fmt not in IMAGE_TYPES:
+        raise refuse(f"unsupported image type {fmt}; expected PNG, JPEG, GIF or WEBP")
+    if dialect != "anthropic" and animated:
+        raise refuse("animated GIFs are not supported")
+    if dialect == "anthropic" and max(width, height) > 8000:
+        raise refuse(f"image dimensions exceed max allowed size: 8000 pixels ({width} x {height})")
+    return IMAGE_TYPES[fmt], width, height

@@ -33,11 +33,10 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from pipeline.providers.openai import EMBEDDING_DIMS
 from pipeline.sim import answers, vision
 from pipeline.sim.batches import BatchService
 from pipeline.sim.errors import SimFailure, error_response
-from pipeline.sim.rules import check_openai_chat
+from pipeline.sim.rules import EMBEDDING_DIMS, check_openai_chat
 from pipeline.tokens import ChatTokenCounter, encoding_name_for_model, get_encoding
 
 CACHE_MIN_TOKENS, CACHE_STEP = 1024, 128  # OpenAI's prompt caching

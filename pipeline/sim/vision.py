@@ -1,6 +1,6 @@
-"""The simulator's images and tools, for both dialects: image parts decoded and counted by the same documented
-rules the client's estimate uses (``pipeline.images``), refused the way the providers refuse them, and tool
-calls answered with arguments valid for the tool's schema.
+"""The simulator's images and tools, for both dialects: image parts refused by the simulator's own copy of the
+providers' rules (``rules.check_image``), counted for usage by the documented token rules the client's estimate
+also uses (``pipeline.images``), and tool calls answered with arguments valid for the tool's schema.
 
 Unlike the client, which reads only an image's header, the simulator decodes every inline image, so a file
 whose header is fine but whose data is cut short is refused here, as a provider refuses it.
@@ -8,31 +8,21 @@ whose header is fine but whose data is cut short is refused here, as a provider 
 
 from __future__ import annotations
 
-from io import BytesIO
 from typing import Any
 
 import orjson
 import pybase64
 
-from pipeline.images import Image, ImageProblem, check, limits_for, rule_for
+from pipeline.images import Image, rule_for  # the documented token rules, for honest usage (not for refusals)
 from pipeline.sim import answers
 from pipeline.sim.errors import SimFailure
+from pipeline.sim.rules import check_image
 
 
 def _decoded(data: bytes, provider: str, detail: str | None) -> Image:
-    """Inline bytes checked and fully decoded; SimFailure with the provider's kind of message otherwise."""
-    from PIL import Image as PILImage
-
-    try:
-        image = check(data, limits_for(provider), detail)
-        with PILImage.open(BytesIO(data)) as im:
-            im.load()  # the whole image: a truncated file fails here
-    except ImageProblem as e:
-        raise SimFailure(400, f"Invalid image: {e}", code="invalid_image_format", param="messages") from None
-    except Exception as e:  # Pillow's decoders raise many kinds
-        raise SimFailure(400, f"Invalid image: the image data could not be decoded ({type(e).__name__})",
-                         code="invalid_image_format", param="messages") from None
-    return image
+    """Inline bytes checked by the simulator's own rules (``rules.check_image``) and fully decoded."""
+    mime, width, height = check_image(data, provider)
+    return Image(data=data, mime=mime, width=width, height=height, detail=detail)
 
 
 def openai_part(part: dict[str, Any], model: str) -> tuple[int, str]:
