@@ -63,6 +63,8 @@ def _money(v: float | None) -> str:
 def _duration(s: float | None) -> str:
     if s is None:
         return "not bounded by limits (set \\[limits] to see it)"
+    if s < 10:
+        return f"{s:.1f} s"
     if s < 90:
         return f"{s:,.0f} s"
     if s < 5400:
@@ -415,6 +417,7 @@ def _run(job_path: str, fresh: bool, retry_failed: bool, limit: int | None, base
     mode = mode or job.request.mode
     if no_wait and mode != "batch":
         raise click.UsageError("--no-wait applies to --mode batch only")
+    click.echo(f"checking {job_path} and counting every row's tokens (nothing is sent yet) ...", err=True)
     try:
         with ProgressDisplay(force_plain=plain or mode == "batch") as progress:
             result = run_job(job, base_url=base_url, limit=limit, fresh=fresh, retry_failed=retry_failed,
@@ -432,7 +435,9 @@ def _run(job_path: str, fresh: bool, retry_failed: bool, limit: int | None, base
     spent = "at the Batch API price " if mode == "batch" else ""
     cost = (f"${s.cost_usd:,.4f} spent {spent}this run" if result.manifest_data.get("price") is not None
             else f"cost unknown: no price for {job.request.model!r}")
-    click.echo(f"wrote {result.output} ({s.rows_done:,} rows: {s.ok:,} ok, {s.failed:,} failed, "
+    took = result.manifest_data.get("duration_s")
+    took_text = f" in {_duration(took)}" if isinstance(took, int | float) else ""
+    click.echo(f"wrote {result.output}{took_text} ({s.rows_done:,} rows: {s.ok:,} ok, {s.failed:,} failed, "
                f"{s.skipped:,} skipped, {s.resumed:,} from the journal, {s.deduplicated:,} deduplicated; {cost})")
     if s.errors:
         click.echo("errors: " + ", ".join(f"{k} {v:,}" for k, v in s.errors.most_common()), err=True)

@@ -104,7 +104,7 @@ def test_unwritable_output_location_fails_before_sending(make_job, sim, tmp_path
         result = run_cli("run", job.name, "--base-url", s.base_url)
         assert s.stats.requests == 0
     assert result.exit_code == 2
-    assert result.output.startswith(f"error: {tmp_path / 'blocked'}: cannot create the output folder")
+    assert result.output.splitlines()[-1].startswith(f"error: {tmp_path / 'blocked'}: cannot create the output folder")
 
 
 def _garble_the_middle(path: Path, size: int = 8192) -> None:
