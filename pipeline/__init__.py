@@ -28,8 +28,9 @@ def _one_malloc_arena() -> None:
 _one_malloc_arena()
 
 from pipeline.errors import PipelineError  # noqa: E402 - after the allocator's setting
-from pipeline.estimate import Estimate, estimate  # noqa: E402 - after the allocator's setting
+from pipeline.estimate import Estimate  # noqa: E402 - after the allocator's setting
+from pipeline.frames import amap, estimate, map  # noqa: E402 - last: `estimate` takes a frame or a Job
 from pipeline.job import Job  # noqa: E402 - after the allocator's setting
 from pipeline.run import RunResult, run  # noqa: E402 - after the allocator's setting
 
-__all__ = ["Estimate", "Job", "PipelineError", "RunResult", "estimate", "run"]
+__all__ = ["Estimate", "Job", "PipelineError", "RunResult", "amap", "estimate", "map", "run"]

@@ -61,7 +61,7 @@ class ImageSpec:
 
     template: str
     detail: str | None = None
-    where: str = "[request].images"
+    where: str = field(default="[request].images", compare=False)  # for messages only
 
 
 @dataclass(frozen=True)
@@ -92,7 +92,7 @@ class RequestSpec:
     endpoint: str = "chat"
     system: str | None = None
     prompt: str = ""
-    prompt_source: str = "[request].prompt"
+    prompt_source: str = field(default="[request].prompt", compare=False)  # for messages only
     messages: tuple[Message, ...] = ()
     max_tokens: int = 256
     temperature: float | None = None
@@ -236,12 +236,36 @@ class Job:
     batch: BatchSpec = field(default_factory=BatchSpec)
     engine: EngineSpec = field(default_factory=EngineSpec)
     storage: StorageSpec = field(default_factory=StorageSpec)
-    source: str = "<job>"
+    source: str = field(default="<job>", compare=False)  # where it was read from: for messages only
+    raw: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)  # the keys as given
+    base: Path = field(default_factory=Path.cwd, compare=False, repr=False)  # what relative paths were resolved by
 
     @classmethod
     def load(cls, path: str | Path) -> Job:
         """Read and validate a job file; raises JobError naming the file and key on any problem."""
         return load_job(path)
+
+    @classmethod
+    def from_dict(cls, keys: Mapping[str, Any], *, base: str | Path | None = None, source: str = "<code>") -> Job:
+        """A job built in code from the same keys as a job file, with the same checks and messages (relative paths
+        resolve against ``base``, default the working folder): ``Job.from_dict(tomllib.load(f))`` equals
+        ``Job.load(path)`` for a file in that folder."""
+        return parse_job(keys, file=source, base=Path(base) if base is not None else None)
+
+    def to_toml(self, folder: str | Path | None = None) -> str:
+        """The job file of this job (a notebook experiment becoming the nightly run): loading it gives an equal
+        job. Paths are written relative to ``folder`` (where the file will live), or absolute without one."""
+        import tomli_w
+
+        keys = json.loads(json.dumps(self.raw))  # a deep copy of plain TOML values
+        for table, key, value in (("input", "path", self.input.path), ("output", "path", self.output.path)):
+            if not is_remote(value):
+                keys[table][key] = _relative(Path(value), folder)
+        request = keys.get("request", {})
+        for key in ("prompt_file", "response_schema_file"):
+            if key in request:
+                request[key] = _relative(self.base / request[key], folder)
+        return tomli_w.dumps(keys, multiline_strings=True)
 
     def fingerprint(self) -> str:
         """A hash of what decides the answers, so an output folder is never mixed between jobs."""
@@ -249,6 +273,18 @@ class Job:
         if self.api.provider != "openai":  # another dialect gives other answers (and OpenAI jobs keep their hash)
             spec["provider"] = self.api.provider
         return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def is_remote(path: str) -> bool:
+    """An object-storage address (kept as written)."""
+    return path.startswith(("s3://", "gs://", "az://", "abfs://"))
+
+
+def _relative(path: Path, folder: str | Path | None) -> str:
+    path = path.resolve()
+    if folder is None:
+        return str(path)
+    return os.path.relpath(path, Path(folder).resolve())
 
 
 def _type_name(value: object) -> str:
@@ -472,7 +508,7 @@ def parse_job(raw: Mapping[str, Any], *, file: str = "<job>", base: Path | None 
     top.done()
     return Job(name=name, input=input_spec, request=request_spec, output=output_spec, api=api_spec,
                limits=limits, budget=budget, pricing=pricing, estimate=estimate, batch=batch, engine=engine,
-               storage=storage, source=file)
+               storage=storage, source=file, raw=dict(raw), base=base)
 
 
 def _parse_engine(eng: _Table) -> EngineSpec:

@@ -1,0 +1,238 @@
+"""``pipeline.map(frame, ...)``: a DataFrame in, the same kind of DataFrame out, through the same engine, journal,
+limits, budget and estimate as a job file.
+
+A frame (polars ``DataFrame`` or ``LazyFrame``, pandas ``DataFrame``, pyarrow ``Table``) becomes the input of a
+job whose keys are given as keywords (or a ``Job``): it is written as Parquet into a work folder, with the
+journal and the output beside it, and the answers come back as columns next to the frame's own, one row per input
+row in input order. The work folder is named by the job and the frame's columns, so mapping the same frame again
+(a notebook cell run twice) pays only for rows not answered yet; ``fresh=True`` starts over. Nothing is written
+anywhere the caller did not choose: the default work folder is a per-user cache.
+
+Inside a running event loop (Jupyter, an async app) the run goes to a thread of its own, since the engine runs
+its own loop; ``amap`` is the awaitable form.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import dataclasses
+import hashlib
+import json
+import os
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+
+from pipeline.errors import UsageError
+from pipeline.estimate import Estimate
+from pipeline.estimate import estimate as estimate_job
+from pipeline.job import Job
+from pipeline.outcome import RESULT_SCHEMA
+
+ROW_COLUMN = "row"  # the output's id column when the job names none: the input position
+
+# keyword -> (table, key) of the job file; everything not listed goes to [request]
+_TABLES = {
+    "concurrency": "limits", "requests_per_minute": "limits", "tokens_per_minute": "limits",
+    "input_tokens_per_minute": "limits", "output_tokens_per_minute": "limits", "max_attempts": "limits",
+    "timeout_s": "limits", "max_cost_usd": "budget", "provider": "api", "base_url": "api", "api_key_env": "api",
+    "deployment": "api", "api_version": "api", "max_tokens_field": "api", "structured_output": "api",
+    "anthropic_version": "api", "skip_nulls": "input", "output_tokens": "estimate",
+}
+_RENAMED = {"schema": "response_schema"}
+
+
+def default_workdir() -> Path:
+    """The per-user cache folder the work folders of ``map`` live in."""
+    root = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(root) / "pipeline" / "map"
+
+
+def job_keys(name: str = "map", **keys: Any) -> dict[str, Any]:
+    """A job file's tables from ``map``'s keywords (``model=``, ``prompt=``, ``schema=``, limits, budget...)."""
+    tables: dict[str, dict[str, Any]] = {"request": {}}
+    for key, value in keys.items():
+        if value is None:
+            continue
+        key = _RENAMED.get(key, key)
+        if key == "response_schema":
+            value = json_schema(value)
+        tables.setdefault(_TABLES.get(key, "request"), {})[key] = value
+    return {"name": name, **tables}
+
+
+def json_schema(schema: Any) -> dict[str, Any]:
+    """The strict JSON Schema of a pydantic model, a dataclass, or a dict of JSON Schema (returned as is)."""
+    if isinstance(schema, Mapping):
+        return dict(schema)
+    try:
+        from pydantic import BaseModel, TypeAdapter
+    except ImportError:  # pragma: no cover - pydantic comes with the SDKs; a plain dict needs neither
+        raise UsageError("schema=: a pydantic model or a dataclass needs pydantic installed; or pass a dict of "
+                         "JSON Schema") from None
+    if isinstance(schema, type) and issubclass(schema, BaseModel):
+        raw = schema.model_json_schema()
+    elif dataclasses.is_dataclass(schema):
+        raw = TypeAdapter(schema).json_schema()
+    else:
+        raise UsageError(f"schema=: expected a pydantic model, a dataclass or a dict, got {type(schema).__name__}")
+    return _strict(_inline(raw, raw.get("$defs", {})))
+
+
+def _inline(node: Any, defs: Mapping[str, Any]) -> Any:
+    """The schema with its ``$ref``s replaced by the definitions (the typed columns read one tree)."""
+    if isinstance(node, dict):
+        ref = node.get("$ref")
+        if isinstance(ref, str) and ref.startswith("#/$defs/"):
+            return _inline(defs[ref.removeprefix("#/$defs/")], defs)
+        return {k: _inline(v, defs) for k, v in node.items() if k != "$defs"}
+    if isinstance(node, list):
+        return [_inline(v, defs) for v in node]
+    return node
+
+
+def _strict(node: Any) -> Any:
+    """Structured Outputs' strict subset: every object closed and every property required; no titles."""
+    if isinstance(node, dict):
+        out = {k: _strict(v) for k, v in node.items() if k not in ("title", "default")}
+        if out.get("type") == "object" and "properties" in out:
+            out["additionalProperties"] = False
+            out["required"] = list(out["properties"])
+        return out
+    if isinstance(node, list):
+        return [_strict(v) for v in node]
+    return node
+
+
+def _as_polars(frame: Any) -> tuple[pl.DataFrame, str]:
+    """The frame as a polars DataFrame, and its kind (to give the same kind back)."""
+    if isinstance(frame, pl.DataFrame):
+        return frame, "polars"
+    if isinstance(frame, pl.LazyFrame):
+        return frame.collect(), "lazy"
+    module = type(frame).__module__.split(".")[0]
+    if module == "pyarrow":
+        df = pl.from_arrow(frame)
+        assert isinstance(df, pl.DataFrame)
+        return df, "arrow"
+    if module == "pandas":
+        return pl.from_pandas(frame), "pandas"
+    raise UsageError(f"map: expected a polars, pandas or pyarrow table, got {type(frame).__name__}")
+
+
+def _back(df: pl.DataFrame, kind: str) -> Any:
+    if kind == "lazy":
+        return df.lazy()
+    if kind == "arrow":
+        return df.to_arrow()
+    if kind == "pandas":
+        return df.to_pandas()
+    return df
+
+
+def _job_for(df: pl.DataFrame, job: Job | None, keys: Mapping[str, Any], workdir: Path | None,
+             name: str | None) -> tuple[Job, Path]:
+    """The job that runs ``df``: its input and output in the work folder, named by the job and the columns."""
+    if job is None:
+        if not keys.get("model"):
+            raise UsageError("map: give model= (and prompt=), or a Job")
+        raw = job_keys(name or "map", **keys)
+    else:
+        raw = json.loads(json.dumps(job.raw)) if job.raw else {}
+        if not raw:
+            raise UsageError("map: the Job has no keys to rebuild it from; use Job.load or Job.from_dict")
+        for table in job_keys(**keys).items():  # keywords override the job's keys
+            if isinstance(table[1], dict):
+                raw.setdefault(table[0], {}).update(table[1])
+    clash = [c for c in df.columns if c in RESULT_SCHEMA or c == ROW_COLUMN]
+    if clash:
+        raise UsageError(f"map: the frame's column(s) {', '.join(clash)} would clash with the answer columns of "
+                         "the same name; rename them first")
+    # Named by what decides the answers (the model and its dialect) and the frame's columns, not by the limits or
+    # the budget: a map run again with a larger budget resumes; another prompt resends only the rows it changes.
+    api = raw.get("api") or {}
+    shape = json.dumps({"model": (raw.get("request") or {}).get("model"), "provider": api.get("provider"),
+                        "deployment": api.get("deployment"), "columns": {c: str(t) for c, t in df.schema.items()}},
+                       sort_keys=True, default=str)
+    folder = (workdir or default_workdir()) / f"{raw['name']}-{hashlib.sha256(shape.encode()).hexdigest()[:12]}"
+    raw["input"] = {**{k: v for k, v in (raw.get("input") or {}).items() if k not in ("id", "keep")},
+                    "path": str(folder / "input.parquet")}
+    raw["output"] = {"path": str(folder / "output.parquet")}
+    return Job.from_dict(raw, base=folder, source=job.source if job is not None else "<map>"), folder
+
+
+def _in_thread_if_a_loop_runs(fn: Callable[[], Any]) -> Any:
+    """Call ``fn`` here, or in a thread of its own when this thread already runs an event loop (a notebook)."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return fn()
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="pipeline-map") as pool:
+        return pool.submit(fn).result()
+
+
+def map(frame: Any, job: Job | None = None, *, workdir: str | Path | None = None, fresh: bool = False,
+        name: str | None = None, base_url: str | None = None, mode: str | None = None,
+        on_estimate: Callable[[Estimate], bool] | None = None, on_progress: Callable[[Any], None] | None = None,
+        **keys: Any) -> Any:
+    """Send every row of ``frame`` and return it with the answers as new columns (the same kind of frame).
+
+    ``job`` or the job's keys as keywords: ``model=``, ``prompt=``, ``system=``, ``schema=`` (a dict of JSON
+    Schema, a pydantic model or a dataclass), ``max_tokens=``, the limits, ``max_cost_usd=``, ``provider=``...
+    A stopped run (budget, abort) returns the rows answered so far, the others with null answers."""
+    from pipeline.run import run
+
+    df, kind = _as_polars(frame)
+    the_job, folder = _job_for(df, job, keys, Path(workdir) if workdir else None, name)
+    folder.mkdir(parents=True, exist_ok=True)
+    df.write_parquet(folder / "input.parquet")
+    result = _in_thread_if_a_loop_runs(lambda: run(the_job, base_url=base_url, fresh=fresh, mode=mode,
+                                                   on_estimate=on_estimate, on_progress=on_progress))
+    answers = pl.read_parquet(result.output)
+    # The frame's columns, then the answer (the schema's or the tools' typed columns, else content), then the rest.
+    typed = [c for c in answers.columns if c not in RESULT_SCHEMA and c != ROW_COLUMN]
+    first = typed or ["content"]
+    order = [*df.columns, *first, *[c for c in RESULT_SCHEMA if c in answers.columns and c not in first]]
+    joined = (df.with_row_index(ROW_COLUMN).with_columns(pl.col(ROW_COLUMN).cast(pl.Int64))
+              .join(answers, on=ROW_COLUMN, how="left").sort(ROW_COLUMN).select(order))
+    if result.stopped is not None and not answers.height:
+        raise result.stopped
+    return _back(joined, kind)
+
+
+async def amap(frame: Any, job: Job | None = None, **kwargs: Any) -> Any:
+    """``map`` for async callers: awaits the run, in a thread of its own."""
+    return await asyncio.to_thread(map, frame, job, **kwargs)
+
+
+def estimate(frame_or_job: Any, job: Job | None = None, *, workdir: str | Path | None = None,
+             name: str | None = None, **keys: Any) -> Estimate:
+    """The estimate of ``map`` on a frame (nothing is sent), or of a ``Job`` (``estimate(job, limit=...)``)."""
+    if isinstance(frame_or_job, Job):
+        return estimate_job(frame_or_job, **keys)
+    df, _ = _as_polars(frame_or_job)
+    the_job, folder = _job_for(df, job, keys, Path(workdir) if workdir else None, name)
+    folder.mkdir(parents=True, exist_ok=True)
+    df.write_parquet(folder / "input.parquet")
+    return estimate_job(the_job)
+
+
+@pl.api.register_dataframe_namespace("llm")
+class LLMFrame:
+    """``df.llm.map(model=..., prompt=...)`` and ``df.llm.estimate(...)`` on polars DataFrames."""
+
+    def __init__(self, df: pl.DataFrame) -> None:
+        self._df = df
+
+    def map(self, job: Job | None = None, **kwargs: Any) -> pl.DataFrame:
+        """``pipeline.map`` of this frame."""
+        result = map(self._df, job, **kwargs)
+        assert isinstance(result, pl.DataFrame)
+        return result
+
+    def estimate(self, job: Job | None = None, **kwargs: Any) -> Estimate:
+        """``pipeline.estimate`` of this frame."""
+        return estimate(self._df, job, **kwargs)
