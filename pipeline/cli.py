@@ -171,6 +171,19 @@ def _shortened(value: Any) -> Any:
 
 
 @main.command()
+@click.argument("data", type=click.Path(dir_okay=False))
+@click.option("--out", "job_path", type=click.Path(dir_okay=False), help="Where to write the job (default: "
+              "NAME.toml beside the data).")
+@handle_errors
+def init(data: str, job_path: str | None) -> None:
+    """Write a commented job file for a table: its columns listed, a prompt naming them."""
+    from pipeline.init import write_skeleton
+
+    written = write_skeleton(data, job_path or Path(data).with_suffix(".toml"))
+    click.echo(f"wrote {written}; edit its prompt and model, then `pipeline validate {written}`")
+
+
+@main.command()
 @click.argument("job_path", metavar="JOB", type=click.Path(dir_okay=False))
 @click.option("--rows", "n", default=3, show_default=True, help="How many rendered requests to show.")
 @handle_errors
@@ -200,7 +213,7 @@ def validate(job_path: str, n: int) -> None:
                       f"({len(report.source.files)} input file(s), {len(report.source.columns)} columns)")
         return
     if report.estimate is not None:
-        console.print(estimate_line(report.estimate))
+        console.print(escape(estimate_line(report.estimate)))
         if (line := largest_line(report.estimate)) is not None:
             console.print(escape(line))
         for w in report.estimate.warnings:

@@ -230,3 +230,19 @@ def test_a_misspelled_model_is_warned_with_the_nearest_known_ones(make_job):
     result = run_cli("validate", job.name)
     assert result.exit_code == 0
     assert "no price known for model 'gpt-4o-mnii' (did you mean 'gpt-4o-mini'" in result.output
+
+
+def test_init_writes_a_job_that_validates_for_a_table_with_odd_column_names(tmp_path):
+    import polars as pl
+
+    pl.DataFrame({"ticket_id": ["t1", "t2"], "customer name": ["Ann", "Bo"], "body": ["It broke", "Thanks"],
+                  "n": [1, 2]}).write_csv(tmp_path / "tickets.csv")
+    made = run_cli("init", "tickets.csv")
+    assert made.exit_code == 0, made.output
+    text = (tmp_path / "tickets.toml").read_text()
+    assert 'id = "ticket_id"' in text and "{{ row['customer name'] }}" in text and "{{ body }}" in text
+    assert "#   n (Int64): 1" in text
+    checked = run_cli("validate", "tickets.toml")
+    assert checked.exit_code == 0, checked.output
+    again = run_cli("init", "tickets.csv")
+    assert again.exit_code == 2 and "exists" in again.output
