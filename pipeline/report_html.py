@@ -27,7 +27,10 @@ from pipeline.sink import OutputPaths, read_manifest
 
 EXAMPLES_PER_ERROR = 3
 MAX_RUN_TIMELINES = 6
-_CSS = """
+MIN_TIMELINE_S = 5.0  # a run shorter than this gets no timeline chart: its bars have no shape
+EXAMPLE_ROWS = 5
+_CSS = """.headline{display:flex;gap:2.5em;margin:1em 0}.headline .big{font-size:1.8em;font-weight:600}
+
 body { font-family: system-ui, -apple-system, "Segoe UI", sans-serif; margin: 2rem auto; max-width: 1100px;
        color: #1d2329; padding: 0 1rem; }
 h1 { font-size: 1.5rem; } h2 { font-size: 1.15rem; margin-top: 2rem; border-bottom: 1px solid #d8dde2; }
@@ -222,6 +225,35 @@ def _batch_chart(plt: Any, batches: list[dict[str, Any]]) -> str | None:
     return _figure("batches", fig, f"Each batch's timeline ({len(timed)} batch(es)).")
 
 
+def _headline(report: dict[str, Any]) -> str:
+    """The four numbers a reader wants first, large."""
+    rows = report["rows"] or 0
+    ok = report["by_status"].get("ok", 0)
+    p50 = (report.get("latency_ms") or {}).get("p50")
+    cells = [("rows answered", f"{ok:,} of {rows:,}" if rows else "0"),
+             ("cost", _money(report["cost_usd"])),
+             ("failed", f"{report['by_status'].get('error', 0):,}"),
+             ("median latency", f"{p50:,.0f} ms" if isinstance(p50, int | float) else "n/a")]
+    return ("<div class='headline'>" + "".join(f"<div><span class='big'>{html.escape(v)}</span><br>{html.escape(k)}"
+                                               "</div>" for k, v in cells) + "</div>")
+
+
+def _examples_table(df: pl.DataFrame, n: int = EXAMPLE_ROWS) -> str:
+    """A few answered rows, picked at random (a fixed seed: the same rows each time), with their answer."""
+    ok = df.filter(pl.col("status") == "ok")
+    if not ok.height:
+        return "<p class='note'>No answered row.</p>"
+    sample = ok.sample(min(n, ok.height), seed=0)
+    id_col = df.columns[0]
+    answer_cols = [c for c in df.columns[df.columns.index("deduplicated") + 1:] if c != "embedding"] \
+        if "deduplicated" in df.columns else []
+    shown = [id_col, *[c for c in df.columns[1:df.columns.index("status")]], *(answer_cols or ["content"])]
+    head = "<table><tr>" + "".join(f"<th>{html.escape(c)}</th>" for c in shown) + "</tr>"
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(str(r[c])[:300])}</td>" for c in shown) + "</tr>"
+                   for r in sample.iter_rows(named=True))
+    return head + body + "</table>"
+
+
 def _failures_table(df: pl.DataFrame) -> str:
     failed = df.filter(pl.col("status") == "error")
     if not failed.height:
@@ -262,7 +294,10 @@ def write_html_report(output: str | Path, html_path: str | Path | None = None) -
     runs: list[dict[str, Any]] = manifest.get("runs") or []
     target = Path(html_path) if html_path else out.with_suffix(".report.html")
     plt = _plt()
-    charts = [_by_group_chart(plt, df, "status", "by-status", "status")]
+    # A chart only where it tells something: cost by status needs more than one status; a timeline needs a run
+    # long enough to have a shape (a few seconds of bars say nothing the runs table does not).
+    charts = ([_by_group_chart(plt, df, "status", "by-status", "status")]
+              if df.get_column("status").n_unique() > 1 else [])
     labels = list(report["distributions"])
     if labels:
         charts.append(_by_group_chart(plt, df, labels[0], "by-label", labels[0]))
@@ -270,7 +305,8 @@ def write_html_report(output: str | Path, html_path: str | Path | None = None) -
     with_requests = [r for r in runs if (r.get("estimate") or {}).get("requests")]
     if with_requests and (chart := _estimate_chart(plt, with_requests[-1])) is not None:
         charts.append(chart)
-    timelines = [_timeline_chart(plt, r, i) for i, r in enumerate(runs, start=1)][-MAX_RUN_TIMELINES:]
+    timelines = [_timeline_chart(plt, r, i) for i, r in enumerate(runs, start=1)
+                 if (r.get("duration_s") or 0) >= MIN_TIMELINE_S][-MAX_RUN_TIMELINES:]
     dists = [_distribution_chart(plt, c, d) for c, d in report["distributions"].items()]
     dists += [_numeric_chart(plt, c, v) for c, v in _numeric_answers(df).items()]
     batch = _batch_chart(plt, manifest.get("batches") or []) if manifest.get("mode") == "batch" else None
@@ -290,7 +326,8 @@ def write_html_report(output: str | Path, html_path: str | Path | None = None) -
                f"<tr><th>prices</th><td>{html.escape(str(report['price_source']))}</td></tr></table>")
     body = [f"<h1>Report: {html.escape(str(report['job']))}</h1>",
             f"<p class='note'>{html.escape(str(out))}, written {generated}. Charts drawn offline by matplotlib.</p>",
-            summary, "<h2>Cost, tokens and latency</h2>", f"<div class='grid'>{''.join(charts)}</div>",
+            _headline(report), summary, "<h2>Example rows</h2>", _examples_table(df),
+            "<h2>Cost, tokens and latency</h2>", f"<div class='grid'>{''.join(charts)}</div>",
             "<h2>Runs</h2>", _runs_table(runs) if runs else "<p class='note'>No run history in the manifest.</p>",
             f"<div class='grid'>{''.join(timelines)}</div>"]
     if batch:

@@ -57,8 +57,9 @@ def test_report_html_holds_every_chart_and_each_run(make_job, sim):
     out = _structured_output(make_job, sim)
     page = write_html_report(out).read_text()
     ids = set(re.findall(r'<figure class="chart" id="chart-([a-z0-9-]+)">', page))
-    assert {"by-status", "by-label", "latency", "estimate", "timeline-1", "timeline-2", "dist-sentiment",
-            "dist-stars"} <= ids
+    assert {"by-status", "by-label", "latency", "estimate", "dist-sentiment", "dist-stars"} <= ids
+    assert not {"timeline-1", "timeline-2"} & ids  # runs of under 5 s: their bars would have no shape
+    assert "<h2>Example rows</h2>" in page and "rows answered" in page and "median latency" in page
     assert "<script" not in page and "http://" not in page.replace("http://www.w3.org", "")  # nothing to fetch
     assert page.count("<svg") >= len(ids)
     assert "http_400" in page and "Invalid request" in page  # failed rows by type, with examples
@@ -176,3 +177,14 @@ def test_report_renders_in_headless_chromium(make_job, sim, tmp_path):
     SCREENSHOT.parent.mkdir(exist_ok=True)
     SCREENSHOT.write_bytes(seen["png"])
     assert seen["png"][:8] == b"\x89PNG\r\n\x1a\n" and len(seen["png"]) > 20_000
+
+
+def test_a_run_long_enough_gets_its_timeline_chart():
+    from pipeline.report_html import _plt, _timeline_chart
+
+    run = {"mode": "online", "status": "complete", "started_at": "2026-12-06T08:00:00", "duration_s": 12.0,
+           "totals": {"requests_sent": 120, "rate_limited_429": 3, "failed": 1, "resumed_from_journal": 0},
+           "timeline": {"bucket_s": 1, "t": list(range(12)), "requests": [10] * 12, "rate_limited": [0] * 11 + [3],
+                        "failed": [0] * 11 + [1]}}
+    chart = _timeline_chart(_plt(), run, 1)
+    assert 'id="chart-timeline-1"' in chart and "<svg" in chart and "120 requests, 3 429s" in chart
