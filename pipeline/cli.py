@@ -454,6 +454,11 @@ def _run(job_path: str, fresh: bool, retry_failed: bool, limit: int | None, base
                f"{s.skipped:,} skipped, {s.resumed:,} from the journal, {s.deduplicated:,} deduplicated; {cost})")
     if s.errors:
         click.echo("errors: " + ", ".join(f"{k} {v:,}" for k, v in s.errors.most_common()), err=True)
+    for name, server in (result.manifest_data.get("paced_by_server_limits") or {}).items():
+        mine = getattr(job.limits, name)
+        click.echo(f"note: the server's own limit ({server:,} {name.replace('_', ' ')}, from its rate-limit headers) "
+                   f"is below the job's ({'none set' if mine is None else f'{mine:,}'}): the run went at the server's "
+                   f"pace; set [limits].{name} = {server} for estimates that match", err=True)
     if s.pending and result.stopped is None:
         collect = rerun_command(job_path, base_url=base_url, mode="batch")
         click.echo(f"{s.pending:,} rows are still in batches at the provider; run `{collect}` again to collect them "

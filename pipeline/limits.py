@@ -97,6 +97,7 @@ class RateBudget:
                  sleep: Callable[[float], Awaitable[Any]] = asyncio.sleep) -> None:
         self.rpm, self.tpm = requests_per_minute, tokens_per_minute
         self.itpm, self.otpm = input_tokens_per_minute, output_tokens_per_minute
+        self.server_limits: dict[str, int] = {}  # the lowest limits the server's headers stated
         self._clock = clock or (lambda: asyncio.get_running_loop().time())
         self._sleep = sleep
         self._requests: AsyncLimiter | None
@@ -194,6 +195,9 @@ class RateBudget:
         themselves instead of all retrying into the same empty bucket. Not before: until the server's bucket
         runs dry, its burst allowance is ours to use.
         """
+        for name, limit in (("requests_per_minute", rate.limit_requests), ("tokens_per_minute", rate.limit_tokens)):
+            if limit and limit < self.server_limits.get(name, limit + 1):
+                self.server_limits[name] = limit
         if rate_limited and self.adapts:
             self._adopt(rate)
             self.pace = max(AIMD_FLOOR, self.pace * AIMD_DECREASE)

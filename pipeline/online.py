@@ -85,6 +85,12 @@ def run_online(plan: RunPlan, *, transport: httpx.AsyncBaseTransport | None = No
                 if signals is not None:
                     signals.target, signals.deferring = None, True  # from here on: let the output be written
                 seen.update(scheduler.seen)
+                # The server's own limits (from its headers) where they were below the job's: the run was paced
+                # by them, which the user should hear of (a 10 s estimate that took 31 s).
+                for name, server in budget.server_limits.items():
+                    job_limit = getattr(lim, name)
+                    if job_limit is None or server < job_limit:
+                        paced[name] = server
 
     def chunks() -> Iterator[RenderedChunk]:
         kept = plan.kept
@@ -100,6 +106,7 @@ def run_online(plan: RunPlan, *, transport: httpx.AsyncBaseTransport | None = No
                 yield renderer.render_chunk(c, settled=lookup, counted=plan.counted)
 
     seen: set[int] = set()
+    paced: dict[str, int] = {}
     ended_well = False
     try:
         asyncio.run(main())
@@ -116,7 +123,8 @@ def run_online(plan: RunPlan, *, transport: httpx.AsyncBaseTransport | None = No
         rows = sink.finish(never_smaller=not ended_well or stopped is not None)
     if stopped is None and signals is not None and signals.reason is not None:
         stopped = signals.reason  # came while the output was written: it was let finish, then the run ends here
-    return Ending(stats, stopped, rows, status="complete" if stopped is None else "stopped")
+    return Ending(stats, stopped, rows, status="complete" if stopped is None else "stopped",
+                  manifest={"paced_by_server_limits": paced} if paced else {})
 
 
 def _fill_from_journal(plan: RunPlan, sink: PartWriter, key_of_row: Callable[[Any], tuple[Any, ...]],

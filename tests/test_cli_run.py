@@ -163,3 +163,14 @@ def test_a_signal_while_estimating_stops_with_one_line_and_exit_3(make_job, sim,
     assert "Traceback" not in err
     assert err.strip().splitlines()[-1] == (f"error: stopped by {sig.name}; everything answered is saved, run "
                            f"`pipeline run {job.name} --base-url {s.base_url}` again to resume")
+
+
+def test_a_server_whose_limits_are_below_the_jobs_is_named_at_the_end(make_job, sim):
+    job = make_job(rows=20, limits="requests_per_minute = 5000")
+    with sim(rpm=600) as s:
+        result = run_cli("run", job.name, "--base-url", s.base_url, "--plain")
+    assert result.exit_code == 0, result.output
+    assert ("note: the server's own limit (600 requests per minute, from its rate-limit headers) is below the "
+            "job's (5,000)") in result.output
+    manifest = json.loads(Path("out/result.manifest.json").read_text())
+    assert manifest["paced_by_server_limits"] == {"requests_per_minute": 600}
