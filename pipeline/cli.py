@@ -694,3 +694,14 @@ def sim(host: str, port: int, port_file: str | None, rpm: int | None, tpm: int |
     if port_file:
         Path(port_file).write_text(str(port))
     serve_forever(cfg, host=host, port=port)
+
+
+def entry() -> None:
+    """The ``pipeline`` command. Once a command has finished, a late SIGINT or SIGTERM is ignored: the work is
+    done and its exit status decided, and Python would otherwise put back the default handlers while it shuts
+    down, so a Ctrl-C in those last milliseconds killed the process (status 130/143 after a complete run)."""
+    try:
+        main()
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, signal.SIG_IGN)

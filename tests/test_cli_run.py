@@ -174,3 +174,22 @@ def test_a_server_whose_limits_are_below_the_jobs_is_named_at_the_end(make_job, 
             "job's (5,000)") in result.output
     manifest = json.loads(Path("out/result.manifest.json").read_text())
     assert manifest["paced_by_server_limits"] == {"requests_per_minute": 600}
+
+
+@pytest.mark.parametrize("delay_s", [0.0, 0.05, 0.15, 0.3])
+def test_ctrl_c_right_at_the_end_never_prints_a_traceback_and_keeps_every_row(make_job, sim, delay_s):
+    rows = 40
+    job = make_job(rows=rows, limits="concurrency = 8")
+    with sim(latency_ms=20) as s:
+        proc = subprocess.Popen([PIPELINE, "run", job.name, "--base-url", s.base_url, "--plain"],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 120
+        while s.stats.ok < rows and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.005)
+        time.sleep(delay_s)  # the last answers, the final write, the manifest: whichever this lands in
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+    assert "Traceback" not in err and "Traceback" not in out
+    assert proc.returncode in (0, 3), err
+    assert pl.read_parquet("out/result.parquet").height == rows  # every answered row is in the output
