@@ -169,8 +169,8 @@ def test_report_renders_in_headless_chromium(make_job, sim, tmp_path):
     assert seen["errors"] == []
     assert all(u.startswith(("file:", "data:", "about:")) for u in seen["requests"]), seen["requests"]
     charts = {c["id"]: c for c in seen["charts"]}
-    expected = {"chart-by-status", "chart-by-label", "chart-latency", "chart-estimate", "chart-timeline-1",
-                "chart-timeline-2", "chart-dist-sentiment", "chart-dist-stars"}
+    expected = {"chart-by-status", "chart-by-label", "chart-latency", "chart-estimate", "chart-dist-sentiment",
+                "chart-dist-stars"}
     assert expected <= set(charts)
     for c in charts.values():
         assert c["width"] > 100 and c["height"] > 50 and c["marks"] > 20, c  # drawn, not an empty box
