@@ -16,7 +16,7 @@ import httpx
 
 from pipeline.breaker import Breaker
 from pipeline.client import ApiClient
-from pipeline.errors import AbortError, Interrupted, PipelineError, StopRun
+from pipeline.errors import AbortError, Interrupted, OutputError, PipelineError, StopRun
 from pipeline.execute import Scheduler, in_thread
 from pipeline.interrupts import StopSignals
 from pipeline.journal import NullJournal
@@ -114,7 +114,9 @@ def run_online(plan: RunPlan, *, transport: httpx.AsyncBaseTransport | None = No
             _fill_from_journal(plan, sink, key_of_row, stats, seen)
         ended_well = True
     except BaseException as e:
-        if not isinstance(e, Interrupted | KeyboardInterrupt):  # a second signal: leave now
+        if isinstance(e, OutputError):  # the journal could not commit (a full disk): answers first, output after
+            _journal_what_arrived(plan, sink)
+        if not isinstance(e, Interrupted | KeyboardInterrupt) and not sink.discarded:  # a second signal: leave now
             with contextlib.suppress(Exception):  # best effort: the output is never replaced by a smaller one
                 _fill_from_journal(plan, sink, key_of_row, stats, seen)
         raise
@@ -125,6 +127,20 @@ def run_online(plan: RunPlan, *, transport: httpx.AsyncBaseTransport | None = No
         stopped = signals.reason  # came while the output was written: it was let finish, then the run ends here
     return Ending(stats, stopped, rows, status="complete" if stopped is None else "stopped",
                   manifest={"paced_by_server_limits": paced} if paced else {})
+
+
+def _journal_what_arrived(plan: RunPlan, sink: PartWriter) -> None:
+    """A commit failed (a full disk): answers that arrived are still buffered in the journal's connection. The
+    output's temporary file and parts are given up first when that is what it takes to commit them: the journal
+    is what stops a rerun from paying again, and the next run writes the whole output from it."""
+    try:
+        plan.store.flush()
+        return
+    except OutputError:
+        pass
+    sink.discard()
+    with contextlib.suppress(OutputError):  # still no room: those answers are lost (at most the commit's and
+        plan.store.flush()                  # those in flight: twice the concurrency)
 
 
 def _fill_from_journal(plan: RunPlan, sink: PartWriter, key_of_row: Callable[[Any], tuple[Any, ...]],

@@ -11,6 +11,7 @@ marks the output as this job's: a different job's output is never overwritten.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -162,6 +163,7 @@ class PartWriter:
         self._lowest = math.inf              # the first row buffered: nothing can go out until it is _next_row
         self._since_look = 0
         self._have = bytearray()             # by input position: 1 once the row was added (``missing_rows``)
+        self._discarded = False
         self._writer: pq.ParquetWriter | None = None
         self._arrow_schema: Any = None
         self._tmp = paths.output.with_suffix(".parquet.tmp")
@@ -389,6 +391,22 @@ class PartWriter:
         for lo in range(self._next_row, int(top) + 1, COMPACT_ROWS):
             self._write(lf.filter(pl.col(ROW).is_between(lo, lo + COMPACT_ROWS - 1)).collect().sort(ROW))
 
+    @property
+    def discarded(self) -> bool:
+        """Whether ``discard`` gave up this run's output."""
+        return self._discarded
+
+    def discard(self) -> None:
+        """Give up this run's output: its temporary file and parts are deleted (freeing their disk); the output
+        file from before, if any, stays as it was, and ``finish`` writes nothing."""
+        self._discarded = True
+        if self._writer is not None:
+            with contextlib.suppress(OSError):
+                self._writer.close()
+            self._writer = None
+        self._tmp.unlink(missing_ok=True)
+        shutil.rmtree(self.paths.parts, ignore_errors=True)
+
     def finish(self, *, never_smaller: bool = False) -> int:
         """Write what is left and close the output file; returns the number of rows in the output.
 
@@ -396,6 +414,8 @@ class PartWriter:
         parts are merged. ``never_smaller`` (a run that did not end well): an existing output with more rows is
         kept as it is rather than replaced (its answers are in the journal too, and a rerun writes them all).
         """
+        if self._discarded:
+            return output_rows(self.paths.output) or 0
         if self._part == 0:
             df = self._buffered()
             for lo in range(0, df.height, COMPACT_ROWS):

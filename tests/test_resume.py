@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 import polars as pl
+import pytest
 
 from pipeline.job import Job
 from pipeline.run import run
@@ -189,3 +190,45 @@ def test_an_output_without_its_manifest_is_resumed_from_its_journal(make_job, si
     assert refused.exit_code == 2
     assert "exists without its manifest" in refused.output and "restoring the journal keeps its answers" in \
         refused.output
+
+
+def test_a_full_disk_stops_the_run_and_the_answers_that_arrived_are_journaled_not_paid_again(make_job, sim,
+                                                                                              monkeypatch):
+    from pipeline.errors import OutputError
+    from pipeline.journal import Journal
+    from pipeline.sink import PartWriter
+
+    job = make_job(rows=400, limits="concurrency = 16")
+    disk = {"full": False, "commits": 0}
+    real_flush, real_discard, real_write = Journal.flush, PartWriter.discard, PartWriter.flush
+
+    def flush(self):  # the journal's commits: the disk fills up at the 5th
+        if self._pending or self._pending_blocks:
+            disk["commits"] += 1
+            if disk["commits"] >= 5 and disk["full"] is not None:
+                disk["full"] = True
+            if disk["full"]:
+                raise OutputError(f"{self.path}: cannot write the journal: database or disk is full")
+        return real_flush(self)
+
+    def write_part(self):  # nor can the output's parts be written while the disk is full
+        if disk["full"]:
+            raise OutputError(f"{self.paths.parts}: cannot write output: No space left on device")
+        return real_write(self)
+
+    def discard(self):  # giving up the output's temporary files frees their space
+        real_discard(self)
+        disk["full"] = None
+
+    monkeypatch.setattr(Journal, "flush", flush)
+    monkeypatch.setattr(PartWriter, "flush", write_part)
+    monkeypatch.setattr(PartWriter, "discard", discard)
+    with sim(latency_ms=5) as s:
+        with pytest.raises(OutputError, match="disk is full"):
+            run(Job.load(job), base_url=s.base_url)
+        answered = s.stats.ok
+        assert 0 < answered < 400
+        disk["full"] = None  # space again (monkeypatch.undo would also undo the test's own working folder)
+        again = run(Job.load(job), base_url=s.base_url)
+        assert again.exit_code == 0 and s.stats.duplicate_ok == 0  # every answer that arrived was journaled
+    assert pl.read_parquet("out/result.parquet").height == 400
