@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import os
-import re
 from collections.abc import Callable
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
@@ -28,18 +27,10 @@ from pipeline.errors import ProviderError, UsageError
 from pipeline.job import Job
 from pipeline.providers.base import Answer, EmbeddingAnswer, Provider
 from pipeline.providers.openai import OpenAIProvider
+from pipeline.redact import redact
 from pipeline.retry import TRANSPORT_ERRORS, transport_error
 
 T = TypeVar("T")
-
-
-def redact(text: str, secret: str | None) -> str:
-    """Remove the key (and any prefix of it a server echoes back) from a message before anyone sees it."""
-    if secret:
-        text = text.replace(secret, "[redacted]")
-        if len(secret) > 8:
-            text = re.sub(re.escape(secret[:6]) + r"[\w*.\-]*", "[redacted]", text)
-    return text
 
 
 def is_loopback(host: str) -> bool:

@@ -28,7 +28,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from pipeline.providers.base import RateInfo
+    from pipeline.rates import RateInfo
 
 
 class PipelineError(Exception):

@@ -29,7 +29,7 @@ from pipeline.source import DEFAULT_CHUNK_ROWS, ROW, Source, iter_chunks, open_s
 from pipeline.tokens import CountingFailed, CountingProcess, release_encodings
 
 if TYPE_CHECKING:
-    from pipeline.sample import Measured
+    from pipeline.measured import Measured
 
 LARGEST_LISTED = 3  # the largest rows an estimate names
 MAX_LISTED_IDS = 1000
@@ -434,7 +434,7 @@ def estimate(job: Job, *, limit: int | None = None, on_chunk: Callable[[int], No
     """Render every row (without sending anything) and add up what the run will cost. With ``exact``, prompt
     tokens a tokenizer cannot count exactly offline are counted by the provider (its free endpoint; the
     only thing an estimate ever sends), cached beside the output."""
-    from pipeline.sample import measured_output
+    from pipeline.measured import measured_output
 
     source = open_source(job.input.path, job.storage.endpoint_url)
     renderer = Renderer(job, source)

@@ -257,7 +257,7 @@ def prepare(job: Job, *, mode: str | None = None, base_url: str | None = None, l
                                 retry_failed=retry_failed)
                       if mode == "online" and isinstance(store, Journal) and not job.request.is_embeddings
                       and not job.request.images else None)
-            from pipeline.sample import measured_output
+            from pipeline.measured import measured_output
 
             est, todo = estimate_source(job, checked.source, checked.renderer, checked.price, limit=limit,
                                         settled=settled, counted=counted,

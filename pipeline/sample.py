@@ -22,51 +22,12 @@ import numpy as np
 import polars as pl
 
 from pipeline.job import Job
+from pipeline.measured import Measured, sample_paths
 from pipeline.plan import RunPlan, finish, prepare
 from pipeline.pricing import Usage
-from pipeline.sink import OutputPaths, read_manifest
 from pipeline.source import ROW, iter_chunks
 
 Z95 = 1.96
-
-
-def sample_paths(job: Job) -> OutputPaths:
-    """Where a sample's answers and manifest go: beside the output, ``<output>.sample.parquet``."""
-    out = Path(job.output.local)
-    return OutputPaths(out.with_name(out.stem + ".sample.parquet"))
-
-
-@dataclass(frozen=True)
-class Measured:
-    """What the sample's answered requests really used, per request."""
-
-    rows: int
-    requests: int
-    output_tokens_mean: float
-    output_tokens_sd: float
-    prompt_tokens_mean: float
-    latency_ms_mean: float | None
-    latency_ms_p95: float | None
-    cost_usd: float | None
-    seed: int
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-ready, for the sample's manifest."""
-        return self.__dict__.copy()
-
-
-def measured_output(job: Job) -> Measured | None:
-    """The latest sample's measurement of this job, if one was taken (the estimate's expected output)."""
-    try:
-        data = (read_manifest(sample_paths(job)) or {}).get("sample")
-    except Exception:  # an unreadable sample manifest only costs the estimate its measured figure
-        return None
-    if not data or not data.get("requests"):
-        return None
-    try:
-        return Measured(**{k: data[k] for k in Measured.__dataclass_fields__})
-    except (KeyError, TypeError):
-        return None
 
 
 @dataclass

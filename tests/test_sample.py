@@ -4,8 +4,9 @@ import polars as pl
 
 from pipeline.estimate import estimate
 from pipeline.job import Job
+from pipeline.measured import measured_output, sample_paths
 from pipeline.run import run
-from pipeline.sample import measured_output, run_sample, sample_paths
+from pipeline.sample import run_sample
 from tests.conftest import run_cli
 
 REQUEST = 'model = "gpt-4o-mini"\nsystem = "Summarise."\nprompt = "{{ text }}"\nmax_tokens = 80'

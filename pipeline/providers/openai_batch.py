@@ -16,10 +16,10 @@ import httpx
 import orjson
 from tenacity import Retrying
 
-from pipeline.client import redact
 from pipeline.errors import ProviderError, RowError, TransientError
 from pipeline.providers.base import BatchResult
 from pipeline.providers.openai import chat_answer, classify, embeddings_answer, raise_for_status
+from pipeline.redact import redact
 from pipeline.retry import RetryPolicy, transport_error
 
 T = TypeVar("T")
