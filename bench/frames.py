@@ -4,7 +4,10 @@ Both against the unlimited simulator in its own process, 100,000 rows, in the sa
 of its own (so their peak RSS are comparable): requests per second over the run (the manifest's duration) and
 the whole process's peak RSS. Targets (issue "DataFrame API"): requests/s within 5%, peak RSS within 1.2x.
 
-Run: .venv/bin/python bench/frames.py [--rows N]
+With ``--doors N``: the SQL door (DuckDB, an Arrow UDF) against ``map`` on N rows' text, requests per second of the
+whole call, each in a child process.
+
+Run: .venv/bin/python bench/frames.py [--rows N] [--doors N]
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ import sys
 import tempfile
 import time
 
-from common import WORK, dataset, simulator, timed_run, write_job
+from common import WORK, dataset, sim_stats, simulator, timed_run, write_job
 
 MAP = """
 import json, sys, polars as pl, pipeline
@@ -42,7 +45,48 @@ def timed_map(data: str, url: str, prompt: str) -> dict:
     return {"wall_s": wall, "peak_rss_mib": usage.ru_maxrss / 1024, "manifest": m, "result": json.loads(out)}
 
 
+DOORS = """
+import json, sys, time, duckdb, polars as pl, pipeline, pipeline.sql
+data, url, workdir, door = sys.argv[1:5]
+keys = dict(model="gpt-4o-mini", prompt="Summarise this review: {{ text }}", max_tokens=120, concurrency=128,
+            base_url=url, workdir=workdir)
+t = time.perf_counter()
+if door == "sql":
+    con = duckdb.connect()
+    pipeline.sql.register(con, **keys)
+    rows = con.execute(f"SELECT llm(text) FROM read_parquet('{data}')").fetchall()
+    n = len(rows)
+else:
+    n = pipeline.map(pl.read_parquet(data).select("text"), **keys).height
+print(json.dumps({"rows": n, "s": time.perf_counter() - t}))
+"""
+
+
+def door(data: str, url: str, which: str) -> float:
+    """Seconds for the whole query or map call (the same measure for both doors), in a child process."""
+    with tempfile.TemporaryDirectory(dir=WORK) as workdir:
+        out = subprocess.run([sys.executable, "-c", DOORS, data, url, workdir, which], capture_output=True,
+                             text=True, env={**os.environ, "OPENAI_API_KEY": "sk-bench"}, check=True).stdout
+    return float(json.loads(out)["s"])
+
+
+def doors(rows: int) -> None:
+    """The SQL door against map, on the text column of ``rows`` rows: requests per second of the whole call."""
+    data = dataset(rows)
+    best: dict[str, float] = {}
+    for which in ("map", "sql", "map", "sql"):
+        with simulator() as url:
+            seconds = door(str(data), url, which)
+            sent = sim_stats(url)["requests"]
+        best[which] = max(best.get(which, 0.0), sent / seconds)
+        print(f"{which}: {sent:,} requests in {seconds:.1f} s: {sent / seconds:,.0f} req/s", flush=True)
+    print(f"best of 2 each, {rows:,} rows: SQL door / map requests per second {best['sql'] / best['map']:.3f}")
+
+
 def main() -> None:
+    if "--doors" in sys.argv:
+        doors(int(sys.argv[sys.argv.index("--doors") + 1]))
+        return
     rows = int(sys.argv[sys.argv.index("--rows") + 1]) if "--rows" in sys.argv else 100_000
     data = dataset(rows)
     from common import PROMPT
