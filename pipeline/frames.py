@@ -177,12 +177,13 @@ def _in_thread_if_a_loop_runs(fn: Callable[[], Any]) -> Any:
 def map(frame: Any, job: Job | None = None, *, workdir: str | Path | None = None, fresh: bool = False,
         name: str | None = None, base_url: str | None = None, mode: str | None = None,
         on_estimate: Callable[[Estimate], bool] | None = None, on_progress: Callable[[Any], None] | None = None,
-        **keys: Any) -> Any:
+        as_models: bool = False, **keys: Any) -> Any:
     """Send every row of ``frame`` and return it with the answers as new columns (the same kind of frame).
 
     ``job`` or the job's keys as keywords: ``model=``, ``prompt=``, ``system=``, ``schema=`` (a dict of JSON
     Schema, a pydantic model or a dataclass), ``max_tokens=``, the limits, ``max_cost_usd=``, ``provider=``...
-    A stopped run (budget, abort) returns the rows answered so far, the others with null answers."""
+    A stopped run (budget, abort) returns the rows answered so far, the others with null answers.
+    ``as_models`` (with a pydantic ``schema=``): an ``answer`` column of validated model instances as well."""
     from pipeline.run import run
 
     df, kind = _as_polars(frame)
@@ -200,7 +201,21 @@ def map(frame: Any, job: Job | None = None, *, workdir: str | Path | None = None
               .join(answers, on=ROW_COLUMN, how="left").sort(ROW_COLUMN).select(order))
     if result.stopped is not None and not answers.height:
         raise result.stopped
+    if as_models:
+        joined = joined.with_columns(_models(joined, keys.get("schema"), first))
     return _back(joined, kind)
+
+
+def _models(df: pl.DataFrame, schema: Any, fields: list[str]) -> pl.Series:
+    """The typed answer columns of each answered row as an instance of the pydantic model (None for the rest)."""
+    from pydantic import BaseModel
+
+    if not (isinstance(schema, type) and issubclass(schema, BaseModel)):
+        raise UsageError("map: as_models=True needs schema= to be a pydantic model")
+    ok = df.get_column("status") == "ok"
+    rows = df.select(fields).iter_rows(named=True)
+    return pl.Series("answer", [schema.model_validate(r) if good else None for r, good in zip(rows, ok, strict=True)],
+                     dtype=pl.Object)
 
 
 async def amap(frame: Any, job: Job | None = None, **kwargs: Any) -> Any:

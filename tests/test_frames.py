@@ -112,3 +112,12 @@ def test_estimate_of_a_frame_counts_every_row_and_sends_nothing(sim, tmp_path):
     est = pipeline.estimate(frame(30), model="gpt-4o-mini", prompt="Say {{ text }}", max_tokens=20,
                             workdir=tmp_path)
     assert est.rows == 30 and est.requests == 30 and est.prompt_tokens_exact and est.cost_usd_max
+
+
+def test_as_models_gives_validated_model_instances(sim, tmp_path):
+    with sim() as s:
+        out = pipeline.map(frame(4), model="gpt-4o-mini", prompt="Classify: {{ text }}", schema=Label, max_tokens=40,
+                           base_url=s.base_url, workdir=tmp_path, as_models=True)
+    labels = out["answer"].to_list()
+    assert all(isinstance(x, Label) for x in labels)
+    assert [x.sentiment for x in labels] == out["sentiment"].to_list()
