@@ -367,7 +367,8 @@ def _run_ray(job_path: str, fresh: bool, base_url: str | None, allow_insecure: b
         click.echo("errors: " + ", ".join(f"{k} {v:,}" for k, v in s.errors.most_common()), err=True)
     if result.stopped is not None:
         click.echo(f"stopped: {result.stopped}", err=True)
-        click.echo(f"every committed chunk is kept; run `pipeline run {job_path}` again to resume", err=True)
+        again = rerun_command(job_path, base_url=base_url, engine="ray", address=address, workers=workers)
+        click.echo(f"every committed chunk is kept; run `{again}` again to resume", err=True)
     sys.exit(result.exit_code)
 
 
@@ -469,16 +470,17 @@ def _run(job_path: str, fresh: bool, retry_failed: bool, limit: int | None, base
     sys.exit(result.exit_code)
 
 
-def rerun_command(job_path: str, *, base_url: str | None = None, mode: str | None = None) -> str:
+def rerun_command(job_path: str, *, base_url: str | None = None, mode: str | None = None,
+                  engine: str | None = None, address: str | None = None, workers: int | None = None) -> str:
     """The command to run the job again, with the flags that chose where and how it was sent: copied as
     printed, it must reach the same server the same way."""
     import shlex
 
     words = ["pipeline", "run", job_path]
-    if base_url:
-        words += ["--base-url", base_url]
-    if mode:
-        words += ["--mode", mode]
+    for flag, value in (("--base-url", base_url), ("--mode", mode), ("--engine", engine), ("--address", address),
+                        ("--workers", workers)):
+        if value:
+            words += [flag, str(value)]
     return " ".join(shlex.quote(w) for w in words)
 
 

@@ -193,3 +193,20 @@ def test_ctrl_c_right_at_the_end_never_prints_a_traceback_and_keeps_every_row(ma
     assert "Traceback" not in err and "Traceback" not in out
     assert proc.returncode in (0, 3), err
     assert pl.read_parquet("out/result.parquet").height == rows  # every answered row is in the output
+
+
+def test_every_suggested_command_repeats_the_flags_given():
+    from pipeline.cli import rerun_command
+
+    assert rerun_command("jobs/x.toml", base_url="http://127.0.0.1:9/v1", mode="batch") == \
+        "pipeline run jobs/x.toml --base-url http://127.0.0.1:9/v1 --mode batch"
+    assert rerun_command("my jobs/x.toml", engine="ray", address="ray://head:10001", workers=4) == \
+        "pipeline run 'my jobs/x.toml' --engine ray --address ray://head:10001 --workers 4"
+
+
+def test_the_sample_suggests_the_rest_with_the_same_address(make_job, sim):
+    job = make_job(rows=30)
+    with sim() as s:
+        result = run_cli("run", job.name, "--sample", "3", "--base-url", s.base_url)
+    assert result.exit_code == 0, result.output
+    assert f"run `pipeline run {job.name} --base-url {s.base_url}` for the rest" in result.output.replace("\n", "")
