@@ -181,16 +181,17 @@ def _estimate_chart(plt: Any, run: dict[str, Any]) -> str | None:
             ("duration (s)", None, est.get("duration_s"), run.get("duration_s"))]
     fig, axes = plt.subplots(1, 4, figsize=(9, 2.6))
     for ax, (name, expected, bound, actual) in zip(axes, rows, strict=True):
-        labels = ["expected", "bound", "actual"]
+        # one meaning per word: the token and cost bounds are ceilings, the duration's is a floor (the limits')
+        labels = ["expected", "floor" if name.startswith("duration") else "at most", "actual"]
         values = [expected or 0, bound or 0, actual or 0]
         ax.bar(labels, values, color=["#9fc2e7", "#3d7ab8", "#2b8a3e"])
         ax.set_title(name)
         ax.tick_params(axis="x", rotation=30)
     caption = ("The estimate before the run next to what it used: prompt tokens are counted before the run; "
                "output tokens and cost are bounded by max_tokens (and expected from [estimate].output_tokens or a "
-               "sample, when known); the duration bound is what the limits impose. "
-               + "; ".join(f"{n}: expected {_shown(e, n)}, bound {_shown(b, n)}, actual {_shown(a, n)}"
-                           for n, e, b, a in rows) + ".")
+               "sample, when known); the duration's floor is what the limits impose (it cannot be faster). "
+               + "; ".join(f"{n}: expected {_shown(e, n)}, {'floor' if n.startswith('duration') else 'at most'} "
+                           f"{_shown(b, n)}, actual {_shown(a, n)}" for n, e, b, a in rows) + ".")
     return _figure("estimate", fig, caption)
 
 
