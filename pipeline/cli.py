@@ -6,14 +6,13 @@ This is the one place that turns PipelineErrors into messages and exit codes:
 
 from __future__ import annotations
 
-import contextlib
 import json
 import signal
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from functools import wraps
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 from rich import box
@@ -22,6 +21,9 @@ from rich.markup import escape
 from rich.table import Table
 
 from pipeline.errors import Interrupted, JournalUnusable, PipelineError
+
+if TYPE_CHECKING:
+    from pipeline.interrupts import StopSignals
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -280,20 +282,12 @@ def _confirm_estimate(est: Any, job: Any, yes: bool, *, batch: bool = False) -> 
     return click.confirm(question, default=False, err=True)
 
 
-@contextlib.contextmanager
-def _interrupts_stop(job_path: str) -> Iterator[None]:
-    """SIGINT or SIGTERM outside the run's own handlers (while estimating, or writing the output at the end)
-    stops with exit 3 and one line, like an interrupt during the run: never click's bare "Aborted!"."""
-    def stop(signum: int, frame: Any) -> None:
-        raise Interrupted(f"stopped by {signal.Signals(signum).name}; everything answered is saved, run "
-                          f"`pipeline run {job_path}` again to resume")
+def _interrupts_stop(job_path: str) -> StopSignals:
+    """SIGINT or SIGTERM outside the run's own handlers (loading the job, printing at the end) stops with exit 3
+    and one line, like an interrupt during the run: never click's bare "Aborted!"."""
+    from pipeline.interrupts import StopSignals
 
-    old = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield
-    finally:
-        for sig, handler in old.items():
-            signal.signal(sig, handler)
+    return StopSignals(resume_hint=f"; everything answered is saved, run `pipeline run {job_path}` again to resume")
 
 
 @main.command()

@@ -164,6 +164,15 @@ def _job_for(df: pl.DataFrame, job: Job | None, keys: Mapping[str, Any], workdir
     return Job.from_dict(raw, base=folder, source=job.source if job is not None else "<map>"), folder
 
 
+def _staged(df: pl.DataFrame, job: Job | None, keys: Mapping[str, Any], workdir: str | Path | None,
+            name: str | None) -> Job:
+    """The job for ``df``, with the frame written as its input in the work folder."""
+    the_job, folder = _job_for(df, job, keys, Path(workdir) if workdir else None, name)
+    folder.mkdir(parents=True, exist_ok=True)
+    df.write_parquet(folder / "input.parquet")
+    return the_job
+
+
 def _in_thread_if_a_loop_runs(fn: Callable[[], Any]) -> Any:
     """Call ``fn`` here, or in a thread of its own when this thread already runs an event loop (a notebook)."""
     try:
@@ -187,9 +196,7 @@ def map(frame: Any, job: Job | None = None, *, workdir: str | Path | None = None
     from pipeline.run import run
 
     df, kind = _as_polars(frame)
-    the_job, folder = _job_for(df, job, keys, Path(workdir) if workdir else None, name)
-    folder.mkdir(parents=True, exist_ok=True)
-    df.write_parquet(folder / "input.parquet")
+    the_job = _staged(df, job, keys, workdir, name)
     result = _in_thread_if_a_loop_runs(lambda: run(the_job, base_url=base_url, fresh=fresh, mode=mode,
                                                    on_estimate=on_estimate, on_progress=on_progress))
     answers = pl.read_parquet(result.output)
@@ -229,10 +236,7 @@ def estimate(frame_or_job: Any, job: Job | None = None, *, workdir: str | Path |
     if isinstance(frame_or_job, Job):
         return estimate_job(frame_or_job, **keys)
     df, _ = _as_polars(frame_or_job)
-    the_job, folder = _job_for(df, job, keys, Path(workdir) if workdir else None, name)
-    folder.mkdir(parents=True, exist_ok=True)
-    df.write_parquet(folder / "input.parquet")
-    return estimate_job(the_job)
+    return estimate_job(_staged(df, job, keys, workdir, name))
 
 
 @pl.api.register_dataframe_namespace("llm")

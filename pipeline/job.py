@@ -257,9 +257,11 @@ class Job:
         job. Paths are written relative to ``folder`` (where the file will live), or absolute without one."""
         import tomli_w
 
+        from pipeline.storage import is_url
+
         keys = json.loads(json.dumps(self.raw))  # a deep copy of plain TOML values
         for table, key, value in (("input", "path", self.input.path), ("output", "path", self.output.path)):
-            if not is_remote(value):
+            if not is_url(value):
                 keys[table][key] = _relative(Path(value), folder)
         request = keys.get("request", {})
         for key in ("prompt_file", "response_schema_file"):
@@ -273,11 +275,6 @@ class Job:
         if self.api.provider != "openai":  # another dialect gives other answers (and OpenAI jobs keep their hash)
             spec["provider"] = self.api.provider
         return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def is_remote(path: str) -> bool:
-    """An object-storage address (kept as written)."""
-    return path.startswith(("s3://", "gs://", "az://", "abfs://"))
 
 
 def _relative(path: Path, folder: str | Path | None) -> str:

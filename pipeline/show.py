@@ -76,7 +76,7 @@ def _with_inputs(df: pl.DataFrame, manifest: dict, id_column: str) -> tuple[pl.D
     try:
         from pipeline.job import Job
         from pipeline.render import Renderer
-        from pipeline.source import open_source
+        from pipeline.source import open_source, scan_files
 
         job = Job.load(job_file)
         source = open_source(job.input.path, job.storage.endpoint_url)
@@ -84,9 +84,7 @@ def _with_inputs(df: pl.DataFrame, manifest: dict, id_column: str) -> tuple[pl.D
         if not columns or source.remote:
             return df, []
         on = job.input.id or "row"
-        frame = pl.scan_parquet if source.format == "parquet" else pl.scan_csv if source.format == "csv" \
-            else pl.scan_ndjson
-        inputs = frame(list(source.files))
+        inputs = scan_files(source.files, source.format)
         if job.input.id is None:
             inputs = inputs.with_row_index("row").with_columns(pl.col("row").cast(pl.Int64))
         wanted = inputs.select(on, *columns).filter(pl.col(on).is_in(df.get_column(id_column).implode()))

@@ -80,7 +80,7 @@ def open_source(pattern: str, endpoint_url: str | None = None) -> Source:
     schema: dict[str, pl.DataType] | None = None
     for f in files:
         try:
-            s = _remote_schema(f, endpoint_url) if is_url(f) else dict(_scan([f], fmt).collect_schema())
+            s = _remote_schema(f, endpoint_url) if is_url(f) else dict(scan_files([f], fmt).collect_schema())
         except Exception as e:  # polars raises several unrelated types for unreadable files
             where = _find_bad_jsonl_line([f]) if fmt == "jsonl" and not is_url(f) else None
             raise InputError(where or f"{f}: cannot read {fmt} input: {_polars_reason(e)}") from None
@@ -111,7 +111,8 @@ def parquet_file(source: Source, f: str) -> Any:
     return pq.ParquetFile(open_input(f, source.endpoint_url) if is_url(f) else f)
 
 
-def _scan(files: Sequence[str], fmt: str) -> pl.LazyFrame:
+def scan_files(files: Sequence[str], fmt: str) -> pl.LazyFrame:
+    """The files of one format as a lazy frame, read the way every input is read."""
     if fmt == "parquet":
         return pl.scan_parquet(list(files))
     if fmt == "csv":
@@ -147,7 +148,7 @@ def iter_chunks(source: Source, columns: Sequence[str], *, chunk_rows: int = DEF
         yield from _parquet_chunks(source, wanted, chunk_rows=chunk_rows, limit=limit, rows=rows,
                                    except_rows=except_rows)
         return
-    lf = _scan(source.files, source.format)
+    lf = scan_files(source.files, source.format)
     # A CSV reader that reads only some columns does not notice a ragged row, and would silently shift data:
     # read every column of a CSV and select afterwards.
     project_late = source.format == "csv"
@@ -297,7 +298,7 @@ def input_warnings(source: Source, id_column: str | None) -> list[str]:
                 warnings.append(f"{f}: the header repeats column name(s) {', '.join(map(repr, repeated))}; "
                                 "only the first of each is read under that name (rename the others)")
     if id_column is not None and id_column in source.schema and not source.remote:
-        counts = _scan(source.files, source.format).select(
+        counts = scan_files(source.files, source.format).select(
             pl.col(id_column).null_count().alias("nulls"), pl.len().alias("rows"),
             pl.col(id_column).drop_nulls().n_unique().alias("unique"),
             (pl.len() - pl.col(id_column).null_count()).alias("present")).collect().row(0, named=True)

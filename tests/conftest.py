@@ -61,6 +61,16 @@ def make_job(tmp_path: Path) -> Callable[..., Path]:
     return make
 
 
+def wait_for(check: Callable[[], bool], timeout_s: float = 60.0) -> None:
+    """Wait for a state (not a time): poll ``check`` until it holds, failing after ``timeout_s``."""
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while not check():
+        assert time.monotonic() < deadline, "timed out waiting"
+        time.sleep(0.01)
+
+
 def run_cli(*args: Any, input: str | None = None) -> Any:
     """Invoke the click app in-process; returns click's Result."""
     from click.testing import CliRunner

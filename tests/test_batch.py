@@ -16,7 +16,7 @@ from pipeline.job import Job
 from pipeline.journal import Journal
 from pipeline.ledger import BatchLedger
 from pipeline.run import run
-from tests.conftest import SECRET, reviews, run_cli
+from tests.conftest import SECRET, reviews, run_cli, wait_for
 
 PIPELINE = str(Path(sys.executable).parent / "pipeline")
 REQUEST = textwrap.dedent('''\
@@ -31,13 +31,6 @@ def batch_job(make_job, *, rows=20, data=None, per_file=50_000, request=REQUEST,
     return make_job(rows=rows, data=data, request=request, output=output,
                     extra=f"[batch]\nmax_requests_per_file = {per_file}\npoll_interval_s = 0.05\n"
                           f"poll_max_interval_s = 0.2\n{extra}")
-
-
-def wait_for(check, timeout_s=60.0):
-    deadline = time.monotonic() + timeout_s
-    while not check():
-        assert time.monotonic() < deadline, "timed out waiting"
-        time.sleep(0.01)
 
 
 def no_duplicate_batches(stats):

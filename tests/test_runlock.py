@@ -5,7 +5,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import polars as pl
@@ -15,18 +14,11 @@ from pipeline.errors import RunLocked
 from pipeline.job import Job
 from pipeline.run import run
 from pipeline.runlock import RunLock
-from tests.conftest import run_cli
+from tests.conftest import run_cli, wait_for
 
 PIPELINE = str(Path(sys.executable).parent / "pipeline")
 HOLD = ("import sys, time; from pathlib import Path; from pipeline.runlock import RunLock; "
         "lock = RunLock(Path(sys.argv[1])); lock.acquire(); print('held', flush=True); time.sleep(600)")
-
-
-def wait_for(check, timeout_s=120.0):
-    deadline = time.monotonic() + timeout_s
-    while not check():
-        assert time.monotonic() < deadline, "timed out waiting"
-        time.sleep(0.01)
 
 
 def test_a_second_holder_is_refused_with_the_first_ones_pid_and_a_killed_holder_leaves_no_stale_lock(tmp_path):
@@ -51,7 +43,7 @@ def test_two_runs_of_one_job_at_once_pay_for_each_row_once(make_job, sim):
     with sim(latency_ms=150) as s:
         first = subprocess.Popen([PIPELINE, "run", job.name, "--base-url", s.base_url, "--plain"],
                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        wait_for(lambda: s.stats.requests >= 4 or first.poll() is not None)
+        wait_for(lambda: s.stats.requests >= 4 or first.poll() is not None, timeout_s=120)
         second = run_cli("run", job.name, "--base-url", s.base_url, "--plain")
         _, err = first.communicate(timeout=120)
         assert first.returncode == 0, err

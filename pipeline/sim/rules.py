@@ -129,10 +129,10 @@ def check_anthropic_sampling(body: dict[str, Any], version: str) -> None:
     top_p = body.get("top_p")
     if top_p is not None and not (isinstance(top_p, int | float) and 0 <= top_p <= 1):
         raise SimFailure(400, "top_p: Input should be less than or equal to 1")
-    m = _CLAUDE.search(str(body.get("model") or "").lower())
-    if m is None:
+    claude = claude_version(str(body.get("model") or ""))
+    if claude is None:
         return
-    name, version_nums = m.group(1), (int(m.group(2)), int(m.group(3) or 0))
+    name, version_nums = claude
     if name == "opus" and version_nums >= (4, 7):
         raise SimFailure(400, f"`{given[0]}` is deprecated for this model.")
     one_sampler = version_nums >= (4, 5) or (name == "opus" and version_nums >= (4, 1))
