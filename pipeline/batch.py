@@ -32,15 +32,11 @@ from pipeline.ledger import BatchLedger, BatchPart, BatchStage, describe_part
 from pipeline.outcome import (
     Outcome,
     RunStats,
-    answered,
     batch_missing,
-    embedding_outcome,
     failed,
-    invalid_answer,
     skipped,
 )
 from pipeline.plan import Ending, RunPlan
-from pipeline.pricing import Usage
 from pipeline.providers import provider_for
 from pipeline.render import key_id
 from pipeline.sink import OutputPaths, PartWriter
@@ -63,14 +59,15 @@ class BatchRun:
     """
 
     def __init__(self, plan: RunPlan, api: Any, stats: RunStats, *, checker: Checker | None,
-                 embedding_dims: int | None, stop: threading.Event | None = None,
+                 vector_dims: int | None, stop: threading.Event | None = None,
                  on_batches: Callable[[list[BatchPart]], None] | None = None,
                  wait: Callable[[float], bool] | None = None) -> None:
         assert plan.ledger is not None and isinstance(plan.store, Journal)
         self.plan, self.job, self.api, self.stats = plan, plan.job, api, stats
         self.journal, self.ledger = plan.store, plan.ledger
         self.provider, self.price = plan.checked.provider, plan.checked.price
-        self.checker, self.dims = checker, embedding_dims
+        self.checker, self.dims = checker, vector_dims
+        self.endpoint = plan.checked.renderer.endpoint
         self.stop = stop or threading.Event()
         self.on_batches = on_batches
         self.wait = wait or self.stop.wait
@@ -203,17 +200,7 @@ class BatchRun:
             return None
         if r.error is not None:
             return failed(r.key, r.error, attempts=r.attempts)
-        a: Any = r.answer
-        if self.job.request.is_embeddings:
-            cost = self.price.cost(Usage(prompt_tokens=a.prompt_tokens), batch=True) if self.price else None
-            return embedding_outcome(r.key, a.vectors[0], self.dims, model=a.model, prompt_tokens=a.prompt_tokens,
-                                     cost_usd=cost, attempts=1)
-        outcome = answered(r.key, a, self.price, attempts=1, latency_ms=None, batch=True)
-        if self.checker is not None and outcome.status == "ok":
-            problem = self.checker.problem(outcome.content, outcome.tool_calls)
-            if problem is not None:
-                return invalid_answer(outcome, problem)
-        return outcome
+        return self.endpoint.batch_outcome(r, self.price, dims=self.dims, checker=self.checker)
 
     def _report(self) -> None:
         if self.on_batches is not None:
@@ -290,7 +277,7 @@ def run_batches(plan: RunPlan, stage: BatchStage, *, wait: bool = True,
     try:
         with plan.checked.provider.batch_api(plan.url, plan.api_key, timeout_s=job.limits.timeout_s,
                                              max_attempts=job.limits.max_attempts) as api:
-            batches = BatchRun(plan, api, stats, checker=sink.checker, embedding_dims=sink.embedding_dims,
+            batches = BatchRun(plan, api, stats, checker=sink.checker, vector_dims=sink.vector_dims,
                                stop=stop, on_batches=on_batches)
             try:
                 batches.submit(stage)

@@ -66,12 +66,11 @@ def resolve_base_url(job: Job, override: str | None) -> str:
     """--base-url, then PIPELINE_BASE_URL, then the job's [api].base_url; as the job's provider writes it (the
     provider is the job's, whichever URL is used: pointing a job at another server keeps its dialect)."""
     from pipeline.job import url_problem
-    from pipeline.providers import provider_for
+    from pipeline.providers import DESCRIPTORS, provider_for
 
     url = override or os.environ.get("PIPELINE_BASE_URL") or job.api.base_url
     if not url:
-        example = ("https://RESOURCE.openai.azure.com/openai/v1" if job.api.provider == "azure"
-                   else "http://localhost:8000/v1")
+        example = DESCRIPTORS[job.api.provider].example_base_url
         raise UsageError(f'{job.source}: [api].base_url is required for provider = "{job.api.provider}" (for '
                          f'example "{example}"), unless --base-url or PIPELINE_BASE_URL gives the address')
     problem = url_problem(url)

@@ -21,8 +21,10 @@ from typing import TYPE_CHECKING, Any
 
 import polars as pl
 
+from pipeline.endpoints import endpoint_of, price_for
 from pipeline.job import Job
-from pipeline.pricing import Price, Usage, no_price_warning, price_for
+from pipeline.pricing import Price, Usage, no_price_warning
+from pipeline.providers import DESCRIPTORS
 from pipeline.render import PreparedChunk, RenderedChunk, Renderer, key_id
 from pipeline.rowprints import RowPrints, split_done
 from pipeline.source import DEFAULT_CHUNK_ROWS, ROW, Source, iter_chunks, open_source
@@ -161,6 +163,7 @@ class EstimateBuilder:
     def __init__(self, job: Job, price: Price | None, measured: Measured | None = None,
                  cache: tuple[int, int, bool] = (0, 0, False)) -> None:
         self.job, self.price = job, price
+        self.endpoint = endpoint_of(job.request.endpoint)
         # (the static prefix's tokens, what each request after the first reads of it, whether the first writes)
         self._cache = cache
         self.est = Estimate(job=job.name, model=job.request.model)
@@ -179,12 +182,10 @@ class EstimateBuilder:
         self._budget_tokens = 0
         self._flat = price is None or price.flat
         if price is None:
-            self.est.warnings.append(no_price_warning(job.request.model, job.api.provider))
+            self.est.warnings.append(no_price_warning(job.request.model, DESCRIPTORS[job.api.provider].price_ids))
         else:
             self.est.price = price.describe()
-            self.est.context_window = price.context_window
-        if job.request.is_embeddings:
-            self.est.context_window = job.request.max_input_tokens
+        self.est.context_window = self.endpoint.context_window(job.request, price.context_window if price else None)
 
     def add(self, chunk: Any, done: Set[str] = frozenset(), done_unrendered: int = 0) -> None:
         """Fold one RenderedChunk in; rows whose key is in ``done`` (answered in an earlier run) cost nothing,
@@ -278,7 +279,7 @@ class EstimateBuilder:
         """Close the estimate: costs, duration under the limits, warnings."""
         est, lim = self.est, self.job.limits
         est.largest_requests = [(row_id, tokens) for tokens, _row, row_id in sorted(self._largest, reverse=True)]
-        if self.expected_out is not None and not self.job.request.is_embeddings:
+        if self.expected_out is not None and self.endpoint.bills_output:
             est.expected_output_tokens = self.expected_out * est.requests
         if self.price is not None and self.price.flat:
             expected_out = est.expected_output_tokens or 0
@@ -292,13 +293,8 @@ class EstimateBuilder:
             if est.expected_output_tokens is not None:
                 est.cost_usd_expected = self._costs[2] - saved[0]
                 est.batch_cost_usd_expected = self._costs[3] - saved[1]
-        req = self.job.request
-        if req.is_embeddings:  # many rows per request: count the requests the batches will make
-            sendable = est.requests - est.over_context_rows
-            est.http_requests = max(math.ceil(sendable / req.batch_size),
-                                    math.ceil(self._budget_tokens / req.batch_tokens)) if sendable > 0 else 0
-        else:
-            est.http_requests = est.requests
+        est.http_requests = self.endpoint.http_requests(self.job.request, est.requests - est.over_context_rows,
+                                                        self._budget_tokens)
         by_limit = {}
         if lim.requests_per_minute:
             by_limit["requests_per_minute"] = est.http_requests / lim.requests_per_minute * 60
@@ -318,23 +314,15 @@ class EstimateBuilder:
             est.warnings.append(f"{est.rows_bad_image} row(s) have an image that cannot be sent; they fail before "
                                 "the run (`pipeline validate` lists them)")
         if est.over_context_rows:
-            what = ("input limit" if self.job.request.is_embeddings
-                    else "context window")
-            est.warnings.append(f"{est.over_context_rows} row(s) need more than the model's {what} "
+            est.warnings.append(f"{est.over_context_rows} row(s) need more than the model's "
+                                f"{self.endpoint.size_limit} "
                                 f"({est.context_window} tokens, prompt + max_tokens); they will fail")
         return est
 
 
-def counting_basis(renderer: Renderer, provider: str) -> tuple[bool, str]:
+def counting_basis(renderer: Renderer) -> tuple[bool, str]:
     """Whether the renderer's prompt counts are exact, and what they rest on (shown with the figure)."""
-    counter = renderer.counter
-    if counter.exact:
-        return True, "tiktoken, exact"
-    if provider == "anthropic":
-        factor = getattr(counter, "factor", 1.0)
-        return False, (f"upper bound ({factor:g} x cl100k tokens + framing; no offline Claude tokenizer: "
-                       "`pipeline estimate --exact` asks the API)")
-    return False, "approximate (tiktoken; the server's model tokenizes its own way)"
+    return renderer.counter.exact, renderer.counter.basis
 
 
 def estimate_source(job: Job, source: Source, renderer: Renderer, price: Price | None, *,
@@ -357,7 +345,7 @@ def estimate_source(job: Job, source: Source, renderer: Renderer, price: Price |
     builder = EstimateBuilder(job, price, measured, (renderer.static_prefix_tokens, renderer.cached_prefix_tokens,
                                                      renderer.cache.style == "breakpoint"))
     est = builder.est
-    est.prompt_tokens_exact, est.prompt_tokens_basis = counting_basis(renderer, job.api.provider)
+    est.prompt_tokens_exact, est.prompt_tokens_basis = counting_basis(renderer)
     if job.request.tools and est.prompt_tokens_exact:
         est.prompt_tokens_exact = False
         est.prompt_tokens_basis = "close (tiktoken; the tool definitions counted as their JSON)"

@@ -22,7 +22,7 @@ from typing import Any
 
 from pipeline.errors import Interrupted, PipelineError
 from pipeline.journal import OutcomeStore
-from pipeline.outcome import Outcome, Result, RunStats, VectorBlock, skipped
+from pipeline.outcome import Outcome, Result, RunStats, skipped
 from pipeline.render import RenderedChunk, Request, key_id
 from pipeline.senders import Sender
 from pipeline.sink import PartWriter
@@ -182,10 +182,7 @@ class Scheduler:
 
         Commits are grouped per event-loop turn (``call_soon``), so many answers share one transaction.
         """
-        if isinstance(result, VectorBlock):
-            self.journal.add_block(result)
-        else:
-            self.journal.add(result)
+        result.record_in(self.journal)
         self._ready.append((rows, result))
         self.stats.spend(result)
         if not self._flush_scheduled:
@@ -202,18 +199,10 @@ class Scheduler:
             return
         ready, self._ready = self._ready, []
         for rows, result in ready:
-            if isinstance(result, VectorBlock):
-                self.sink.add_block([r.row for r in rows], [self.key_of_row(r) for r in rows], result)
-                self.stats.rows_done += len(rows)
-                self.stats.ok += len(rows)
-                for i, r in enumerate(rows):
-                    for follower in self._pending.pop(r.key).followers:
-                        self._emit(follower.row, self.key_of_row(follower), result.outcome(i), deduplicated=True)
-                continue
-            pending = self._pending.pop(rows[0].key)
-            self._emit(pending.request.row, self.key_of_row(pending.request), result)
-            for follower in pending.followers:
-                self._emit(follower.row, self.key_of_row(follower), result, deduplicated=True)
+            result.write_to(self.sink, [r.row for r in rows], [self.key_of_row(r) for r in rows], self.stats)
+            for i, r in enumerate(rows):
+                for follower in self._pending.pop(r.key).followers:
+                    self._emit(follower.row, self.key_of_row(follower), result.outcome(i), deduplicated=True)
 
     def _emit(self, row: int, keys: tuple[Any, ...], outcome: Outcome, *, deduplicated: bool = False,
               resumed: bool = False) -> None:

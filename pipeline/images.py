@@ -58,17 +58,11 @@ class ImageLimits:
 # OpenAI: "PNG, JPEG, WEBP, non-animated GIF; up to 20MB per image, 50 MB of image bytes and 500 images per
 # request" (platform.openai.com/docs/guides/images-vision, image input requirements).
 # Anthropic: "5MB per image (API), at most 8000x8000 px" (docs.anthropic.com/en/docs/build-with-claude/vision).
-LIMITS = {
-    "openai": ImageLimits(max_bytes=20_000_000, base64_counts=False, max_side=None, animated_gif=False,
-                          request_bytes=50_000_000),
-    "anthropic": ImageLimits(max_bytes=5 * 1024 * 1024, base64_counts=True, max_side=8000, animated_gif=True,
-                             request_bytes=None),
-}
-
-
-def limits_for(provider: str) -> ImageLimits:
-    """The image limits of a provider (the OpenAI dialect's for Azure and compatible servers)."""
-    return LIMITS["anthropic" if provider == "anthropic" else "openai"]
+# Each provider's descriptor names its limits and rule (``providers/``).
+OPENAI_LIMITS = ImageLimits(max_bytes=20_000_000, base64_counts=False, max_side=None, animated_gif=False,
+                            request_bytes=50_000_000)
+CLAUDE_LIMITS = ImageLimits(max_bytes=5 * 1024 * 1024, base64_counts=True, max_side=8000, animated_gif=True,
+                            request_bytes=None)
 
 
 class ImageProblem(Exception):
@@ -140,9 +134,8 @@ class ImageLoader:
     """Turns a row's rendered image source into a checked ``Image``; relative paths resolve against
     ``base_dir`` (the input's folder)."""
 
-    def __init__(self, base_dir: Path, provider: str) -> None:
-        self.base_dir = base_dir
-        self.limits = limits_for(provider)
+    def __init__(self, base_dir: Path, limits: ImageLimits) -> None:
+        self.base_dir, self.limits = base_dir, limits
 
     def load(self, value: str | bytes | None, detail: str | None) -> Image:
         """The image a cell names (URL or path) or holds (bytes); ImageProblem says what is wrong with it."""
@@ -292,10 +285,13 @@ class _Unknown(ImageRule):
         return max(_Tile("", True).tokens(image), _Patch("", True, multiplier=_LARGEST_MULTIPLIER).tokens(image))
 
 
-def rule_for(provider: str, model: str) -> ImageRule:
-    """The image-token rule of a model."""
-    if provider == "anthropic":
-        return _Claude("Anthropic's width x height / 750 after its resize (an upper bound)", exact=False)
+def claude_rule(model: str) -> ImageRule:
+    """Claude's image-token rule (every model alike)."""
+    return _Claude("Anthropic's width x height / 750 after its resize (an upper bound)", exact=False)
+
+
+def openai_rule(model: str) -> ImageRule:
+    """The image-token rule of an OpenAI model: its documented tile or patch rule, else a bound by both."""
     name = model.lower().rsplit("/", 1)[-1]
     for pattern, kind, (a, b) in _OPENAI_RULES:
         if pattern.match(name):

@@ -20,6 +20,24 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.errors import JobError
+from pipeline.providers import DEFAULT as DEFAULT_PROVIDER
+from pipeline.providers import DESCRIPTORS, descriptor_of_url
+from pipeline.spec import (
+    ApiSpec,
+    BatchSpec,
+    BudgetSpec,
+    EngineSpec,
+    EstimateSpec,
+    ImageSpec,
+    InputSpec,
+    LimitsSpec,
+    Message,
+    OutputSpec,
+    PricingSpec,
+    RequestSpec,
+    StorageSpec,
+    ToolSpec,
+)
 
 ENDPOINTS = ("chat", "embeddings")
 MODES = ("online", "batch")
@@ -28,196 +46,9 @@ ROLES = ("system", "developer", "user", "assistant")
 IMAGE_DETAILS = ("low", "high", "auto")
 IMAGE_POSITIONS = ("after", "before")
 TOOL_CHOICES = ("auto", "required")
-_TOOL_NAME = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")
-# Images a request may carry (OpenAI: 500; Anthropic: 100), from the providers' vision docs.
-MAX_IMAGES = {"anthropic": 100}
-OPENAI_MAX_IMAGES = 500
-DEFAULT_BASE_URL = "https://api.openai.com/v1"
-PROVIDERS = ("openai", "azure", "anthropic", "openai-compatible")
-DEFAULT_BASE_URLS = {"openai": DEFAULT_BASE_URL, "anthropic": "https://api.anthropic.com/v1"}
-DEFAULT_KEY_ENV = {"openai": "OPENAI_API_KEY", "azure": "AZURE_OPENAI_API_KEY", "anthropic": "ANTHROPIC_API_KEY",
-                   "openai-compatible": "OPENAI_API_KEY"}
-MAX_TOKENS_FIELDS = ("max_completion_tokens", "max_tokens")
-STRUCTURED_OUTPUTS = {"openai": ("json_schema", "json_object", "none"), "azure": ("json_schema", "json_object", "none"),
-                      "openai-compatible": ("json_schema", "json_object", "none"),
-                      "anthropic": ("auto", "json_schema", "tool", "none")}
-# The Batch API limits per provider: (requests, bytes) per file (OpenAI, Azure) or per batch (Anthropic).
-BATCH_LIMITS = {"anthropic": (100_000, 256_000_000)}
-OPENAI_BATCH_LIMITS = (50_000, 200_000_000)
-
-
-@dataclass(frozen=True)
-class Message:
-    """One templated chat message of a few-shot prefix."""
-
-    role: str
-    content: str
-
-
-@dataclass(frozen=True)
-class ImageSpec:
-    """One image per row: a template giving an https URL, a local path (relative to the input's folder), or
-    a bare reference to a binary column; ``detail`` where the provider has it."""
-
-    template: str
-    detail: str | None = None
-    where: str = field(default="[request].images", compare=False)  # for messages only
-
-
-@dataclass(frozen=True)
-class ToolSpec:
-    """One function the model may call: nothing is executed, its arguments are the row's extracted fields."""
-
-    name: str
-    description: str | None
-    parameters: Mapping[str, Any]
-    strict: bool = False
-
-
-@dataclass(frozen=True)
-class InputSpec:
-    """Where the rows come from and which of their columns travel to the output."""
-
-    path: str
-    id: str | None = None
-    keep: tuple[str, ...] = ()
-    skip_nulls: bool = False
-
-
-@dataclass(frozen=True)
-class RequestSpec:
-    """How one row becomes one request body."""
-
-    model: str
-    endpoint: str = "chat"
-    system: str | None = None
-    prompt: str = ""
-    prompt_source: str = field(default="[request].prompt", compare=False)  # for messages only
-    messages: tuple[Message, ...] = ()
-    max_tokens: int = 256
-    temperature: float | None = None
-    top_p: float | None = None
-    seed: int | None = None
-    stop: tuple[str, ...] = ()
-    reasoning_effort: str | None = None
-    response_schema: Mapping[str, Any] | None = None
-    schema_retries: int = 1
-    # embeddings: `input` is the template (kept in `prompt`); many rows go in one request
-    dimensions: int | None = None
-    encoding_format: str = "base64"
-    batch_size: int = 2048
-    batch_tokens: int = 300_000
-    max_input_tokens: int = 8192
-    mode: str = "online"  # or "batch": the Batch API (half the price, results within 24 h)
-    images: tuple[ImageSpec, ...] = ()
-    image_position: str = "after"  # the images follow the prompt's text in the user message, or precede it
-    tools: tuple[ToolSpec, ...] = ()
-    tool_choice: str = "auto"  # "auto", "required", or one tool's name
-
-    @property
-    def is_embeddings(self) -> bool:
-        """True for embeddings jobs (many rows per request, vectors out)."""
-        return self.endpoint == "embeddings"
-
-
-@dataclass(frozen=True)
-class OutputSpec:
-    """Where the result table goes (a local path or an object-storage URL)."""
-
-    path: str
-    stage: str | None = None    # an object-storage output: its journal and working files, on this machine
-
-    @property
-    def local(self) -> str:
-        """The path the run writes to on this machine (the output itself, or its stage)."""
-        return self.stage or self.path
-
-
 ENGINES = ("local", "ray")
-
-
-@dataclass(frozen=True)
-class EngineSpec:
-    """Where the scheduler runs: this process, or tasks on a Ray cluster over partitions of the input."""
-
-    kind: str = "local"
-    address: str | None = None      # a Ray cluster's address; none: a local Ray started and stopped by the run
-    workers: int = 4                # tasks running at once (each with its share of the concurrency)
-    partition_rows: int = 50_000    # rows per partition (Parquet: whole row groups up to about this many)
-    commit_rows: int = 256          # answers a task commits at a time: the most a killed task loses
-
-
-@dataclass(frozen=True)
-class StorageSpec:
-    """Object storage settings (credentials come from each cloud's own environment and config chain)."""
-
-    endpoint_url: str | None = None  # an S3-compatible server; else AWS_ENDPOINT_URL
-
-
-@dataclass(frozen=True)
-class ApiSpec:
-    """Where requests go and in which dialect; the key itself is read from the named environment variable only.
-
-    ``provider`` picks the wire dialect (``providers/``); the other keys are the points where servers of one
-    dialect differ: Azure's deployment name and API version, and what an OpenAI-compatible server accepts.
-    """
-
-    base_url: str = DEFAULT_BASE_URL
-    api_key_env: str = "OPENAI_API_KEY"
-    provider: str = "openai"
-    deployment: str | None = None         # azure: sent as the model; [request].model names the priced model
-    api_version: str | None = None        # azure: set for the older /openai/deployments/... URLs
-    max_tokens_field: str = "max_completion_tokens"
-    structured_output: str = "json_schema"
-    json_object_schema: bool = False      # openai-compatible: the schema also beside json_object (an extension)
-    anthropic_version: str = "2023-06-01"
-
-
-@dataclass(frozen=True)
-class LimitsSpec:
-    """The provider's limits and how hard to push against them."""
-
-    concurrency: int = 64
-    requests_per_minute: int | None = None
-    tokens_per_minute: int | None = None
-    max_attempts: int = 6
-    timeout_s: float = 120.0
-    input_tokens_per_minute: int | None = None   # Anthropic counts input and output tokens apart
-    output_tokens_per_minute: int | None = None
-
-
-@dataclass(frozen=True)
-class BudgetSpec:
-    """A spending cap: refuse to start above it, stop cleanly before crossing it."""
-
-    max_cost_usd: float | None = None
-
-
-@dataclass(frozen=True)
-class PricingSpec:
-    """Per-job price overrides, USD per million tokens; they win over the price table."""
-
-    input_per_mtok: float | None = None
-    cached_input_per_mtok: float | None = None
-    output_per_mtok: float | None = None
-    context_window: int | None = None
-
-
-@dataclass(frozen=True)
-class BatchSpec:
-    """How Batch API mode splits, submits and polls (the defaults are OpenAI's limits)."""
-
-    max_requests_per_file: int = OPENAI_BATCH_LIMITS[0]
-    max_bytes_per_file: int = OPENAI_BATCH_LIMITS[1]
-    poll_interval_s: float = 10.0      # the first wait between polls; it grows while nothing changes
-    poll_max_interval_s: float = 120.0
-
-
-@dataclass(frozen=True)
-class EstimateSpec:
-    """What the user expects a typical answer to cost, for an estimate below the max_tokens bound."""
-
-    output_tokens: int | None = None
+_TOOL_NAME = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")
+MAX_TOKENS_FIELDS = ("max_completion_tokens", "max_tokens")
 
 
 @dataclass(frozen=True)
@@ -272,7 +103,7 @@ class Job:
     def fingerprint(self) -> str:
         """A hash of what decides the answers, so an output folder is never mixed between jobs."""
         spec: dict[str, str] = {"name": self.name, "endpoint": self.request.endpoint, "model": self.request.model}
-        if self.api.provider != "openai":  # another dialect gives other answers (and OpenAI jobs keep their hash)
+        if self.api.provider != DEFAULT_PROVIDER.name:  # another dialect gives other answers (OpenAI jobs keep theirs)
             spec["provider"] = self.api.provider
         return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -481,7 +312,7 @@ def parse_job(raw: Mapping[str, Any], *, file: str = "<job>", base: Path | None 
         raise est.fail("output_tokens", f"({estimate.output_tokens}) cannot exceed [request].max_tokens "
                                         f"({request_spec.max_tokens})")
     bt = _Table(file, "batch", top.get("batch") or {})
-    most_requests, most_bytes = BATCH_LIMITS.get(api_spec.provider, OPENAI_BATCH_LIMITS)
+    most_requests, most_bytes = DESCRIPTORS[api_spec.provider].batch_limits
     batch = BatchSpec(
         max_requests_per_file=bt.int("max_requests_per_file", most_requests) or most_requests,
         max_bytes_per_file=bt.int("max_bytes_per_file", most_bytes) or most_bytes,
@@ -521,16 +352,7 @@ def _parse_engine(eng: _Table) -> EngineSpec:
 
 def provider_of_url(url: str) -> str:
     """The provider a base URL belongs to, for jobs that do not say: the API's own hosts, else a compatible server."""
-    from urllib.parse import urlsplit
-
-    host = (urlsplit(url).hostname or "").lower()
-    if host == "api.openai.com":
-        return "openai"
-    if host.endswith((".openai.azure.com", ".cognitiveservices.azure.com", ".services.ai.azure.com")):
-        return "azure"
-    if host == "api.anthropic.com":
-        return "anthropic"
-    return "openai-compatible"
+    return descriptor_of_url(url).name
 
 
 def url_problem(url: str) -> str | None:
@@ -551,63 +373,62 @@ def url_problem(url: str) -> str | None:
 
 
 def _parse_api(api: _Table, request: RequestSpec) -> ApiSpec:
-    """[api]: the provider (said, or known from the base URL), its URL, key variable and dialect settings."""
+    """[api]: the provider (said, or known from the base URL), its URL, key variable and dialect settings,
+    checked against the provider's descriptor (``providers/``: no provider is named here)."""
     base_url = api.str("base_url")
     if base_url is not None:
         problem = url_problem(base_url)
         if problem:
             raise api.fail("base_url", f"{problem}, got {_shown(base_url)}")
-    provider = api.str("provider") or (provider_of_url(base_url) if base_url else "openai")
-    if provider not in PROVIDERS:
-        raise api.fail("provider", f"must be one of {', '.join(PROVIDERS)}, got {_shown(provider)}")
+    named = api.str("provider")
+    d = DESCRIPTORS.get(named) if named else (descriptor_of_url(base_url) if base_url else DEFAULT_PROVIDER)
+    if d is None:
+        raise api.fail("provider", f"must be one of {', '.join(DESCRIPTORS)}, got {_shown(named)}")
+    provider = d.name
     if base_url is None:
         # No default address (Azure, a compatible server): --base-url or PIPELINE_BASE_URL may give it at run
         # time, so "" here; resolve_base_url says what is missing if nothing does.
-        base_url = DEFAULT_BASE_URLS.get(provider, "")
-    openai_family = provider != "anthropic"
-    for key in ("deployment", "api_version"):
-        if api.has(key) and provider != "azure":
-            raise api.fail(key, 'is for provider = "azure" only')
-    if api.has("anthropic_version") and provider != "anthropic":
-        raise api.fail("anthropic_version", 'is for provider = "anthropic" only')
-    if api.has("max_tokens_field") and not openai_family:
-        raise api.fail("max_tokens_field", 'does not apply to provider = "anthropic" (it always sends max_tokens)')
-    default_field = "max_tokens" if provider == "openai-compatible" else "max_completion_tokens"
-    max_tokens_field = api.str("max_tokens_field", default_field) or default_field
-    if max_tokens_field not in MAX_TOKENS_FIELDS:
-        raise api.fail("max_tokens_field", f"must be one of {', '.join(MAX_TOKENS_FIELDS)}, got "
-                                           f"{_shown(max_tokens_field)}")
-    choices = STRUCTURED_OUTPUTS[provider]
+        base_url = d.default_base_url
+    for other in DESCRIPTORS.values():
+        for key in other.own_keys:
+            if api.has(key) and key not in d.own_keys:
+                raise api.fail(key, f'is for provider = "{other.name}" only'
+                               + (": OpenAI's and Azure's json_object takes no schema (it goes in the prompt)"
+                                  if key == "json_object_schema" else ""))
+    if api.has("max_tokens_field") and not d.max_tokens_fields:
+        raise api.fail("max_tokens_field", f'does not apply to provider = "{provider}" (it always sends max_tokens)')
+    fields = d.max_tokens_fields or MAX_TOKENS_FIELDS  # (unused where fixed: kept as it always was)
+    max_tokens_field = api.str("max_tokens_field", fields[0]) or fields[0]
+    if max_tokens_field not in fields:
+        raise api.fail("max_tokens_field", f"must be one of {', '.join(fields)}, got {_shown(max_tokens_field)}")
+    choices = d.structured_outputs
     structured = api.str("structured_output", choices[0]) or choices[0]
     if structured not in choices:
         raise api.fail("structured_output", f'must be one of {", ".join(choices)} for provider = "{provider}", '
                                             f"got {_shown(structured)}")
-    if api.has("json_object_schema") and provider != "openai-compatible":
-        raise api.fail("json_object_schema", 'is for provider = "openai-compatible" only: OpenAI\'s and Azure\'s '
-                                             "json_object takes no schema (it goes in the prompt)")
     json_object_schema = api.bool("json_object_schema")
     if json_object_schema and structured != "json_object":
         raise api.fail("json_object_schema", 'applies with structured_output = "json_object" only')
-    if provider == "azure" and api.has("api_version") and not api.has("deployment"):
-        raise api.fail("deployment", "is required with api_version (the older URLs name the deployment)")
-    if provider == "anthropic":
-        for name, value in (("seed", request.seed), ("reasoning_effort", request.reasoning_effort)):
-            if value is not None:
-                raise JobError(f"{api.file}: [request].{name} does not apply to provider = \"anthropic\"")
-    if provider == "anthropic":
+    for key, needed in d.requires.items():
+        if api.has(key) and not api.has(needed):
+            raise api.fail(needed, f"is required with {key}")
+    for name in d.request_keys_refused:
+        if getattr(request, name) is not None:
+            raise JobError(f"{api.file}: [request].{name} does not apply to provider = \"{provider}\"")
+    if not d.image_detail:
         for i, image in enumerate(request.images):
             if image.detail is not None:
-                raise JobError(f"{api.file}: [request].images[{i}].detail does not apply to provider = \"anthropic\" "
-                               "(Claude has no detail setting; it resizes large images itself)")
-    most_images = MAX_IMAGES.get(provider, OPENAI_MAX_IMAGES)
-    if len(request.images) > most_images:
+                raise JobError(f"{api.file}: [request].images[{i}].detail does not apply to provider = "
+                               f"\"{provider}\" (it has no detail setting; it resizes large images itself)")
+    if len(request.images) > d.max_images:
         raise JobError(f"{api.file}: [request].images: {len(request.images)} images per request, more than "
-                       f"{provider} takes ({most_images})")
-    if provider == "anthropic" and request.is_embeddings:
-        raise JobError(f"{api.file}: [request].endpoint = \"embeddings\": Anthropic has no embeddings API; use "
-                       'an embeddings provider (provider = "openai", "azure" or "openai-compatible")')
+                       f"{provider} takes ({d.max_images})")
+    if request.endpoint not in d.endpoints:
+        serving = ", ".join(f'"{o.name}"' for o in DESCRIPTORS.values() if request.endpoint in o.endpoints)
+        raise JobError(f"{api.file}: [request].endpoint = \"{request.endpoint}\": provider = \"{provider}\" has "
+                       f"no {request.endpoint} API; use a provider that serves it (provider = {serving})")
     spec = ApiSpec(base_url=base_url.rstrip("/"), provider=provider,
-                   api_key_env=api.str("api_key_env", DEFAULT_KEY_ENV[provider]) or DEFAULT_KEY_ENV[provider],
+                   api_key_env=api.str("api_key_env", d.key_env) or d.key_env,
                    deployment=api.str("deployment"), api_version=api.str("api_version"),
                    max_tokens_field=max_tokens_field, structured_output=structured,
                    json_object_schema=json_object_schema,

@@ -22,12 +22,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pipeline.endpoints import endpoint_of
 from pipeline.errors import OutputError
-from pipeline.job import BatchSpec, RequestSpec
 from pipeline.journal import Journal
-from pipeline.outcome import Outcome, unsendable_input
+from pipeline.outcome import Outcome
 from pipeline.providers.base import Provider
 from pipeline.render import RenderedChunk, key_id
+from pipeline.spec import BatchSpec, RequestSpec
 
 _CREATE = """
 CREATE TABLE IF NOT EXISTS batch_parts (
@@ -200,8 +201,8 @@ class BatchStage:
 
     def __call__(self, chunk: RenderedChunk) -> None:
         """Stage one rendered chunk (called by the estimate pass, in input order)."""
-        spec, endpoint = self.batch, self.request.endpoint
-        embeddings, max_input = self.request.is_embeddings, self.request.max_input_tokens
+        spec, endpoint, request = self.batch, self.request.endpoint, self.request
+        refuse = endpoint_of(endpoint).refuse_staged
         top = max([r.row for r in chunk.requests] + [s.row for s in chunk.skipped], default=-1)
         if (grow := (top + 1) * _DIGEST - len(self._row_keys)) > 0:
             self._row_keys += bytes(grow)
@@ -214,7 +215,7 @@ class BatchStage:
             if req.key in chunk.settled or kid in self.in_batches or kid in self._seen:
                 continue
             self._seen.add(kid)
-            refused = unsendable_input(req.key, req.prompt_tokens, max_input) if embeddings else None
+            refused = refuse(req.key, req.prompt_tokens, request)
             if refused is not None:  # fails alone, before anything is sent: it must not fail its file
                 self.refused.append(refused)
                 continue

@@ -25,7 +25,7 @@ from pipeline.outcome import RunStats, skipped
 from pipeline.plan import Ending, RunPlan
 from pipeline.render import RenderedChunk, key_id
 from pipeline.retry import RetryPolicy
-from pipeline.senders import Sending, sender_for
+from pipeline.senders import Sending
 from pipeline.sink import PartWriter
 from pipeline.source import iter_chunks
 
@@ -65,8 +65,8 @@ def run_online(plan: RunPlan, *, transport: httpx.AsyncBaseTransport | None = No
                               price=plan.checked.price, max_cost_usd=job.budget.max_cost_usd,
                               breaker=Breaker(plan.checked.provider.hint))
             renderer = plan.checked.renderer
-            sender = sender_for(job.request, sending, bodies=renderer.bodies, checker=sink.checker,
-                                dims=sink.embedding_dims, counter=renderer.counter)
+            sender = renderer.endpoint.sender(sending, job.request, bodies=renderer.bodies, checker=sink.checker,
+                                              dims=sink.vector_dims, counter=renderer.counter)
             loop = asyncio.get_running_loop()
             if signals is not None:
                 # A Python-level handler runs on this (the loop's) thread between two steps; the stop itself

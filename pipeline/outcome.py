@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field, fields, replace
 from itertools import pairwise
 from operator import attrgetter
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import numpy as np
 import polars as pl
@@ -72,6 +72,31 @@ class Outcome:
     def as_duplicate(self) -> Outcome:
         """This answer as an identical row's: same answer, no cost and no attempts of its own."""
         return replace(self, cost_usd=None if self.cost_usd is None else 0.0, attempts=0)
+
+    # As a ``Result``: one row's answer (``VectorBlock`` is the other shape a request can end as).
+
+    def outcome(self, i: int) -> Outcome:
+        """The outcome of the request's row ``i`` (a row's own request has one row)."""
+        return self
+
+    def record_in(self, store: ResultStore) -> None:
+        """Buffer this result in the journal."""
+        store.add(self)
+
+    def write_to(self, sink: ResultSink, rows: list[int], keys: list[tuple[Any, ...]], stats: RunStats) -> None:
+        """Hand the row its answer and count it."""
+        sink.add(rows[0], keys[0], self)
+        stats.count(self)
+
+    def spend_into(self, stats: RunStats) -> None:
+        """Add what this answer cost to the run's totals."""
+        stats.cost_usd += self.cost_usd or 0.0
+        stats.prompt_tokens += self.prompt_tokens or 0
+        stats.completion_tokens += self.completion_tokens or 0
+        stats.cached_tokens += self.cached_tokens or 0
+        stats.reasoning_tokens += self.reasoning_tokens or 0
+        stats.cache_write_tokens += self.cache_write_tokens or 0
+        stats.usage_estimated += bool(self.usage_estimated)
 
 
 OUTCOME_FIELDS: tuple[str, ...] = tuple(f.name for f in fields(Outcome))
@@ -191,8 +216,51 @@ class VectorBlock:
                              cost_usd=None if self.cost_usd is None else float(self.cost_usd[i]),
                              latency_ms=self.latency_ms, attempts=self.attempts)
 
+    def record_in(self, store: ResultStore) -> None:
+        """Buffer the block in the journal as one record."""
+        store.add_block(self)
 
-Result = Outcome | VectorBlock  # what one sent request ends as: one row's outcome, or many rows' vectors
+    def write_to(self, sink: ResultSink, rows: list[int], keys: list[tuple[Any, ...]], stats: RunStats) -> None:
+        """Hand the rows their vectors as arrays (no outcome per row) and count them: every row is ``ok``."""
+        sink.add_block(rows, keys, self)
+        stats.rows_done += len(rows)
+        stats.ok += len(rows)
+
+    def spend_into(self, stats: RunStats) -> None:
+        """Add what the request cost to the run's totals (embeddings bill input tokens only)."""
+        if self.cost_usd is not None:
+            stats.cost_usd += float(self.cost_usd.sum())
+        stats.prompt_tokens += int(self.prompt_tokens.sum())
+
+
+class ResultStore(Protocol):
+    """Where results are journaled (``journal.Store``)."""
+
+    def add(self, outcome: Outcome) -> None: ...
+
+    def add_block(self, block: VectorBlock) -> None: ...
+
+
+class ResultSink(Protocol):
+    """Where rows' results are written (``sink.PartWriter``, the Ray engine's commits)."""
+
+    def add(self, row: int, keys: tuple[Any, ...], outcome: Outcome, *, deduplicated: bool = False) -> None: ...
+
+    def add_block(self, rows: list[int], keys: list[tuple[Any, ...]], block: VectorBlock) -> None: ...
+
+
+class Result(Protocol):
+    """What one sent request ends as (an ``Outcome`` for one row, a ``VectorBlock`` for many rows' vectors):
+    the scheduler journals it, writes it and counts it through these methods, never asking which it holds."""
+
+    def outcome(self, i: int) -> Outcome: ...
+
+    def record_in(self, store: ResultStore) -> None: ...
+
+    def write_to(self, sink: ResultSink, rows: list[int], keys: list[tuple[Any, ...]],
+                 stats: RunStats) -> None: ...
+
+    def spend_into(self, stats: RunStats) -> None: ...
 
 
 def split_tokens(total: int, counts: np.ndarray) -> np.ndarray:
@@ -271,18 +339,7 @@ class RunStats:
 
     def spend(self, result: Result) -> None:
         """What an answer received in this run cost: its tokens and dollars."""
-        if isinstance(result, VectorBlock):
-            if result.cost_usd is not None:
-                self.cost_usd += float(result.cost_usd.sum())
-            self.prompt_tokens += int(result.prompt_tokens.sum())
-            return
-        self.cost_usd += result.cost_usd or 0.0
-        self.prompt_tokens += result.prompt_tokens or 0
-        self.completion_tokens += result.completion_tokens or 0
-        self.cached_tokens += result.cached_tokens or 0
-        self.reasoning_tokens += result.reasoning_tokens or 0
-        self.cache_write_tokens += result.cache_write_tokens or 0
-        self.usage_estimated += bool(result.usage_estimated)
+        result.spend_into(self)
 
     def count(self, outcome: Outcome, *, deduplicated: bool = False, resumed: bool = False) -> None:
         """One row written to the output with ``outcome`` (either mode counts rows the same way)."""

@@ -20,6 +20,7 @@ from typing import Any
 import polars as pl
 
 from pipeline.client import check_transport_security, resolve_api_key, resolve_base_url
+from pipeline.endpoints import endpoint_of, price_for
 from pipeline.errors import (
     BudgetExceeded,
     Interrupted,
@@ -34,9 +35,8 @@ from pipeline.job import MODES, Job
 from pipeline.journal import Journal, NullJournal, OutcomeStore, Reader, journal_fingerprint
 from pipeline.ledger import BatchLedger, BatchStage
 from pipeline.outcome import RESULT_SCHEMA, Outcome, RunStats
-from pipeline.pricing import Price, no_price_warning, price_for
-from pipeline.providers import Provider, provider_for
-from pipeline.providers.families import check_family
+from pipeline.pricing import Price, no_price_warning
+from pipeline.providers import DESCRIPTORS, Provider, provider_for
 from pipeline.render import KeptChunks, Renderer, key_id
 from pipeline.rowprints import RowPrints
 from pipeline.runlock import RunLock
@@ -88,12 +88,9 @@ def check(job: Job, source: Source | None = None) -> Checked:
         raise JobError(f"{job.source}: [budget].max_cost_usd is set, but no price is known for model "
                        f"{job.request.model!r}, so the budget could not be kept; add a [pricing] table "
                        "(input_per_mtok and output_per_mtok) or remove [budget]")
-    warnings = [] if price is not None else [no_price_warning(job.request.model, job.api.provider)]
-    req = job.request
-    if not req.is_embeddings:
-        warnings += check_family(job.source, job.api.provider, req.model, temperature=req.temperature,
-                                 top_p=req.top_p, reasoning_effort=req.reasoning_effort, max_tokens=req.max_tokens,
-                                 stop=bool(req.stop), anthropic_version=job.api.anthropic_version)
+    price_ids = DESCRIPTORS[job.api.provider].price_ids
+    warnings = [] if price is not None else [no_price_warning(job.request.model, price_ids)]
+    warnings += endpoint_of(job.request.endpoint).family_warnings(job)
     return Checked(job, provider, source, renderer, price, output_key_schema(job, source), warnings)
 
 
@@ -181,11 +178,10 @@ class RunPlan:
 def output_writer(c: Checked, paths: OutputPaths, *, stage: bool = True) -> PartWriter:
     """The output writer of a checked job (``stage=False``: a frame builder, with no parts folder)."""
     job = c.job
-    embeddings = job.request.is_embeddings
-    dims = c.provider.embedding_dims(job.request.model, job.request.dimensions) if embeddings else None
+    vectors = endpoint_of(job.request.endpoint).vectors(job, c.provider)
     checker, columns = answer_checker(job)
-    return PartWriter(paths, c.key_schema, answer_columns=columns, checker=checker, embeddings=embeddings,
-                      embedding_dims=dims, stage=stage)
+    return PartWriter(paths, c.key_schema, answer_columns=columns, checker=checker, vectors=vectors is not None,
+                      vector_dims=vectors.dims if vectors else None, stage=stage)
 
 
 def key_function(job: Job) -> Callable[[Any], tuple[Any, ...]]:
@@ -255,7 +251,7 @@ def prepare(job: Job, *, mode: str | None = None, base_url: str | None = None, l
             # same path (it must then be sent again), so those rows are known by their key, which hashes the bytes.
             prints = (RowPrints(store.db, str(paths.journal), checked.renderer, checked.source,
                                 retry_failed=retry_failed)
-                      if mode == "online" and isinstance(store, Journal) and not job.request.is_embeddings
+                      if mode == "online" and isinstance(store, Journal) and checked.renderer.endpoint.row_prints
                       and not job.request.images else None)
             from pipeline.measured import measured_output
 

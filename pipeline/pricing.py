@@ -17,30 +17,30 @@ from datetime import UTC, date, datetime
 from decimal import Decimal
 from typing import Any
 
-from pipeline.job import Job, PricingSpec
+from pipeline.spec import PricingSpec
 
-# genai-prices' provider ids; an OpenAI-compatible server's model is looked up by its name alone.
-PRICE_PROVIDERS = {"openai": "openai", "azure": "azure", "anthropic": "anthropic", "openai-compatible": None}
+# Where a model is looked up in genai-prices: provider ids tried in turn (a provider's descriptor says which;
+# None: by the model's name alone, for a compatible server's model).
+PriceIds = tuple[str | None, ...]
+OPENAI_PRICES: PriceIds = ("openai",)
 
 
-def no_price_warning(model: str, provider: str = "openai") -> str:
+def no_price_warning(model: str, price_ids: PriceIds = OPENAI_PRICES) -> str:
     """What the user is told when a model has no known price: the nearest names the price table knows, since
     a typo is the most common reason (and a misspelled model would fail every row at the provider)."""
-    near = nearest_models(model, provider)
+    near = nearest_models(model, price_ids)
     hint = f" (did you mean {' or '.join(map(repr, near))}?)" if near else ""
     return (f"no price known for model {model!r}{hint}: cost columns will be null "
             "(add a [pricing] table with input_per_mtok and output_per_mtok to the job)")
 
 
-def nearest_models(model: str, provider: str = "openai", n: int = 3) -> list[str]:
-    """The model names of ``provider`` in the bundled price table closest to ``model``."""
+def nearest_models(model: str, price_ids: PriceIds = OPENAI_PRICES, n: int = 3) -> list[str]:
+    """The model names under ``price_ids`` in the bundled price table closest to ``model``."""
     import difflib
 
     from genai_prices import data_snapshot
 
-    wanted = PRICE_PROVIDERS.get(provider, provider)
-    names = [m.id for p in data_snapshot.get_snapshot().providers
-             if p.id == wanted or (provider == "azure" and p.id == "openai") for m in p.models]
+    names = [m.id for p in data_snapshot.get_snapshot().providers if p.id in price_ids for m in p.models]
     return difflib.get_close_matches(model, names, n=n, cutoff=0.6)
 BATCH_DISCOUNT = 0.5
 
@@ -153,22 +153,16 @@ def _newest_price_date(model_info: Any) -> str | None:
     return max(dates).isoformat() if dates else None
 
 
-def price_for(job: Job) -> Price | None:
-    """The price of the job's model, with the job's overrides."""
-    return lookup_price(job.request.model, job.pricing, embeddings=job.request.is_embeddings,
-                        provider=job.api.provider)
-
-
 def lookup_price(model: str, overrides: PricingSpec | None = None, *, now: datetime | None = None,
-                 embeddings: bool = False, provider: str = "openai") -> Price | None:
+                 input_only: bool = False, price_ids: PriceIds = OPENAI_PRICES) -> Price | None:
     """The price of ``model``, or None when neither the job nor the price table knows it.
 
-    Embedding models bill input tokens only, so a missing output price means 0 for them (and only for them).
+    Models that bill input tokens only (``input_only``: embeddings) take a missing output price as 0, and only they do.
     """
     overrides = overrides or PricingSpec()
     inp: Rate | None
     out: Rate | None
-    if overrides.input_per_mtok is not None and (overrides.output_per_mtok is not None or embeddings):
+    if overrides.input_per_mtok is not None and (overrides.output_per_mtok is not None or input_only):
         inp = Rate(overrides.input_per_mtok)
         cached = Rate(overrides.cached_input_per_mtok if overrides.cached_input_per_mtok is not None
                       else overrides.input_per_mtok)
@@ -180,18 +174,17 @@ def lookup_price(model: str, overrides: PricingSpec | None = None, *, now: datet
 
     when = now or datetime.now(tz=UTC)
     snapshot = data_snapshot.get_snapshot()
-    try:
-        _provider, info = snapshot.find_provider_model(model, None, PRICE_PROVIDERS.get(provider, provider), None)
-    except LookupError:
-        if provider != "azure":
-            return None
-        try:  # Azure sells OpenAI's models; a model the table lists for OpenAI only is priced as OpenAI's
-            _provider, info = snapshot.find_provider_model(model, None, "openai", None)
+    for price_id in price_ids:  # the first that lists the model (Azure sells OpenAI's models)
+        try:
+            _provider, info = snapshot.find_provider_model(model, None, price_id, None)
+            break
         except LookupError:
-            return None
+            continue
+    else:
+        return None
     std = info.get_prices(when)
     inp, out = _rate(std.input_mtok), _rate(std.output_mtok)
-    if embeddings and out is None:
+    if input_only and out is None:
         out = Rate(0.0)  # embedding models bill input tokens only
     if inp is None or out is None:
         return None

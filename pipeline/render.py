@@ -23,10 +23,11 @@ import polars as pl
 from jinja2.runtime import new_context
 from jinja2.sandbox import SandboxedEnvironment
 
+from pipeline.endpoints import endpoint_of
 from pipeline.errors import TemplateError
-from pipeline.images import Image, ImageLoader, ImageProblem, rule_for
+from pipeline.images import Image, ImageLoader, ImageProblem
 from pipeline.job import Job
-from pipeline.providers import Provider, provider_for
+from pipeline.providers import DESCRIPTORS, Provider, provider_for
 from pipeline.source import ROW, Source, check_columns
 
 ROW_VARIABLE = "row"  # a mapping of the whole row, for column names that are not identifiers
@@ -215,11 +216,12 @@ class Renderer:
         self._concat = self.env.concat
         self.parts: list[_Part] = []
         req = job.request
+        self.endpoint = endpoint = endpoint_of(req.endpoint)
         if req.system:
             self.parts.append(self._compile("system", req.system, f"{job.source}: [request].system"))
         for i, m in enumerate(req.messages):
             self.parts.append(self._compile(m.role, m.content, f"{job.source}: [request].messages[{i}]"))
-        self.parts.append(self._compile("input" if req.is_embeddings else "user", req.prompt, req.prompt_source))
+        self.parts.append(self._compile(endpoint.prompt_role, req.prompt, req.prompt_source))
         # Images: a template each, or a bare reference to a binary column (its bytes are the image).
         self.image_parts = [(self._compile("image", i.template, i.where), i.detail) for i in req.images]
         self.template_columns = self._referenced_columns(source)
@@ -235,12 +237,13 @@ class Renderer:
             check_columns(source, [self.id_column], f"{job.source}: [input].id")
         check_columns(source, job.input.keep, f"{job.source}: [input].keep")
         provider = provider or provider_for(job)
-        self.images = ImageLoader(_input_folder(job.input.path), provider.name) if req.images else None
-        self.image_rule = rule_for(provider.name, req.model)
+        facts = DESCRIPTORS[provider.name]
+        self.images = ImageLoader(_input_folder(job.input.path), facts.image_limits) if req.images else None
+        self.image_rule = facts.image_rule(req.model)
         self.counter = provider.counter(req.model)
         self.bodies = provider.bodies(req, job.name)
         c = self.counter
-        if req.is_embeddings:  # an embedding input is plain text: no chat framing
+        if not endpoint.chat_messages:  # a plain-text input: no chat framing
             self.fixed_tokens = sum(c.fixed(p.text) for p in self.parts if p.template is None)
         else:  # the framing of each message, the constant texts, and what the provider adds (a schema)
             self.fixed_tokens = c.priming + self.bodies.added_tokens(c) + sum(
@@ -254,7 +257,7 @@ class Renderer:
             if p.template is not None:
                 break
             leading.append(p)
-        self.static_prefix_tokens = 0 if req.is_embeddings or not leading else (
+        self.static_prefix_tokens = 0 if not endpoint.chat_messages or not leading else (
             c.priming + self.bodies.added_tokens(c)
             + sum(c.per_message + c.fixed(p.role) + c.fixed(p.text) for p in leading))
         self.cached_prefix_tokens = self.cache.read_tokens(self.static_prefix_tokens)
@@ -266,10 +269,10 @@ class Renderer:
                 self.cached_prefix_tokens = 0
         # Rows whose leading messages are templated share a prefix only with rows rendering them alike: a chunk
         # is sent in the order of those texts, so such rows go out close together (the output keeps its order).
-        self._sort_by_prefix = not req.is_embeddings and any(p.template is not None for p in self.parts[:-1])
-        # Embeddings rows whose input is a plain substitution go straight from the column to their bodies,
-        # without a dict and a message list per row.
-        self._direct_input = req.is_embeddings and self.parts[-1].pieces is not None
+        self._sort_by_prefix = endpoint.chat_messages and any(p.template is not None for p in self.parts[:-1])
+        # Plain-text rows (embeddings) whose input is a plain substitution go straight from the column to
+        # their bodies, without a dict and a message list per row.
+        self._text_body = endpoint.text_body(self.bodies) if self.parts[-1].pieces is not None else None
         self._body_frame = self._frame()
 
     def _frame(self) -> _BodyFrame | None:
@@ -282,9 +285,8 @@ class Renderer:
         verbatim, and the frame is refused; ``render_chunk`` still checks the frame against the builder on the
         first row of every chunk.
         """
-        req = self.job.request
         variable = [i for i, p in enumerate(self.parts) if p.template is not None]
-        if req.is_embeddings or self.image_parts or any(self.parts[i].pieces is None for i in variable):
+        if not self.endpoint.chat_messages or self.image_parts or any(self.parts[i].pieces is None for i in variable):
             return None
         marks = {i: f"\x00pipeline-hole-{n}\x00" for n, i in enumerate(variable)}
         body = self.body([{"role": p.role, "content": marks.get(i, p.text)} for i, p in enumerate(self.parts)])
@@ -447,9 +449,7 @@ class Renderer:
 
     def body(self, messages: list[dict[str, str]]) -> bytes:
         """The exact JSON body; its bytes are hashed into the request key, so field order is fixed."""
-        if self.job.request.is_embeddings:
-            return self.bodies.embedding(messages[0]["content"])
-        return self.bodies.chat(messages)
+        return self.endpoint.body(self.bodies, messages)
 
     def render_chunk(self, chunk: pl.DataFrame, settled: Callable[[list[str]], Mapping[str, Any]] | None = None,
                      counted: Sequence[int] | None = None,
@@ -505,10 +505,9 @@ class Renderer:
             bodies = self._framed(frame, texts_of)
             pending = [(row, row_id, keep, texts, body, key, 0) for row, row_id, keep, texts, body, key
                        in zip(rows, ids, keeps, texts_of, bodies, request_keys(endpoint, bodies), strict=True)]
-        elif self._direct_input and inputs is not None and not skip_nulls:
-            embedding = self.bodies.embedding
+        elif (text_body := self._text_body) is not None and inputs is not None and not skip_nulls:
             for row, row_id, keep, text in zip(rows, ids, keeps, inputs, strict=True):
-                body = embedding(text)
+                body = text_body(text)
                 pending.append((row, row_id, keep, (text,), body, request_key(endpoint, body), 0))
         else:
             for n, (row, row_id, keep, values) in enumerate(zip(rows, ids, keeps, values_iter, strict=True)):

@@ -30,7 +30,7 @@ from pipeline.source import ROW
 from pipeline.structured import Checker
 
 PART_ROWS = 10_000
-PART_VECTOR_BYTES = 32 << 20  # embeddings: parts hold up to this much of vectors (more rows when they are small)
+PART_VECTOR_BYTES = 32 << 20  # vector answers: parts hold up to this much of vectors (more rows when they are small)
 PART_GROUP_ROWS = 2_048
 COMPACT_ROWS = 10_000  # rows per output row group (and held in memory at once while merging parts)
 STREAM_EVERY = 4_096   # new rows between two looks for rows that can go to the output
@@ -142,21 +142,21 @@ class PartWriter:
 
     def __init__(self, paths: OutputPaths, key_schema: dict[str, pl.DataType], part_rows: int = PART_ROWS, *,
                  answer_columns: dict[str, pl.DataType] | None = None, checker: Checker | None = None,
-                 embeddings: bool = False, embedding_dims: int | None = None, stage: bool = True) -> None:
+                 vectors: bool = False, vector_dims: int | None = None, stage: bool = True) -> None:
         self.paths = paths
-        self.embeddings, self.embedding_dims = embeddings, embedding_dims
+        self.vectors, self.vector_dims = vectors, vector_dims
         self.answer_columns = answer_columns or {}
         self.checker = checker
         self.schema: dict[str, pl.DataType] = {ROW: pl.Int64(), **key_schema, **RESULT_SCHEMA,
                                                **self.answer_columns}
-        if embeddings:  # float32 vectors; a fixed-size array when the size is known up front
-            self.schema["embedding"] = (pl.Array(pl.Float32, embedding_dims) if embedding_dims
+        if vectors:  # float32 vectors; a fixed-size array when the size is known up front
+            self.schema["embedding"] = (pl.Array(pl.Float32, vector_dims) if vector_dims
                                         else pl.List(pl.Float32))
         self._key_columns = list(key_schema)
         self._cols: dict[str, list[Any]] = {}
         self._result_columns: list[list[Any]] = []
         self._new_buffers()
-        self._blocks: list[tuple[list[int], list[tuple[Any, ...]], VectorBlock]] = []  # embeddings requests
+        self._blocks: list[tuple[list[int], list[tuple[Any, ...]], VectorBlock]] = []  # requests of many rows' vectors
         self._n = 0                          # rows buffered (in _cols, _blocks and _waiting)
         self._waiting: pl.DataFrame | None = None  # rows sorted, but after a gap in the output
         self._next_row = 0                   # rows before this one are in the output file
@@ -170,8 +170,8 @@ class PartWriter:
         self._part = 0
         self.rows_written = 0
         self.part_rows = part_rows
-        if embeddings and embedding_dims:
-            self.part_rows = max(part_rows, PART_VECTOR_BYTES // (4 * embedding_dims))
+        if vectors and vector_dims:
+            self.part_rows = max(part_rows, PART_VECTOR_BYTES // (4 * vector_dims))
         if not stage:  # a frame builder only (``take``): the Ray engine's commits write their own files
             return
         # A crashed run leaves parts of a table that the journal can rebuild: start clean.
@@ -199,7 +199,7 @@ class PartWriter:
             column.append(value)
         c["deduplicated"].append(deduplicated)
         ok = outcome.status == "ok"
-        if self.embeddings:
+        if self.vectors:
             c["embedding"].append(outcome.embedding if ok else None)
         if self.checker is not None:
             values = self.checker.values(outcome.content, outcome.tool_calls) if ok else self.checker.values(None)
@@ -228,7 +228,7 @@ class PartWriter:
             self.flush()
 
     def add_block(self, rows: list[int], keys: list[tuple[Any, ...]], block: VectorBlock) -> None:
-        """The rows of one embeddings request at once (all ``ok``), kept as arrays until the part is written:
+        """The rows of one request of many rows' vectors at once (all ``ok``), kept as arrays until the part is written:
         one DataFrame per part, not a Python value per cell (nor a DataFrame per request)."""
         self._blocks.append((rows, keys, block))
         self._lowest = min(self._lowest, min(rows))
@@ -258,7 +258,7 @@ class PartWriter:
         data["deduplicated"] = np.zeros(len(data[ROW]), dtype=bool)
         vectors = np.concatenate([b.vectors for _, _, b in blocks])
         # Unknown size up front: a list column, built from the fixed-size block (polars reads a 2-D array as one).
-        data["embedding"] = (vectors if self.embedding_dims else
+        data["embedding"] = (vectors if self.vector_dims else
                              pl.Series(vectors, dtype=pl.Array(pl.Float32, vectors.shape[1])).cast(pl.List(pl.Float32)))
         n = len(data[ROW])
         return pl.DataFrame([pl.Series(name, data[name] if data.get(name) is not None else [None] * n, dtype=dtype)
@@ -271,7 +271,7 @@ class PartWriter:
         if self._blocks:
             frames.append(self._blocks_frame())
         if self._cols[ROW]:
-            if self.embeddings:
+            if self.vectors:
                 vectors = self._cols.pop("embedding")
                 schema = {k: v for k, v in self.schema.items() if k != "embedding"}
                 frames.append(pl.DataFrame(self._cols, schema=schema, strict=False)
@@ -324,7 +324,7 @@ class PartWriter:
         try:
             # Sorted, with statistics and small row groups, so compaction can read one row range at a time;
             # lz4 because parts are read once and deleted (none with vectors: floats do not compress).
-            df.write_parquet(tmp, compression="uncompressed" if self.embeddings else "lz4",
+            df.write_parquet(tmp, compression="uncompressed" if self.vectors else "lz4",
                              statistics=True, row_group_size=PART_GROUP_ROWS)
             tmp.replace(final)
         except OSError as e:
@@ -332,7 +332,7 @@ class PartWriter:
 
     def _vectors(self, raw: list[bytes | None]) -> pl.Series:
         """Float32 bytes to a vector column in one numpy step, not a Python float per element."""
-        dims = self.embedding_dims
+        dims = self.vector_dims
         if dims:
             arr = np.zeros((len(raw), dims), dtype=np.float32)
             for i, b in enumerate(raw):
@@ -368,7 +368,7 @@ class PartWriter:
         # computing them took 40% of the write) and no compression. Measured on 100,000 x 256 vectors: zstd made
         # the file 9% smaller and the write twice as long; byte-stream-split + zstd 17% smaller, 3.3x as long.
         options: dict[str, Any] = {"compression": "zstd", "compression_level": 1}
-        if self.embeddings:
+        if self.vectors:
             columns = _leaf_columns(self._arrow_schema)
             scalars = [c for c in columns if not c.startswith("embedding.")]
             options = {"use_dictionary": scalars, "write_statistics": scalars,

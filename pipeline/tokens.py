@@ -136,6 +136,11 @@ class ChatTokenCounter:
     per_message = TOKENS_PER_MESSAGE
     priming = REPLY_PRIMING
 
+    @property
+    def basis(self) -> str:
+        """What the counts rest on, shown beside the figure."""
+        return "tiktoken, exact" if self.exact else "approximate (tiktoken; the server's model tokenizes its own way)"
+
     def __init__(self, model: str) -> None:
         self._name = encoding_name_for_model(model)
         self._encoding: tiktoken.Encoding | None = get_encoding(self._name)
@@ -215,6 +220,12 @@ class BoundingTokenCounter(ChatTokenCounter):
     factor = 1.6
     per_message = 8
     priming = 16
+
+    @property
+    def basis(self) -> str:
+        """A bound, and how to get the exact count."""
+        return (f"upper bound ({self.factor:g} x cl100k tokens + framing; no offline Claude tokenizer: "
+                "`pipeline estimate --exact` asks the API)")
 
     def __init__(self, model: str) -> None:
         self._name = "cl100k_base"

@@ -16,7 +16,7 @@ import jsonschema
 import orjson
 import polars as pl
 
-from pipeline.job import ToolSpec
+from pipeline.spec import ToolSpec
 from pipeline.structured import column_values, columns_of, schema_problem
 
 TOOL_CALL = pl.Struct({"id": pl.String(), "name": pl.String(), "arguments": pl.String()})

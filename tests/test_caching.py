@@ -5,10 +5,11 @@ import orjson
 import polars as pl
 import pytest
 
+from pipeline.endpoints import price_for
 from pipeline.estimate import estimate
 from pipeline.job import Job
 from pipeline.plan import check
-from pipeline.pricing import Usage, price_for
+from pipeline.pricing import Usage
 from pipeline.report import build_report
 from pipeline.run import run
 from pipeline.source import read_head

@@ -16,6 +16,8 @@ import polars as pl
 import pytest
 
 from pipeline.client import ApiClient
+from pipeline.endpoints.chat import ChatSender
+from pipeline.endpoints.embeddings import EmbeddingsSender
 from pipeline.errors import AbortError, BudgetExceeded, Interrupted
 from pipeline.execute import Scheduler
 from pipeline.job import RequestSpec
@@ -25,7 +27,7 @@ from pipeline.pricing import Price, Rate
 from pipeline.providers.openai import OpenAIBodies
 from pipeline.render import RenderedChunk, Request, request_key
 from pipeline.retry import RetryPolicy
-from pipeline.senders import ChatSender, EmbeddingsSender, Sending
+from pipeline.senders import Sending
 from pipeline.sink import OutputPaths, PartWriter
 from tests.conftest import run_virtual
 
@@ -72,7 +74,7 @@ class Harness:
 
     def run(self, requests: list[Request], during: Callable[[Scheduler], Any] | None = None) -> Any:
         paths = OutputPaths(self.tmp / "out.parquet")
-        sink = PartWriter(paths, {"id": pl.String()}, embeddings=self.embeddings is not None, embedding_dims=2)
+        sink = PartWriter(paths, {"id": pl.String()}, vectors=self.embeddings is not None, vector_dims=2)
         journal = Journal(paths.journal)
 
         async def main() -> Any:

@@ -17,9 +17,9 @@ from pipeline.images import (
     ImageProblem,
     anthropic_tokens,
     check,
+    openai_rule,
     patch_tokens,
     patches,
-    rule_for,
     sniff,
     tile_tokens,
 )
@@ -35,12 +35,12 @@ def test_openai_tile_rule_documented_examples():
     assert tile_tokens(1024, 1024, "high") == 765
     assert tile_tokens(2048, 4096, "high") == 1105
     assert tile_tokens(4096, 8192, "low") == 85
-    gpt4o = rule_for("openai", "gpt-4o-2024-08-06")
+    gpt4o = openai_rule("gpt-4o-2024-08-06")
     assert gpt4o.tokens(Image(width=1024, height=1024, detail="high")) == 765
     assert gpt4o.tokens(Image(width=2048, height=4096, detail="auto")) == 1105  # auto counted as high
     assert gpt4o.tokens(Image(width=4096, height=8192, detail="low")) == 85
-    assert rule_for("openai", "gpt-4.1").tokens(Image(width=1024, height=1024)) == 765
-    assert rule_for("openai", "gpt-5").tokens(Image(width=1024, height=1024)) == 765
+    assert openai_rule("gpt-4.1").tokens(Image(width=1024, height=1024)) == 765
+    assert openai_rule("gpt-5").tokens(Image(width=1024, height=1024)) == 765
 
 
 def test_openai_patch_rule_documented_examples():
@@ -49,15 +49,15 @@ def test_openai_patch_rule_documented_examples():
     assert patches(1800, 2400) == 1452
     assert patches(20_000, 20_000) <= 1536
     assert patch_tokens(1024, 1024, 1.62) == math.ceil(1024 * 1.62)
-    assert rule_for("openai", "gpt-4.1-mini").tokens(Image(width=1800, height=2400)) == math.ceil(1452 * 1.62)
-    assert rule_for("openai", "gpt-4.1-nano-2025-04-14").tokens(Image(width=1024, height=1024)) == \
+    assert openai_rule("gpt-4.1-mini").tokens(Image(width=1800, height=2400)) == math.ceil(1452 * 1.62)
+    assert openai_rule("gpt-4.1-nano-2025-04-14").tokens(Image(width=1024, height=1024)) == \
         math.ceil(1024 * 2.46)
-    assert rule_for("openai", "gpt-5-mini").tokens(Image(width=64, height=64, detail="low")) == math.ceil(4 * 1.62)
-    assert rule_for("openai", "o4-mini").tokens(Image(width=64, height=64)) == math.ceil(4 * 1.72)
+    assert openai_rule("gpt-5-mini").tokens(Image(width=64, height=64, detail="low")) == math.ceil(4 * 1.62)
+    assert openai_rule("o4-mini").tokens(Image(width=64, height=64)) == math.ceil(4 * 1.72)
 
 
 def test_gpt_4o_mini_has_its_own_constants():
-    mini = rule_for("openai", "gpt-4o-mini")
+    mini = openai_rule("gpt-4o-mini")
     assert mini.tokens(Image(width=1024, height=1024, detail="high")) == 2833 + 4 * 5667
     assert mini.tokens(Image(width=1024, height=1024, detail="low")) == 2833
 
@@ -72,14 +72,14 @@ def test_anthropic_rule_and_resize():
 
 
 def test_unknown_model_is_bounded_and_says_so():
-    rule = rule_for("openai-compatible", "llava-1.6")
+    rule = openai_rule("llava-1.6")
     assert not rule.exact and "no known image rule" in rule.name
     img = Image(width=1024, height=1024)
-    known = (rule_for("openai", "gpt-4o"), rule_for("openai", "gpt-4.1-nano"))
+    known = (openai_rule("gpt-4o"), openai_rule("gpt-4.1-nano"))
     assert rule.tokens(img) >= max(r.tokens(img) for r in known)
     url = Image(url="https://example.com/a.png")  # no dimensions offline: the most an image can cost
     assert rule.tokens(url) >= rule.tokens(Image(width=8000, height=8000))
-    assert rule_for("openai", "gpt-4o").tokens(url) == 85 + 170 * 8
+    assert openai_rule("gpt-4o").tokens(url) == 85 + 170 * 8
 
 
 # -- reading and checking -------------------------------------------------------------------------------------

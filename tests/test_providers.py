@@ -10,7 +10,7 @@ import pytest
 from pipeline.errors import AbortError, JobError, RateLimited, RowError, TransientError
 from pipeline.job import Job
 from pipeline.pricing import Usage, lookup_price
-from pipeline.providers import provider_for
+from pipeline.providers import DESCRIPTORS, provider_for
 from pipeline.providers.anthropic import has_json_output, message_answer, parse_message, parse_rate
 from pipeline.providers.anthropic_batch import batch_result, normalized
 from pipeline.render import Renderer
@@ -61,7 +61,7 @@ def test_api_settings_are_checked_with_the_key_named(make_job, api, request_extr
 def test_an_embeddings_job_for_anthropic_is_refused_before_anything_is_sent(make_job):
     path = make_job(request='endpoint = "embeddings"\nmodel = "voyage-3"\ninput = "{{ text }}"',
                     extra='[api]\nprovider = "anthropic"')
-    with pytest.raises(JobError, match="Anthropic has no embeddings API"):
+    with pytest.raises(JobError, match=r"provider = \"anthropic\" has no embeddings API"):
         Job.load(path)
 
 
@@ -123,7 +123,7 @@ def test_the_azure_deployment_is_sent_as_the_model_while_the_model_is_priced(mak
     job = job_with(make_job, 'base_url = "https://r.openai.azure.com/openai/v1"\ndeployment = "prod-4o"')
     body, _ = first_body(job)
     assert body["model"] == "prod-4o"
-    price = lookup_price(job.request.model, provider="azure")
+    price = lookup_price(job.request.model, price_ids=DESCRIPTORS["azure"].price_ids)
     assert price is not None and price.input.base == 0.15
 
 
@@ -160,7 +160,7 @@ def test_anthropic_usage_adds_the_cache_parts_back_and_stop_reasons_are_mapped()
 
 
 def test_cache_reads_and_writes_are_each_priced_at_their_own_rate():
-    price = lookup_price("claude-3-5-haiku-latest", provider="anthropic")
+    price = lookup_price("claude-3-5-haiku-latest", price_ids=DESCRIPTORS["anthropic"].price_ids)
     assert price is not None
     usage = Usage(prompt_tokens=1150, completion_tokens=7, cached_tokens=1000, cache_write_tokens=50)
     expected = (100 * 0.80 + 1000 * 0.08 + 50 * 1.00 + 7 * 4.00) / 1e6

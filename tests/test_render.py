@@ -183,8 +183,8 @@ def test_templates_that_do_more_than_substitute_use_jinja(make_job):
 def test_token_counts_from_the_estimate_pass_are_reused_not_recounted(make_job, monkeypatch):
     from array import array
 
+    from pipeline.endpoints import price_for
     from pipeline.estimate import estimate_source
-    from pipeline.pricing import price_for
 
     job = Job.load(make_job(rows=30))
     src = open_source(job.input.path)

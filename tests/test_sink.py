@@ -50,7 +50,7 @@ def test_rows_out_of_order_after_a_streamed_start_go_through_parts_and_come_out_
 
 
 def test_embedding_blocks_and_single_rows_interleave_in_order(tmp_path):
-    w = _writer(tmp_path, embeddings=True, embedding_dims=4)
+    w = _writer(tmp_path, vectors=True, vector_dims=4)
     rng = np.random.default_rng(1)
     order = list(range(0, 30_000, 500))
     random.Random(2).shuffle(order[5:])  # the first blocks in order, then any order

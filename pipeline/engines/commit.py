@@ -88,7 +88,7 @@ class ChunkSink:
     def __init__(self, frame: PartWriter, *, dataset: str, partition: str, row_start: int, rows: int,
                  done: Iterable[tuple[int, int]], commit_rows: int, endpoint_url: str | None = None) -> None:
         self._frame = frame
-        self.checker, self.embedding_dims = frame.checker, frame.embedding_dims
+        self.checker, self.vector_dims = frame.checker, frame.vector_dims
         self.dataset, self.partition, self.endpoint_url = dataset, partition, endpoint_url
         self.row_start, self.commit_rows = row_start, commit_rows
         self._settled = bytearray(rows)      # 1: committed before, or held now
@@ -120,7 +120,7 @@ class ChunkSink:
             self._commit(upto=self.row_start + self._cursor)
 
     def add_block(self, rows: list[int], keys: list[tuple[Any, ...]], block: VectorBlock) -> None:
-        """An embeddings request's rows, one by one (chunks are small; the local writer's arrays are not needed)."""
+        """A request's rows' vectors, one by one (chunks are small; the local writer's arrays are not needed)."""
         for i, (row, key) in enumerate(zip(rows, keys, strict=True)):
             self.add(row, key, block.outcome(i))
 

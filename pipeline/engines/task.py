@@ -34,7 +34,7 @@ from pipeline.journal import Journal
 from pipeline.outcome import RunStats
 from pipeline.plan import check, key_function, output_writer, stop_reason_kind
 from pipeline.retry import RetryPolicy
-from pipeline.senders import Sending, sender_for
+from pipeline.senders import Sending
 from pipeline.sink import OutputPaths
 from pipeline.source import open_source
 
@@ -115,8 +115,8 @@ def run_partition(spec: TaskSpec, ask: Ask, tell: Tell, *,
                               price=checked.price, max_cost_usd=job.budget.max_cost_usd,
                               breaker=Breaker(checked.provider.hint))
             renderer = checked.renderer
-            sender = sender_for(job.request, sending, bodies=renderer.bodies, checker=sink.checker,
-                                dims=sink.embedding_dims, counter=renderer.counter)
+            sender = renderer.endpoint.sender(sending, job.request, bodies=renderer.bodies, checker=sink.checker,
+                                              dims=sink.vector_dims, counter=renderer.counter)
             lookup = journal.reader()
 
             def chunks() -> Any:
@@ -166,7 +166,7 @@ class _Watched:
 
     def __init__(self, sink: ChunkSink, exit_after: tuple[int, Path] | None) -> None:
         self._sink, self._exit_after = sink, exit_after
-        self.checker, self.embedding_dims = sink.checker, sink.embedding_dims
+        self.checker, self.vector_dims = sink.checker, sink.vector_dims
 
     def add(self, *args: Any, **kwargs: Any) -> None:
         self._sink.add(*args, **kwargs)

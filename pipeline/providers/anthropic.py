@@ -27,11 +27,19 @@ from typing import Any
 import orjson
 
 from pipeline.errors import AbortError, RateLimited, RowError, TransientError
-from pipeline.images import Image
-from pipeline.job import ApiSpec, RequestSpec
+from pipeline.images import CLAUDE_LIMITS, Image, claude_rule
 from pipeline.pricing import Usage
-from pipeline.providers.base import NO_RATE, Answer, BatchResult, EmbeddingAnswer, PromptCache, RateInfo
+from pipeline.providers.base import (
+    NO_RATE,
+    Answer,
+    BatchResult,
+    Descriptor,
+    EmbeddingAnswer,
+    PromptCache,
+    RateInfo,
+)
 from pipeline.providers.openai import MAX_SERVER_WAIT_S, _error_fields, _int, retry_after, schema_instruction
+from pipeline.spec import ApiSpec, RequestSpec
 from pipeline.tokens import BoundingTokenCounter, ChatTokenCounter
 
 PATHS = {"chat": "/v1/messages", "count_tokens": "/v1/messages/count_tokens", "batches": "/v1/messages/batches"}
@@ -348,3 +356,15 @@ class AnthropicProvider:
         from pipeline.providers.anthropic_batch import batch_result
 
         return batch_result(raw, user_tools=self.user_tools)
+
+
+DESCRIPTOR = Descriptor(
+    name="anthropic", default_base_url="https://api.anthropic.com/v1", key_env="ANTHROPIC_API_KEY",
+    hosts=("api.anthropic.com",), structured_outputs=("auto", "json_schema", "tool", "none"),
+    max_tokens_fields=(),  # the Messages API always takes max_tokens
+    max_images=100,  # "up to 100 images in a single API request" (docs.anthropic.com, vision)
+    batch_limits=(100_000, 256_000_000),  # per Message Batch (docs.anthropic.com, batch processing)
+    endpoints=("chat",), own_keys=("anthropic_version",), request_keys_refused=("seed", "reasoning_effort"),
+    image_detail=False,  # Claude resizes large images itself
+    image_limits=CLAUDE_LIMITS, image_rule=claude_rule, price_ids=("anthropic",),
+    make=lambda api, request: AnthropicProvider(api, user_tools=bool(request.tools)))

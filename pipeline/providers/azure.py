@@ -12,8 +12,9 @@ from __future__ import annotations
 
 from urllib.parse import quote
 
-from pipeline.job import RequestSpec
+from pipeline.providers.base import Descriptor
 from pipeline.providers.openai import PATHS, OpenAIProvider
+from pipeline.spec import OPENAI_BATCH_LIMITS, RequestSpec
 
 AZURE_BATCH_URLS = {"chat": "/chat/completions", "embeddings": "/embeddings"}
 _SUFFIXES = ("/openai/v1", "/openai")
@@ -61,3 +62,15 @@ class AzureProvider(OpenAIProvider):
     def batch_params(self) -> dict[str, str] | None:
         """The deployment URLs' API version, on every Files and Batches call."""
         return {"api-version": self.api.api_version} if self.api.api_version else None
+
+
+DESCRIPTOR = Descriptor(
+    name="azure", default_base_url="", key_env="AZURE_OPENAI_API_KEY",
+    hosts=(".openai.azure.com", ".cognitiveservices.azure.com", ".services.ai.azure.com"),
+    structured_outputs=("json_schema", "json_object", "none"),
+    max_tokens_fields=("max_completion_tokens", "max_tokens"), max_images=500, batch_limits=OPENAI_BATCH_LIMITS,
+    endpoints=("chat", "embeddings"), own_keys=("deployment", "api_version"),
+    requires={"api_version": "deployment"},  # the older URLs name the deployment
+    price_ids=("azure", "openai"),  # Azure sells OpenAI's models; one listed for OpenAI only is priced as OpenAI's
+    example_base_url="https://RESOURCE.openai.azure.com/openai/v1",
+    make=lambda api, request: AzureProvider(api))

@@ -6,15 +6,15 @@ responses into the classes of ``errors.py``); nothing after the provider reads a
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from pipeline.errors import ProviderError
-from pipeline.images import Image
-from pipeline.job import RequestSpec
-from pipeline.pricing import Usage
+from pipeline.images import OPENAI_LIMITS, Image, ImageLimits, ImageRule, openai_rule
+from pipeline.pricing import OPENAI_PRICES, PriceIds, Usage
 from pipeline.rates import NO_RATE, RateInfo  # noqa: F401 - part of the provider seam, re-exported
+from pipeline.spec import RequestSpec
 from pipeline.tokens import ChatTokenCounter
 
 
@@ -97,6 +97,36 @@ class Bodies(Protocol):
     def mark_cache(self) -> None:
         """Mark the end of the static system prompt as a cache breakpoint, where the dialect has them."""
         ...
+
+
+@dataclass(frozen=True)
+class Descriptor:
+    """A provider's facts, declared once in its module: what the job file's parser checks ``[api]`` and
+    ``[request]`` against, and how ``provider_for`` builds the provider. Nothing outside ``providers/`` names a
+    provider; it reads these."""
+
+    name: str                            # [api].provider
+    default_base_url: str                # "" where the user must give one (Azure, a compatible server)
+    key_env: str                         # the environment variable the key is read from by default
+    hosts: tuple[str, ...]               # the API's own host names (a leading "." matches a suffix)
+    structured_outputs: tuple[str, ...]  # [api].structured_output choices, the default first
+    max_tokens_fields: tuple[str, ...]   # [api].max_tokens_field choices, the default first; () when fixed
+    max_images: int                      # images one request may carry (the provider's vision docs)
+    batch_limits: tuple[int, int]        # Batch API (requests, bytes) per file or batch
+    endpoints: tuple[str, ...]           # the [request].endpoint values it serves
+    own_keys: tuple[str, ...] = ()       # [api] keys only this provider takes
+    requires: Mapping[str, str] = field(default_factory=dict)  # [api] key -> the key it needs beside it
+    request_keys_refused: tuple[str, ...] = ()  # [request] keys its API has no counterpart for
+    image_detail: bool = True            # images take a `detail` setting
+    image_limits: ImageLimits = OPENAI_LIMITS  # what one image may be (the provider's vision docs)
+    image_rule: Callable[[str], ImageRule] = openai_rule  # a model's image-token rule
+    price_ids: PriceIds = OPENAI_PRICES  # where its models' prices are looked up (genai-prices' ids, in turn)
+    example_base_url: str = "http://localhost:8000/v1"  # shown when a base URL is missing
+    make: Callable[..., Provider] | None = field(default=None, compare=False, repr=False)  # (api, request)
+
+    def serves_host(self, host: str) -> bool:
+        """Whether ``host`` is one of this API's own."""
+        return any(host.endswith(h) if h.startswith(".") else host == h for h in self.hosts)
 
 
 class Provider(Protocol):

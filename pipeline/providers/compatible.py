@@ -11,8 +11,9 @@ tiktoken's approximation, and labelled so.
 
 from __future__ import annotations
 
-from pipeline.providers.base import NO_CACHE, PromptCache
+from pipeline.providers.base import NO_CACHE, Descriptor, PromptCache
 from pipeline.providers.openai import OpenAIProvider
+from pipeline.spec import OPENAI_BATCH_LIMITS
 from pipeline.tokens import ChatTokenCounter
 
 
@@ -34,3 +35,12 @@ class CompatibleProvider(OpenAIProvider):
     def prompt_cache(self, model: str) -> PromptCache:
         """Not counted: a compatible server may cache prefixes (vLLM does), but whether it bills less is its own."""
         return NO_CACHE
+
+
+DESCRIPTOR = Descriptor(
+    name="openai-compatible", default_base_url="", key_env="OPENAI_API_KEY", hosts=(),
+    structured_outputs=("json_schema", "json_object", "none"),
+    max_tokens_fields=("max_tokens", "max_completion_tokens"),  # what most servers (vLLM, llama.cpp) read
+    max_images=500, batch_limits=OPENAI_BATCH_LIMITS, endpoints=("chat", "embeddings"),
+    own_keys=("json_object_schema",), price_ids=(None,),  # a served model is priced by its name alone
+    make=lambda api, request: CompatibleProvider(api))

@@ -21,9 +21,17 @@ import pybase64
 
 from pipeline.errors import AbortError, RateLimited, RowError, TransientError
 from pipeline.images import Image
-from pipeline.job import ApiSpec, RequestSpec
 from pipeline.pricing import Usage
-from pipeline.providers.base import NO_RATE, Answer, BatchResult, EmbeddingAnswer, PromptCache, RateInfo
+from pipeline.providers.base import (
+    NO_RATE,
+    Answer,
+    BatchResult,
+    Descriptor,
+    EmbeddingAnswer,
+    PromptCache,
+    RateInfo,
+)
+from pipeline.spec import DEFAULT_BASE_URL, OPENAI_BATCH_LIMITS, ApiSpec, RequestSpec
 from pipeline.tokens import ChatTokenCounter
 
 RETRYABLE_STATUS = frozenset({408, 409, 429, 500, 502, 503, 504})
@@ -456,3 +464,13 @@ class OpenAIProvider:
         from pipeline.providers.openai_batch import batch_result
 
         return batch_result(raw, endpoint)
+
+
+DESCRIPTOR = Descriptor(
+    name="openai", default_base_url=DEFAULT_BASE_URL, key_env="OPENAI_API_KEY", hosts=("api.openai.com",),
+    structured_outputs=("json_schema", "json_object", "none"),
+    max_tokens_fields=("max_completion_tokens", "max_tokens"),
+    max_images=500,  # "500 images per request" (platform.openai.com/docs/guides/images-vision)
+    batch_limits=OPENAI_BATCH_LIMITS,  # 50,000 requests, 200 MB per input file (platform.openai.com/docs/guides/batch)
+    endpoints=("chat", "embeddings"),
+    make=lambda api, request: OpenAIProvider(api))

@@ -13,7 +13,11 @@ from typing import Any
 import orjson
 import pybase64
 
-from pipeline.images import Image, rule_for  # the documented token rules, for honest usage (not for refusals)
+from pipeline.images import (  # the documented token rules, for honest usage (not for refusals)
+    Image,
+    claude_rule,
+    openai_rule,
+)
 from pipeline.sim import answers
 from pipeline.sim.errors import SimFailure
 from pipeline.sim.rules import check_image
@@ -34,7 +38,7 @@ def openai_part(part: dict[str, Any], model: str) -> tuple[int, str]:
     detail = spec.get("detail") if isinstance(spec, dict) else None  # type: ignore[union-attr]
     if detail not in (None, "low", "high", "auto"):
         raise SimFailure(400, f"Invalid value for 'detail': {detail!r}.", param="messages")
-    rule = rule_for("openai", model)
+    rule = openai_rule(model)
     if url.startswith("data:"):
         head, _, b64 = url.partition(",")
         if not head.endswith(";base64"):
@@ -55,7 +59,7 @@ def anthropic_block(block: dict[str, Any]) -> tuple[int, str]:
     source = block.get("source")
     if not isinstance(source, dict):
         raise SimFailure(400, "messages: image.source: Field required")
-    rule = rule_for("anthropic", "")
+    rule = claude_rule("")
     if source.get("type") == "url":
         return rule.tokens(Image(url=str(source.get("url")))), "an image at a URL"
     if source.get("type") != "base64":

@@ -1,0 +1,31 @@
+"""One module per kind of request; ``endpoint_of`` finds a job's (see ``base`` for what an endpoint owns)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from pipeline.endpoints.base import Endpoint, Vectors
+from pipeline.endpoints.chat import Chat
+from pipeline.endpoints.embeddings import Embeddings
+from pipeline.pricing import Price, lookup_price
+from pipeline.providers import DESCRIPTORS
+
+if TYPE_CHECKING:
+    from pipeline.job import Job
+
+ENDPOINTS: dict[str, Endpoint] = {e.name: e for e in (Chat(), Embeddings())}
+
+
+def endpoint_of(name: str) -> Endpoint:
+    """The endpoint named by ``[request].endpoint`` (the job file's parser has checked the name)."""
+    return ENDPOINTS[name]
+
+
+def price_for(job: Job) -> Price | None:
+    """The price of the job's model, with the job's overrides (an endpoint without output tokens needs no
+    output rate)."""
+    return lookup_price(job.request.model, job.pricing, input_only=not endpoint_of(job.request.endpoint).bills_output,
+                        price_ids=DESCRIPTORS[job.api.provider].price_ids)
+
+
+__all__ = ["ENDPOINTS", "Endpoint", "Vectors", "endpoint_of", "price_for"]

@@ -1,0 +1,86 @@
+"""The endpoint seam: what one kind of request is and needs, declared once.
+
+Every stage that used to ask "is this an embeddings job?" asks the job's endpoint instead: how its prompt is
+framed, what one request body is, how rows make units of work (the sender), what a request can never carry,
+how many HTTP requests the estimate should expect, what a Batch API result line becomes, which model-family
+rules apply and what the output's answer columns are. A new endpoint is a new module here and a codec in each
+provider that serves it; the scheduler, the journal, the sink and the estimate stay as they are.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, ClassVar
+
+if TYPE_CHECKING:
+    from pipeline.job import Job
+    from pipeline.outcome import Outcome
+    from pipeline.pricing import Price
+    from pipeline.providers.base import BatchResult, Bodies, Provider
+    from pipeline.senders import Sender, Sending
+    from pipeline.spec import RequestSpec
+    from pipeline.structured import Checker
+    from pipeline.tokens import ChatTokenCounter
+
+
+@dataclass(frozen=True)
+class Vectors:
+    """An endpoint whose answers are vectors: the output gets a float32 column of this many dimensions
+    (None: not known before the first answer)."""
+
+    dims: int | None
+
+
+class Endpoint(ABC):
+    """One kind of request (``[request].endpoint``). Subclasses declare the facts as class attributes and the
+    behaviours as methods; instances hold no state, so one per kind is shared (``endpoint_of``)."""
+
+    name: ClassVar[str]            # the [request].endpoint value, and the name a provider maps to its URL path
+    prompt_role: ClassVar[str]     # the role [request].prompt renders as
+    chat_messages: ClassVar[bool]  # a request is a list of chat messages (framing tokens, a cacheable prefix)
+    rows_share_requests: ClassVar[bool]  # many rows go in one request (the estimate counts requests apart)
+    bills_output: ClassVar[bool]   # answers carry output tokens (a price needs an output rate)
+    row_prints: ClassVar[bool]     # a resume may know rows by their cells' print (an answer is one row's own)
+    size_limit: ClassVar[str]      # what a request too large for the model exceeds, in words
+
+    @abstractmethod
+    def body(self, bodies: Bodies, messages: list[dict[str, str]]) -> bytes:
+        """The exact JSON body of one row's rendered messages (its bytes are hashed into the request key)."""
+
+    def text_body(self, bodies: Bodies) -> Callable[[str], bytes] | None:
+        """A builder from the prompt's text straight to a body, when the endpoint takes plain text (no
+        message list per row); None when its requests are messages."""
+        return None
+
+    @abstractmethod
+    def sender(self, sending: Sending, spec: RequestSpec, *, bodies: Bodies, checker: Checker | None,
+               dims: int | None, counter: ChatTokenCounter | None) -> Sender:
+        """The sender that turns this endpoint's requests into units of work and sends them."""
+
+    def refuse_staged(self, key: str, prompt_tokens: int, spec: RequestSpec) -> Outcome | None:
+        """The failed outcome of a request that must not join a Batch API file (it would fail the file);
+        None when it can go."""
+        return None
+
+    def http_requests(self, spec: RequestSpec, sendable: int, tokens: int) -> int:
+        """How many HTTP requests ``sendable`` requests of ``tokens`` prompt tokens in all will take."""
+        return sendable
+
+    def context_window(self, spec: RequestSpec, model_window: int | None) -> int | None:
+        """The most tokens one request may hold (the estimate's over-context check)."""
+        return model_window
+
+    def vectors(self, job: Job, provider: Provider) -> Vectors | None:
+        """The vector column of the output, if answers are vectors."""
+        return None
+
+    def family_warnings(self, job: Job) -> list[str]:
+        """What the model family's documented rules say of the job's parameters (refusals raise)."""
+        return []
+
+    @abstractmethod
+    def batch_outcome(self, r: BatchResult, price: Price | None, *, dims: int | None,
+                      checker: Checker | None) -> Outcome:
+        """One answered Batch API result line as its row's outcome, priced at the Batch API price."""
