@@ -28,6 +28,7 @@ from pipeline.client import resolve_api_key, resolve_base_url
 from pipeline.errors import AbortError, Interrupted, PipelineError, ProviderError, StopRun, TransientError
 from pipeline.job import Job
 from pipeline.journal import Journal
+from pipeline.keys import key_id
 from pipeline.ledger import BatchLedger, BatchPart, BatchStage, describe_part
 from pipeline.outcome import (
     Outcome,
@@ -38,7 +39,6 @@ from pipeline.outcome import (
 )
 from pipeline.plan import Ending, RunPlan
 from pipeline.providers import provider_for
-from pipeline.render import key_id
 from pipeline.sink import OutputPaths, PartWriter
 from pipeline.source import ROW, iter_chunks
 from pipeline.structured import Checker

@@ -23,9 +23,10 @@ import polars as pl
 
 from pipeline.endpoints import endpoint_of, price_for
 from pipeline.job import Job
+from pipeline.keys import key_id
 from pipeline.pricing import Price, Usage, no_price_warning
 from pipeline.providers import DESCRIPTORS
-from pipeline.render import PreparedChunk, RenderedChunk, Renderer, key_id
+from pipeline.render import PreparedChunk, RenderedChunk, Renderer
 from pipeline.rowprints import RowPrints, split_done
 from pipeline.source import DEFAULT_CHUNK_ROWS, ROW, Source, iter_chunks, open_source
 from pipeline.tokens import CountingFailed, CountingProcess, release_encodings

@@ -22,8 +22,9 @@ from typing import Any
 
 from pipeline.errors import Interrupted, PipelineError
 from pipeline.journal import OutcomeStore
+from pipeline.keys import key_id
 from pipeline.outcome import Outcome, Result, RunStats, skipped
-from pipeline.render import RenderedChunk, Request, key_id
+from pipeline.render import RenderedChunk, Request
 from pipeline.senders import Sender
 from pipeline.sink import PartWriter
 

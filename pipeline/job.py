@@ -8,6 +8,7 @@ Relative paths resolve against the job file's folder, so a job runs the same fro
 from __future__ import annotations
 
 import builtins
+import dataclasses
 import difflib
 import hashlib
 import json
@@ -17,7 +18,7 @@ import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, overload
 
 from pipeline.errors import JobError
 from pipeline.providers import DEFAULT as DEFAULT_PROVIDER
@@ -108,6 +109,11 @@ class Job:
         return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def _default(spec: type, name: str) -> Any:
+    """A field's default as its spec class declares it: each default is written once, in ``spec.py``."""
+    return next(f.default for f in dataclasses.fields(spec) if f.name == name)
+
+
 def _relative(path: Path, folder: str | Path | None) -> str:
     path = path.resolve()
     if folder is None:
@@ -147,6 +153,12 @@ class _Table:
         self.seen.add(key)
         return self.raw.get(key)
 
+    @overload
+    def str(self, key: str, default: str, *, required: bool = False) -> str: ...
+
+    @overload
+    def str(self, key: str, default: None = None, *, required: bool = False) -> str | None: ...
+
     def str(self, key: str, default: str | None = None, *, required: bool = False) -> str | None:
         value = self.get(key)
         if value is None:
@@ -156,9 +168,17 @@ class _Table:
                     raise self.fail(typo[0], f"is not a known key; did you mean {key!r}?")
                 raise self.fail(key, "is required")
             return default
+        if value == "" and default is not None:  # an empty setting means the default
+            return default
         if not isinstance(value, builtins.str) or (required and not value.strip()):
             raise self.fail(key, f"must be a non-empty string, got {_shown(value)}")
         return value
+
+    @overload
+    def int(self, key: builtins.str, default: int, *, minimum: int = 1) -> int: ...
+
+    @overload
+    def int(self, key: builtins.str, default: None = None, *, minimum: int = 1) -> int | None: ...
 
     def int(self, key: builtins.str, default: int | None = None, *, minimum: int = 1) -> int | None:
         value = self.get(key)
@@ -168,6 +188,14 @@ class _Table:
             kind = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
             raise self.fail(key, f"must be {kind}, got {_shown(value)}")
         return value
+
+    @overload
+    def number(self, key: builtins.str, default: float, *, low: float = 0.0, high: float | None = None,
+               strict_low: bool = True) -> float: ...
+
+    @overload
+    def number(self, key: builtins.str, default: None = None, *, low: float = 0.0, high: float | None = None,
+               strict_low: bool = True) -> float | None: ...
 
     def number(self, key: builtins.str, default: float | None = None, *, low: float = 0.0,
                high: float | None = None, strict_low: bool = True) -> float | None:
@@ -276,11 +304,11 @@ def parse_job(raw: Mapping[str, Any], *, file: str = "<job>", base: Path | None 
 
     lim = _Table(file, "limits", top.get("limits") or {})
     limits = LimitsSpec(
-        concurrency=lim.int("concurrency", 64) or 64,
+        concurrency=lim.int("concurrency", _default(LimitsSpec, "concurrency")),
         requests_per_minute=lim.int("requests_per_minute"),
         tokens_per_minute=lim.int("tokens_per_minute"),
-        max_attempts=lim.int("max_attempts", 6) or 6,
-        timeout_s=lim.number("timeout_s", 120.0) or 120.0,
+        max_attempts=lim.int("max_attempts", _default(LimitsSpec, "max_attempts")),
+        timeout_s=lim.number("timeout_s", _default(LimitsSpec, "timeout_s")),
         input_tokens_per_minute=lim.int("input_tokens_per_minute"),
         output_tokens_per_minute=lim.int("output_tokens_per_minute"),
     )
@@ -314,10 +342,10 @@ def parse_job(raw: Mapping[str, Any], *, file: str = "<job>", base: Path | None 
     bt = _Table(file, "batch", top.get("batch") or {})
     most_requests, most_bytes = DESCRIPTORS[api_spec.provider].batch_limits
     batch = BatchSpec(
-        max_requests_per_file=bt.int("max_requests_per_file", most_requests) or most_requests,
-        max_bytes_per_file=bt.int("max_bytes_per_file", most_bytes) or most_bytes,
-        poll_interval_s=bt.number("poll_interval_s", 10.0) or 10.0,
-        poll_max_interval_s=bt.number("poll_max_interval_s", 120.0) or 120.0,
+        max_requests_per_file=bt.int("max_requests_per_file", most_requests),
+        max_bytes_per_file=bt.int("max_bytes_per_file", most_bytes),
+        poll_interval_s=bt.number("poll_interval_s", _default(BatchSpec, "poll_interval_s")),
+        poll_max_interval_s=bt.number("poll_max_interval_s", _default(BatchSpec, "poll_max_interval_s")),
     )
     if batch.max_requests_per_file > most_requests:
         raise bt.fail("max_requests_per_file", f"can be at most {most_requests} (the {api_spec.provider} Batch "
@@ -340,12 +368,13 @@ def parse_job(raw: Mapping[str, Any], *, file: str = "<job>", base: Path | None 
 
 
 def _parse_engine(eng: _Table) -> EngineSpec:
-    kind = eng.str("kind", "local") or "local"
+    kind = eng.str("kind", _default(EngineSpec, "kind"))
     if kind not in ENGINES:
         raise eng.fail("kind", f"must be one of {', '.join(ENGINES)}, got {_shown(kind)}")
-    spec = EngineSpec(kind=kind, address=eng.str("address"), workers=eng.int("workers", 4) or 4,
-                      partition_rows=eng.int("partition_rows", 50_000) or 50_000,
-                      commit_rows=eng.int("commit_rows", 256) or 256)
+    spec = EngineSpec(kind=kind, address=eng.str("address"),
+                      workers=eng.int("workers", _default(EngineSpec, "workers")),
+                      partition_rows=eng.int("partition_rows", _default(EngineSpec, "partition_rows")),
+                      commit_rows=eng.int("commit_rows", _default(EngineSpec, "commit_rows")))
     eng.done()
     return spec
 
@@ -398,11 +427,11 @@ def _parse_api(api: _Table, request: RequestSpec) -> ApiSpec:
     if api.has("max_tokens_field") and not d.max_tokens_fields:
         raise api.fail("max_tokens_field", f'does not apply to provider = "{provider}" (it always sends max_tokens)')
     fields = d.max_tokens_fields or MAX_TOKENS_FIELDS  # (unused where fixed: kept as it always was)
-    max_tokens_field = api.str("max_tokens_field", fields[0]) or fields[0]
+    max_tokens_field = api.str("max_tokens_field", fields[0])
     if max_tokens_field not in fields:
         raise api.fail("max_tokens_field", f"must be one of {', '.join(fields)}, got {_shown(max_tokens_field)}")
     choices = d.structured_outputs
-    structured = api.str("structured_output", choices[0]) or choices[0]
+    structured = api.str("structured_output", choices[0])
     if structured not in choices:
         raise api.fail("structured_output", f'must be one of {", ".join(choices)} for provider = "{provider}", '
                                             f"got {_shown(structured)}")
@@ -428,24 +457,24 @@ def _parse_api(api: _Table, request: RequestSpec) -> ApiSpec:
         raise JobError(f"{api.file}: [request].endpoint = \"{request.endpoint}\": provider = \"{provider}\" has "
                        f"no {request.endpoint} API; use a provider that serves it (provider = {serving})")
     spec = ApiSpec(base_url=base_url.rstrip("/"), provider=provider,
-                   api_key_env=api.str("api_key_env", d.key_env) or d.key_env,
+                   api_key_env=api.str("api_key_env", d.key_env),
                    deployment=api.str("deployment"), api_version=api.str("api_version"),
                    max_tokens_field=max_tokens_field, structured_output=structured,
                    json_object_schema=json_object_schema,
-                   anthropic_version=api.str("anthropic_version", "2023-06-01") or "2023-06-01")
+                   anthropic_version=api.str("anthropic_version", _default(ApiSpec, "anthropic_version")))
     api.done()
     return spec
 
 
 def _mode(req: _Table) -> str:
-    mode = req.str("mode", "online") or "online"
+    mode = req.str("mode", _default(RequestSpec, "mode"))
     if mode not in MODES:
         raise req.fail("mode", f"must be one of {', '.join(MODES)}, got {_shown(mode)}")
     return mode
 
 
 def _parse_request(req: _Table, base: Path) -> RequestSpec:
-    endpoint = req.str("endpoint", "chat") or "chat"
+    endpoint = req.str("endpoint", _default(RequestSpec, "endpoint"))
     if endpoint not in ENDPOINTS:
         raise req.fail("endpoint", f"must be one of {', '.join(ENDPOINTS)}, got {_shown(endpoint)}")
     if endpoint == "embeddings":
@@ -503,7 +532,7 @@ def _parse_request(req: _Table, base: Path) -> RequestSpec:
         raise req.fail("tools", "conflicts with [request].response_schema: give one of them (tool arguments are "
                                 "already typed columns)")
     tool_choice = _parse_tool_choice(req, tools)
-    position = req.str("image_position", "after") or "after"
+    position = req.str("image_position", _default(RequestSpec, "image_position"))
     if position not in IMAGE_POSITIONS:
         raise req.fail("image_position", f"must be one of {', '.join(IMAGE_POSITIONS)}, got {_shown(position)}")
     spec = RequestSpec(
@@ -513,14 +542,14 @@ def _parse_request(req: _Table, base: Path) -> RequestSpec:
         prompt=prompt,
         prompt_source=prompt_source,
         messages=messages,
-        max_tokens=req.int("max_tokens", 256) or 256,
+        max_tokens=req.int("max_tokens", _default(RequestSpec, "max_tokens")),
         temperature=req.number("temperature", low=0.0, high=2.0, strict_low=False),
         top_p=req.number("top_p", low=0.0, high=1.0, strict_low=False),
         seed=req.int("seed", minimum=0),
         stop=stop,
         reasoning_effort=req.str("reasoning_effort"),
         response_schema=schema,
-        schema_retries=req.int("schema_retries", 1, minimum=0) or 0,
+        schema_retries=req.int("schema_retries", _default(RequestSpec, "schema_retries"), minimum=0),
         mode=_mode(req),
         images=_parse_images(req),
         image_position=position,
@@ -616,16 +645,17 @@ def _parse_embeddings_request(req: _Table) -> RequestSpec:
     model = req.str("model", required=True)
     template = req.str("input", required=True)
     assert model is not None and template is not None
-    fmt = req.str("encoding_format", "base64") or "base64"
+    fmt = req.str("encoding_format", _default(RequestSpec, "encoding_format"))
     if fmt not in EMBEDDING_FORMATS:
         raise req.fail("encoding_format", f"must be one of {', '.join(EMBEDDING_FORMATS)}, got {_shown(fmt)}")
-    batch_size = req.int("batch_size", 2048) or 2048
+    batch_size = req.int("batch_size", _default(RequestSpec, "batch_size"))
     if batch_size > 2048:
         raise req.fail("batch_size", f"can be at most 2048 (the API's limit of inputs per request), got {batch_size}")
     spec = RequestSpec(endpoint="embeddings", model=model, prompt=template, prompt_source=req.where("input"),
                        max_tokens=0, dimensions=req.int("dimensions"), encoding_format=fmt, batch_size=batch_size,
-                       batch_tokens=req.int("batch_tokens", 300_000) or 300_000,
-                       max_input_tokens=req.int("max_input_tokens", 8192) or 8192, mode=_mode(req))
+                       batch_tokens=req.int("batch_tokens", _default(RequestSpec, "batch_tokens")),
+                       max_input_tokens=req.int("max_input_tokens", _default(RequestSpec, "max_input_tokens")),
+                       mode=_mode(req))
     req.done()
     return spec
 

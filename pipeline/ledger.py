@@ -25,9 +25,10 @@ from typing import Any
 from pipeline.endpoints import endpoint_of
 from pipeline.errors import OutputError
 from pipeline.journal import Journal
+from pipeline.keys import key_id
 from pipeline.outcome import Outcome
 from pipeline.providers.base import Provider
-from pipeline.render import RenderedChunk, key_id
+from pipeline.render import RenderedChunk
 from pipeline.spec import BatchSpec, RequestSpec
 
 _CREATE = """

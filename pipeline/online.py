@@ -20,10 +20,11 @@ from pipeline.errors import AbortError, Interrupted, OutputError, PipelineError,
 from pipeline.execute import Scheduler, in_thread
 from pipeline.interrupts import StopSignals
 from pipeline.journal import NullJournal
+from pipeline.keys import key_id
 from pipeline.limits import RateBudget
 from pipeline.outcome import RunStats, skipped
 from pipeline.plan import Ending, RunPlan
-from pipeline.render import RenderedChunk, key_id
+from pipeline.render import RenderedChunk
 from pipeline.retry import RetryPolicy
 from pipeline.senders import Sending
 from pipeline.sink import PartWriter

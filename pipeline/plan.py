@@ -33,11 +33,12 @@ from pipeline.errors import (
 from pipeline.estimate import Estimate, estimate_source
 from pipeline.job import MODES, Job
 from pipeline.journal import Journal, NullJournal, OutcomeStore, Reader, journal_fingerprint
+from pipeline.keys import key_id
 from pipeline.ledger import BatchLedger, BatchStage
 from pipeline.outcome import RESULT_SCHEMA, Outcome, RunStats
 from pipeline.pricing import Price, no_price_warning
 from pipeline.providers import DESCRIPTORS, Provider, provider_for
-from pipeline.render import KeptChunks, Renderer, key_id
+from pipeline.render import KeptChunks, Renderer
 from pipeline.rowprints import RowPrints
 from pipeline.runlock import RunLock
 from pipeline.sink import (

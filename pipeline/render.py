@@ -8,7 +8,6 @@ A request's key is a hash of the endpoint and its exact body: the journal and th
 
 from __future__ import annotations
 
-import hashlib
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -27,6 +26,7 @@ from pipeline.endpoints import endpoint_of
 from pipeline.errors import TemplateError
 from pipeline.images import Image, ImageLoader, ImageProblem
 from pipeline.job import Job
+from pipeline.keys import request_key, request_keys
 from pipeline.providers import DESCRIPTORS, Provider, provider_for
 from pipeline.source import ROW, Source, check_columns
 
@@ -174,22 +174,6 @@ def _plain_pieces(ast: jinja2.nodes.Template) -> tuple[tuple[bool, str], ...] | 
         else:
             return None
     return tuple(pieces)
-
-
-def request_key(endpoint: str, body: bytes) -> str:
-    """The identity of a request: the same endpoint and body is the same question, asked once."""
-    return request_keys(endpoint, [body])[0]
-
-
-def request_keys(endpoint: str, bodies: Sequence[bytes]) -> list[str]:
-    """``request_key`` of many bodies of one endpoint (a chunk's), without encoding the endpoint each time."""
-    prefix, blake = endpoint.encode() + b"\n", hashlib.blake2b
-    return [blake(prefix + body, digest_size=16).hexdigest() for body in bodies]
-
-
-def key_id(key: str) -> int:
-    """64 bits of a request key: sets of millions of keys at a third of the memory of the strings."""
-    return int(key[:16], 16)
 
 
 @dataclass(frozen=True)

@@ -146,16 +146,6 @@ def read_bytes(url: str, endpoint_url: str | None = None) -> bytes | None:
         raise OutputError(f"{url}: cannot read: {_reason(e)}") from None
 
 
-def put_bytes(url: str, data: bytes, endpoint_url: str | None = None) -> None:
-    """Write an object in one put (atomic: readers see the old object or the whole new one)."""
-    fs, path = filesystem(url, endpoint_url)
-    try:
-        with fs.open_output_stream(path) as f:
-            f.write(data)
-    except OSError as e:
-        raise OutputError(f"{url}: cannot write: {_reason(e)}") from None
-
-
 def upload(local: str | Path, url: str, endpoint_url: str | None = None) -> None:
     """Copy a local file to an object."""
     fs, path = filesystem(url, endpoint_url)

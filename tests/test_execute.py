@@ -22,10 +22,11 @@ from pipeline.errors import AbortError, BudgetExceeded, Interrupted
 from pipeline.execute import Scheduler
 from pipeline.job import RequestSpec
 from pipeline.journal import Journal
+from pipeline.keys import request_key
 from pipeline.limits import RateBudget
 from pipeline.pricing import Price, Rate
 from pipeline.providers.openai import OpenAIBodies
-from pipeline.render import RenderedChunk, Request, request_key
+from pipeline.render import RenderedChunk, Request
 from pipeline.retry import RetryPolicy
 from pipeline.senders import Sending
 from pipeline.sink import OutputPaths, PartWriter

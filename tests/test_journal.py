@@ -3,8 +3,8 @@ import sqlite3
 import numpy as np
 
 from pipeline.journal import Journal
+from pipeline.keys import request_key
 from pipeline.outcome import Outcome, VectorBlock
-from pipeline.render import request_key
 
 
 def test_outcomes_round_trip_and_settled_rules(tmp_path):

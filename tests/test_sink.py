@@ -6,8 +6,8 @@ import numpy as np
 import polars as pl
 import pyarrow.parquet as pq
 
+from pipeline.keys import request_key
 from pipeline.outcome import Outcome, VectorBlock
-from pipeline.render import request_key
 from pipeline.sink import COMPACT_ROWS, OutputPaths, PartWriter
 
 
