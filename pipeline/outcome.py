@@ -276,6 +276,19 @@ def split_tokens(total: int, counts: np.ndarray) -> np.ndarray:
 
 # -- the totals of a run ------------------------------------------------------------------------------------
 
+# The manifest's name of each total beside ``RunStats``' own: the one list every writer and reader of totals
+# follows (a new token count is one line here).
+TOTALS: tuple[tuple[str, str], ...] = (
+    ("rows", "rows_done"), ("ok", "ok"), ("failed", "failed"), ("skipped", "skipped"),
+    ("resumed_from_journal", "resumed"), ("deduplicated", "deduplicated"), ("requests_sent", "requests_sent"),
+    ("retries", "retries"), ("rate_limited_429", "rate_limited"), ("prompt_tokens", "prompt_tokens"),
+    ("cached_tokens", "cached_tokens"), ("completion_tokens", "completion_tokens"),
+    ("reasoning_tokens", "reasoning_tokens"), ("cache_write_tokens", "cache_write_tokens"),
+    ("answers_with_estimated_usage", "usage_estimated"), ("cost_usd_this_run", "cost_usd"))
+# What each run's entry in the manifest's history keeps (the report charts them).
+RUN_TOTALS = ("rows", "ok", "failed", "resumed_from_journal", "requests_sent", "rate_limited_429", "retries",
+              "prompt_tokens", "completion_tokens", "cost_usd_this_run")
+
 @dataclass
 class RunStats:
     """Live totals of a run, passed to the progress callback and written to the manifest."""
@@ -304,6 +317,16 @@ class RunStats:
     # the running totals at the first event of each second: what the report's timeline charts are made from
     _samples: list[tuple[float, ...]] = field(default_factory=list, repr=False)
     _second: int = field(default=-1, repr=False)
+
+    def totals(self) -> dict[str, Any]:
+        """The run's totals as the manifest names them (plain values: they cross to the Ray driver too)."""
+        return {name: getattr(self, attr) for name, attr in TOTALS}
+
+    def add_totals(self, totals: dict[str, Any], errors: dict[str, int] | None = None) -> None:
+        """Add another run's (a partition's) ``totals()`` and errors to these."""
+        for name, attr in TOTALS:
+            setattr(self, attr, getattr(self, attr) + totals.get(name, 0))
+        self.errors.update(errors or {})
 
     def tick(self) -> None:
         """Note the totals once a second (at the second's first event): a compact timeline of the run."""

@@ -35,7 +35,7 @@ from pipeline.job import MODES, Job
 from pipeline.journal import Journal, NullJournal, OutcomeStore, Reader, journal_fingerprint
 from pipeline.keys import key_id
 from pipeline.ledger import BatchLedger, BatchStage
-from pipeline.outcome import RESULT_SCHEMA, Outcome, RunStats
+from pipeline.outcome import RESULT_SCHEMA, RUN_TOTALS, Outcome, RunStats
 from pipeline.pricing import Price, no_price_warning
 from pipeline.providers import DESCRIPTORS, Provider, provider_for
 from pipeline.render import KeptChunks, Renderer
@@ -349,51 +349,56 @@ class Ending:
 
 def finish(plan: RunPlan, end: Ending) -> dict[str, Any]:
     """Write the manifest of a run, in either mode; returns it."""
-    job, est, stats, price = plan.job, plan.estimate, end.stats, plan.checked.price
-    stopped = end.stopped
+    earlier = [] if plan.fresh else (read_manifest(plan.paths) or {}).get("runs") or []
+    manifest = manifest_of(plan.job, url=plan.url, mode=plan.mode, status=end.status, stopped=end.stopped,
+                           output=str(plan.paths.output), rows=end.rows, stats=end.stats, price=plan.checked.price,
+                           started=plan.started, t0=plan.t0, journal=str(plan.paths.journal), earlier=earlier,
+                           estimate=plan.estimate.to_dict(), extra=end.manifest)
+    write_manifest(plan.paths, manifest)
+    return manifest
+
+
+def manifest_of(job: Job, *, url: str, mode: str, status: str, stopped: PipelineError | None, output: str,
+                rows: int, stats: RunStats, price: Price | None, started: datetime, t0: float, journal: str,
+                earlier: list[dict[str, Any]], estimate: dict[str, Any] | None = None,
+                extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The manifest of a run, whichever engine ran it: what it did, its totals and errors, and every run of the
+    output before it (newest last: what the HTML report charts). ``extra``: what the runner or engine adds
+    (its ``totals`` are merged into the totals)."""
     finished = datetime.now(tz=UTC)
-    estimated = est.to_dict()
+    totals = stats.totals()
+    totals["cost_usd_this_run"] = round(totals["cost_usd_this_run"], 8)
     manifest: dict[str, Any] = {
-        "job": job.name, "fingerprint": job.fingerprint(), "job_file": job.source, "status": end.status,
-        "mode": plan.mode,
+        "job": job.name, "fingerprint": job.fingerprint(), "job_file": job.source, "status": status,
+        "mode": mode,
         "stop_reason": None if stopped is None else {"kind": stop_reason_kind(stopped), "message": str(stopped)},
-        "input": job.input.path, "output": str(plan.paths.output), "rows_in_output": end.rows,
+        "input": job.input.path, "output": output, "rows_in_output": rows,
         "provider": job.api.provider, "endpoint": job.request.endpoint, "model": job.request.model,
-        "base_url": plan.url,
-        "started_at": plan.started.isoformat(), "finished_at": finished.isoformat(),
-        "duration_s": round(time.monotonic() - plan.t0, 3),
-        "totals": {"rows": stats.rows_done, "ok": stats.ok, "failed": stats.failed, "skipped": stats.skipped,
-                   "resumed_from_journal": stats.resumed, "deduplicated": stats.deduplicated,
-                   "requests_sent": stats.requests_sent, "retries": stats.retries,
-                   "rate_limited_429": stats.rate_limited, "prompt_tokens": stats.prompt_tokens,
-                   "cached_tokens": stats.cached_tokens, "completion_tokens": stats.completion_tokens,
-                   "reasoning_tokens": stats.reasoning_tokens, "cache_write_tokens": stats.cache_write_tokens,
-                   "answers_with_estimated_usage": stats.usage_estimated,
-                   "cost_usd_this_run": round(stats.cost_usd, 8)},
+        "base_url": url,
+        "started_at": started.isoformat(), "finished_at": finished.isoformat(),
+        "duration_s": round(time.monotonic() - t0, 3),
+        "totals": totals,
         "errors_by_type": dict(stats.errors),
         "price": price.describe() if price is not None else None,
-        "price_basis": "Batch API" if plan.mode == "batch" else "standard",
-        "estimate": estimated,
+        "price_basis": "Batch API" if mode == "batch" else "standard",
+        **({"estimate": estimate} if estimate is not None else {}),
         "limits": {"concurrency": job.limits.concurrency, "requests_per_minute": job.limits.requests_per_minute,
                    "tokens_per_minute": job.limits.tokens_per_minute, "max_attempts": job.limits.max_attempts},
-        "journal": str(plan.paths.journal),
+        "journal": journal,
     }
-    for name, value in end.manifest.items():
+    for name, value in (extra or {}).items():
         if name == "totals":
             manifest["totals"].update(value)
         else:
             manifest[name] = value
-    # Every run of this output, newest last (a resumed or retried job shows each): what the HTML report charts.
-    earlier = [] if plan.fresh else (read_manifest(plan.paths) or {}).get("runs") or []
-    manifest["runs"] = [*earlier[-(MAX_RUNS - 1):], {
+    run: dict[str, Any] = {
         "started_at": manifest["started_at"], "finished_at": manifest["finished_at"],
-        "duration_s": manifest["duration_s"], "mode": plan.mode, "status": end.status,
-        "totals": {k: manifest["totals"][k] for k in ("rows", "ok", "failed", "resumed_from_journal",
-                                                      "requests_sent", "rate_limited_429", "retries",
-                                                      "prompt_tokens", "completion_tokens", "cost_usd_this_run")},
-        "estimate": {k: estimated[k] for k in ("requests", "prompt_tokens", "max_output_tokens",
-                                                   "expected_output_tokens", "cost_usd_max", "cost_usd_expected",
-                                                   "batch_cost_usd_max", "batch_cost_usd_expected", "duration_s")},
-        "timeline": stats.timeline()}]
-    write_manifest(plan.paths, manifest)
+        "duration_s": manifest["duration_s"], "mode": mode, "status": status,
+        "totals": {k: manifest["totals"][k] for k in RUN_TOTALS}}
+    if estimate is not None:  # a run with its own estimate pass (the local engine's) charts against it
+        run["estimate"] = {k: estimate[k] for k in ("requests", "prompt_tokens", "max_output_tokens",
+                                                    "expected_output_tokens", "cost_usd_max", "cost_usd_expected",
+                                                    "batch_cost_usd_max", "batch_cost_usd_expected", "duration_s")}
+        run["timeline"] = stats.timeline()
+    manifest["runs"] = [*earlier[-(MAX_RUNS - 1):], run]
     return manifest

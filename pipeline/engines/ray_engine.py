@@ -25,7 +25,7 @@ from typing import Any
 from pipeline.client import check_transport_security, resolve_api_key, resolve_base_url
 from pipeline.engines.commit import committed, covered
 from pipeline.engines.partitions import Partition, plan_partitions
-from pipeline.engines.task import TaskSpec, run_partition, totals_of
+from pipeline.engines.task import TaskSpec, run_partition
 from pipeline.errors import (
     AbortError,
     BudgetExceeded,
@@ -280,27 +280,11 @@ def _result(ray: Any, ref: Any, p: Partition) -> dict[str, Any]:
 
 def _empty(p: Partition, error: PipelineError | None) -> dict[str, Any]:
     return {"partition": p.id, "rows": p.rows, "committed_before": 0, "committed": 0, "chunks": 0,
-            "totals": totals_of(RunStats()), "errors": {}, "stopped": None, "error": error}
+            "totals": RunStats().totals(), "errors": {}, "stopped": None, "error": error}
 
 
 def _add(stats: RunStats, result: dict[str, Any]) -> None:
-    t = result["totals"]
-    stats.rows_done += t["rows"]
-    stats.ok += t["ok"]
-    stats.failed += t["failed"]
-    stats.skipped += t["skipped"]
-    stats.deduplicated += t["deduplicated"]
-    stats.requests_sent += t["requests_sent"]
-    stats.retries += t["retries"]
-    stats.rate_limited += t["rate_limited_429"]
-    stats.prompt_tokens += t["prompt_tokens"]
-    stats.cached_tokens += t["cached_tokens"]
-    stats.completion_tokens += t["completion_tokens"]
-    stats.reasoning_tokens += t["reasoning_tokens"]
-    stats.cache_write_tokens += t["cache_write_tokens"]
-    stats.usage_estimated += t["answers_with_estimated_usage"]
-    stats.cost_usd += t["cost_usd_this_run"]
-    stats.errors.update(result["errors"])
+    stats.add_totals(result["totals"], result["errors"])
 
 
 def _mark(db: Any, p: Partition, status: str, totals: dict[str, Any]) -> None:
@@ -341,31 +325,13 @@ def _drop_stale(dataset: str, job: Job, chunks: dict[str, list[tuple[int, int]]]
 def _manifest(job: Job, checked: Any, url: str, paths: OutputPaths, dataset: str, stats: RunStats,
               stopped: PipelineError | None, started: datetime, t0: float, rows: int,
               engine: dict[str, Any], earlier: list[dict[str, Any]]) -> dict[str, Any]:
-    from pipeline.plan import MAX_RUNS, stop_reason_kind
+    from pipeline.plan import manifest_of
 
-    finished = datetime.now(tz=UTC)
-    totals = totals_of(stats)
-    totals["cost_usd_this_run"] = round(totals["cost_usd_this_run"], 8)
-    totals["resumed_from_journal"] = 0
-    run = {"started_at": started.isoformat(), "finished_at": finished.isoformat(),
-           "duration_s": round(time.monotonic() - t0, 3), "mode": "online",
-           "status": "complete" if stopped is None else "stopped",
-           "totals": {k: totals[k] for k in ("rows", "ok", "failed", "resumed_from_journal", "requests_sent",
-                                             "rate_limited_429", "retries", "prompt_tokens", "completion_tokens",
-                                             "cost_usd_this_run")}}
-    return {
-        "job": job.name, "fingerprint": job.fingerprint(), "job_file": job.source, "status": run["status"],
-        "mode": "online", "engine": engine,
-        "stop_reason": None if stopped is None else {"kind": stop_reason_kind(stopped), "message": str(stopped)},
-        "input": job.input.path, "output": dataset, "rows_in_output": rows,
-        "provider": job.api.provider, "endpoint": job.request.endpoint, "model": job.request.model,
-        "base_url": url, "started_at": run["started_at"], "finished_at": run["finished_at"],
-        "duration_s": run["duration_s"], "totals": totals, "errors_by_type": dict(stats.errors),
-        "price": checked.price.describe() if checked.price is not None else None, "price_basis": "standard",
-        "limits": {"concurrency": job.limits.concurrency, "requests_per_minute": job.limits.requests_per_minute,
-                   "tokens_per_minute": job.limits.tokens_per_minute, "max_attempts": job.limits.max_attempts},
-        "journal": str(paths.journal), "runs": [*earlier[-(MAX_RUNS - 1):], run],
-    }
+    # Tasks read nothing back from a journal: their rows already committed are skipped, not resumed.
+    return manifest_of(job, url=url, mode="online", status="complete" if stopped is None else "stopped",
+                       stopped=stopped, output=dataset, rows=rows, stats=stats, price=checked.price,
+                       started=started, t0=t0, journal=str(paths.journal), earlier=earlier,
+                       extra={"engine": engine})
 
 
 __all__ = ["RayRun", "dataset_of", "run_ray"]

@@ -55,16 +55,6 @@ class TaskSpec:
     grace_s: float = 5.0
 
 
-def totals_of(stats: RunStats) -> dict[str, Any]:
-    """A run's totals as the manifest names them (summed over partitions by the driver)."""
-    return {"rows": stats.rows_done, "ok": stats.ok, "failed": stats.failed, "skipped": stats.skipped,
-            "deduplicated": stats.deduplicated, "requests_sent": stats.requests_sent, "retries": stats.retries,
-            "rate_limited_429": stats.rate_limited, "prompt_tokens": stats.prompt_tokens,
-            "cached_tokens": stats.cached_tokens, "completion_tokens": stats.completion_tokens,
-            "reasoning_tokens": stats.reasoning_tokens, "cache_write_tokens": stats.cache_write_tokens,
-            "answers_with_estimated_usage": stats.usage_estimated, "cost_usd_this_run": stats.cost_usd}
-
-
 def run_partition(spec: TaskSpec, ask: Ask, tell: Tell, *,
                   transport: httpx.AsyncBaseTransport | None = None) -> dict[str, Any]:
     """Run what is left of one partition; returns its totals, errors and how it ended (never raises for a stop:
@@ -72,7 +62,7 @@ def run_partition(spec: TaskSpec, ask: Ask, tell: Tell, *,
     job, part = spec.job, spec.partition
     done = committed(spec.dataset, job.storage.endpoint_url).get(part.id, [])
     result: dict[str, Any] = {"partition": part.id, "rows": part.rows, "committed_before": covered(done),
-                              "committed": 0, "chunks": 0, "totals": totals_of(RunStats()), "errors": {},
+                              "committed": 0, "chunks": 0, "totals": RunStats().totals(), "errors": {},
                               "stopped": None, "leases": 0}
     if covered(done) >= part.rows:
         return result
@@ -138,7 +128,7 @@ def run_partition(spec: TaskSpec, ask: Ask, tell: Tell, *,
         journal.close()
         sink.finish()
         shutil.rmtree(scratch, ignore_errors=True)
-    result.update(committed=sink.rows_committed, chunks=sink.chunks, totals=totals_of(stats),
+    result.update(committed=sink.rows_committed, chunks=sink.chunks, totals=stats.totals(),
                   errors=dict(stats.errors))
     if stopped is not None:
         result["stopped"] = {"kind": stop_reason_kind(stopped), "message": str(stopped),
