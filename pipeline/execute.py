@@ -23,10 +23,9 @@ from typing import Any
 from pipeline.errors import Interrupted, PipelineError
 from pipeline.journal import OutcomeStore
 from pipeline.keys import key_id
-from pipeline.outcome import Outcome, Result, RunStats, skipped
+from pipeline.outcome import Outcome, Result, ResultSink, RunStats, skipped
 from pipeline.render import RenderedChunk, Request
 from pipeline.senders import Sender
-from pipeline.sink import PartWriter
 
 PROGRESS_EVERY_S = 0.5
 
@@ -46,7 +45,7 @@ class Scheduler:
     ``request_stop``), then ``await scheduler.run(chunks, sender)``.
     """
 
-    def __init__(self, *, journal: OutcomeStore, sink: PartWriter, key_of_row: Callable[[Any], tuple[Any, ...]],
+    def __init__(self, *, journal: OutcomeStore, sink: ResultSink, key_of_row: Callable[[Any], tuple[Any, ...]],
                  concurrency: int, grace_s: float = 5.0, stats: RunStats | None = None,
                  on_progress: Callable[[RunStats], None] | None = None) -> None:
         self.journal, self.sink, self.key_of_row = journal, sink, key_of_row

@@ -14,21 +14,17 @@ from typing import Any
 
 import httpx
 
-from pipeline.breaker import Breaker
-from pipeline.client import ApiClient
-from pipeline.errors import AbortError, Interrupted, OutputError, PipelineError, StopRun
-from pipeline.execute import Scheduler, in_thread
+from pipeline.errors import Interrupted, OutputError, PipelineError
+from pipeline.execute import in_thread
 from pipeline.interrupts import StopSignals
 from pipeline.journal import NullJournal
 from pipeline.keys import key_id
-from pipeline.limits import RateBudget
 from pipeline.outcome import RunStats, skipped
 from pipeline.plan import Ending, RunPlan
 from pipeline.render import RenderedChunk
-from pipeline.retry import RetryPolicy
-from pipeline.senders import Sending
 from pipeline.sink import PartWriter
 from pipeline.source import iter_chunks
+from pipeline.wiring import local_budget, wired
 
 RUN_CHUNK_ROWS = 2_000  # small chunks keep the first request early and the producer thread's bursts short
 
@@ -54,20 +50,11 @@ def run_online(plan: RunPlan, *, transport: httpx.AsyncBaseTransport | None = No
 
     async def main() -> None:
         nonlocal stopped
-        job, lim = plan.job, plan.job.limits
-        async with ApiClient(plan.url, plan.api_key, provider=plan.checked.provider, timeout_s=lim.timeout_s,
-                             concurrency=lim.concurrency, transport=transport) as client:
-            scheduler = Scheduler(journal=plan.store, sink=sink, key_of_row=key_of_row, concurrency=lim.concurrency,
-                                  grace_s=grace_s, stats=stats, on_progress=on_progress)
-            budget = RateBudget(lim.requests_per_minute, lim.tokens_per_minute,
-                                input_tokens_per_minute=lim.input_tokens_per_minute,
-                                output_tokens_per_minute=lim.output_tokens_per_minute)
-            sending = Sending(client, budget, RetryPolicy(lim.max_attempts), stats, scheduler,
-                              price=plan.checked.price, max_cost_usd=job.budget.max_cost_usd,
-                              breaker=Breaker(plan.checked.provider.hint))
-            renderer = plan.checked.renderer
-            sender = renderer.endpoint.sender(sending, job.request, bodies=renderer.bodies, checker=sink.checker,
-                                              dims=sink.vector_dims, counter=renderer.counter)
+        lim = plan.job.limits
+        async with wired(plan.checked, url=plan.url, api_key=plan.api_key, store=plan.store, sink=sink,
+                         key_of_row=key_of_row, stats=stats, concurrency=lim.concurrency, grace_s=grace_s,
+                         budget=local_budget(plan.checked), transport=transport, on_progress=on_progress) as w:
+            scheduler, budget = w.scheduler, w.budget
             loop = asyncio.get_running_loop()
             if signals is not None:
                 # A Python-level handler runs on this (the loop's) thread between two steps; the stop itself
@@ -79,9 +66,7 @@ def run_online(plan: RunPlan, *, transport: httpx.AsyncBaseTransport | None = No
                 if signals.reason is not None:
                     scheduler.interrupt(signals.reason)
             try:
-                await scheduler.run(in_thread(chunks()), sender)
-            except (StopRun, AbortError) as e:
-                stopped = e
+                stopped = await w.send(in_thread(chunks()))
             finally:
                 if signals is not None:
                     signals.target, signals.deferring = None, True  # from here on: let the output be written

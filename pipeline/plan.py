@@ -28,6 +28,7 @@ from pipeline.errors import (
     JournalUnusable,
     OutputError,
     PipelineError,
+    StopRun,
     UsageError,
 )
 from pipeline.estimate import Estimate, estimate_source
@@ -336,6 +337,18 @@ def stop_reason_kind(e: PipelineError) -> str:
     return getattr(e, "kind", "aborted")
 
 
+def stop_reason(e: PipelineError | None) -> dict[str, str] | None:
+    """Why a run ended early, as plain values: the manifest's ``stop_reason``, and what a Ray task tells the
+    driver (``stop_from`` reads it back)."""
+    return None if e is None else {"kind": stop_reason_kind(e), "message": str(e)}
+
+
+def stop_from(reason: dict[str, str]) -> PipelineError:
+    """The stop a ``stop_reason`` describes, as the error that ends the run the same way (and exit status)."""
+    kinds: dict[str, type[PipelineError]] = {"budget": BudgetExceeded, "interrupted": Interrupted}
+    return kinds.get(reason["kind"], StopRun)(reason["message"])
+
+
 @dataclass
 class Ending:
     """How a runner left the run: its totals, why it stopped early (if it did), and the rows in the output."""
@@ -371,7 +384,7 @@ def manifest_of(job: Job, *, url: str, mode: str, status: str, stopped: Pipeline
     manifest: dict[str, Any] = {
         "job": job.name, "fingerprint": job.fingerprint(), "job_file": job.source, "status": status,
         "mode": mode,
-        "stop_reason": None if stopped is None else {"kind": stop_reason_kind(stopped), "message": str(stopped)},
+        "stop_reason": stop_reason(stopped),
         "input": job.input.path, "output": output, "rows_in_output": rows,
         "provider": job.api.provider, "endpoint": job.request.endpoint, "model": job.request.model,
         "base_url": url,

@@ -28,7 +28,6 @@ from pipeline.engines.partitions import Partition, plan_partitions
 from pipeline.engines.task import TaskSpec, run_partition
 from pipeline.errors import (
     AbortError,
-    BudgetExceeded,
     Interrupted,
     OutputError,
     PipelineError,
@@ -38,7 +37,7 @@ from pipeline.errors import (
 from pipeline.job import Job
 from pipeline.journal import Journal, journal_fingerprint
 from pipeline.outcome import RunStats
-from pipeline.plan import _move_aside, check
+from pipeline.plan import _move_aside, check, manifest_of, stop_from
 from pipeline.runlock import RunLock
 from pipeline.sink import OutputPaths, claim_output, read_manifest, write_manifest
 from pipeline.storage import filesystem, is_url, manifest_url, pull_manifest, upload
@@ -241,8 +240,7 @@ def _drive(job: Job, url: str, address: str | None, workers: int, todo: list[Par
                     stopped = result["error"]
                 elif result.get("stopped") is not None and stopped is None:
                     s = result["stopped"]
-                    stopped = (BudgetExceeded(s["message"]) if s["kind"] == "budget" else
-                               Interrupted(s["message"]) if s["kind"] == "interrupted" else StopRun(s["message"]))
+                    stopped = stop_from(s)
                     if s["kind"] != "budget":  # a budget stop reaches every task through its leases
                         for other in running:
                             ray.cancel(other)
@@ -325,9 +323,6 @@ def _drop_stale(dataset: str, job: Job, chunks: dict[str, list[tuple[int, int]]]
 def _manifest(job: Job, checked: Any, url: str, paths: OutputPaths, dataset: str, stats: RunStats,
               stopped: PipelineError | None, started: datetime, t0: float, rows: int,
               engine: dict[str, Any], earlier: list[dict[str, Any]]) -> dict[str, Any]:
-    from pipeline.plan import manifest_of
-
-    # Tasks read nothing back from a journal: their rows already committed are skipped, not resumed.
     return manifest_of(job, url=url, mode="online", status="complete" if stopped is None else "stopped",
                        stopped=stopped, output=dataset, rows=rows, stats=stats, price=checked.price,
                        started=started, t0=t0, journal=str(paths.journal), earlier=earlier,

@@ -22,21 +22,20 @@ from typing import Any
 
 import httpx
 
-from pipeline.breaker import Breaker
-from pipeline.client import ApiClient, resolve_api_key
+from pipeline.client import resolve_api_key
 from pipeline.engines.budget import Ask, LeasedBudget, Report, Tell
 from pipeline.engines.commit import ChunkSink, committed, covered
 from pipeline.engines.partitions import Partition, iter_partition
-from pipeline.errors import AbortError, BudgetExceeded, PipelineError, StopRun
+from pipeline.errors import BudgetExceeded, PipelineError
 from pipeline.execute import Scheduler, in_thread
 from pipeline.job import Job
 from pipeline.journal import Journal
 from pipeline.outcome import RunStats
-from pipeline.plan import check, key_function, output_writer, stop_reason_kind
-from pipeline.retry import RetryPolicy
+from pipeline.plan import check, key_function, output_writer, stop_reason
 from pipeline.senders import Sending
 from pipeline.sink import OutputPaths
 from pipeline.source import open_source
+from pipeline.wiring import wired
 
 EXIT_HOOK = "PIPELINE_TEST_EXIT_AFTER"  # "N:MARKER": the first task to commit N rows exits (a killed worker)
 
@@ -81,17 +80,14 @@ def run_partition(spec: TaskSpec, ask: Ask, tell: Tell, *,
     async def main() -> None:
         nonlocal stopped
         lim = job.limits
-        async with ApiClient(spec.url, key, provider=checked.provider, timeout_s=lim.timeout_s,
-                             concurrency=spec.concurrency, transport=transport) as client:
-            watched: Any = sink if exit_after is None else _Watched(sink, exit_after)
-            scheduler = Scheduler(journal=journal, sink=watched, key_of_row=key_function(job),
-                                  concurrency=spec.concurrency, grace_s=spec.grace_s, stats=stats)
-            sending: Sending | None = None
+        sending: list[Sending] = []  # once built: the cluster's spend share caps its guard
+        budgets: list[LeasedBudget] = []
 
-            def share(left: float | None) -> None:
-                if sending is not None and left is not None:
-                    sending.max_cost_usd = left
+        def share(left: float | None) -> None:
+            if sending and left is not None:
+                sending[0].max_cost_usd = left
 
+        def leased(scheduler: Scheduler) -> LeasedBudget:
             budget = LeasedBudget(
                 lim.requests_per_minute, lim.tokens_per_minute, ask=ask, tell=tell,
                 report=lambda: Report(stats.requests_sent, stats.requests_sent - stats.rate_limited,
@@ -101,12 +97,15 @@ def run_partition(spec: TaskSpec, ask: Ask, tell: Tell, *,
                 output_tokens_per_minute=_share(lim.output_tokens_per_minute, spec.workers))
             # What may ever fit is the whole limit's question, not the share's (the buckets hold the share).
             budget.itpm, budget.otpm = lim.input_tokens_per_minute, lim.output_tokens_per_minute
-            sending = Sending(client, budget, RetryPolicy(lim.max_attempts), stats, scheduler,
-                              price=checked.price, max_cost_usd=job.budget.max_cost_usd,
-                              breaker=Breaker(checked.provider.hint))
+            budgets.append(budget)
+            return budget
+
+        watched: Any = sink if exit_after is None else _Watched(sink, exit_after)
+        async with wired(checked, url=spec.url, api_key=key, store=journal, sink=watched,
+                         key_of_row=key_function(job), stats=stats, concurrency=spec.concurrency,
+                         grace_s=spec.grace_s, budget=leased, transport=transport) as w:
+            sending.append(w.sending)
             renderer = checked.renderer
-            sender = renderer.endpoint.sender(sending, job.request, bodies=renderer.bodies, checker=sink.checker,
-                                              dims=sink.vector_dims, counter=renderer.counter)
             lookup = journal.reader()
 
             def chunks() -> Any:
@@ -115,12 +114,10 @@ def run_partition(spec: TaskSpec, ask: Ask, tell: Tell, *,
                     yield renderer.render_chunk(c, settled=lookup)
 
             try:
-                await scheduler.run(in_thread(chunks()), sender)
-            except (StopRun, AbortError) as e:
-                stopped = e
+                stopped = await w.send(in_thread(chunks()))
             finally:
                 lookup.close()
-                result["leases"] = budget.leases
+                result["leases"] = budgets[0].leases
 
     try:
         asyncio.run(main())
@@ -131,8 +128,7 @@ def run_partition(spec: TaskSpec, ask: Ask, tell: Tell, *,
     result.update(committed=sink.rows_committed, chunks=sink.chunks, totals=stats.totals(),
                   errors=dict(stats.errors))
     if stopped is not None:
-        result["stopped"] = {"kind": stop_reason_kind(stopped), "message": str(stopped),
-                             "exit_code": stopped.exit_code}
+        result["stopped"] = stop_reason(stopped)
     return result
 
 
