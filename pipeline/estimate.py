@@ -26,7 +26,8 @@ from pipeline.job import Job
 from pipeline.keys import key_id
 from pipeline.pricing import Price, Usage, no_price_warning
 from pipeline.providers import DESCRIPTORS
-from pipeline.render import PreparedChunk, RenderedChunk, Renderer
+from pipeline.render import PreparedChunk, Renderer
+from pipeline.rendered import RenderedChunk
 from pipeline.rowprints import RowPrints, split_done
 from pipeline.source import DEFAULT_CHUNK_ROWS, ROW, Source, iter_chunks, open_source
 from pipeline.tokens import CountingFailed, CountingProcess, release_encodings

@@ -24,7 +24,7 @@ from pipeline.errors import Interrupted, PipelineError
 from pipeline.journal import OutcomeStore
 from pipeline.keys import key_id
 from pipeline.outcome import Outcome, Result, ResultSink, RunStats, skipped
-from pipeline.render import RenderedChunk, Request
+from pipeline.rendered import RenderedChunk, Request
 from pipeline.senders import Sender
 
 PROGRESS_EVERY_S = 0.5

@@ -21,8 +21,8 @@ from pathlib import Path
 from typing import Any, overload
 
 from pipeline.errors import JobError
-from pipeline.providers import DEFAULT as DEFAULT_PROVIDER
-from pipeline.providers import DESCRIPTORS, descriptor_of_url
+from pipeline.providers.registry import DEFAULT as DEFAULT_PROVIDER
+from pipeline.providers.registry import DESCRIPTORS, descriptor_of_url
 from pipeline.spec import (
     ApiSpec,
     BatchSpec,

@@ -28,7 +28,7 @@ from pipeline.journal import Journal
 from pipeline.keys import key_id
 from pipeline.outcome import Outcome
 from pipeline.providers.base import Provider
-from pipeline.render import RenderedChunk
+from pipeline.rendered import RenderedChunk
 from pipeline.spec import BatchSpec, RequestSpec
 
 _CREATE = """

@@ -21,7 +21,7 @@ from pipeline.journal import NullJournal
 from pipeline.keys import key_id
 from pipeline.outcome import RunStats, skipped
 from pipeline.plan import Ending, RunPlan
-from pipeline.render import RenderedChunk
+from pipeline.rendered import RenderedChunk
 from pipeline.sink import PartWriter
 from pipeline.source import iter_chunks
 from pipeline.wiring import local_budget, wired

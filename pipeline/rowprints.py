@@ -25,7 +25,8 @@ import numpy as np
 import polars as pl
 
 from pipeline.errors import OutputError
-from pipeline.render import RenderedChunk, Renderer
+from pipeline.render import Renderer
+from pipeline.rendered import RenderedChunk
 from pipeline.source import ROW, Source, iter_chunks
 
 _SEEDS = (0x5EED5EED, 0x0B0B0B0B)  # two 64-bit hashes of each row, seeded apart

@@ -24,7 +24,7 @@ from pipeline.providers.base import Answer, EmbeddingAnswer
 from pipeline.retry import RetryPolicy
 
 if TYPE_CHECKING:
-    from pipeline.render import Request
+    from pipeline.rendered import Request
 
 T = TypeVar("T", Answer, EmbeddingAnswer)
 R = TypeVar("R")

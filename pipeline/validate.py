@@ -11,7 +11,8 @@ from pipeline.estimate import Estimate, estimate_source
 from pipeline.job import Job
 from pipeline.plan import check
 from pipeline.providers import Provider
-from pipeline.render import IMAGE_CHUNK_ROWS, Request
+from pipeline.render import IMAGE_CHUNK_ROWS
+from pipeline.rendered import Request
 from pipeline.source import Source, input_warnings, iter_chunks, read_head
 
 

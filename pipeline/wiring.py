@@ -24,7 +24,7 @@ from pipeline.senders import Sender, Sending
 if TYPE_CHECKING:
     from pipeline.journal import OutcomeStore
     from pipeline.plan import Checked
-    from pipeline.render import RenderedChunk
+    from pipeline.rendered import RenderedChunk
 
 
 @dataclass(frozen=True)

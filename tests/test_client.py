@@ -6,7 +6,7 @@ import pytest
 
 from pipeline.client import ApiClient, check_transport_security, redact
 from pipeline.errors import AbortError, RowError, TransientError, UsageError
-from pipeline.providers.openai import classify, parse_duration, retry_after
+from pipeline.providers.openai_wire import classify, parse_duration, retry_after
 
 OK = orjson.dumps({"id": "x", "object": "chat.completion", "model": "gpt-4o-mini-2024-07-18",
                    "choices": [{"index": 0, "message": {"role": "assistant", "content": "hi", "refusal": None},

@@ -26,7 +26,7 @@ from pipeline.keys import request_key
 from pipeline.limits import RateBudget
 from pipeline.pricing import Price, Rate
 from pipeline.providers.openai import OpenAIBodies
-from pipeline.render import RenderedChunk, Request
+from pipeline.rendered import RenderedChunk, Request
 from pipeline.retry import RetryPolicy
 from pipeline.senders import Sending
 from pipeline.sink import OutputPaths, PartWriter

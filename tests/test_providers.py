@@ -11,8 +11,9 @@ from pipeline.errors import AbortError, JobError, RateLimited, RowError, Transie
 from pipeline.job import Job
 from pipeline.pricing import Usage, lookup_price
 from pipeline.providers import DESCRIPTORS, provider_for
-from pipeline.providers.anthropic import has_json_output, message_answer, parse_message, parse_rate
+from pipeline.providers.anthropic import has_json_output
 from pipeline.providers.anthropic_batch import batch_result, normalized
+from pipeline.providers.anthropic_wire import message_answer, parse_message, parse_rate
 from pipeline.render import Renderer
 from pipeline.source import open_source
 

@@ -157,7 +157,8 @@ def test_plain_templates_render_in_polars_exactly_as_jinja_would(make_job, tmp_p
 
 
 def test_embeddings_inputs_made_without_jinja_have_the_same_bodies_and_keys(make_job, tmp_path):
-    from pipeline.render import _Part, request_key
+    from pipeline.keys import request_key
+    from pipeline.render import _Part
 
     df = pl.DataFrame({"review_id": ["a", "b", "c"], "product": ["lamp", None, 'quote " and \\ ünï 👍'],
                        "text": ["line\none", "", "{{ x }}"]})

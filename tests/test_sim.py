@@ -2,7 +2,7 @@
 
 import httpx
 
-from pipeline.providers.openai import parse_duration
+from pipeline.providers.openai_wire import parse_duration
 from pipeline.tokens import ChatTokenCounter
 
 BODY = {"model": "gpt-4o-mini", "max_completion_tokens": 20,

@@ -18,7 +18,7 @@ if TYPE_CHECKING:
     from pipeline.job import Job
     from pipeline.pricing import Price
     from pipeline.providers.base import Answer, BatchResult, Bodies
-    from pipeline.render import Request
+    from pipeline.rendered import Request
     from pipeline.senders import Sending, Sent
     from pipeline.spec import RequestSpec
     from pipeline.structured import Checker

@@ -24,7 +24,7 @@ from typing import Any
 import orjson
 
 from pipeline.errors import ProviderError, RowError, TransientError
-from pipeline.providers.anthropic import PATHS, TRANSIENT_TYPES, message_answer, raise_for_status
+from pipeline.providers.anthropic_wire import PATHS, TRANSIENT_TYPES, message_answer, raise_for_status
 from pipeline.providers.base import BatchResult
 from pipeline.providers.openai_batch import BatchClient, _json_object
 

@@ -18,7 +18,7 @@ from tenacity import Retrying
 
 from pipeline.errors import ProviderError, RowError, TransientError
 from pipeline.providers.base import BatchResult
-from pipeline.providers.openai import chat_answer, classify, embeddings_answer, raise_for_status
+from pipeline.providers.openai_wire import chat_answer, classify, embeddings_answer, raise_for_status
 from pipeline.redact import redact
 from pipeline.retry import RetryPolicy, transport_error
 

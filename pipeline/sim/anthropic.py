@@ -38,7 +38,7 @@ from pipeline.sim.rules import (
 from pipeline.tokens import get_encoding
 
 if TYPE_CHECKING:
-    from pipeline.sim.server import Simulator
+    from pipeline.sim.host import Host
 
 FACTOR = 1.25
 MAX_BATCH_REQUESTS = 100_000
@@ -58,7 +58,7 @@ def _iso(t: float) -> str:
 class AnthropicService:
     """The Anthropic routes of one simulator."""
 
-    def __init__(self, sim: Simulator) -> None:
+    def __init__(self, sim: Host) -> None:
         self.sim = sim
         self.enc = get_encoding("o200k_base")
         self.batches: dict[str, dict[str, Any]] = {}
@@ -262,15 +262,15 @@ class AnthropicService:
         try:
             input_tokens = self.check(body)
             max_out = int(body["max_tokens"])
-            refused = await sim._admit(request, raw, body, input_tokens + max_out, str(body["model"]), max_out)
+            refused = await sim.admit(request, raw, body, input_tokens + max_out, str(body["model"]), max_out)
             if refused is not None:
                 return refused
             payload = self.answer(body, input_tokens, self.cache_usage(body))
         except SimFailure as f:
             return self.error(f.status, f.message, "invalid_request_error" if f.status < 500 else "api_error")
-        await sim._delay()
+        await sim.delay()
         sim.stats.billed_input_tokens += input_tokens
-        return await sim._respond(request, raw, payload)
+        return await sim.respond(request, raw, payload)
 
     async def count_tokens(self, request: web.Request) -> web.Response:
         """POST /v1/messages/count_tokens: free, exactly what the same request is billed."""

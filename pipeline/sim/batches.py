@@ -21,7 +21,7 @@ from aiohttp import web
 from pipeline.sim.errors import SimFailure, error_response
 
 if TYPE_CHECKING:
-    from pipeline.sim.server import Simulator
+    from pipeline.sim.host import Host
 
 MAX_LINES = 50_000
 MAX_FILE_BYTES = 200 * 1024 * 1024
@@ -54,7 +54,7 @@ def _bad(message: str) -> web.Response:
 class BatchService:
     """The /v1/files and /v1/batches routes of one simulator, and the background work on its batches."""
 
-    def __init__(self, sim: Simulator) -> None:
+    def __init__(self, sim: Host) -> None:
         self.sim = sim
         self.files: dict[str, _File] = {}
         self.batches: dict[str, dict[str, Any]] = {}
