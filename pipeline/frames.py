@@ -197,8 +197,10 @@ def map(frame: Any, job: Job | None = None, *, workdir: str | Path | None = None
 
     df, kind = _as_polars(frame)
     the_job = _staged(df, job, keys, workdir, name)
+    # The frame is in this process: a map runs here (engine="local") whatever the job's [engine] says.
     result = _in_thread_if_a_loop_runs(lambda: run(the_job, base_url=base_url, fresh=fresh, mode=mode,
-                                                   on_estimate=on_estimate, on_progress=on_progress))
+                                                   on_estimate=on_estimate, on_progress=on_progress,
+                                                   engine="local"))
     answers = pl.read_parquet(result.output)
     # The frame's columns, then the answer (the schema's or the tools' typed columns, else content), then the rest.
     typed = [c for c in answers.columns if c not in RESULT_SCHEMA and c != ROW_COLUMN]

@@ -18,7 +18,7 @@ import httpx
 import polars as pl
 
 from pipeline.client import resolve_api_key, resolve_base_url
-from pipeline.errors import BudgetExceeded, OutputError, PipelineError, StopRun
+from pipeline.errors import BudgetExceeded, OutputError, PipelineError, StopRun, UsageError
 from pipeline.estimate import Estimate
 from pipeline.interrupts import StopSignals
 from pipeline.job import Job
@@ -32,17 +32,19 @@ from pipeline.storage import is_url, pull_manifest, push_output
 class RunResult:
     """How a run ended: the output, its manifest, the totals, and the reason if it stopped early."""
 
-    output: Path
+    output: Path | str             # the Parquet file, or the Ray engine's folder of chunks (or its URL)
     manifest: Path
     stats: RunStats
-    estimate: Estimate
+    estimate: Estimate | None      # None for a Ray run (its driver plans partitions, not an estimate pass)
     stopped: PipelineError | None = None
     manifest_data: dict[str, Any] = field(default_factory=dict)
     set_aside: list[Path] = field(default_factory=list)  # where --fresh moved the earlier output and journal
 
     def frame(self) -> pl.DataFrame:
         """The output table, read back (for notebooks: ``run(job, data=df).frame()``)."""
-        return pl.read_parquet(self.output)
+        from pipeline.report import read_output
+
+        return read_output(self.output)
 
     @property
     def exit_code(self) -> int:
@@ -68,7 +70,7 @@ def run(job: Job, *, base_url: str | None = None, limit: int | None = None, fres
         on_estimate: Callable[[Estimate], bool] | None = None, handle_signals: bool = False,
         grace_s: float = 5.0, journal: bool = True, data: pl.DataFrame | None = None, mode: str | None = None,
         wait: bool = True, on_batches: Callable[[list[BatchPart]], None] | None = None,
-        release_memory: bool = False) -> RunResult:
+        release_memory: bool = False, engine: str | None = None) -> RunResult:
     """Run a job to the end (or until stopped); resumes from the journal unless ``fresh``.
 
     ``on_estimate`` sees the estimate before anything is sent and returns False to cancel (the CLI asks the
@@ -82,7 +84,13 @@ def run(job: Job, *, base_url: str | None = None, limit: int | None = None, fres
 
     ``mode`` overrides ``[request].mode``: ``"batch"`` goes through the Batch API (``wait=False`` submits and
     returns; a later run collects), reporting the job's batches to ``on_batches`` as they move.
+
+    ``engine`` overrides ``[engine].kind``: ``"ray"`` runs the job's partitions on Ray (as ``pipeline run``
+    does), online over whole partitions.
     """
+    if (engine or job.engine.kind) == "ray":
+        return _run_ray(job, base_url=base_url, fresh=fresh, allow_insecure=allow_insecure, limit=limit,
+                        retry_failed=retry_failed, data=data, mode=mode, transport=transport)
     if data is not None:
         job = _with_frame_input(job, data)
     signals = StopSignals() if handle_signals else contextlib.nullcontext()
@@ -115,6 +123,23 @@ def run(job: Job, *, base_url: str | None = None, limit: int | None = None, fres
     return RunResult(output=plan.paths.output, manifest=plan.paths.manifest, stats=end.stats,
                      estimate=plan.estimate, stopped=end.stopped, manifest_data=manifest,
                      set_aside=plan.set_aside)
+
+
+def _run_ray(job: Job, *, base_url: str | None, fresh: bool, allow_insecure: bool, limit: int | None,
+             retry_failed: bool, data: pl.DataFrame | None, mode: str | None,
+             transport: httpx.AsyncBaseTransport | None) -> RunResult:
+    """The Ray engine's run, as a ``RunResult``; what it cannot do is refused as the CLI refuses it."""
+    refused = [name for name, given in (("limit", limit), ("retry_failed", retry_failed), ("data", data is not None),
+                                        ('mode="batch"', mode == "batch"), ("transport", transport is not None))
+               if given]
+    if refused:
+        raise UsageError(f"{job.source}: the Ray engine ([engine].kind = \"ray\") runs online over whole "
+                         f"partitions: not with {', '.join(refused)} (engine=\"local\" runs it here)")
+    from pipeline.engines.ray_engine import run_ray  # loaded by Ray runs only
+
+    r = run_ray(job, base_url=base_url, fresh=fresh, allow_insecure=allow_insecure)
+    return RunResult(output=r.output, manifest=r.manifest, stats=r.stats, estimate=None,
+                     stopped=r.stopped, manifest_data=r.manifest_data)
 
 
 def _accept(plan: RunPlan, on_estimate: Callable[[Estimate], bool] | None) -> None:

@@ -108,7 +108,7 @@ def test_a_worker_killed_mid_partition_and_a_rerun_give_every_row_once_with_the_
         sent_first = s.stats.requests
         rerun = run_ray(job)
         stats = s.stats.to_dict()
-        local = run(load_job(job_file(tmp_path, s.base_url, output="out/local.parquet")))
+        local = run(load_job(job_file(tmp_path, s.base_url, output="out/local.parquet")), engine="local")
     assert first.exit_code == 0 and first.partitions_done == 4
     assert rerun.stats.requests_sent == 0 and rerun.manifest_data["engine"]["partitions_run"] == 0
     # What the dead worker had answered and not committed was sent again, and nothing more.
@@ -135,6 +135,21 @@ def test_cli_runs_the_ray_engine_and_report_reads_the_dataset(tmp_path: Path) ->
         assert again.exit_code == 0 and "0 requests" in again.output
     rep = run_cli("report", tmp_path / "out" / "ds.parquet", "--json")
     assert rep.exit_code == 0 and '"rows": 80' in rep.output
+
+
+def test_the_library_run_follows_the_jobs_engine_and_refuses_what_ray_cannot_do(tmp_path: Path) -> None:
+    from pipeline.errors import UsageError
+
+    reviews(60).write_parquet(tmp_path / "input.parquet")
+    with SimServer(SimConfig()) as s:
+        job = load_job(job_file(tmp_path, s.base_url, engine="workers = 2"))
+        result = run(job)  # [engine].kind = "ray": the partitions run on Ray, as `pipeline run` does
+        assert s.stats.requests == 60
+        with pytest.raises(UsageError, match="not with limit"):
+            run(job, limit=10)
+    assert result.exit_code == 0 and result.estimate is None
+    assert result.manifest_data["engine"]["kind"] == "ray"
+    assert Path(result.output).is_dir() and result.frame().height == 60
 
 
 @pytest.fixture
