@@ -13,7 +13,8 @@ from typing import Any, Protocol
 from pipeline.errors import ProviderError
 from pipeline.images import OPENAI_LIMITS, Image, ImageLimits, ImageRule, openai_rule
 from pipeline.pricing import OPENAI_PRICES, PriceIds, Usage
-from pipeline.rates import NO_RATE, RateInfo  # noqa: F401 - part of the provider seam, re-exported
+from pipeline.rates import NO_RATE as NO_RATE  # part of the provider seam, re-exported
+from pipeline.rates import RateInfo as RateInfo
 from pipeline.spec import RequestSpec
 from pipeline.tokens import ChatTokenCounter
 
