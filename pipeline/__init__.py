@@ -6,8 +6,9 @@ import os
 import sys
 
 # Arrow's buffers from the C allocator rather than its bundled mimalloc, which keeps what it took: writing the
-# output's row groups left 18 MiB more resident at the end of a 20k-row run (275 against 257 MiB peak). Read by
-# Arrow when it loads, so it is set before anything imports pyarrow; a user's own setting wins.
+# output's row groups left 18 MiB more resident at the end of a 20k-row run (275 against 257 MiB peak;
+# bench/throughput.py). Read by Arrow when it loads, so it is set before anything imports pyarrow; a user's own setting
+# wins.
 os.environ.setdefault("ARROW_DEFAULT_MEMORY_POOL", "system")
 
 
@@ -16,8 +17,8 @@ def _one_malloc_arena() -> None:
 
     glibc gives each thread that allocates an arena of its own, and polars' and pyarrow's worker threads leave
     memory resident in theirs: the 1M-row estimate peaked at 338 MiB with them and 288 MiB without, in the
-    same time. It must happen before polars and pyarrow start their threads, so here, before they are
-    imported; and only for the `pipeline` command, which owns its process (a library caller's keeps its own).
+    same time (bench/estimate.py). It must happen before polars and pyarrow start their threads, so here, before they
+    are imported; and only for the `pipeline` command, which owns its process (a library caller's keeps its own).
     """
     if os.path.basename(sys.argv[0] if sys.argv else "") != "pipeline" or "MALLOC_ARENA_MAX" in os.environ:
         return

@@ -38,8 +38,8 @@ if TYPE_CHECKING:
 LARGEST_LISTED = 3  # the largest rows an estimate names
 MAX_LISTED_IDS = 1000
 # Past this many texts to count an estimate counts tokens in a process of its own, beside the rendering; below, the
-# process's start (about 0.4 s, 68 MiB) costs more than it saves. Texts, not rows: a resume renders only what is
-# left, and its answered rows count nothing.
+# process's start (about 0.4 s, 68 MiB) costs more than it saves (bench/estimate.py). Texts, not rows: a resume renders
+# only what is left, and its answered rows count nothing.
 COUNT_ELSEWHERE_TEXTS = 50_000
 
 
@@ -79,8 +79,8 @@ class _Counting:
             except OSError:
                 self._process = None
                 return
-            # This process's own tables (about 46 MiB) are not needed while the child counts; they come back
-            # if anything here counts again (a failed child, an answer without usage).
+            # This process's own tables (about 46 MiB; bench/estimate.py's peak) are not needed while the child counts;
+            # they come back if anything here counts again (a failed child, an answer without usage).
             release_encodings()
 
     def submit(self, item: _Waiting) -> bool:
@@ -178,7 +178,7 @@ class EstimateBuilder:
             self.expected_out = math.ceil(measured.output_tokens_mean)
             self.est.expected_output_basis = (f"measured by `--sample` on {measured.requests} request(s): "
                                               f"{measured.output_tokens_mean:,.1f} output tokens each")
-        self._seen: set[int] = set()  # 64 bits of each key: a third of the memory of the strings
+        self._seen: set[int] = set()  # 64 bits a key: a third of the strings' memory (bench/estimate.py)
         self._over_context: set[int] = set()  # keys of requests over the context window (their repeats are too)
         self._costs = [0.0, 0.0, 0.0, 0.0]
         self._budget_tokens = 0

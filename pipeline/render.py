@@ -52,7 +52,8 @@ class PreparedChunk:
 
 IMAGE_CHUNK_ROWS = 128  # an image job's chunk: 128 inline images of a few hundred KB are tens of MB
 KEEP_BYTES = 32 << 20  # what an estimate pass may keep of rendered requests for the run (~40k short rows)
-_REQUEST_OVERHEAD = 512  # a Request's object, key, id and kept values beside its body (measured ~450)
+# A Request's object, key, id and kept values beside its body (measured ~450; bench/throughput.py)
+_REQUEST_OVERHEAD = 512
 
 
 @dataclass
@@ -419,7 +420,7 @@ class Renderer:
         frame = self._body_frame
         framed = frame is not None and not self.job.input.skip_nulls and all(i in fast for i in variable)
         rows = chunk.get_column(ROW).to_list()
-        if lean and framed:  # a third of an estimate's time went into these Python objects
+        if lean and framed:  # a third of an estimate's time went into these Python objects (bench/estimate.py)
             ids, keeps = rows, [()] * len(rows)
         else:
             ids = chunk.get_column(self.id_column).to_list() if self.id_column else rows

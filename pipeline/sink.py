@@ -366,7 +366,8 @@ class PartWriter:
         # zstd at level 1: nearly the ratio of the default on text. Float vectors are stored plain: no
         # dictionary (one never pays off on floats), no min/max statistics (no reader prunes on a vector element;
         # computing them took 40% of the write) and no compression. Measured on 100,000 x 256 vectors: zstd made
-        # the file 9% smaller and the write twice as long; byte-stream-split + zstd 17% smaller, 3.3x as long.
+        # the file 9% smaller and the write twice as long; byte-stream-split + zstd 17% smaller, 3.3x as long
+        # (bench/embed.py times the write).
         options: dict[str, Any] = {"compression": "zstd", "compression_level": 1}
         if self.vectors:
             columns = _leaf_columns(self._arrow_schema)

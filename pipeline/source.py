@@ -176,7 +176,8 @@ def iter_chunks(source: Source, columns: Sequence[str], *, chunk_rows: int = DEF
         raise InputError(f"{source.pattern}: the input has no rows")
 
 
-PYARROW_FROM_ROWS = 250_000  # below this, polars' reader is lighter (pyarrow's pool and modules: +19 MiB at 20k)
+# Below this, polars' reader is lighter (pyarrow's pool and modules: +19 MiB at 20k; bench/throughput.py)
+PYARROW_FROM_ROWS = 250_000
 
 
 def _parquet_rows(source: Source) -> int:
@@ -190,7 +191,8 @@ def _parquet_rows(source: Source) -> int:
 def _parquet_chunks(source: Source, wanted: list[str], *, chunk_rows: int, limit: int | None,
                     rows: Sequence[int] | None, except_rows: Sequence[int] | None) -> Iterator[pl.DataFrame]:
     """Large Parquet inputs through pyarrow's batch reader, a row group's pages at a time: polars' streaming
-    engine held ~100 MB more for a 1M-row file (measured 269 against 217 MiB peak), which an estimate feels.
+    engine held ~100 MB more for a 1M-row file (measured 269 against 217 MiB peak), which an estimate feels
+    (bench/estimate.py).
 
     Positions count across the files in order; ``rows`` / ``except_rows`` (sorted, as a plan makes them) keep
     or drop positions, and what is kept is gathered into chunks of ``chunk_rows``.

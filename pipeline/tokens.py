@@ -103,8 +103,9 @@ _COUNTERS: weakref.WeakSet[ChatTokenCounter] = weakref.WeakSet()
 
 
 def release_encodings() -> None:
-    """Let every tokenizer's tables go (o200k's are about 50 MiB) when a run has nothing left to count: the
-    counters reload them if they are asked again (an answer without usage). glibc keeps freed small blocks in
+    """Let every tokenizer's tables go (o200k's are about 50 MiB; bench/throughput.py's peak RSS) when a run has nothing
+    left to count: the counters reload them if they are asked again (an answer without usage). glibc keeps freed small
+    blocks in
     its arenas, so they are handed back to the system too, or the memory would stay resident."""
     get_encoding.cache_clear()
     for counter in list(_COUNTERS):
@@ -260,8 +261,8 @@ class CountingProcess:
 
     Why a process and not a thread: on this project's 2-core machine two threads counted 300k short prompts
     in 1.6-2.0 s against 1.9-2.2 s on one (tiktoken takes the GIL back for every text, and the handovers cost
-    what the second core gives), so a counting thread would mostly take turns with the rendering. The child
-    runs this file alone (not the pipeline package, so without polars, pyarrow or the HTTP stack) and holds
+    what the second core gives; bench/estimate.py), so a counting thread would mostly take turns with the rendering. The
+    child runs this file alone (not the pipeline package, so without polars, pyarrow or the HTTP stack) and holds
     the tokenizer's tables: about 68 MiB resident.
 
     One batch is under way at a time: ``submit`` hands it over (on a thread, as the child may still be loading

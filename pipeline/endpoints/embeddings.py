@@ -133,7 +133,8 @@ def shared(batch: Sequence[Request], a: EmbeddingAnswer, price: Price | None, di
     for the request split like its tokens (embeddings have no tiers: cost is linear in tokens).
 
     The rows stay together as one ``VectorBlock`` (one journal record, one output append): per-row objects
-    were most of the cost of a batched embeddings run. Rows whose vector has the wrong size fail one by one.
+    were most of the cost of a batched embeddings run (bench/embed.py). Rows whose vector has the wrong size fail one by
+    one.
     """
     counts = np.fromiter((r.prompt_tokens for r in batch), dtype=np.float64, count=len(batch))
     shares = split_tokens(a.prompt_tokens, counts)
