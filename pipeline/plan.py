@@ -21,6 +21,7 @@ import polars as pl
 
 from pipeline.client import check_transport_security, resolve_api_key, resolve_base_url
 from pipeline.endpoints import endpoint_of, price_for
+from pipeline.endpoints.base import MODES
 from pipeline.errors import (
     BudgetExceeded,
     Interrupted,
@@ -32,7 +33,7 @@ from pipeline.errors import (
     UsageError,
 )
 from pipeline.estimate import Estimate, estimate_source
-from pipeline.job import MODES, Job
+from pipeline.job import Job
 from pipeline.journal import Journal, NullJournal, OutcomeStore, Reader, journal_fingerprint
 from pipeline.keys import key_id
 from pipeline.ledger import BatchLedger, BatchStage

@@ -76,7 +76,7 @@ def test_anthropic_body_has_the_tools_and_the_choice(make_job):
 
 
 def test_columns_one_tool_unprefixed_several_prefixed():
-    from pipeline.job import ToolSpec
+    from pipeline.spec import ToolSpec
 
     refund = ToolSpec("refund", None, {"type": "object", "properties": {"order_id": {"type": "string"},
                                                                          "amount": {"type": "number"}}})
@@ -88,7 +88,7 @@ def test_columns_one_tool_unprefixed_several_prefixed():
 
 
 def test_checker_reasons():
-    from pipeline.job import ToolSpec
+    from pipeline.spec import ToolSpec
 
     t = ToolSpec("refund", None, {"type": "object", "properties": {"amount": {"type": "number"}},
                                   "required": ["amount"]})

@@ -2,16 +2,11 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
-from pipeline.endpoints.base import Endpoint, Vectors
+from pipeline.endpoints.base import Endpoint, JobParts, Vectors
 from pipeline.endpoints.chat import Chat
 from pipeline.endpoints.embeddings import Embeddings
 from pipeline.pricing import Price, lookup_price
-from pipeline.providers import DESCRIPTORS
-
-if TYPE_CHECKING:
-    from pipeline.job import Job
+from pipeline.providers.registry import DESCRIPTORS
 
 ENDPOINTS: dict[str, Endpoint] = {e.name: e for e in (Chat(), Embeddings())}
 
@@ -21,7 +16,7 @@ def endpoint_of(name: str) -> Endpoint:
     return ENDPOINTS[name]
 
 
-def price_for(job: Job) -> Price | None:
+def price_for(job: JobParts) -> Price | None:
     """The price of the job's model, with the job's overrides (an endpoint without output tokens needs no
     output rate)."""
     return lookup_price(job.request.model, job.pricing, input_only=not endpoint_of(job.request.endpoint).bills_output,

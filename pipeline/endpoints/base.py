@@ -12,17 +12,47 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, ClassVar, Protocol
+
+from pipeline.spec import ApiSpec, PricingSpec, RequestSpec
+from pipeline.tables import Table, default_of, shown
 
 if TYPE_CHECKING:
-    from pipeline.job import Job
+    from pathlib import Path
+
     from pipeline.outcome import Outcome
     from pipeline.pricing import Price
     from pipeline.providers.base import BatchResult, Bodies, Provider
     from pipeline.senders import Sender, Sending
-    from pipeline.spec import RequestSpec
     from pipeline.structured import Checker
     from pipeline.tokens import ChatTokenCounter
+
+
+MODES = ("online", "batch")
+
+
+class JobParts(Protocol):
+    """What an endpoint reads of a job (a ``job.Job`` has them): its request, dialect, prices and file."""
+
+    @property
+    def request(self) -> RequestSpec: ...
+
+    @property
+    def api(self) -> ApiSpec: ...
+
+    @property
+    def pricing(self) -> PricingSpec: ...
+
+    @property
+    def source(self) -> str: ...
+
+
+def mode_of(req: Table) -> str:
+    """``[request].mode``: online, or through the provider's Batch API."""
+    mode: str = req.str("mode", default_of(RequestSpec, "mode"))
+    if mode not in MODES:
+        raise req.fail("mode", f"must be one of {', '.join(MODES)}, got {shown(mode)}")
+    return mode
 
 
 @dataclass(frozen=True)
@@ -44,6 +74,10 @@ class Endpoint(ABC):
     bills_output: ClassVar[bool]   # answers carry output tokens (a price needs an output rate)
     row_prints: ClassVar[bool]     # a resume may know rows by their cells' print (an answer is one row's own)
     size_limit: ClassVar[str]      # what a request too large for the model exceeds, in words
+
+    @abstractmethod
+    def parse(self, req: Table, base: Path) -> RequestSpec:
+        """Its ``[request]`` keys read into the typed spec (``req.done()`` refuses the keys left over)."""
 
     @abstractmethod
     def body(self, bodies: Bodies, messages: list[dict[str, str]]) -> bytes:
@@ -72,11 +106,11 @@ class Endpoint(ABC):
         """The most tokens one request may hold (the estimate's over-context check)."""
         return model_window
 
-    def vectors(self, job: Job, provider: Provider) -> Vectors | None:
+    def vectors(self, job: JobParts, provider: Provider) -> Vectors | None:
         """The vector column of the output, if answers are vectors."""
         return None
 
-    def family_warnings(self, job: Job) -> list[str]:
+    def family_warnings(self, job: JobParts) -> list[str]:
         """What the model family's documented rules say of the job's parameters (refusals raise)."""
         return []
 

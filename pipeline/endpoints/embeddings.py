@@ -12,18 +12,22 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from pipeline.endpoints.base import Endpoint, Vectors
+from pipeline.endpoints.base import Endpoint, JobParts, Vectors, mode_of
 from pipeline.errors import RowError
 from pipeline.outcome import Outcome, VectorBlock, embedding_outcome, failed, split_tokens, unsendable_input
 from pipeline.pricing import Usage
+from pipeline.spec import RequestSpec
+from pipeline.tables import Table, default_of, shown
+
+EMBEDDING_FORMATS = ("base64", "float")
 
 if TYPE_CHECKING:
-    from pipeline.job import Job
+    from pathlib import Path
+
     from pipeline.pricing import Price
     from pipeline.providers.base import BatchResult, Bodies, EmbeddingAnswer, Provider
     from pipeline.rendered import Request
     from pipeline.senders import Sending, Sent
-    from pipeline.spec import RequestSpec
     from pipeline.structured import Checker
     from pipeline.tokens import ChatTokenCounter
 
@@ -38,6 +42,31 @@ class Embeddings(Endpoint):
     bills_output = False
     row_prints = False  # an answer lives in a block of many rows
     size_limit = "input limit"
+
+    def parse(self, req: Table, base: Path) -> RequestSpec:
+        """The embeddings keys: model, input (the template), dimensions, encoding_format and the batch limits."""
+        for key in ("prompt", "prompt_file", "system", "messages", "max_tokens", "temperature", "top_p", "seed", "stop",
+                    "reasoning_effort", "response_schema", "response_schema_file", "schema_retries", "images",
+                    "image_position", "tools", "tool_choice"):
+            if req.has(key):
+                raise req.fail(key, 'does not apply to endpoint = "embeddings" (its template is [request].input)')
+        model = req.str("model", required=True)
+        template = req.str("input", required=True)
+        assert model is not None and template is not None
+        fmt = req.str("encoding_format", default_of(RequestSpec, "encoding_format"))
+        if fmt not in EMBEDDING_FORMATS:
+            raise req.fail("encoding_format", f"must be one of {', '.join(EMBEDDING_FORMATS)}, got {shown(fmt)}")
+        batch_size = req.int("batch_size", default_of(RequestSpec, "batch_size"))
+        if batch_size > 2048:
+            raise req.fail("batch_size", "can be at most 2048 (the API's limit of inputs per request), got "
+                                         f"{batch_size}")
+        spec = RequestSpec(endpoint=self.name, model=model, prompt=template, prompt_source=req.where("input"),
+                           max_tokens=0, dimensions=req.int("dimensions"), encoding_format=fmt, batch_size=batch_size,
+                           batch_tokens=req.int("batch_tokens", default_of(RequestSpec, "batch_tokens")),
+                           max_input_tokens=req.int("max_input_tokens", default_of(RequestSpec, "max_input_tokens")),
+                           mode=mode_of(req))
+        req.done()
+        return spec
 
     def body(self, bodies: Bodies, messages: list[dict[str, str]]) -> bytes:
         """The one-input body of the row's text (a request groups many such bodies)."""
@@ -66,7 +95,7 @@ class Embeddings(Endpoint):
         """The model's input limit (``max_input_tokens``), not a chat context window."""
         return spec.max_input_tokens
 
-    def vectors(self, job: Job, provider: Provider) -> Vectors:
+    def vectors(self, job: JobParts, provider: Provider) -> Vectors:
         """The vector column, of the model's dimensions where the provider knows them."""
         return Vectors(provider.embedding_dims(job.request.model, job.request.dimensions))
 
