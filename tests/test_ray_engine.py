@@ -14,12 +14,12 @@ import polars as pl
 import pytest
 
 from pipeline.engines.ray_engine import run_ray
-from pipeline.engines.task import EXIT_HOOK
 from pipeline.job import load_job
 from pipeline.report import read_output
 from pipeline.run import run
 from pipeline.sim import SimConfig, SimServer
 from pipeline.sim.server import free_port
+from tests import faults
 from tests.conftest import reviews
 
 if os.environ.get("PIPELINE_CI"):  # CI installs the [ray] extra: there, a missing Ray is a failure, not a skip
@@ -94,16 +94,16 @@ def test_a_cooldown_one_worker_reports_reaches_every_other_worker_through_the_ac
 
 
 def test_a_worker_killed_mid_partition_and_a_rerun_give_every_row_once_with_the_local_engines_answers(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        tmp_path: Path) -> None:
     n, commit_rows, concurrency, workers = 1_200, 50, 8, 2
     reviews(n).write_parquet(tmp_path / "input.parquet", row_group_size=100)
     marker = tmp_path / "killed"
-    monkeypatch.setenv(EXIT_HOOK, f"200:{marker}")  # the first task to commit 200 rows dies (os._exit)
+    ray.cloudpickle.register_pickle_by_value(faults)  # the workers cannot import the tests
     with SimServer(SimConfig(latency_ms=5)) as s:
         path = job_file(tmp_path, s.base_url, limits=f"concurrency = {concurrency}",
                         engine=f"workers = {workers}\npartition_rows = 300\ncommit_rows = {commit_rows}")
         job = load_job(path)
-        first = run_ray(job)
+        first = run_ray(job, sink_wrapper=faults.KillAfter(200, marker))  # the first task to commit 200 rows dies
         assert marker.exists()  # a worker did die
         sent_first = s.stats.requests
         rerun = run_ray(job)

@@ -119,10 +119,12 @@ def dataset_of(job: Job) -> str:
 
 def run_ray(job: Job, *, base_url: str | None = None, address: str | None = None, workers: int | None = None,
             fresh: bool = False, allow_insecure: bool = False,
-            on_progress: Callable[[RunStats, int, int], None] | None = None) -> RayRun:
+            on_progress: Callable[[RunStats, int, int], None] | None = None,
+            sink_wrapper: Callable[[Any], Any] | None = None) -> RayRun:
     """Run a job on Ray; resumes from the driver's journal and the committed chunks unless ``fresh``.
 
-    ``on_progress(stats, partitions_finished, partitions_to_run)`` is called as each task ends."""
+    ``on_progress(stats, partitions_finished, partitions_to_run)`` is called as each task ends. ``sink_wrapper``
+    goes in front of every task's sink (the tests' fault injection: ``engines.task.TaskSpec``)."""
     t0, started = time.monotonic(), datetime.now(tz=UTC)
     checked = check(job)
     url = resolve_base_url(job, base_url)
@@ -166,7 +168,8 @@ def run_ray(job: Job, *, base_url: str | None = None, address: str | None = None
             for p in parts:  # every partition planned is on record; some finished by a task whose result the driver
                 if p.id not in finished:  # never saw (it was stopped): their chunks say so
                     _mark(db, p, "todo" if p in todo else "done", {})
-            stats, stopped, engine = _drive(job, url, address, workers, todo, dataset, db, on_progress)
+            stats, stopped, engine = _drive(job, url, address, workers, todo, dataset, db, on_progress,
+                                            sink_wrapper)
         finally:
             journal.close()
         chunks = committed(dataset, job.storage.endpoint_url)
@@ -187,7 +190,7 @@ def run_ray(job: Job, *, base_url: str | None = None, address: str | None = None
 
 def _drive(job: Job, url: str, address: str | None, workers: int, todo: list[Partition], dataset: str, db: Any,
            on_progress: Callable[[RunStats, int, int], None] | None,
-           ) -> tuple[RunStats, PipelineError | None, dict[str, Any]]:
+           sink_wrapper: Callable[[Any], Any] | None = None) -> tuple[RunStats, PipelineError | None, dict[str, Any]]:
     """Run the partitions still to do, ``workers`` at a time; sum their totals."""
     stats = RunStats(rows_total=sum(p.rows for p in todo))
     if not todo:
@@ -217,7 +220,7 @@ def _drive(job: Job, url: str, address: str | None, workers: int, todo: list[Par
             while queue and len(running) < workers and stopped is None:
                 p = queue.pop(0)
                 spec = TaskSpec(job=job, partition=p, dataset=dataset, url=url, concurrency=share, worker=p.id,
-                                workers=workers)
+                                workers=workers, sink_wrapper=sink_wrapper)
                 running[remote_task.remote(spec, actor)] = p
             if not running:
                 break

@@ -13,9 +13,9 @@ Nothing here knows Ray: ``engines/ray.py`` calls ``run_partition`` in a Ray task
 from __future__ import annotations
 
 import asyncio
-import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,8 +37,6 @@ from pipeline.sink import OutputPaths
 from pipeline.source import open_source
 from pipeline.wiring import wired
 
-EXIT_HOOK = "PIPELINE_TEST_EXIT_AFTER"  # "N:MARKER": the first task to commit N rows exits (a killed worker)
-
 
 @dataclass(frozen=True)
 class TaskSpec:
@@ -52,6 +50,9 @@ class TaskSpec:
     worker: str
     workers: int = 1            # tasks at once: Anthropic's input and output token limits are split among them
     grace_s: float = 5.0
+    # Put in front of the task's sink (it sees every committed answer): a test's fault injection, such as a
+    # worker killed after N rows; must pickle for Ray.
+    sink_wrapper: Callable[[ChunkSink], Any] | None = None
 
 
 def run_partition(spec: TaskSpec, ask: Ask, tell: Tell, *,
@@ -74,7 +75,6 @@ def run_partition(spec: TaskSpec, ask: Ask, tell: Tell, *,
     sink = ChunkSink(frame, dataset=spec.dataset, partition=part.id, row_start=part.row_start, rows=part.rows,
                      done=done, commit_rows=job.engine.commit_rows, endpoint_url=job.storage.endpoint_url)
     journal = Journal(scratch / "task.journal.sqlite")
-    exit_after = _exit_hook()
     stopped: PipelineError | None = None
 
     async def main() -> None:
@@ -100,7 +100,7 @@ def run_partition(spec: TaskSpec, ask: Ask, tell: Tell, *,
             budgets.append(budget)
             return budget
 
-        watched: Any = sink if exit_after is None else _Watched(sink, exit_after)
+        watched: Any = sink if spec.sink_wrapper is None else spec.sink_wrapper(sink)
         async with wired(checked, url=spec.url, api_key=key, store=journal, sink=watched,
                          key_of_row=key_function(job), stats=stats, concurrency=spec.concurrency,
                          grace_s=spec.grace_s, budget=leased, transport=transport) as w:
@@ -135,42 +135,3 @@ def run_partition(spec: TaskSpec, ask: Ask, tell: Tell, *,
 def _share(per_minute: int | None, workers: int) -> int | None:
     """A static share of a limit the global budget does not lease (Anthropic's input and output tokens)."""
     return None if per_minute is None else max(1, per_minute // max(1, workers))
-
-
-def _exit_hook() -> tuple[int, Path] | None:
-    """Fault injection for the tests (as the simulator's hooks): the task that first reaches N committed rows
-    while MARKER does not exist creates it and exits at once, as a killed worker would."""
-    raw = os.environ.get(EXIT_HOOK)
-    if not raw:
-        return None
-    n, _, marker = raw.partition(":")
-    return int(n), Path(marker)
-
-
-class _Watched:
-    """The sink, with the test's kill switch (and nothing else) in front of it."""
-
-    def __init__(self, sink: ChunkSink, exit_after: tuple[int, Path] | None) -> None:
-        self._sink, self._exit_after = sink, exit_after
-        self.checker, self.vector_dims = sink.checker, sink.vector_dims
-
-    def add(self, *args: Any, **kwargs: Any) -> None:
-        self._sink.add(*args, **kwargs)
-        if self._exit_after is not None and self._sink.rows_committed >= self._exit_after[0]:
-            marker = self._exit_after[1]
-            try:
-                fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-            except FileExistsError:
-                self._exit_after = None
-                return
-            os.close(fd)
-            os._exit(17)
-
-    def add_block(self, *args: Any, **kwargs: Any) -> None:
-        self._sink.add_block(*args, **kwargs)
-
-    def flush(self) -> None:
-        self._sink.flush()
-
-    def finish(self) -> int:
-        return self._sink.finish()
