@@ -39,6 +39,7 @@ from pipeline.outcome import (
 )
 from pipeline.plan import Ending, RunPlan
 from pipeline.providers import provider_for
+from pipeline.providers.base import BatchState
 from pipeline.sink import OutputPaths, PartWriter
 from pipeline.source import ROW, iter_chunks
 from pipeline.structured import Checker
@@ -104,7 +105,7 @@ class BatchRun:
                     "pipeline_part": str(part.part)}
         since = part.created_at or 0.0
 
-        def create() -> dict[str, Any]:
+        def create() -> BatchState:
             for attempt in self.api.retrying():
                 with attempt:
                     # After a kill or a lost reply the provider may have made the batch already: look first.
@@ -115,8 +116,8 @@ class BatchRun:
             raise AssertionError("unreachable")  # pragma: no cover
 
         batch = self._provider(create, f"creating the batch of {file_id}")
-        self.ledger.update_part(part.part, batch_id=str(batch["id"]), status=str(batch.get("status")),
-                                 counts=_counts(batch), submitted_at=time.time())
+        self.ledger.update_part(part.part, batch_id=batch.id, status=batch.status, counts=batch.counts_text,
+                                 submitted_at=time.time())
         self.stats.requests_sent += part.requests
         Path(part.path).unlink(missing_ok=True)  # the provider holds the file now
         self._report()
@@ -145,12 +146,11 @@ class BatchRun:
                     continue
                 b = self._provider(lambda bid=part.batch_id: self.api.retrieve(bid),  # type: ignore[misc]
                                    f"polling batch {part.batch_id}")
-                status, counts = str(b.get("status")), _counts(b)
+                status, counts = b.status, b.counts_text
                 if (status, counts) != (part.status, part.counts):
                     changed = True
                     part = self.ledger.update_part(part.part, status=status, counts=counts,
-                                                    output_file_id=b.get("output_file_id"),
-                                                    error_file_id=b.get("error_file_id"))
+                                                    output_file_id=b.output_file_id, error_file_id=b.error_file_id)
                 if status in FINAL:
                     self._collect(part, b)
             self._report()
@@ -161,18 +161,18 @@ class BatchRun:
             if self.wait(interval):
                 return
 
-    def _collect(self, part: BatchPart, batch: dict[str, Any]) -> None:
+    def _collect(self, part: BatchPart, batch: BatchState) -> None:
         """Read an ended batch's output and error files into outcomes, one per request of the part."""
         keys = self.ledger.part_keys(part.part)
         wanted = set(keys)
         found: dict[str, Outcome] = {}
-        for file_id in (batch.get("output_file_id"), batch.get("error_file_id")):
+        for file_id in (batch.output_file_id, batch.error_file_id):
             if file_id:
                 got = self._provider(lambda fid=file_id: self._read_results(fid, wanted),  # type: ignore[misc]
                                      f"downloading {file_id} of batch {part.batch_id}")
                 for k, o in got.items():
                     found.setdefault(k, o)
-        status = str(batch.get("status"))
+        status = batch.status
         why = _batch_errors(batch)
         for k in keys:
             if k not in found:
@@ -207,17 +207,12 @@ class BatchRun:
             self.on_batches(self.ledger.parts())
 
 
-def _counts(batch: dict[str, Any]) -> str:
-    return json.dumps(batch.get("request_counts") or {}, sort_keys=True)
-
-
-def _batch_errors(batch: dict[str, Any]) -> str:
+def _batch_errors(batch: BatchState) -> str:
     """The provider's reasons for a failed batch, as a short clause."""
-    errors = (batch.get("errors") or {}).get("data") or []
+    errors = batch.errors
     if not errors:
         return ""
-    shown = "; ".join(f"{e.get('code')}: {e.get('message')}" + (f" (line {e['line']})" if e.get("line") else "")
-                      for e in errors[:3])
+    shown = "; ".join(errors[:3])
     return f" ({shown}{'; ...' if len(errors) > 3 else ''})"
 
 
@@ -352,8 +347,8 @@ def list_batches(job_path: str, *, base_url: str | None = None, refresh: bool = 
                 for p in open_parts:
                     assert p.batch_id is not None
                     b = api.retrieve(p.batch_id)
-                    ledger.update_part(p.part, status=str(b.get("status")), counts=_counts(b),
-                                        output_file_id=b.get("output_file_id"), error_file_id=b.get("error_file_id"))
+                    ledger.update_part(p.part, status=b.status, counts=b.counts_text,
+                                        output_file_id=b.output_file_id, error_file_id=b.error_file_id)
         except ProviderError as e:
             listing.warnings.append(f"could not ask the provider, showing what the journal recorded: {e}")
         listing.parts = ledger.parts()
@@ -383,7 +378,7 @@ def cancel_batches(job_path: str, *, base_url: str | None = None) -> list[str]:
             except ProviderError as e:
                 lines.append(f"part {p.part}: {p.batch_id}: not cancelled: {e}")
                 continue
-            p = ledger.update_part(p.part, status=str(b.get("status")), counts=_counts(b))
+            p = ledger.update_part(p.part, status=b.status, counts=b.counts_text)
             lines.append(describe_part(p))
         if not open_parts and not lines:
             lines.append(f"{job_path}: no open batches")

@@ -278,7 +278,7 @@ def test_finding_a_batch_by_its_input_file_pages_through_the_providers_list(sim)
                                                       "completion_window": "24h"}).raise_for_status()
         with BatchClient(s.base_url, {}, None, timeout_s=10, max_attempts=2) as api:
             oldest = api.find(ids[0], since=0)  # on the second page of 100
-            assert oldest is not None and oldest["input_file_id"] == ids[0]
+            assert oldest is not None and oldest.input_file_id == ids[0]
             assert api.find("file-unknown", since=0) is None
             assert api.find(ids[0], since=time.time() + 3600) is None  # stops at batches older than asked
 

@@ -12,7 +12,7 @@ from pipeline.job import Job
 from pipeline.pricing import Usage, lookup_price
 from pipeline.providers import DESCRIPTORS, provider_for
 from pipeline.providers.anthropic import has_json_output
-from pipeline.providers.anthropic_batch import batch_result, normalized
+from pipeline.providers.anthropic_batch import batch_result, batch_state
 from pipeline.providers.anthropic_wire import message_answer, parse_message, parse_rate
 from pipeline.render import Renderer
 from pipeline.source import open_source
@@ -199,11 +199,11 @@ def test_anthropic_rate_headers_keep_input_and_output_apart_with_rfc3339_resets(
 
 
 def test_message_batch_objects_and_result_lines_in_the_batch_runners_terms():
-    b = normalized({"id": "msgbatch_1", "processing_status": "ended", "created_at": "2026-12-01T10:00:00Z",
+    b = batch_state({"id": "msgbatch_1", "processing_status": "ended", "created_at": "2026-12-01T10:00:00Z",
                     "cancel_initiated_at": None,
                     "request_counts": {"processing": 0, "succeeded": 8, "errored": 1, "canceled": 0, "expired": 1}})
-    assert b["status"] == "expired" and b["request_counts"] == {"total": 10, "completed": 8, "failed": 2}
-    assert b["output_file_id"] == "msgbatch_1"
+    assert b.status == "expired" and b.counts == {"total": 10, "completed": 8, "failed": 2}
+    assert b.output_file_id == "msgbatch_1"
     ok = batch_result(orjson.dumps({"custom_id": "k1", "result": {"type": "succeeded", "message": message()}}))
     assert ok.key == "k1" and ok.answer.content == "Hello"
     bad = batch_result(orjson.dumps({"custom_id": "k2", "result": {"type": "errored", "error": {

@@ -25,7 +25,7 @@ import orjson
 
 from pipeline.errors import ProviderError, RowError, TransientError
 from pipeline.providers.anthropic_wire import PATHS, TRANSIENT_TYPES, message_answer, raise_for_status
-from pipeline.providers.base import BatchResult
+from pipeline.providers.base import BatchResult, BatchState
 from pipeline.providers.openai_batch import BatchClient, _json_object
 
 LOCAL = "local:"  # a "file id" that is the staged file itself: nothing is uploaded
@@ -38,8 +38,9 @@ def _timestamp(value: Any) -> float:
         return 0.0
 
 
-def normalized(b: dict[str, Any]) -> dict[str, Any]:
-    """A Message Batch in the batch runner's terms (status, request_counts, output_file_id), keeping its own."""
+def batch_state(b: dict[str, Any]) -> BatchState:
+    """A Message Batch as a ``BatchState``: ended is completed, cancelled or expired by what ended it; its result
+    lines are read from the batch itself (its id stands for the output file)."""
     counts = b.get("request_counts") or {}
     n = {k: int(counts.get(k) or 0) for k in ("processing", "succeeded", "errored", "canceled", "expired")}
     ps = b.get("processing_status")
@@ -47,10 +48,10 @@ def normalized(b: dict[str, Any]) -> dict[str, Any]:
         status = "cancelled" if b.get("cancel_initiated_at") else "expired" if n["expired"] else "completed"
     else:
         status = "cancelling" if ps == "canceling" else "in_progress"
-    return {**b, "status": status, "created_at": _timestamp(b.get("created_at")),
-            "request_counts": {"total": sum(n.values()), "completed": n["succeeded"],
-                               "failed": n["errored"] + n["canceled"] + n["expired"]},
-            "output_file_id": b.get("id") if ps == "ended" else None, "error_file_id": None}
+    return BatchState(id=str(b["id"]), status=status, created_at=_timestamp(b.get("created_at")),
+                      counts={"total": sum(n.values()), "completed": n["succeeded"],
+                              "failed": n["errored"] + n["canceled"] + n["expired"]},
+                      output_file_id=str(b["id"]) if ps == "ended" else None)
 
 
 class MessageBatchClient(BatchClient):
@@ -66,39 +67,38 @@ class MessageBatchClient(BatchClient):
         """Nothing to upload: the requests go inline when the batch is created."""
         return LOCAL + str(path)
 
-    def create(self, file_id: str, endpoint: str, metadata: dict[str, str]) -> dict[str, Any]:
+    def create(self, file_id: str, endpoint: str, metadata: dict[str, str]) -> BatchState:
         """Create the batch of a staged file's requests (one try: the caller looks for a batch already made
         before trying again)."""
         lines = [line for line in Path(file_id.removeprefix(LOCAL)).read_bytes().split(b"\n") if line.strip()]
         body = b'{"requests":[' + b",".join(lines) + b"]}"
-        return normalized(self._once("POST", PATHS["batches"], content=body,
+        return batch_state(self._once("POST", PATHS["batches"], content=body,
                                      headers={"Content-Type": "application/json"}))
 
-    def find(self, input_file_id: str, since: float, taken: frozenset[str] = frozenset()) -> dict[str, Any] | None:
+    def find(self, input_file_id: str, since: float, taken: frozenset[str] = frozenset()) -> BatchState | None:
         """The one batch that can be the staged file's, if there is one (see the module's docstring)."""
         path = Path(input_file_id.removeprefix(LOCAL))
         if not path.exists():
             return None
         n = sum(1 for line in path.read_bytes().split(b"\n") if line.strip())
-        found: list[dict[str, Any]] = []
+        found: list[BatchState] = []
         after: str | None = None
         while True:
             page = self.call("GET", PATHS["batches"], params={"limit": "100", **({"after_id": after} if after else {})})
-            data = [normalized(b) for b in page.get("data") or []]
-            found += [b for b in data if b["created_at"] >= since - 60 and b["request_counts"]["total"] == n
-                      and b.get("id") not in taken]
-            if not page.get("has_more") or not data or data[-1]["created_at"] < since - 60:
+            data = [batch_state(b) for b in page.get("data") or []]
+            found += [b for b in data if b.created_at >= since - 60 and b.counts["total"] == n and b.id not in taken]
+            if not page.get("has_more") or not data or data[-1].created_at < since - 60:
                 break
-            after = page.get("last_id") or data[-1].get("id")
+            after = page.get("last_id") or data[-1].id
         return found[0] if len(found) == 1 else None
 
-    def retrieve(self, batch_id: str) -> dict[str, Any]:
+    def retrieve(self, batch_id: str) -> BatchState:
         """The batch, with its status and request counts."""
-        return normalized(self.call("GET", f"{PATHS['batches']}/{batch_id}"))
+        return batch_state(self.call("GET", f"{PATHS['batches']}/{batch_id}"))
 
-    def cancel(self, batch_id: str) -> dict[str, Any]:
+    def cancel(self, batch_id: str) -> BatchState:
         """Ask Anthropic to cancel; what ended stays in its results."""
-        return normalized(self.call("POST", f"{PATHS['batches']}/{batch_id}/cancel"))
+        return batch_state(self.call("POST", f"{PATHS['batches']}/{batch_id}/cancel"))
 
     def lines(self, file_id: str) -> Iterator[bytes]:
         """An ended batch's result lines (its "output file" is the batch itself), streamed."""

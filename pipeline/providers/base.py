@@ -6,6 +6,7 @@ responses into the classes of ``errors.py``); nothing after the provider reads a
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -62,6 +63,30 @@ class EmbeddingAnswer:
     prompt_tokens: int
     model: str | None
     rate: RateInfo
+
+
+@dataclass(frozen=True)
+class BatchState:
+    """A provider's batch in the runner's terms, whichever Batch API made it: each client maps its own object
+    to this, so nothing outside a provider reads another's shape.
+
+    ``status`` uses OpenAI's words (``validating``, ``in_progress``, ``finalizing``, ``completed``, ``failed``,
+    ``expired``, ``cancelling``, ``cancelled``); ``counts`` are the provider's request counts (``total``,
+    ``completed``, ``failed``); ``output_file_id`` is where the result lines are read from once it has ended."""
+
+    id: str
+    status: str
+    counts: Mapping[str, int]
+    output_file_id: str | None = None
+    error_file_id: str | None = None
+    created_at: float = 0.0
+    input_file_id: str | None = None
+    errors: tuple[str, ...] = ()  # why the provider failed the batch, each "code: message (line n)"
+
+    @property
+    def counts_text(self) -> str:
+        """The counts as the ledger keeps them (JSON, sorted keys)."""
+        return json.dumps(dict(self.counts), sort_keys=True)
 
 
 @dataclass(frozen=True, slots=True)

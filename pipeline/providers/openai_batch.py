@@ -17,7 +17,7 @@ import orjson
 from tenacity import Retrying
 
 from pipeline.errors import ProviderError, RowError, TransientError
-from pipeline.providers.base import BatchResult
+from pipeline.providers.base import BatchResult, BatchState
 from pipeline.providers.openai_wire import chat_answer, classify, embeddings_answer, raise_for_status
 from pipeline.redact import redact
 from pipeline.retry import RetryPolicy, transport_error
@@ -56,6 +56,17 @@ def batch_result(raw: bytes, endpoint: str) -> BatchResult | None:
     except ProviderError as e:  # the line's own error, as its status code classes it
         return BatchResult(key, error=e)
     return BatchResult(key, answer=answer)
+
+
+def batch_state(b: dict[str, Any]) -> BatchState:
+    """An OpenAI (or Azure) batch object as a ``BatchState``."""
+    errors = (b.get("errors") or {}).get("data") or []
+    return BatchState(
+        id=str(b["id"]), status=str(b.get("status")), counts=dict(b.get("request_counts") or {}),
+        output_file_id=b.get("output_file_id"), error_file_id=b.get("error_file_id"),
+        created_at=float(b.get("created_at") or 0), input_file_id=b.get("input_file_id"),
+        errors=tuple(f"{e.get('code')}: {e.get('message')}" + (f" (line {e['line']})" if e.get("line") else "")
+                     for e in errors))
 
 
 class BatchClient:
@@ -127,14 +138,14 @@ class BatchClient:
 
         return str(self.retried(send)["id"])
 
-    def create(self, file_id: str, endpoint: str, metadata: dict[str, str]) -> dict[str, Any]:
+    def create(self, file_id: str, endpoint: str, metadata: dict[str, str]) -> BatchState:
         """Create a batch of ``endpoint`` requests (``chat``, ``embeddings``); one try: the caller checks for a
         batch already made before trying again."""
-        return self._once("POST", "/batches", json={
+        return batch_state(self._once("POST", "/batches", json={
             "input_file_id": file_id, "endpoint": self._urls[endpoint], "completion_window": "24h",
-            "metadata": metadata})
+            "metadata": metadata}))
 
-    def find(self, input_file_id: str, since: float, taken: frozenset[str] = frozenset()) -> dict[str, Any] | None:
+    def find(self, input_file_id: str, since: float, taken: frozenset[str] = frozenset()) -> BatchState | None:
         """The batch made from ``input_file_id``, if there is one: batches are listed newest first, so the
         search stops at the first batch created before ``since``. (The file id says it exactly: ``taken``,
         the batches the ledger already holds, matters to providers without one.)"""
@@ -145,18 +156,18 @@ class BatchClient:
             data = page.get("data") or []
             for b in data:
                 if b.get("input_file_id") == input_file_id:
-                    return b  # type: ignore[no-any-return]
+                    return batch_state(b)
             if not page.get("has_more") or not data or (data[-1].get("created_at") or 0) < since - 60:
                 return None
             after = data[-1].get("id")
 
-    def retrieve(self, batch_id: str) -> dict[str, Any]:
-        """The batch object (status, request_counts, output and error file ids)."""
-        return self.call("GET", f"/batches/{batch_id}")
+    def retrieve(self, batch_id: str) -> BatchState:
+        """The batch (status, request counts, output and error file ids)."""
+        return batch_state(self.call("GET", f"/batches/{batch_id}"))
 
-    def cancel(self, batch_id: str) -> dict[str, Any]:
+    def cancel(self, batch_id: str) -> BatchState:
         """Ask the provider to cancel; finished lines stay in its output file."""
-        return self.call("POST", f"/batches/{batch_id}/cancel")
+        return batch_state(self.call("POST", f"/batches/{batch_id}/cancel"))
 
     def lines(self, file_id: str) -> Iterator[bytes]:
         """The lines of a file's content, streamed (output files can be hundreds of MB)."""
