@@ -25,7 +25,7 @@ from yarl import URL
 
 from pipeline.errors import ProviderError, UsageError
 from pipeline.job import Job
-from pipeline.providers.base import Answer, EmbeddingAnswer, Provider
+from pipeline.providers.base import Provider
 from pipeline.providers.openai import OpenAIProvider
 from pipeline.redact import redact
 from pipeline.retry import TRANSPORT_ERRORS, transport_error
@@ -91,7 +91,7 @@ def resolve_api_key(job: Job, base_url: str) -> str | None:
 
 
 class ApiClient:
-    """An HTTP client bound to one provider: ``async with ApiClient(...) as c: await c.chat(body)``."""
+    """An HTTP client bound to one provider: ``async with ApiClient(...) as c: await c.call(path, body, read)``."""
 
     def __init__(self, base_url: str, api_key: str | None, *, timeout_s: float, concurrency: int,
                  provider: Provider | None = None, transport: httpx.AsyncBaseTransport | None = None) -> None:
@@ -162,18 +162,10 @@ class ApiClient:
             await resp.aclose()
         return resp.status_code, resp.headers, content
 
-    async def embed(self, body: bytes, n_inputs: int) -> EmbeddingAnswer:
-        """One embeddings request of ``n_inputs`` inputs; errors as for ``chat``."""
-        p = self.provider
-        return await self.call(p.path("embeddings"), body,
-                                    lambda st, h, c: p.embeddings_answer(st, h, c, n_inputs))
-
-    async def chat(self, body: bytes) -> Answer:
-        """One chat completion; raises TransientError, RowError or AbortError with the key redacted."""
-        return await self.call(self.provider.path("chat"), body, self.provider.chat_answer)
-
     async def call(self, path: str, body: bytes, parse: Callable[[int, Any, bytes], T]) -> T:
-        """One request to any of the provider's endpoints, read by ``parse``; errors as for ``chat``."""
+        """One request to any of the provider's endpoints, read by ``parse`` (the endpoint's sender says which
+        path and which of the provider's readers); raises TransientError, RowError or AbortError, with the key
+        redacted."""
         status, headers, content = await self.post(path, body)
         try:
             return parse(status, headers, content)

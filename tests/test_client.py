@@ -121,7 +121,7 @@ def test_client_sends_bearer_key_and_body_through_the_transport_seam():
     async def go():
         async with ApiClient("https://api.example/v1", "sk-abc", timeout_s=5, concurrency=2,
                              transport=httpx.MockTransport(handler)) as c:
-            return await c.chat(b'{"model": "m"}')
+            return await c.call("/chat/completions", b'{"model": "m"}', c.provider.chat_answer)
 
     a = asyncio.run(go())
     assert a.content == "hi"
@@ -136,7 +136,7 @@ def test_error_messages_are_redacted():
     async def go():
         async with ApiClient("https://x/v1", "sk-secret-9999", timeout_s=5, concurrency=1,
                              transport=httpx.MockTransport(handler)) as c:
-            await c.chat(b"{}")
+            await c.call("/chat/completions", b"{}", c.provider.chat_answer)
 
     with pytest.raises(AbortError) as e:
         asyncio.run(go())

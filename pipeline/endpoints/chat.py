@@ -190,10 +190,12 @@ class ChatSender:
 
     async def _ask(self, req: Request) -> Outcome | None:
         s, client = self.sending, self.sending.client
+        path, read = client.provider.path("chat"), client.provider.chat_answer
         attempts, rejected = 0, list[Usage]()
         outcome: Outcome | None = None
         for _ in range(self.rounds):
-            got = await s.call(req.budget_tokens, lambda: client.chat(req.body), req.max_output_tokens)
+            got = await s.call(req.budget_tokens, lambda: client.call(path, req.body, read),
+                               req.max_output_tokens)
             if got is None:
                 return None
             attempts += got.attempts

@@ -143,8 +143,11 @@ class EmbeddingsSender:
         """One request for many rows; usage and cost are shared by the rows' token counts."""
         s = self.sending
         tokens = sum(r.prompt_tokens for r in unit)
-        got = await s.spending(tokens, 0, lambda: s.call(tokens, lambda: s.client.embed(
-            self.group([r.body for r in unit]), len(unit))))
+        client, n = s.client, len(unit)
+        p = client.provider
+        body = self.group([r.body for r in unit])
+        got = await s.spending(tokens, 0, lambda: s.call(tokens, lambda: client.call(
+            p.path("embeddings"), body, lambda st, h, c: p.embeddings_answer(st, h, c, n))))
         if got is None:
             return []
         if got.answer is not None:
