@@ -67,6 +67,7 @@ class BatchRun:
         self.plan, self.job, self.api, self.stats = plan, plan.job, api, stats
         self.journal, self.ledger = plan.store, plan.ledger
         self.provider, self.price = plan.checked.provider, plan.checked.price
+        self.codec = plan.checked.renderer.codec
         self.checker, self.dims = checker, vector_dims
         self.endpoint = plan.checked.renderer.endpoint
         self.stop = stop or threading.Event()
@@ -195,7 +196,7 @@ class BatchRun:
 
     def _line_outcome(self, raw: bytes) -> Outcome | None:
         """One result line as an outcome, priced at the Batch API price; None for a line that is not ours."""
-        r = self.provider.batch_result(raw, self.job.request.endpoint)
+        r = self.codec.batch_result(raw)
         if r is None:
             return None
         if r.error is not None:

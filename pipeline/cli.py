@@ -203,7 +203,7 @@ def validate(job_path: str, n: int) -> None:
 
     address = os.environ.get("PIPELINE_BASE_URL") or job.api.base_url
     where = (provider.base_url(address) if address else "(the address --base-url or PIPELINE_BASE_URL gives)") \
-        + provider.path(job.request.endpoint)
+        + report.path
     console.print(f"requests as {job.api.provider} receives them: POST {escape(where)}")
     for req in report.requests:
         body = _shortened(json.loads(req.body))

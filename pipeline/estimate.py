@@ -449,10 +449,11 @@ def _provider_counts(job: Job, source: Source, renderer: Renderer, *, limit: int
     from pipeline.errors import UsageError
     from pipeline.exact import CountCache, count_exactly
     from pipeline.providers import provider_for
+    from pipeline.providers.base import CountsTokens
     from pipeline.sink import OutputPaths
 
     provider = provider_for(job)
-    if not hasattr(provider, "count_tokens_body"):
+    if not isinstance(provider, CountsTokens):
         raise UsageError(f"{job.source}: --exact: provider {job.api.provider!r} has no token counting endpoint")
     url = resolve_base_url(job, base_url)
     key = resolve_api_key(job, url)

@@ -13,12 +13,12 @@ import asyncio
 import sqlite3
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
 
 from pipeline.client import ApiClient
 from pipeline.errors import OutputError, ProviderError, RateLimited
 from pipeline.limits import RateBudget
 from pipeline.providers import Provider
+from pipeline.providers.base import CountsTokens
 from pipeline.retry import RetryPolicy
 
 WORKERS = 8
@@ -61,9 +61,8 @@ def count_exactly(provider: Provider, bodies: Mapping[str, bytes], cache: CountC
     todo = [k for k in bodies if k not in counts]
     if not todo:
         return counts
-    path = provider.path("count_tokens")
-    counting: Any = provider  # a provider with a counting endpoint (checked by the caller)
-    to_body, answer = counting.count_tokens_body, counting.count_answer
+    assert isinstance(provider, CountsTokens)  # the caller refuses a provider without a counting endpoint
+    path, to_body, answer = provider.count_path, provider.count_tokens_body, provider.count_answer
     policy = RetryPolicy(max_attempts)
 
     async def main() -> None:

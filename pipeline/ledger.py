@@ -27,7 +27,7 @@ from pipeline.errors import OutputError
 from pipeline.journal import Journal
 from pipeline.keys import key_id
 from pipeline.outcome import Outcome
-from pipeline.providers.base import Provider
+from pipeline.providers.base import Codec
 from pipeline.rendered import RenderedChunk
 from pipeline.spec import BatchSpec, RequestSpec
 
@@ -186,9 +186,9 @@ class BatchStage:
     to a staged input file (split under the provider's limits), and every row's request key is kept (16 bytes
     a row) for writing the output later."""
 
-    def __init__(self, request: RequestSpec, batch: BatchSpec, provider: Provider, folder: Path,
+    def __init__(self, request: RequestSpec, batch: BatchSpec, codec: Codec, folder: Path,
                  in_batches: set[int]) -> None:
-        self.request, self.batch, self.provider, self.in_batches = request, batch, provider, in_batches
+        self.request, self.batch, self.codec, self.in_batches = request, batch, codec, in_batches
         self.folder = folder
         self._staging = folder / f"staging-{uuid.uuid4().hex[:8]}"
         for old in folder.glob("staging-*"):  # a run killed before it committed: nothing of it was submitted
@@ -220,7 +220,7 @@ class BatchStage:
             if refused is not None:  # fails alone, before anything is sent: it must not fail its file
                 self.refused.append(refused)
                 continue
-            line = self.provider.batch_line(req.key, endpoint, req.body)
+            line = self.codec.batch_line(req.key, req.body)
             f = self._open
             if f is not None and (f.count >= spec.max_requests_per_file
                                   or f.size + len(line) > spec.max_bytes_per_file):

@@ -181,7 +181,7 @@ class RunPlan:
 def output_writer(c: Checked, paths: OutputPaths, *, stage: bool = True) -> PartWriter:
     """The output writer of a checked job (``stage=False``: a frame builder, with no parts folder)."""
     job = c.job
-    vectors = endpoint_of(job.request.endpoint).vectors(job, c.provider)
+    vectors = endpoint_of(job.request.endpoint).vectors(job, c.renderer.codec)
     checker, columns = answer_checker(job)
     return PartWriter(paths, c.key_schema, answer_columns=columns, checker=checker, vectors=vectors is not None,
                       vector_dims=vectors.dims if vectors else None, stage=stage)
@@ -248,7 +248,7 @@ def prepare(job: Job, *, mode: str | None = None, base_url: str | None = None, l
             settled = _with_batched_as_done(lookup, in_batches) if in_batches else lookup
             counted: array[int] = array("i")
             kept = KeptChunks() if mode == "online" else None
-            stage = (BatchStage(job.request, job.batch, checked.provider, paths.batches, in_batches)
+            stage = (BatchStage(job.request, job.batch, checked.renderer.codec, paths.batches, in_batches)
                      if mode == "batch" else None)  # batch mode always has the journal (checked above)
             # No prints for image jobs: a print covers the row's cells, and an image file can change under the
             # same path (it must then be sent again), so those rows are known by their key, which hashes the bytes.

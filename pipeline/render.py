@@ -12,7 +12,7 @@ from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import jinja2
 import jinja2.meta
@@ -28,6 +28,7 @@ from pipeline.images import Image, ImageLoader, ImageProblem
 from pipeline.job import Job
 from pipeline.keys import request_key, request_keys
 from pipeline.providers import DESCRIPTORS, Provider, provider_for
+from pipeline.providers.base import ChatCodec
 from pipeline.rendered import RenderedChunk, Request, Skipped
 from pipeline.source import ROW, Source, check_columns
 
@@ -182,12 +183,12 @@ class Renderer:
         self.images = ImageLoader(_input_folder(job.input.path), facts.image_limits) if req.images else None
         self.image_rule = facts.image_rule(req.model)
         self.counter = provider.counter(req.model)
-        self.bodies = provider.bodies(req, job.name)
+        self.codec = provider.codec(req, job.name)
         c = self.counter
         if not endpoint.chat_messages:  # a plain-text input: no chat framing
             self.fixed_tokens = sum(c.fixed(p.text) for p in self.parts if p.template is None)
         else:  # the framing of each message, the constant texts, and what the provider adds (a schema)
-            self.fixed_tokens = c.priming + self.bodies.added_tokens(c) + sum(
+            self.fixed_tokens = c.priming + self.codec.added_tokens(c) + sum(
                 c.per_message + c.fixed(p.role) + (c.fixed(p.text) if p.template is None else 0)
                 for p in self.parts)
         # Prompt caching: the leading constant messages (system, few-shot) and what the dialect adds are the
@@ -199,13 +200,13 @@ class Renderer:
                 break
             leading.append(p)
         self.static_prefix_tokens = 0 if not endpoint.chat_messages or not leading else (
-            c.priming + self.bodies.added_tokens(c)
+            c.priming + self.codec.added_tokens(c)
             + sum(c.per_message + c.fixed(p.role) + c.fixed(p.text) for p in leading))
         self.cached_prefix_tokens = self.cache.read_tokens(self.static_prefix_tokens)
         if self.cache.style == "breakpoint":
             system_static = all(p.template is None for p in self.parts if p.role in ("system", "developer"))
             if system_static and self.cached_prefix_tokens:
-                self.bodies.mark_cache()
+                self.codec.mark_cache()
             else:
                 self.cached_prefix_tokens = 0
         # Rows whose leading messages are templated share a prefix only with rows rendering them alike: a chunk
@@ -213,7 +214,7 @@ class Renderer:
         self._sort_by_prefix = endpoint.chat_messages and any(p.template is not None for p in self.parts[:-1])
         # Plain-text rows (embeddings) whose input is a plain substitution go straight from the column to
         # their bodies, without a dict and a message list per row.
-        self._text_body = endpoint.text_body(self.bodies) if self.parts[-1].pieces is not None else None
+        self._text_body = endpoint.text_body(self.codec) if self.parts[-1].pieces is not None else None
         self._body_frame = self._frame()
 
     def _frame(self) -> _BodyFrame | None:
@@ -390,7 +391,7 @@ class Renderer:
 
     def body(self, messages: list[dict[str, str]]) -> bytes:
         """The exact JSON body; its bytes are hashed into the request key, so field order is fixed."""
-        return self.endpoint.body(self.bodies, messages)
+        return self.endpoint.body(self.codec, messages)
 
     def render_chunk(self, chunk: pl.DataFrame, settled: Callable[[list[str]], Mapping[str, Any]] | None = None,
                      counted: Sequence[int] | None = None,
@@ -465,7 +466,7 @@ class Renderer:
                     except ImageProblem as e:
                         skipped.append(Skipped(row, row_id, f"bad image: {e}", keep, error_type="bad_image"))
                         continue
-                    body = self.bodies.chat(msgs, images)
+                    body = cast("ChatCodec", self.codec).body(msgs, images)
                     image_tokens = sum(self.image_rule.tokens(i) for i in images)
                     url_images += sum(i.url is not None for i in images)
                     del images  # the bytes live on in the body alone

@@ -24,6 +24,7 @@ class ValidationReport:
     source: Source
     requests: list[Request]
     provider: Provider
+    path: str  # where the requests go, after the base URL (the endpoint's path at this provider)
     warnings: list[str] = field(default_factory=list)
     bad_images: list[tuple[Any, str]] = field(default_factory=list)  # (row id, why): every row's images checked
     estimate: Estimate | None = None  # every row rendered and counted: the largest rows, the rows over the limits
@@ -43,4 +44,5 @@ def validate_job(path: str | Path, rows: int = 3) -> ValidationReport:
     est = estimate_source(checked.job, checked.source, renderer, checked.price)[0]
     est.warnings = [w for w in est.warnings if w not in warnings]
     return ValidationReport(job=checked.job, source=checked.source, requests=rendered.requests[:rows],
-                            provider=checked.provider, warnings=warnings, bad_images=bad, estimate=est)
+                            provider=checked.provider, path=renderer.codec.path, warnings=warnings, bad_images=bad,
+                            estimate=est)

@@ -73,6 +73,6 @@ async def wired(checked: Checked, *, url: str, api_key: str | None, store: Outco
         sending = Sending(client, rates, RetryPolicy(lim.max_attempts), stats, scheduler, price=checked.price,
                           max_cost_usd=job.budget.max_cost_usd, breaker=Breaker(checked.provider.hint))
         renderer = checked.renderer
-        sender = renderer.endpoint.sender(sending, job.request, bodies=renderer.bodies, checker=sink.checker,
+        sender = renderer.endpoint.sender(sending, job.request, codec=renderer.codec, checker=sink.checker,
                                           dims=sink.vector_dims, counter=renderer.counter)
         yield Wired(scheduler, rates, sending, sender)

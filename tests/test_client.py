@@ -6,7 +6,9 @@ import pytest
 
 from pipeline.client import ApiClient, check_transport_security, redact
 from pipeline.errors import AbortError, RowError, TransientError, UsageError
+from pipeline.providers.openai import OpenAIProvider
 from pipeline.providers.openai_wire import classify, parse_duration, retry_after
+from pipeline.spec import RequestSpec
 
 OK = orjson.dumps({"id": "x", "object": "chat.completion", "model": "gpt-4o-mini-2024-07-18",
                    "choices": [{"index": 0, "message": {"role": "assistant", "content": "hi", "refusal": None},
@@ -14,6 +16,8 @@ OK = orjson.dumps({"id": "x", "object": "chat.completion", "model": "gpt-4o-mini
                    "usage": {"prompt_tokens": 10, "completion_tokens": 2, "total_tokens": 12,
                              "prompt_tokens_details": {"cached_tokens": 4},
                              "completion_tokens_details": {"reasoning_tokens": 1}}})
+
+CHAT = OpenAIProvider().codec(RequestSpec(model="m"), "t")  # reads a chat response
 
 
 def err(code=None, type_=None, message="m"):
@@ -121,7 +125,7 @@ def test_client_sends_bearer_key_and_body_through_the_transport_seam():
     async def go():
         async with ApiClient("https://api.example/v1", "sk-abc", timeout_s=5, concurrency=2,
                              transport=httpx.MockTransport(handler)) as c:
-            return await c.call("/chat/completions", b'{"model": "m"}', c.provider.chat_answer)
+            return await c.call("/chat/completions", b'{"model": "m"}', CHAT.answer)
 
     a = asyncio.run(go())
     assert a.content == "hi"
@@ -136,7 +140,7 @@ def test_error_messages_are_redacted():
     async def go():
         async with ApiClient("https://x/v1", "sk-secret-9999", timeout_s=5, concurrency=1,
                              transport=httpx.MockTransport(handler)) as c:
-            await c.call("/chat/completions", b"{}", c.provider.chat_answer)
+            await c.call("/chat/completions", b"{}", CHAT.answer)
 
     with pytest.raises(AbortError) as e:
         asyncio.run(go())

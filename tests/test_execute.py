@@ -25,7 +25,7 @@ from pipeline.journal import Journal
 from pipeline.keys import request_key
 from pipeline.limits import RateBudget
 from pipeline.pricing import Price, Rate
-from pipeline.providers.openai import OpenAIBodies
+from pipeline.providers.openai import OpenAIProvider
 from pipeline.rendered import RenderedChunk, Request
 from pipeline.retry import RetryPolicy
 from pipeline.senders import Sending
@@ -86,8 +86,10 @@ class Harness:
                 sending = Sending(client, RateBudget(self.rpm, None), RetryPolicy(self.max_attempts),
                                   scheduler.stats, scheduler, price=self.price, max_cost_usd=self.max_cost_usd,
                                   breaker=self.breaker() if self.breaker is not None else None)
-                sender = (EmbeddingsSender(sending, self.embeddings, group=OpenAIBodies.group, dims=2)
-                          if self.embeddings is not None else ChatSender(sending))
+                sender = (EmbeddingsSender(sending, self.embeddings, OpenAIProvider().codec(self.embeddings, "t"),
+                                           dims=2)
+                          if self.embeddings is not None
+                          else ChatSender(sending, OpenAIProvider().codec(RequestSpec(model="m"), "t")))
 
                 async def chunks() -> Any:
                     for lo in range(0, len(requests), self.chunk_rows):
@@ -178,10 +180,10 @@ def test_identical_rows_are_sent_once_and_share_the_answer(tmp_path):
 
 def embed_requests(texts: list[str]) -> tuple[list[Request], RequestSpec]:
     spec = RequestSpec(model="text-embedding-3-small", endpoint="embeddings", batch_size=8)
-    bodies = OpenAIBodies(spec, "t")
+    codec = OpenAIProvider().codec(spec, "t")
     reqs = []
     for i, text in enumerate(texts):
-        body = bodies.embedding(text)
+        body = codec.body(text)
         reqs.append(Request(i, f"r{i}", request_key("embeddings", body), body, 3, 0, ()))
     return reqs, spec
 

@@ -110,13 +110,14 @@ def test_compatible_json_object_sends_the_schema_beside_it_when_asked_and_in_the
 def test_azure_v1_and_deployment_urls_and_its_key_header(make_job):
     v1 = provider_for(job_with(make_job, 'base_url = "https://r.openai.azure.com/openai/v1/"\ndeployment = "prod"'))
     assert v1.base_url("https://r.openai.azure.com/openai/v1/") == "https://r.openai.azure.com/openai/v1"
-    assert v1.path("chat") == "/chat/completions"
+    assert v1.codec(job_with(make_job, "").request, "t").path == "/chat/completions"
     assert v1.headers("k")["api-key"] == "k" and "Authorization" not in v1.headers("k")
-    old = provider_for(job_with(make_job, 'base_url = "https://r.openai.azure.com"\ndeployment = "prod"\n'
-                                          'api_version = "2024-10-21"'))
-    assert old.base_url("https://r.openai.azure.com") + old.path("chat") == (
+    old_job = job_with(make_job, 'base_url = "https://r.openai.azure.com"\ndeployment = "prod"\n'
+                                 'api_version = "2024-10-21"')
+    old, codec = provider_for(old_job), provider_for(old_job).codec(old_job.request, "t")
+    assert old.base_url("https://r.openai.azure.com") + codec.path == (
         "https://r.openai.azure.com/openai/deployments/prod/chat/completions?api-version=2024-10-21")
-    assert old.batch_line("k" * 32, "chat", b"{}").startswith(b'{"custom_id":"' + b"k" * 32 + b'","method":"POST",'
+    assert codec.batch_line("k" * 32, b"{}").startswith(b'{"custom_id":"' + b"k" * 32 + b'","method":"POST",'
                                                                b'"url":"/chat/completions"')
 
 
@@ -131,10 +132,12 @@ def test_the_azure_deployment_is_sent_as_the_model_while_the_model_is_priced(mak
 def test_anthropic_base_url_with_or_without_v1():
     from pipeline.job import ApiSpec
     from pipeline.providers.anthropic import AnthropicProvider
+    from pipeline.spec import RequestSpec
 
     p = AnthropicProvider(ApiSpec(provider="anthropic"))
     assert p.base_url("https://api.anthropic.com/v1/") == p.base_url("https://api.anthropic.com")
-    assert p.base_url("https://api.anthropic.com") + p.path("chat") == "https://api.anthropic.com/v1/messages"
+    path = p.codec(RequestSpec(model="claude-sonnet-4-5"), "t").path
+    assert p.base_url("https://api.anthropic.com") + path == "https://api.anthropic.com/v1/messages"
     headers = p.headers("sk-ant-x")
     assert headers["x-api-key"] == "sk-ant-x" and headers["anthropic-version"] == "2023-06-01"
 

@@ -247,8 +247,8 @@ def test_a_body_builder_that_changes_a_text_gets_no_frame(make_job):
     job = Job.load(make_job(rows=3))
     src = open_source(job.input.path)
     r = Renderer(job, src)
-    chat = r.bodies.chat
-    r.bodies.chat = lambda messages, images=(): chat([{**m, "content": m["content"].upper()} for m in messages])
+    chat = r.codec.chat
+    r.codec.chat = lambda messages, images=(): chat([{**m, "content": m["content"].upper()} for m in messages])
     assert r._frame() is None
 
 

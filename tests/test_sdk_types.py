@@ -162,7 +162,7 @@ def test_every_body_and_batch_line_fits_the_official_sdk_types(make_job, tmp_pat
     for body in _bodies(job):
         value = orjson.loads(body)
         assert unknown_keys(value, AnthropicMessage if anthropic else OpenAIChat, kind) == []
-        line = orjson.loads(provider.batch_line("k" * 32, job.request.endpoint, body))
+        line = orjson.loads(provider.codec(job.request, job.name).batch_line("k" * 32, body))
         if anthropic:
             assert unknown_keys(line, AnthropicBatchRequest, kind) == []
         else:  # the Batch API's JSONL line: no SDK type, the documented four keys

@@ -22,7 +22,7 @@ if TYPE_CHECKING:
 
     from pipeline.outcome import Outcome
     from pipeline.pricing import Price
-    from pipeline.providers.base import BatchResult, Bodies, Provider
+    from pipeline.providers.base import BatchResult, Codec
     from pipeline.senders import Sender, Sending
     from pipeline.structured import Checker
     from pipeline.tokens import ChatTokenCounter
@@ -80,16 +80,16 @@ class Endpoint(ABC):
         """Its ``[request]`` keys read into the typed spec (``req.done()`` refuses the keys left over)."""
 
     @abstractmethod
-    def body(self, bodies: Bodies, messages: list[dict[str, str]]) -> bytes:
+    def body(self, codec: Codec, messages: list[dict[str, str]]) -> bytes:
         """The exact JSON body of one row's rendered messages (its bytes are hashed into the request key)."""
 
-    def text_body(self, bodies: Bodies) -> Callable[[str], bytes] | None:
+    def text_body(self, codec: Codec) -> Callable[[str], bytes] | None:
         """A builder from the prompt's text straight to a body, when the endpoint takes plain text (no
         message list per row); None when its requests are messages."""
         return None
 
     @abstractmethod
-    def sender(self, sending: Sending, spec: RequestSpec, *, bodies: Bodies, checker: Checker | None,
+    def sender(self, sending: Sending, spec: RequestSpec, *, codec: Codec, checker: Checker | None,
                dims: int | None, counter: ChatTokenCounter | None) -> Sender:
         """The sender that turns this endpoint's requests into units of work and sends them."""
 
@@ -106,7 +106,7 @@ class Endpoint(ABC):
         """The most tokens one request may hold (the estimate's over-context check)."""
         return model_window
 
-    def vectors(self, job: JobParts, provider: Provider) -> Vectors | None:
+    def vectors(self, job: JobParts, codec: Codec) -> Vectors | None:
         """The vector column of the output, if answers are vectors."""
         return None
 

@@ -10,7 +10,7 @@ import json
 import re
 from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 from pipeline.endpoints.base import Endpoint, JobParts, mode_of
 from pipeline.outcome import Outcome, answered, failed, invalid_answer, too_large
@@ -28,7 +28,7 @@ EMBEDDINGS_KEYS = ("input", "dimensions", "encoding_format", "batch_size", "batc
 
 if TYPE_CHECKING:
     from pipeline.pricing import Price
-    from pipeline.providers.base import Answer, BatchResult, Bodies
+    from pipeline.providers.base import Answer, BatchResult, ChatCodec, Codec
     from pipeline.rendered import Request
     from pipeline.senders import Sending, Sent
     from pipeline.structured import Checker
@@ -129,14 +129,15 @@ class Chat(Endpoint):
         req.done()
         return spec
 
-    def body(self, bodies: Bodies, messages: list[dict[str, str]]) -> bytes:
+    def body(self, codec: Codec, messages: list[dict[str, str]]) -> bytes:
         """The provider's chat body of the messages."""
-        return bodies.chat(messages)
+        return cast("ChatCodec", codec).body(messages)
 
-    def sender(self, sending: Sending, spec: RequestSpec, *, bodies: Bodies, checker: Checker | None,
+    def sender(self, sending: Sending, spec: RequestSpec, *, codec: Codec, checker: Checker | None,
                dims: int | None, counter: ChatTokenCounter | None) -> ChatSender:
         """A row per request, schema retries as the job says."""
-        return ChatSender(sending, checker=checker, schema_retries=spec.schema_retries, counter=counter)
+        return ChatSender(sending, cast("ChatCodec", codec), checker=checker, schema_retries=spec.schema_retries,
+                          counter=counter)
 
     def family_warnings(self, job: JobParts) -> list[str]:
         """The model family's rules (``providers.families``) applied to the job's sampling parameters."""
@@ -162,9 +163,9 @@ class ChatSender:
     """One row per request. With a response schema, an answer that is not valid JSON for it is asked again up
     to ``schema_retries`` times; every answer paid for is counted."""
 
-    def __init__(self, sending: Sending, *, checker: Checker | None = None, schema_retries: int = 1,
-                 counter: ChatTokenCounter | None = None) -> None:
-        self.sending, self.checker, self.counter = sending, checker, counter
+    def __init__(self, sending: Sending, codec: ChatCodec, *, checker: Checker | None = None,
+                 schema_retries: int = 1, counter: ChatTokenCounter | None = None) -> None:
+        self.sending, self.codec, self.checker, self.counter = sending, codec, checker, counter
         self.rounds = 1 + (schema_retries if checker is not None else 0)
 
     def refuse(self, req: Request) -> Outcome | None:
@@ -190,7 +191,7 @@ class ChatSender:
 
     async def _ask(self, req: Request) -> Outcome | None:
         s, client = self.sending, self.sending.client
-        path, read = client.provider.path("chat"), client.provider.chat_answer
+        path, read = self.codec.path, self.codec.answer
         attempts, rejected = 0, list[Usage]()
         outcome: Outcome | None = None
         for _ in range(self.rounds):

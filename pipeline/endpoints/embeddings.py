@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 import numpy as np
 
@@ -25,7 +25,7 @@ if TYPE_CHECKING:
     from pathlib import Path
 
     from pipeline.pricing import Price
-    from pipeline.providers.base import BatchResult, Bodies, EmbeddingAnswer, Provider
+    from pipeline.providers.base import BatchResult, Codec, EmbeddingAnswer, EmbeddingsCodec
     from pipeline.rendered import Request
     from pipeline.senders import Sending, Sent
     from pipeline.structured import Checker
@@ -68,18 +68,18 @@ class Embeddings(Endpoint):
         req.done()
         return spec
 
-    def body(self, bodies: Bodies, messages: list[dict[str, str]]) -> bytes:
+    def body(self, codec: Codec, messages: list[dict[str, str]]) -> bytes:
         """The one-input body of the row's text (a request groups many such bodies)."""
-        return bodies.embedding(messages[0]["content"])
+        return cast("EmbeddingsCodec", codec).body(messages[0]["content"])
 
-    def text_body(self, bodies: Bodies) -> Callable[[str], bytes]:
+    def text_body(self, codec: Codec) -> Callable[[str], bytes]:
         """A row's text is its body's input: no message list per row."""
-        return bodies.embedding
+        return cast("EmbeddingsCodec", codec).body
 
-    def sender(self, sending: Sending, spec: RequestSpec, *, bodies: Bodies, checker: Checker | None,
+    def sender(self, sending: Sending, spec: RequestSpec, *, codec: Codec, checker: Checker | None,
                dims: int | None, counter: ChatTokenCounter | None) -> EmbeddingsSender:
         """Rows grouped into requests under the job's batch limits."""
-        return EmbeddingsSender(sending, spec, group=bodies.group, dims=dims)
+        return EmbeddingsSender(sending, spec, cast("EmbeddingsCodec", codec), dims=dims)
 
     def refuse_staged(self, key: str, prompt_tokens: int, spec: RequestSpec) -> Outcome | None:
         """An input too long for the model, or empty, fails alone rather than fail its Batch API file."""
@@ -95,9 +95,9 @@ class Embeddings(Endpoint):
         """The model's input limit (``max_input_tokens``), not a chat context window."""
         return spec.max_input_tokens
 
-    def vectors(self, job: JobParts, provider: Provider) -> Vectors:
+    def vectors(self, job: JobParts, codec: Codec) -> Vectors:
         """The vector column, of the model's dimensions where the provider knows them."""
-        return Vectors(provider.embedding_dims(job.request.model, job.request.dimensions))
+        return Vectors(cast("EmbeddingsCodec", codec).dims())
 
     def batch_outcome(self, r: BatchResult, price: Price | None, *, dims: int | None,
                       checker: Checker | None) -> Outcome:
@@ -113,9 +113,8 @@ class EmbeddingsSender:
     minute of the tokens limit). A request the API refuses as a whole (a 400) is split in halves and sent
     again, so only the row at fault fails, at the cost of a few extra requests for that batch alone."""
 
-    def __init__(self, sending: Sending, spec: RequestSpec, *, group: Callable[[Sequence[bytes]], bytes],
-                 dims: int | None) -> None:
-        self.sending, self.spec, self.group, self.dims = sending, spec, group, dims
+    def __init__(self, sending: Sending, spec: RequestSpec, codec: EmbeddingsCodec, *, dims: int | None) -> None:
+        self.sending, self.spec, self.codec, self.dims = sending, spec, codec, dims
         self._batch: list[Request] = []
         self._tokens = 0
 
@@ -143,11 +142,10 @@ class EmbeddingsSender:
         """One request for many rows; usage and cost are shared by the rows' token counts."""
         s = self.sending
         tokens = sum(r.prompt_tokens for r in unit)
-        client, n = s.client, len(unit)
-        p = client.provider
-        body = self.group([r.body for r in unit])
+        client, n, codec = s.client, len(unit), self.codec
+        body = codec.group([r.body for r in unit])
         got = await s.spending(tokens, 0, lambda: s.call(tokens, lambda: client.call(
-            p.path("embeddings"), body, lambda st, h, c: p.embeddings_answer(st, h, c, n))))
+            codec.path, body, lambda st, h, c: codec.answer(st, h, c, n))))
         if got is None:
             return []
         if got.answer is not None:

@@ -36,7 +36,6 @@ from pipeline.providers.base import (
     Answer,
     BatchResult,
     Descriptor,
-    EmbeddingAnswer,
     PromptCache,
 )
 from pipeline.providers.openai import schema_instruction
@@ -147,12 +146,33 @@ class AnthropicBodies:
         extra = self._schema_text + (self.instruction or "")
         return counter.fixed(extra) if extra else 0
 
-    def embedding(self, text: str) -> bytes:  # pragma: no cover - refused when the job is loaded
-        raise AssertionError("Anthropic has no embeddings API")
 
-    @staticmethod
-    def group(bodies: Sequence[bytes]) -> bytes:  # pragma: no cover - refused when the job is loaded
-        raise AssertionError("Anthropic has no embeddings API")
+class AnthropicChatCodec(AnthropicBodies):
+    """``/v1/messages``: a row's messages in, the answer (or the error class) out; Message Batches lines."""
+
+    path = PATHS["chat"]
+
+    def __init__(self, spec: RequestSpec, api: ApiSpec, *, user_tools: bool) -> None:
+        super().__init__(spec, api)
+        self.user_tools = user_tools  # the job has its own tools: answers carry calls, not a forced tool's input
+
+    def body(self, messages: Sequence[Mapping[str, str]], images: Sequence[Image] = ()) -> bytes:
+        """One row's Messages body (``AnthropicBodies.chat``)."""
+        return self.chat(messages, images)
+
+    def answer(self, status: int, headers: Any, body: bytes) -> Answer:
+        """A Messages response: the answer, or the error class."""
+        return parse_message(status, headers, body, user_tools=self.user_tools)
+
+    def batch_line(self, key: str, body: bytes) -> bytes:
+        """One request of a batch (``custom_id`` = the request key: 32 hex digits fit ``^[a-zA-Z0-9_-]{1,64}$``)."""
+        return b'{"custom_id":"' + key.encode() + b'","params":' + body + b"}\n"
+
+    def batch_result(self, raw: bytes) -> BatchResult | None:
+        """One line of a batch's results."""
+        from pipeline.providers.anthropic_batch import batch_result
+
+        return batch_result(raw, user_tools=self.user_tools)
 
 
 def count_tokens_body(body: bytes) -> bytes:
@@ -192,9 +212,10 @@ class AnthropicProvider:
             return 'set [api].structured_output = "tool" (this model has no JSON output format)'
         return "check [request] and [api] against the Messages API (pipeline validate shows the requests)"
 
-    def bodies(self, spec: RequestSpec, job_name: str) -> AnthropicBodies:
-        """The body builder of one job."""
-        return AnthropicBodies(spec, self.api)
+    def codec(self, spec: RequestSpec, job_name: str) -> AnthropicChatCodec:
+        """The Messages API's codec (the only endpoint Anthropic serves; the job file's parser refuses others)."""
+        assert spec.endpoint == "chat", spec.endpoint
+        return AnthropicChatCodec(spec, self.api, user_tools=self.user_tools)
 
     def headers(self, api_key: str | None) -> dict[str, str]:
         """Every request's headers; the key goes in ``x-api-key`` and nowhere else."""
@@ -204,21 +225,7 @@ class AnthropicProvider:
             headers["x-api-key"] = api_key
         return headers
 
-    def path(self, endpoint: str) -> str:
-        """The URL path of an endpoint, after the base URL."""
-        return PATHS[endpoint]
-
-    def chat_answer(self, status: int, headers: Any, body: bytes) -> Answer:
-        """A Messages response: the answer, or the error class."""
-        return parse_message(status, headers, body, user_tools=self.user_tools)
-
-    def embeddings_answer(self, status: int, headers: Any, body: bytes,
-                          n_inputs: int) -> EmbeddingAnswer:  # pragma: no cover - refused at load
-        raise AssertionError("Anthropic has no embeddings API")
-
-    def embedding_dims(self, model: str, dimensions: int | None) -> int | None:
-        """No embeddings here."""
-        return None
+    count_path = PATHS["count_tokens"]
 
     def count_tokens_body(self, body: bytes) -> bytes:
         """The free count_tokens request of one Messages body."""
@@ -234,16 +241,6 @@ class AnthropicProvider:
 
         return MessageBatchClient(base_url, self.headers(api_key), api_key, timeout_s=timeout_s,
                                   max_attempts=max_attempts)
-
-    def batch_line(self, key: str, endpoint: str, body: bytes) -> bytes:
-        """One request of a batch (``custom_id`` = the request key: 32 hex digits fit ``^[a-zA-Z0-9_-]{1,64}$``)."""
-        return b'{"custom_id":"' + key.encode() + b'","params":' + body + b"}\n"
-
-    def batch_result(self, raw: bytes, endpoint: str) -> BatchResult | None:
-        """One line of a batch's results."""
-        from pipeline.providers.anthropic_batch import batch_result
-
-        return batch_result(raw, user_tools=self.user_tools)
 
 
 DESCRIPTOR = Descriptor(

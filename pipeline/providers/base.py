@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 from pipeline.errors import ProviderError
 from pipeline.images import OPENAI_LIMITS, Image, ImageLimits, ImageRule, openai_rule
@@ -99,15 +99,64 @@ class BatchResult:
     attempts: int = 1  # 0: never executed (the batch ended first)
 
 
-class Bodies(Protocol):
-    """The request bodies of one job, in one provider's dialect."""
+@runtime_checkable
+class CountsTokens(Protocol):
+    """A provider with an endpoint that counts a request's prompt tokens exactly (Anthropic's free
+    ``count_tokens``): what ``pipeline estimate --exact`` needs."""
 
-    def chat(self, messages: Sequence[Mapping[str, str]], images: Sequence[Image] = ()) -> bytes:
+    count_path: str
+
+    def count_tokens_body(self, body: bytes) -> bytes:
+        """The counting request of one request body."""
+        ...
+
+    def count_answer(self, status: int, headers: Any, body: bytes) -> int:
+        """The exact prompt tokens of a counting response, or raise its error class."""
+        ...
+
+
+class Codec(Protocol):
+    """One endpoint's wire format at one provider, built once for a job: where its requests go, and its Batch
+    API lines. Each endpoint's codec adds its own bodies and answers (``ChatCodec``, ``EmbeddingsCodec``); a
+    provider serves an endpoint by having a codec for it."""
+
+    path: str  # the URL path of the endpoint, after the base URL
+
+    def added_tokens(self, counter: ChatTokenCounter) -> int:
+        """Prompt tokens the dialect adds to every request beyond the rendered text (a schema in the system
+        prompt, a tool definition), so the estimate counts them."""
+        ...
+
+    def mark_cache(self) -> None:
+        """Mark the end of the static system prompt as a cache breakpoint, where the dialect has them."""
+        ...
+
+    def batch_line(self, key: str, body: bytes) -> bytes:
+        """One request of a Batch input file, carrying its request key."""
+        ...
+
+    def batch_result(self, raw: bytes) -> BatchResult | None:
+        """One line of a Batch results file; None for a line that is not ours."""
+        ...
+
+
+class ChatCodec(Codec, Protocol):
+    """The chat endpoint's codec."""
+
+    def body(self, messages: Sequence[Mapping[str, str]], images: Sequence[Image] = ()) -> bytes:
         """One row's chat body from its rendered messages (system, few-shot, user) and its images (in the user
         message)."""
         ...
 
-    def embedding(self, text: str) -> bytes:
+    def answer(self, status: int, headers: Any, body: bytes) -> Answer:
+        """A chat response as an answer, or raise its error class."""
+        ...
+
+
+class EmbeddingsCodec(Codec, Protocol):
+    """The embeddings endpoint's codec."""
+
+    def body(self, text: str) -> bytes:
         """One row's embeddings body."""
         ...
 
@@ -115,13 +164,12 @@ class Bodies(Protocol):
         """Many rows' embeddings bodies as one request."""
         ...
 
-    def added_tokens(self, counter: ChatTokenCounter) -> int:
-        """Prompt tokens the dialect adds to every request beyond the rendered messages (a schema in the
-        system prompt, a tool definition), so the estimate counts them."""
+    def answer(self, status: int, headers: Any, body: bytes, n_inputs: int) -> EmbeddingAnswer:
+        """An embeddings response as vectors, or raise its error class."""
         ...
 
-    def mark_cache(self) -> None:
-        """Mark the end of the static system prompt as a cache breakpoint, where the dialect has them."""
+    def dims(self) -> int | None:
+        """The vector size the job should get back, when it is known."""
         ...
 
 
@@ -158,9 +206,10 @@ class Descriptor:
 class Provider(Protocol):
     """Everything that depends on a provider's wire dialect; nothing outside ``providers/`` reads its bytes.
 
-    Online: the bodies of a job, the headers (auth), the path of an endpoint, and a response read as an answer
-    or raised as the error class that says what to do (``errors.py``), with its rate-limit readings. Batch:
-    the provider's Batch API client, its input line and its result line.
+    Per endpoint, a codec (``codec``): the bodies of a job, the path, a response read as an answer or raised as
+    the error class that says what to do (``errors.py``) with its rate-limit readings, and the Batch API's input
+    and result lines. For the provider as a whole: the headers (auth), token counting, prompt caching, the
+    Batch API client.
     """
 
     name: str
@@ -181,38 +230,14 @@ class Provider(Protocol):
         """The job setting most likely to fix a server that refuses every request with this answer."""
         ...
 
-    def bodies(self, spec: RequestSpec, job_name: str) -> Bodies:
-        """The body builder of one job."""
+    def codec(self, spec: RequestSpec, job_name: str) -> Codec:
+        """The codec of the job's endpoint (``spec.endpoint``), built for this job."""
         ...
 
     def headers(self, api_key: str | None) -> dict[str, str]:
         """Every request's headers, auth included."""
         ...
 
-    def path(self, endpoint: str) -> str:
-        """The URL path of an endpoint, after the base URL."""
-        ...
-
-    def chat_answer(self, status: int, headers: Any, body: bytes) -> Answer:
-        """A chat response as an answer, or raise its error class."""
-        ...
-
-    def embeddings_answer(self, status: int, headers: Any, body: bytes, n_inputs: int) -> EmbeddingAnswer:
-        """An embeddings response as vectors, or raise its error class."""
-        ...
-
-    def embedding_dims(self, model: str, dimensions: int | None) -> int | None:
-        """The vector size an embeddings job should get back, when it is known."""
-        ...
-
     def batch_api(self, base_url: str, api_key: str | None, *, timeout_s: float, max_attempts: int) -> Any:
         """A client of the provider's Batch API (upload, create, find, retrieve, cancel, lines)."""
-        ...
-
-    def batch_line(self, key: str, endpoint: str, body: bytes) -> bytes:
-        """One request of a Batch input file, carrying its request key."""
-        ...
-
-    def batch_result(self, raw: bytes, endpoint: str) -> BatchResult | None:
-        """One line of a Batch results file; None for a line that is not ours."""
         ...

@@ -166,6 +166,74 @@ class OpenAIBodies:
         return bodies[0][:cut] + b',"input":[' + b",".join(b[start:-1] for b in bodies) + b"]}"
 
 
+class OpenAIChatCodec(OpenAIBodies):
+    """``/chat/completions``: a row's messages in, the answer (or the error class) out."""
+
+    def __init__(self, spec: RequestSpec, job_name: str, api: ApiSpec, model: str, *, path: str,
+                 batch_url: str) -> None:
+        super().__init__(spec, job_name, api, model)
+        self.path, self._batch_url = path, batch_url
+
+    def body(self, messages: Sequence[Mapping[str, str]], images: Sequence[Image] = ()) -> bytes:
+        """One row's chat body (``OpenAIBodies.chat``)."""
+        return self.chat(messages, images)
+
+    def answer(self, status: int, headers: Any, body: bytes) -> Answer:
+        """A chat response: the answer, or the error class that says what to do about it."""
+        return classify(status, headers, body, parse_chat)  # type: ignore[no-any-return]
+
+    def batch_line(self, key: str, body: bytes) -> bytes:
+        """One request of a Batch input file (``custom_id`` = the request key)."""
+        from pipeline.providers.openai_batch import batch_line
+
+        return batch_line(key, self._batch_url, body)
+
+    def batch_result(self, raw: bytes) -> BatchResult | None:
+        """One line of a results or errors file."""
+        from pipeline.providers.openai_batch import batch_result
+
+        return batch_result(raw, "chat")
+
+
+class OpenAIEmbeddingsCodec(OpenAIBodies):
+    """``/embeddings``: many rows' inputs in one request, a vector each out."""
+
+    def __init__(self, spec: RequestSpec, job_name: str, api: ApiSpec, model: str, *, path: str,
+                 batch_url: str) -> None:
+        super().__init__(spec, job_name, api, model)
+        self.path, self._batch_url = path, batch_url
+        self._dims = spec.dimensions or EMBEDDING_DIMS.get(spec.model)
+
+    def body(self, text: str) -> bytes:
+        """One row's embeddings body (``OpenAIBodies.embedding``)."""
+        return self.embedding(text)
+
+    def answer(self, status: int, headers: Any, body: bytes, n_inputs: int) -> EmbeddingAnswer:
+        """An embeddings response for ``n_inputs`` inputs: the vectors, or the error class."""
+        return classify(status, headers, body,  # type: ignore[no-any-return]
+                        lambda c, h: parse_embeddings(c, h, n_inputs))
+
+    def dims(self) -> int | None:
+        """The vector size to expect: the job's ``dimensions``, else the model's default when known."""
+        return self._dims
+
+    def batch_line(self, key: str, body: bytes) -> bytes:
+        """One request of a Batch input file (``custom_id`` = the request key)."""
+        from pipeline.providers.openai_batch import batch_line
+
+        return batch_line(key, self._batch_url, body)
+
+    def batch_result(self, raw: bytes) -> BatchResult | None:
+        """One line of a results or errors file."""
+        from pipeline.providers.openai_batch import batch_result
+
+        return batch_result(raw, "embeddings")
+
+
+CODECS: dict[str, type[OpenAIChatCodec] | type[OpenAIEmbeddingsCodec]] = {
+    "chat": OpenAIChatCodec, "embeddings": OpenAIEmbeddingsCodec}
+
+
 def shape_hint(api: ApiSpec, message: str) -> str:
     """Which ``[api]`` key likely fixes a server that refuses every request's shape, from its own words."""
     text = message.lower()
@@ -208,9 +276,11 @@ class OpenAIProvider:
         """The model name sent in the body."""
         return spec.model
 
-    def bodies(self, spec: RequestSpec, job_name: str) -> OpenAIBodies:
-        """The body builder of one job."""
-        return OpenAIBodies(spec, job_name, self.api, self.model(spec))
+    def codec(self, spec: RequestSpec, job_name: str) -> OpenAIChatCodec | OpenAIEmbeddingsCodec:
+        """The codec of the job's endpoint, with this dialect's path and Batch API url for it."""
+        endpoint = spec.endpoint
+        return CODECS[endpoint](spec, job_name, self.api, self.model(spec), path=self.path(endpoint),
+                                batch_url=self.batch_urls()[endpoint])
 
     def headers(self, api_key: str | None) -> dict[str, str]:
         """Every request's headers; the key goes in ``Authorization`` and nowhere else."""
@@ -220,21 +290,8 @@ class OpenAIProvider:
         return headers
 
     def path(self, endpoint: str) -> str:
-        """The URL path of an endpoint, after the base URL."""
+        """The URL path of an endpoint, after the base URL (its codec's ``path``)."""
         return PATHS[endpoint]
-
-    def chat_answer(self, status: int, headers: Any, body: bytes) -> Answer:
-        """A chat response: the answer, or the error class that says what to do about it."""
-        return classify(status, headers, body, parse_chat)  # type: ignore[no-any-return]
-
-    def embeddings_answer(self, status: int, headers: Any, body: bytes, n_inputs: int) -> EmbeddingAnswer:
-        """An embeddings response for ``n_inputs`` inputs: the vectors, or the error class."""
-        return classify(status, headers, body,  # type: ignore[no-any-return]
-                        lambda c, h: parse_embeddings(c, h, n_inputs))
-
-    def embedding_dims(self, model: str, dimensions: int | None) -> int | None:
-        """The vector size to expect: the job's ``dimensions``, else the model's default when known."""
-        return dimensions or EMBEDDING_DIMS.get(model)
 
     # The Batch API half is imported by batch runs only.
 
@@ -254,18 +311,6 @@ class OpenAIProvider:
 
         return BatchClient(base_url, self.headers(api_key), api_key, urls=self.batch_urls(),
                            params=self.batch_params(), timeout_s=timeout_s, max_attempts=max_attempts)
-
-    def batch_line(self, key: str, endpoint: str, body: bytes) -> bytes:
-        """One request of a Batch input file (``custom_id`` = the request key)."""
-        from pipeline.providers.openai_batch import batch_line
-
-        return batch_line(key, self.batch_urls()[endpoint], body)
-
-    def batch_result(self, raw: bytes, endpoint: str) -> BatchResult | None:
-        """One line of a results or errors file."""
-        from pipeline.providers.openai_batch import batch_result
-
-        return batch_result(raw, endpoint)
 
 
 DESCRIPTOR = Descriptor(
