@@ -12,7 +12,7 @@ from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, NamedTuple, cast
 
 import jinja2
 import jinja2.meta
@@ -35,12 +35,24 @@ from pipeline.source import ROW, Source, check_columns
 ROW_VARIABLE = "row"  # a mapping of the whole row, for column names that are not identifiers
 
 
+class Pending(NamedTuple):
+    """A rendered row on its way to being a ``Request`` (its prompt tokens not counted yet): a tuple, so a
+    million of them cost what plain tuples cost (bench/estimate.py), read by name."""
+
+    row: int
+    row_id: Any
+    keep: tuple[Any, ...]
+    texts: tuple[str, ...]  # the texts of the templated parts: what is counted
+    body: bytes
+    key: str
+    image_tokens: int
+
+
 @dataclass
 class PreparedChunk:
     """A chunk rendered up to its token counting (``Renderer.prepare_chunk``)."""
 
-    # (row, id, kept values, the texts of the templated parts, body, key, image tokens), in sending order
-    pending: list[tuple[int, Any, tuple[Any, ...], tuple[str, ...], bytes, str, int]]
+    pending: list[Pending]  # in sending order
     repeat: list[bool]  # by pending position: not counted, as it will not be sent (answered, or a repeated key)
     prior: list[int] | None  # by pending position: the count of an earlier pass (0: none)
     texts: list[str]  # what must be counted, the templated parts of each row that needs counting in turn
@@ -433,8 +445,7 @@ class Renderer:
             if self.template_columns and needs_values else ({} for _ in rows)
         skip_nulls = self.job.input.skip_nulls
         endpoint = self.job.request.endpoint
-        # (row, id, kept values, the texts of the templated parts, body, key, image tokens)
-        pending: list[tuple[int, Any, tuple[Any, ...], tuple[str, ...], bytes, str, int]] = []
+        pending: list[Pending] = []
         url_images = 0
         skipped: list[Skipped] = []
         inputs = fast.get(len(self.parts) - 1)
@@ -445,12 +456,13 @@ class Renderer:
             if texts_of:  # the frame must build what the builder builds
                 self._check_frame(frame, texts_of[0], {i: col[0] for i, col in fast.items()})
             bodies = self._framed(frame, texts_of)
-            pending = [(row, row_id, keep, texts, body, key, 0) for row, row_id, keep, texts, body, key
-                       in zip(rows, ids, keeps, texts_of, bodies, request_keys(endpoint, bodies), strict=True)]
+            keys = request_keys(endpoint, bodies)
+            pending = list(map(Pending._make, zip(rows, ids, keeps, texts_of, bodies, keys, [0] * len(rows),
+                                                  strict=True)))
         elif (text_body := self._text_body) is not None and inputs is not None and not skip_nulls:
             for row, row_id, keep, text in zip(rows, ids, keeps, inputs, strict=True):
                 body = text_body(text)
-                pending.append((row, row_id, keep, (text,), body, request_key(endpoint, body), 0))
+                pending.append(Pending(row, row_id, keep, (text,), body, request_key(endpoint, body), 0))
         else:
             for n, (row, row_id, keep, values) in enumerate(zip(rows, ids, keeps, values_iter, strict=True)):
                 if skip_nulls:
@@ -472,31 +484,31 @@ class Renderer:
                     del images  # the bytes live on in the body alone
                 else:
                     body = self.body(msgs)
-                pending.append((row, row_id, keep, tuple(msgs[i]["content"] for i in variable), body,
-                                request_key(endpoint, body), image_tokens))
+                pending.append(Pending(row, row_id, keep, tuple(msgs[i]["content"] for i in variable), body,
+                                       request_key(endpoint, body), image_tokens))
         if self._sort_by_prefix:  # the texts of the templated leading messages come first in each row's texts
             leading = sum(1 for i in variable if i < len(self.parts) - 1)
-            pending.sort(key=lambda p: p[3][:leading])
-        known = dict(settled([p[5] for p in pending])) if settled is not None else {}
+            pending.sort(key=lambda p: p.texts[:leading])
+        known = dict(settled([p.key for p in pending])) if settled is not None else {}
         have = counted if counted is not None else ()
         n_have = len(have)
         # each row's count from the earlier pass, 0 if none (None: there is no earlier pass)
-        prior = [have[p[0]] if p[0] < n_have else 0 for p in pending] if n_have else None
+        prior = [have[p.row] if p.row < n_have else 0 for p in pending] if n_have else None
         # which rows go out and need counting: not answered before, not counted before, not a repeat
-        repeat = [False] * len(pending)
+        repeats = [False] * len(pending)
         firsts: set[str] = set()
         if counted_before is not None:
             for n, p in enumerate(pending):
-                if p[5] in firsts or counted_before(p[5]):
-                    repeat[n] = True
+                if p.key in firsts or counted_before(p.key):
+                    repeats[n] = True
                 else:
-                    firsts.add(p[5])
+                    firsts.add(p.key)
         if known:
-            repeat = [r or p[5] in known for r, p in zip(repeat, pending, strict=True)]
+            repeats = [r or p.key in known for r, p in zip(repeats, pending, strict=True)]
         # a row with a count from the earlier pass is not counted again either
-        skip_count = repeat if prior is None else [r or c > 0 for r, c in zip(repeat, prior, strict=True)]
-        texts = [t for p, skip in zip(pending, skip_count, strict=True) if not skip for t in p[3]]
-        return PreparedChunk(pending, repeat, prior, texts, skipped, known, url_images, len(variable), firsts)
+        skip_count = repeats if prior is None else [r or c > 0 for r, c in zip(repeats, prior, strict=True)]
+        texts = [t for p, skip in zip(pending, skip_count, strict=True) if not skip for t in p.texts]
+        return PreparedChunk(pending, repeats, prior, texts, skipped, known, url_images, len(variable), firsts)
 
     def finish_chunk(self, prepared: PreparedChunk, counts: list[int]) -> RenderedChunk:
         """The chunk's requests, given the token counts of its ``texts``."""
