@@ -235,8 +235,8 @@ def validate(job_path: str, n: int) -> None:
 def estimate(job_path: str, as_json: bool, limit: int | None, exact: bool, base_url: str | None) -> None:
     """Tokens, cost (also at the Batch API price) and duration of a run; nothing is sent (but with --exact,
     the token counts)."""
-    from pipeline.estimate import estimate as run_estimate
     from pipeline.job import Job
+    from pipeline.planning import estimate as run_estimate
 
     est = run_estimate(Job.load(job_path), limit=limit, exact=exact, base_url=base_url)
     if as_json:
@@ -480,7 +480,7 @@ def rerun_command(job_path: str, *, base_url: str | None = None, mode: str | Non
 
 def _fresh_cost(job: Any, limit: int | None) -> str:
     """What paying again for every row would cost (for a journal that cannot be used), as a clause."""
-    from pipeline.estimate import estimate as run_estimate
+    from pipeline.planning import estimate as run_estimate
 
     try:
         est = run_estimate(job, limit=limit)

@@ -28,9 +28,9 @@ import polars as pl
 
 from pipeline.errors import UsageError
 from pipeline.estimate import Estimate
-from pipeline.estimate import estimate as estimate_job
 from pipeline.job import Job
 from pipeline.outcome import RESULT_SCHEMA
+from pipeline.planning import estimate as estimate_job
 
 ROW_COLUMN = "row"  # the output's id column when the job names none: the input position
 

@@ -32,12 +32,13 @@ from pipeline.errors import (
     StopRun,
     UsageError,
 )
-from pipeline.estimate import Estimate, estimate_source
+from pipeline.estimate import Estimate
 from pipeline.job import Job
 from pipeline.journal import Journal, NullJournal, OutcomeStore, Reader, journal_fingerprint
 from pipeline.keys import key_id
 from pipeline.ledger import BatchLedger, BatchStage
 from pipeline.outcome import RESULT_SCHEMA, RUN_TOTALS, Outcome, RunStats
+from pipeline.planning import PassOptions, planning_pass
 from pipeline.pricing import Price, no_price_warning
 from pipeline.providers import DESCRIPTORS, Provider, provider_for
 from pipeline.render import KeptChunks, Renderer
@@ -258,10 +259,9 @@ def prepare(job: Job, *, mode: str | None = None, base_url: str | None = None, l
                       and not job.request.images else None)
             from pipeline.measured import measured_output
 
-            est, todo = estimate_source(job, checked.source, checked.renderer, checked.price, limit=limit,
-                                        settled=settled, counted=counted,
-                                        keep=kept.add if kept is not None else stage, prints=prints,
-                                        measured=measured_output(job))
+            est, todo = planning_pass(job, checked.source, checked.renderer, checked.price, PassOptions(
+                limit=limit, settled=settled, counted=counted, keep=kept.add if kept is not None else stage,
+                prints=prints, measured=measured_output(job)))
         finally:
             lookup.close()
         check_free_space(paths, est.requests)

@@ -7,9 +7,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipeline.estimate import Estimate, estimate_source
+from pipeline.estimate import Estimate
 from pipeline.job import Job
 from pipeline.plan import check
+from pipeline.planning import planning_pass
 from pipeline.providers import Provider
 from pipeline.render import IMAGE_CHUNK_ROWS
 from pipeline.rendered import Request
@@ -41,7 +42,7 @@ def validate_job(path: str | Path, rows: int = 3) -> ValidationReport:
         for chunk in iter_chunks(checked.source, renderer.columns, chunk_rows=IMAGE_CHUNK_ROWS):
             bad.extend(renderer.check_images(chunk))
     warnings = [*checked.warnings, *input_warnings(checked.source, checked.job.input.id)]
-    est = estimate_source(checked.job, checked.source, renderer, checked.price)[0]
+    est = planning_pass(checked.job, checked.source, renderer, checked.price).estimate
     est.warnings = [w for w in est.warnings if w not in warnings]
     return ValidationReport(job=checked.job, source=checked.source, requests=rendered.requests[:rows],
                             provider=checked.provider, path=renderer.codec.path, warnings=warnings, bad_images=bad,

@@ -6,9 +6,9 @@ import polars as pl
 import pytest
 
 from pipeline.endpoints import price_for
-from pipeline.estimate import estimate
 from pipeline.job import Job
 from pipeline.plan import check
+from pipeline.planning import estimate
 from pipeline.pricing import Usage
 from pipeline.report import build_report
 from pipeline.run import run

@@ -4,8 +4,8 @@ import sys
 import polars as pl
 import pytest
 
-from pipeline.estimate import estimate
 from pipeline.job import Job
+from pipeline.planning import estimate
 from pipeline.tokens import ChatTokenCounter
 from tests.conftest import reviews, run_cli
 
@@ -75,7 +75,7 @@ def test_cli_json_and_table(make_job):
 def test_counting_in_a_process_of_its_own_gives_the_same_estimate(make_job, monkeypatch, provider):
     """Past COUNT_ELSEWHERE_TEXTS the counting moves to a child process, one chunk behind the rendering; the
     estimate must not change by a token, duplicates across the overlapped chunks included."""
-    estimate_module = sys.modules["pipeline.estimate"]  # the package's `estimate` is the function
+    estimate_module = sys.modules["pipeline.planning"]  # where the counting process is started
     from pipeline.source import DEFAULT_CHUNK_ROWS
 
     rows = 2 * DEFAULT_CHUNK_ROWS + 700
@@ -103,7 +103,7 @@ def test_counting_in_a_process_of_its_own_gives_the_same_estimate(make_job, monk
 
 
 def test_a_counting_process_that_dies_is_replaced_by_counting_here(make_job, monkeypatch):
-    estimate_module = sys.modules["pipeline.estimate"]  # the package's `estimate` is the function
+    estimate_module = sys.modules["pipeline.planning"]  # where the counting process is started
     from pipeline.source import DEFAULT_CHUNK_ROWS
 
     job = Job.load(make_job(rows=3 * DEFAULT_CHUNK_ROWS))
@@ -123,7 +123,7 @@ def test_a_counting_process_that_dies_is_replaced_by_counting_here(make_job, mon
 def test_rows_with_nothing_to_count_do_not_start_the_counting_process(make_job, monkeypatch):
     """What starts the process is texts to count, not rows read: a resume's answered rows, like these repeats
     of one row, count nothing and must not pay for a process."""
-    estimate_module = sys.modules["pipeline.estimate"]
+    estimate_module = sys.modules["pipeline.planning"]
     from pipeline.source import DEFAULT_CHUNK_ROWS
 
     df = pl.concat([reviews(1)] * (3 * DEFAULT_CHUNK_ROWS))

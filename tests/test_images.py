@@ -10,7 +10,6 @@ import pytest
 from PIL import Image as PILImage
 
 from pipeline.errors import JobError
-from pipeline.estimate import estimate
 from pipeline.images import (
     Image,
     ImageLimits,
@@ -24,6 +23,7 @@ from pipeline.images import (
     tile_tokens,
 )
 from pipeline.job import Job
+from pipeline.planning import estimate
 from pipeline.run import run
 from tests.conftest import run_cli
 

@@ -286,7 +286,7 @@ def test_the_key_never_leaks_into_logs_errors_output_journal_or_manifest(make_jo
 # -- the Anthropic estimate -----------------------------------------------------------------------------------
 
 def test_the_anthropic_estimate_is_a_labelled_bound_above_the_billed_tokens_and_exact_equals_them(make_job, sim):
-    from pipeline.estimate import estimate
+    from pipeline.planning import estimate
 
     with sim() as s:
         job_path = classify_job(make_job, "anthropic", s.base_url, rows=200)
@@ -310,7 +310,7 @@ def test_the_anthropic_estimate_is_a_labelled_bound_above_the_billed_tokens_and_
 
 
 def test_openai_estimates_say_they_are_exact(make_job):
-    from pipeline.estimate import estimate
+    from pipeline.planning import estimate
 
     est = estimate(Job.load(make_job()))
     assert est.prompt_tokens_exact and est.prompt_tokens_basis == "tiktoken, exact"
@@ -334,7 +334,7 @@ def test_anthropic_batches_are_listed_and_cancelled_like_openai_ones(make_job, s
 
 
 def test_the_estimate_duration_counts_input_and_output_token_limits_apart(make_job):
-    from pipeline.estimate import estimate
+    from pipeline.planning import estimate
 
     job = classify_job(make_job, "anthropic", "https://api.anthropic.com/v1", rows=100)
     job.write_text(job.read_text().replace("[limits]\n", "[limits]\nrequests_per_minute = 100000\n"

@@ -185,13 +185,13 @@ def test_token_counts_from_the_estimate_pass_are_reused_not_recounted(make_job, 
     from array import array
 
     from pipeline.endpoints import price_for
-    from pipeline.estimate import estimate_source
+    from pipeline.planning import PassOptions, planning_pass
 
     job = Job.load(make_job(rows=30))
     src = open_source(job.input.path)
     r = Renderer(job, src)
     counted: array[int] = array("i")
-    estimate_source(job, src, r, price_for(job), counted=counted)
+    planning_pass(job, src, r, price_for(job), PassOptions(counted=counted))
     fresh = [q.prompt_tokens for c in iter_chunks(src, r.columns, chunk_rows=7) for q in r.render_chunk(c).requests]
     assert list(counted) == fresh and all(fresh)
 

@@ -2,9 +2,9 @@ import math
 
 import polars as pl
 
-from pipeline.estimate import estimate
 from pipeline.job import Job
 from pipeline.measured import measured_output, sample_paths
+from pipeline.planning import estimate
 from pipeline.run import run
 from pipeline.sample import run_sample
 from tests.conftest import run_cli
