@@ -39,7 +39,7 @@ from pipeline.outcome import (
 )
 from pipeline.plan import Ending, RunPlan
 from pipeline.providers import provider_for
-from pipeline.providers.base import BatchState
+from pipeline.providers.base import BatchApi, BatchState
 from pipeline.sink import OutputPaths, PartWriter
 from pipeline.source import ROW, iter_chunks
 from pipeline.structured import Checker
@@ -59,7 +59,7 @@ class BatchRun:
     tested without sleeping; by default it waits on ``stop``.
     """
 
-    def __init__(self, plan: RunPlan, api: Any, stats: RunStats, *, checker: Checker | None,
+    def __init__(self, plan: RunPlan, api: BatchApi, stats: RunStats, *, checker: Checker | None,
                  vector_dims: int | None, stop: threading.Event | None = None,
                  on_batches: Callable[[list[BatchPart]], None] | None = None,
                  wait: Callable[[float], bool] | None = None) -> None:
@@ -386,7 +386,7 @@ def cancel_batches(job_path: str, *, base_url: str | None = None) -> list[str]:
     return lines
 
 
-def _client(job: Job, base_url: str | None) -> Any:
+def _client(job: Job, base_url: str | None) -> BatchApi:
     url = resolve_base_url(job, base_url)
     return provider_for(job).batch_api(url, resolve_api_key(job, url), timeout_s=job.limits.timeout_s,
                                        max_attempts=job.limits.max_attempts)

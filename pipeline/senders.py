@@ -24,6 +24,7 @@ from pipeline.providers.base import Answer, EmbeddingAnswer
 from pipeline.retry import RetryPolicy
 
 if TYPE_CHECKING:
+    from pipeline.client import ApiClient
     from pipeline.rendered import Request
 
 T = TypeVar("T", Answer, EmbeddingAnswer)
@@ -81,7 +82,7 @@ class Sending:
     while the endpoint is down. Time is injected: ``sleep`` waits between retries, ``clock`` times each request.
     """
 
-    def __init__(self, client: Any, budget: RateBudget, policy: RetryPolicy, stats: RunStats, stopper: Stopper, *,
+    def __init__(self, client: ApiClient, budget: RateBudget, policy: RetryPolicy, stats: RunStats, stopper: Stopper, *,
                  price: Price | None = None, max_cost_usd: float | None = None, breaker: Breaker | None = None,
                  sleep: Callable[[float], Awaitable[Any]] = asyncio.sleep,
                  clock: Callable[[], float] = time.perf_counter) -> None:

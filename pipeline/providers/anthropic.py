@@ -34,6 +34,7 @@ from pipeline.providers.anthropic_wire import (
 )
 from pipeline.providers.base import (
     Answer,
+    BatchApi,
     BatchResult,
     Descriptor,
     PromptCache,
@@ -235,7 +236,7 @@ class AnthropicProvider:
         """The exact prompt tokens of a count_tokens response."""
         return count_answer(status, headers, body)
 
-    def batch_api(self, base_url: str, api_key: str | None, *, timeout_s: float, max_attempts: int) -> Any:
+    def batch_api(self, base_url: str, api_key: str | None, *, timeout_s: float, max_attempts: int) -> BatchApi:
         """The Message Batches client."""
         from pipeline.providers.anthropic_batch import MessageBatchClient
 

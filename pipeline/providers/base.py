@@ -7,9 +7,10 @@ responses into the classes of ``errors.py``); nothing after the provider reads a
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol, runtime_checkable
+from pathlib import Path
+from typing import Any, Protocol, TypeVar, runtime_checkable
 
 from pipeline.errors import ProviderError
 from pipeline.images import OPENAI_LIMITS, Image, ImageLimits, ImageRule, openai_rule
@@ -18,6 +19,8 @@ from pipeline.rates import NO_RATE as NO_RATE  # part of the provider seam, re-e
 from pipeline.rates import RateInfo as RateInfo
 from pipeline.spec import RequestSpec
 from pipeline.tokens import ChatTokenCounter
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,6 +100,48 @@ class BatchResult:
     answer: Answer | EmbeddingAnswer | None = None
     error: ProviderError | None = None
     attempts: int = 1  # 0: never executed (the batch ended first)
+
+
+class BatchApi(Protocol):
+    """A provider's Batch API client (``Provider.batch_api``): files go up, batches are made, polled, cancelled
+    and their result lines read; every call retried under the job's policy, and the provider's objects come back
+    as ``BatchState``."""
+
+    def __enter__(self) -> BatchApi: ...
+
+    def __exit__(self, *exc: object) -> None: ...
+
+    def retrying(self) -> Iterable[Any]:
+        """The retry policy's attempts, for a call the caller makes safe to repeat (tenacity's ``Retrying``)."""
+        ...
+
+    def retried(self, call: Callable[[], T]) -> T:
+        """``call()`` under the retry policy."""
+        ...
+
+    def upload(self, path: Path, filename: str) -> str:
+        """A Batch input file sent to the provider (where it takes one); returns what ``create`` names it by."""
+        ...
+
+    def create(self, file_id: str, endpoint: str, metadata: dict[str, str]) -> BatchState:
+        """A batch of an uploaded file's requests (one try: ``find`` first when it may exist already)."""
+        ...
+
+    def find(self, input_file_id: str, since: float, taken: frozenset[str] = frozenset()) -> BatchState | None:
+        """The batch made from a file, if there is one (after a kill or a lost reply)."""
+        ...
+
+    def retrieve(self, batch_id: str) -> BatchState:
+        """The batch as it stands."""
+        ...
+
+    def cancel(self, batch_id: str) -> BatchState:
+        """Ask the provider to cancel the batch; what ended stays collectable."""
+        ...
+
+    def lines(self, file_id: str) -> Iterator[bytes]:
+        """A results file's lines, streamed."""
+        ...
 
 
 @runtime_checkable
@@ -238,6 +283,6 @@ class Provider(Protocol):
         """Every request's headers, auth included."""
         ...
 
-    def batch_api(self, base_url: str, api_key: str | None, *, timeout_s: float, max_attempts: int) -> Any:
+    def batch_api(self, base_url: str, api_key: str | None, *, timeout_s: float, max_attempts: int) -> BatchApi:
         """A client of the provider's Batch API (upload, create, find, retrieve, cancel, lines)."""
         ...

@@ -18,6 +18,7 @@ import orjson
 from pipeline.images import Image
 from pipeline.providers.base import (
     Answer,
+    BatchApi,
     BatchResult,
     Descriptor,
     EmbeddingAnswer,
@@ -305,7 +306,7 @@ class OpenAIProvider:
         """Query parameters every Files and Batches call carries (none for OpenAI)."""
         return None
 
-    def batch_api(self, base_url: str, api_key: str | None, *, timeout_s: float, max_attempts: int) -> Any:
+    def batch_api(self, base_url: str, api_key: str | None, *, timeout_s: float, max_attempts: int) -> BatchApi:
         """The Files and Batches client."""
         from pipeline.providers.openai_batch import BatchClient
 
