@@ -167,21 +167,15 @@ class OpenAIBodies:
         return bodies[0][:cut] + b',"input":[' + b",".join(b[start:-1] for b in bodies) + b"]}"
 
 
-class OpenAIChatCodec(OpenAIBodies):
-    """``/chat/completions``: a row's messages in, the answer (or the error class) out."""
+class _OpenAICodec(OpenAIBodies):
+    """What every endpoint's codec shares in this dialect: its path and its Batch API lines."""
+
+    endpoint = ""
 
     def __init__(self, spec: RequestSpec, job_name: str, api: ApiSpec, model: str, *, path: str,
                  batch_url: str) -> None:
         super().__init__(spec, job_name, api, model)
-        self.path, self._batch_url = path, batch_url
-
-    def body(self, messages: Sequence[Mapping[str, str]], images: Sequence[Image] = ()) -> bytes:
-        """One row's chat body (``OpenAIBodies.chat``)."""
-        return self.chat(messages, images)
-
-    def answer(self, status: int, headers: Any, body: bytes) -> Answer:
-        """A chat response: the answer, or the error class that says what to do about it."""
-        return classify(status, headers, body, parse_chat)  # type: ignore[no-any-return]
+        self.spec, self.path, self._batch_url = spec, path, batch_url
 
     def batch_line(self, key: str, body: bytes) -> bytes:
         """One request of a Batch input file (``custom_id`` = the request key)."""
@@ -193,17 +187,27 @@ class OpenAIChatCodec(OpenAIBodies):
         """One line of a results or errors file."""
         from pipeline.providers.openai_batch import batch_result
 
-        return batch_result(raw, "chat")
+        return batch_result(raw, self.endpoint)
 
 
-class OpenAIEmbeddingsCodec(OpenAIBodies):
+class OpenAIChatCodec(_OpenAICodec):
+    """``/chat/completions``: a row's messages in, the answer (or the error class) out."""
+
+    endpoint = "chat"
+
+    def body(self, messages: Sequence[Mapping[str, str]], images: Sequence[Image] = ()) -> bytes:
+        """One row's chat body (``OpenAIBodies.chat``)."""
+        return self.chat(messages, images)
+
+    def answer(self, status: int, headers: Any, body: bytes) -> Answer:
+        """A chat response: the answer, or the error class that says what to do about it."""
+        return classify(status, headers, body, parse_chat)  # type: ignore[no-any-return]
+
+
+class OpenAIEmbeddingsCodec(_OpenAICodec):
     """``/embeddings``: many rows' inputs in one request, a vector each out."""
 
-    def __init__(self, spec: RequestSpec, job_name: str, api: ApiSpec, model: str, *, path: str,
-                 batch_url: str) -> None:
-        super().__init__(spec, job_name, api, model)
-        self.path, self._batch_url = path, batch_url
-        self._dims = spec.dimensions or EMBEDDING_DIMS.get(spec.model)
+    endpoint = "embeddings"
 
     def body(self, text: str) -> bytes:
         """One row's embeddings body (``OpenAIBodies.embedding``)."""
@@ -216,19 +220,7 @@ class OpenAIEmbeddingsCodec(OpenAIBodies):
 
     def dims(self) -> int | None:
         """The vector size to expect: the job's ``dimensions``, else the model's default when known."""
-        return self._dims
-
-    def batch_line(self, key: str, body: bytes) -> bytes:
-        """One request of a Batch input file (``custom_id`` = the request key)."""
-        from pipeline.providers.openai_batch import batch_line
-
-        return batch_line(key, self._batch_url, body)
-
-    def batch_result(self, raw: bytes) -> BatchResult | None:
-        """One line of a results or errors file."""
-        from pipeline.providers.openai_batch import batch_result
-
-        return batch_result(raw, "embeddings")
+        return self.spec.dimensions or EMBEDDING_DIMS.get(self.spec.model)
 
 
 CODECS: dict[str, type[OpenAIChatCodec] | type[OpenAIEmbeddingsCodec]] = {
