@@ -186,16 +186,17 @@ def parse_job(raw: Mapping[str, Any], *, file: str = "<job>", base: Path | None 
         context_window=pr.int("context_window"),
     )
     pr.done()
+    endpoint = ENDPOINTS[request_spec.endpoint]
     if (pricing.input_per_mtok is None) != (pricing.output_per_mtok is None) and not (
-            request_spec.is_embeddings and pricing.input_per_mtok is not None):
+            not endpoint.bills_output and pricing.input_per_mtok is not None):
         missing = "output_per_mtok" if pricing.output_per_mtok is None else "input_per_mtok"
         raise pr.fail(missing, "is required when the other price is given")
 
     est = Table(file, "estimate", top.get("estimate") or {})
     estimate = EstimateSpec(output_tokens=est.int("output_tokens"))
     est.done()
-    if estimate.output_tokens is not None and request_spec.is_embeddings:
-        raise est.fail("output_tokens", 'does not apply to endpoint = "embeddings" (it has no output tokens)')
+    if estimate.output_tokens is not None and not endpoint.bills_output:
+        raise est.fail("output_tokens", f'does not apply to endpoint = "{endpoint.name}" (it has no output tokens)')
     if estimate.output_tokens is not None and estimate.output_tokens > request_spec.max_tokens:
         raise est.fail("output_tokens", f"({estimate.output_tokens}) cannot exceed [request].max_tokens "
                                         f"({request_spec.max_tokens})")

@@ -83,11 +83,6 @@ class RequestSpec:
     tools: tuple[ToolSpec, ...] = ()
     tool_choice: str = "auto"  # "auto", "required", or one tool's name
 
-    @property
-    def is_embeddings(self) -> bool:
-        """True for embeddings jobs (many rows per request, vectors out)."""
-        return self.endpoint == "embeddings"
-
 
 @dataclass(frozen=True)
 class OutputSpec:

@@ -61,7 +61,7 @@ def static_body(spec: RequestSpec, job_name: str, api: ApiSpec | None = None,
     """
     api = api or ApiSpec()
     body: dict[str, Any] = {"model": model or spec.model}
-    if spec.is_embeddings:
+    if spec.endpoint == "embeddings":
         if spec.dimensions is not None:
             body["dimensions"] = spec.dimensions
         body["encoding_format"] = spec.encoding_format
