@@ -11,9 +11,8 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from functools import partial
 from pathlib import Path
-from typing import Any, NamedTuple, cast
+from typing import Any, Final, cast
 
 import jinja2
 import jinja2.meta
@@ -36,22 +35,14 @@ from pipeline.source import ROW, Source, check_columns
 ROW_VARIABLE = "row"  # a mapping of the whole row, for column names that are not identifiers
 
 
-class Pending(NamedTuple):
-    """A rendered row on its way to being a ``Request`` (its prompt tokens not counted yet): a tuple, so a
-    million of them cost what plain tuples cost (bench/estimate.py), read by name."""
-
-    row: int
-    row_id: Any
-    keep: tuple[Any, ...]
-    texts: tuple[str, ...]  # the texts of the templated parts: what is counted
-    body: bytes
-    key: str
-    image_tokens: int
-
-
-# A Pending from a tuple of its fields in C, without a Python frame per row (``Pending._make`` has one: 2% of a
-# 1M-row estimate; bench/estimate.py).
-_new_pending = partial(tuple.__new__, Pending)
+# A rendered row on its way to a Request (its prompt tokens not counted yet): (row, id, kept values, the texts of
+# the templated parts, body, key, image tokens), read through the names below. A plain tuple, not a NamedTuple:
+# the garbage collector stops tracking plain tuples of plain values, not a tuple subclass's, and a million tracked
+# rows made the 1M-row estimate about 9% slower (bench/estimate.py).
+Pending = tuple[int, Any, tuple[Any, ...], tuple[str, ...], bytes, str, int]
+P_ROW: Final = 0
+P_TEXTS: Final = 3
+P_KEY: Final = 5
 
 
 @dataclass
@@ -463,12 +454,12 @@ class Renderer:
                 self._check_frame(frame, texts_of[0], {i: col[0] for i, col in fast.items()})
             bodies = self._framed(frame, texts_of)
             keys = request_keys(endpoint, bodies)
-            pending = list(map(_new_pending, zip(rows, ids, keeps, texts_of, bodies, keys, [0] * len(rows),
-                                                 strict=True)))
+            pending = [(row, row_id, keep, texts, body, key, 0) for row, row_id, keep, texts, body, key
+                       in zip(rows, ids, keeps, texts_of, bodies, keys, strict=True)]
         elif (text_body := self._text_body) is not None and inputs is not None and not skip_nulls:
             for row, row_id, keep, text in zip(rows, ids, keeps, inputs, strict=True):
                 body = text_body(text)
-                pending.append(Pending(row, row_id, keep, (text,), body, request_key(endpoint, body), 0))
+                pending.append((row, row_id, keep, (text,), body, request_key(endpoint, body), 0))
         else:
             for n, (row, row_id, keep, values) in enumerate(zip(rows, ids, keeps, values_iter, strict=True)):
                 if skip_nulls:
@@ -490,30 +481,30 @@ class Renderer:
                     del images  # the bytes live on in the body alone
                 else:
                     body = self.body(msgs)
-                pending.append(Pending(row, row_id, keep, tuple(msgs[i]["content"] for i in variable), body,
-                                       request_key(endpoint, body), image_tokens))
+                pending.append((row, row_id, keep, tuple(msgs[i]["content"] for i in variable), body,
+                                request_key(endpoint, body), image_tokens))
         if self._sort_by_prefix:  # the texts of the templated leading messages come first in each row's texts
             leading = sum(1 for i in variable if i < len(self.parts) - 1)
-            pending.sort(key=lambda p: p.texts[:leading])
-        known = dict(settled([p.key for p in pending])) if settled is not None else {}
+            pending.sort(key=lambda p: p[P_TEXTS][:leading])
+        known = dict(settled([p[P_KEY] for p in pending])) if settled is not None else {}
         have = counted if counted is not None else ()
         n_have = len(have)
         # each row's count from the earlier pass, 0 if none (None: there is no earlier pass)
-        prior = [have[p.row] if p.row < n_have else 0 for p in pending] if n_have else None
+        prior = [have[p[P_ROW]] if p[P_ROW] < n_have else 0 for p in pending] if n_have else None
         # which rows go out and need counting: not answered before, not counted before, not a repeat
         repeats = [False] * len(pending)
         firsts: set[str] = set()
         if counted_before is not None:
             for n, p in enumerate(pending):
-                if p.key in firsts or counted_before(p.key):
+                if p[P_KEY] in firsts or counted_before(p[P_KEY]):
                     repeats[n] = True
                 else:
-                    firsts.add(p.key)
+                    firsts.add(p[P_KEY])
         if known:
-            repeats = [r or p.key in known for r, p in zip(repeats, pending, strict=True)]
+            repeats = [r or p[P_KEY] in known for r, p in zip(repeats, pending, strict=True)]
         # a row with a count from the earlier pass is not counted again either
         skip_count = repeats if prior is None else [r or c > 0 for r, c in zip(repeats, prior, strict=True)]
-        texts = [t for p, skip in zip(pending, skip_count, strict=True) if not skip for t in p.texts]
+        texts = [t for p, skip in zip(pending, skip_count, strict=True) if not skip for t in p[P_TEXTS]]
         return PreparedChunk(pending, repeats, prior, texts, skipped, known, url_images, len(variable), firsts)
 
     def finish_chunk(self, prepared: PreparedChunk, counts: list[int]) -> RenderedChunk:
