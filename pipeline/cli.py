@@ -432,7 +432,7 @@ def _run(job_path: str, fresh: bool, retry_failed: bool, limit: int | None, base
                              allow_insecure=allow_insecure, on_progress=progress.update,
                              on_estimate=lambda est: _confirm_estimate(est, job, yes, batch=mode == "batch"),
                              handle_signals=True, mode=mode, wait=not no_wait, on_batches=BatchDisplay().update,
-                             release_memory=True)
+                             release_memory=True, engine="local")  # `run` chose the engine already
     except JournalUnusable as e:
         raise JournalUnusable(f"{e}{_fresh_cost(job, limit)}") from None
     except Interrupted as e:  # before anything was sent, or a second signal while the output was written
