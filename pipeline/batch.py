@@ -60,7 +60,7 @@ class BatchRun:
     """
 
     def __init__(self, plan: RunPlan, api: BatchApi, stats: RunStats, *, checker: Checker | None,
-                 vector_dims: int | None, stop: threading.Event | None = None,
+                 stop: threading.Event | None = None,
                  on_batches: Callable[[list[BatchPart]], None] | None = None,
                  wait: Callable[[float], bool] | None = None) -> None:
         assert plan.ledger is not None and isinstance(plan.store, Journal)
@@ -68,7 +68,7 @@ class BatchRun:
         self.journal, self.ledger = plan.store, plan.ledger
         self.provider, self.price = plan.checked.provider, plan.checked.price
         self.codec = plan.checked.renderer.codec
-        self.checker, self.dims = checker, vector_dims
+        self.checker = checker
         self.endpoint = plan.checked.renderer.endpoint
         self.stop = stop or threading.Event()
         self.on_batches = on_batches
@@ -201,7 +201,7 @@ class BatchRun:
             return None
         if r.error is not None:
             return failed(r.key, r.error, attempts=r.attempts)
-        return self.endpoint.batch_outcome(r, self.price, dims=self.dims, checker=self.checker)
+        return self.endpoint.batch_outcome(r, self.price, codec=self.codec, checker=self.checker)
 
     def _report(self) -> None:
         if self.on_batches is not None:
@@ -273,7 +273,7 @@ def run_batches(plan: RunPlan, stage: BatchStage, *, wait: bool = True,
     try:
         with plan.checked.provider.batch_api(plan.url, plan.api_key, timeout_s=job.limits.timeout_s,
                                              max_attempts=job.limits.max_attempts) as api:
-            batches = BatchRun(plan, api, stats, checker=sink.checker, vector_dims=sink.vector_dims,
+            batches = BatchRun(plan, api, stats, checker=sink.checker,
                                stop=stop, on_batches=on_batches)
             try:
                 batches.submit(stage)

@@ -62,7 +62,7 @@ async def wired(checked: Checked, *, url: str, api_key: str | None, store: Outco
                 budget: Callable[[Scheduler], RateBudget], transport: httpx.AsyncBaseTransport | None = None,
                 on_progress: Callable[[RunStats], None] | None = None) -> AsyncIterator[Wired]:
     """A run's pieces over an open HTTP client (closed on leaving). ``sink`` is where committed answers go
-    (a ``ResultSink`` with the writer's ``checker`` and ``vector_dims``); ``budget`` builds the rate budget once
+    (a ``ResultSink`` with the writer's ``checker``); ``budget`` builds the rate budget once
     the scheduler exists (a leased budget stops it when the cluster's spend runs out)."""
     job, lim = checked.job, checked.job.limits
     async with ApiClient(url, api_key, provider=checked.provider, timeout_s=lim.timeout_s,
@@ -74,5 +74,5 @@ async def wired(checked: Checked, *, url: str, api_key: str | None, store: Outco
                           max_cost_usd=job.budget.max_cost_usd, breaker=Breaker(checked.provider.hint))
         renderer = checked.renderer
         sender = renderer.endpoint.sender(sending, job.request, codec=renderer.codec, checker=sink.checker,
-                                          dims=sink.vector_dims, counter=renderer.counter)
+                                          counter=renderer.counter)
         yield Wired(scheduler, rates, sending, sender)

@@ -22,7 +22,7 @@ class KillAfter:
 class _Killing:
     def __init__(self, sink: Any, rows: int, marker: Path) -> None:
         self._sink, self._rows, self._marker = sink, rows, marker
-        self.checker, self.vector_dims = sink.checker, sink.vector_dims
+        self.checker = sink.checker
 
     def add(self, *args: Any, **kwargs: Any) -> None:
         self._sink.add(*args, **kwargs)

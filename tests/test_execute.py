@@ -86,8 +86,7 @@ class Harness:
                 sending = Sending(client, RateBudget(self.rpm, None), RetryPolicy(self.max_attempts),
                                   scheduler.stats, scheduler, price=self.price, max_cost_usd=self.max_cost_usd,
                                   breaker=self.breaker() if self.breaker is not None else None)
-                sender = (EmbeddingsSender(sending, self.embeddings, OpenAIProvider().codec(self.embeddings, "t"),
-                                           dims=2)
+                sender = (EmbeddingsSender(sending, self.embeddings, OpenAIProvider().codec(self.embeddings, "t"))
                           if self.embeddings is not None
                           else ChatSender(sending, OpenAIProvider().codec(RequestSpec(model="m"), "t")))
 
@@ -179,7 +178,7 @@ def test_identical_rows_are_sent_once_and_share_the_answer(tmp_path):
 
 
 def embed_requests(texts: list[str]) -> tuple[list[Request], RequestSpec]:
-    spec = RequestSpec(model="text-embedding-3-small", endpoint="embeddings", batch_size=8)
+    spec = RequestSpec(model="text-embedding-3-small", endpoint="embeddings", batch_size=8, dimensions=2)
     codec = OpenAIProvider().codec(spec, "t")
     reqs = []
     for i, text in enumerate(texts):

@@ -70,7 +70,6 @@ class Endpoint(ABC):
     name: ClassVar[str]            # the [request].endpoint value, and the name a provider maps to its URL path
     prompt_role: ClassVar[str]     # the role [request].prompt renders as
     chat_messages: ClassVar[bool]  # a request is a list of chat messages (framing tokens, a cacheable prefix)
-    rows_share_requests: ClassVar[bool]  # many rows go in one request (the estimate counts requests apart)
     bills_output: ClassVar[bool]   # answers carry output tokens (a price needs an output rate)
     row_prints: ClassVar[bool]     # a resume may know rows by their cells' print (an answer is one row's own)
     size_limit: ClassVar[str]      # what a request too large for the model exceeds, in words
@@ -90,7 +89,7 @@ class Endpoint(ABC):
 
     @abstractmethod
     def sender(self, sending: Sending, spec: RequestSpec, *, codec: Codec, checker: Checker | None,
-               dims: int | None, counter: ChatTokenCounter | None) -> Sender:
+               counter: ChatTokenCounter | None) -> Sender:
         """The sender that turns this endpoint's requests into units of work and sends them."""
 
     def refuse_staged(self, key: str, prompt_tokens: int, spec: RequestSpec) -> Outcome | None:
@@ -115,6 +114,6 @@ class Endpoint(ABC):
         return []
 
     @abstractmethod
-    def batch_outcome(self, r: BatchResult, price: Price | None, *, dims: int | None,
+    def batch_outcome(self, r: BatchResult, price: Price | None, *, codec: Codec,
                       checker: Checker | None) -> Outcome:
         """One answered Batch API result line as its row's outcome, priced at the Batch API price."""

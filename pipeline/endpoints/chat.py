@@ -41,7 +41,6 @@ class Chat(Endpoint):
     name = "chat"
     prompt_role = "user"
     chat_messages = True
-    rows_share_requests = False
     bills_output = True
     row_prints = True
     size_limit = "context window"
@@ -134,7 +133,7 @@ class Chat(Endpoint):
         return cast("ChatCodec", codec).body(messages)
 
     def sender(self, sending: Sending, spec: RequestSpec, *, codec: Codec, checker: Checker | None,
-               dims: int | None, counter: ChatTokenCounter | None) -> ChatSender:
+               counter: ChatTokenCounter | None) -> ChatSender:
         """A row per request, schema retries as the job says."""
         return ChatSender(sending, cast("ChatCodec", codec), checker=checker, schema_retries=spec.schema_retries,
                           counter=counter)
@@ -146,7 +145,7 @@ class Chat(Endpoint):
                             top_p=req.top_p, reasoning_effort=req.reasoning_effort, max_tokens=req.max_tokens,
                             stop=bool(req.stop), anthropic_version=job.api.anthropic_version)
 
-    def batch_outcome(self, r: BatchResult, price: Price | None, *, dims: int | None,
+    def batch_outcome(self, r: BatchResult, price: Price | None, *, codec: Codec,
                       checker: Checker | None) -> Outcome:
         """A chat result line: priced at the Batch API price, checked against the schema like an online one."""
         assert r.answer is not None

@@ -38,7 +38,6 @@ class Embeddings(Endpoint):
     name = "embeddings"
     prompt_role = "input"
     chat_messages = False
-    rows_share_requests = True
     bills_output = False
     row_prints = False  # an answer lives in a block of many rows
     size_limit = "input limit"
@@ -77,9 +76,9 @@ class Embeddings(Endpoint):
         return cast("EmbeddingsCodec", codec).body
 
     def sender(self, sending: Sending, spec: RequestSpec, *, codec: Codec, checker: Checker | None,
-               dims: int | None, counter: ChatTokenCounter | None) -> EmbeddingsSender:
+               counter: ChatTokenCounter | None) -> EmbeddingsSender:
         """Rows grouped into requests under the job's batch limits."""
-        return EmbeddingsSender(sending, spec, cast("EmbeddingsCodec", codec), dims=dims)
+        return EmbeddingsSender(sending, spec, cast("EmbeddingsCodec", codec))
 
     def refuse_staged(self, key: str, prompt_tokens: int, spec: RequestSpec) -> Outcome | None:
         """An input too long for the model, or empty, fails alone rather than fail its Batch API file."""
@@ -99,11 +98,12 @@ class Embeddings(Endpoint):
         """The vector column, of the model's dimensions where the provider knows them."""
         return Vectors(cast("EmbeddingsCodec", codec).dims())
 
-    def batch_outcome(self, r: BatchResult, price: Price | None, *, dims: int | None,
+    def batch_outcome(self, r: BatchResult, price: Price | None, *, codec: Codec,
                       checker: Checker | None) -> Outcome:
         """A one-input result line as its row's vector, priced at the Batch API price."""
         a: EmbeddingAnswer = r.answer  # type: ignore[assignment]
         cost = price.cost(Usage(prompt_tokens=a.prompt_tokens), batch=True) if price else None
+        dims = cast("EmbeddingsCodec", codec).dims()
         return embedding_outcome(r.key, a.vectors[0], dims, model=a.model, prompt_tokens=a.prompt_tokens,
                                  cost_usd=cost, attempts=1)
 
@@ -113,8 +113,8 @@ class EmbeddingsSender:
     minute of the tokens limit). A request the API refuses as a whole (a 400) is split in halves and sent
     again, so only the row at fault fails, at the cost of a few extra requests for that batch alone."""
 
-    def __init__(self, sending: Sending, spec: RequestSpec, codec: EmbeddingsCodec, *, dims: int | None) -> None:
-        self.sending, self.spec, self.codec, self.dims = sending, spec, codec, dims
+    def __init__(self, sending: Sending, spec: RequestSpec, codec: EmbeddingsCodec) -> None:
+        self.sending, self.spec, self.codec, self.dims = sending, spec, codec, codec.dims()
         self._batch: list[Request] = []
         self._tokens = 0
 

@@ -88,7 +88,7 @@ class ChunkSink:
     def __init__(self, frame: PartWriter, *, dataset: str, partition: str, row_start: int, rows: int,
                  done: Iterable[tuple[int, int]], commit_rows: int, endpoint_url: str | None = None) -> None:
         self._frame = frame
-        self.checker, self.vector_dims = frame.checker, frame.vector_dims
+        self.checker = frame.checker
         self.dataset, self.partition, self.endpoint_url = dataset, partition, endpoint_url
         self.row_start, self.commit_rows = row_start, commit_rows
         self._settled = bytearray(rows)      # 1: committed before, or held now
