@@ -19,12 +19,10 @@ from typing import TYPE_CHECKING, Any
 
 import polars as pl
 
-from pipeline.endpoints import endpoint_of
+from pipeline.endpoints import endpoint_of, no_price_for
 from pipeline.job import Job
 from pipeline.keys import key_id
-from pipeline.pricing import Price, Usage, no_price_warning
-from pipeline.providers import DESCRIPTORS
-from pipeline.render import Renderer
+from pipeline.pricing import Price, Usage
 from pipeline.source import ROW
 
 if TYPE_CHECKING:
@@ -107,7 +105,7 @@ class EstimateBuilder:
         self._budget_tokens = 0
         self._flat = price is None or price.flat
         if price is None:
-            self.est.warnings.append(no_price_warning(job.request.model, DESCRIPTORS[job.api.provider].price_ids))
+            self.est.warnings.append(no_price_for(job))
         else:
             self.est.price = price.describe()
         self.est.context_window = self.endpoint.context_window(job.request, price.context_window if price else None)
@@ -245,8 +243,5 @@ class EstimateBuilder:
         return est
 
 
-def counting_basis(renderer: Renderer) -> tuple[bool, str]:
-    """Whether the renderer's prompt counts are exact, and what they rest on (shown with the figure)."""
-    return renderer.counter.exact, renderer.counter.basis
 
 

@@ -20,7 +20,7 @@ from typing import Any
 import polars as pl
 
 from pipeline.client import check_transport_security, resolve_api_key, resolve_base_url
-from pipeline.endpoints import endpoint_of, price_for
+from pipeline.endpoints import endpoint_of, no_price_for, price_for
 from pipeline.endpoints.base import MODES
 from pipeline.errors import (
     BudgetExceeded,
@@ -39,8 +39,8 @@ from pipeline.keys import key_id
 from pipeline.ledger import BatchLedger, BatchStage
 from pipeline.outcome import RESULT_SCHEMA, RUN_TOTALS, Outcome, RunStats
 from pipeline.planning import PassOptions, planning_pass
-from pipeline.pricing import Price, no_price_warning
-from pipeline.providers import DESCRIPTORS, Provider, provider_for
+from pipeline.pricing import Price
+from pipeline.providers import Provider, provider_for
 from pipeline.render import KeptChunks, Renderer
 from pipeline.rowprints import RowPrints
 from pipeline.runlock import RunLock
@@ -92,8 +92,7 @@ def check(job: Job, source: Source | None = None) -> Checked:
         raise JobError(f"{job.source}: [budget].max_cost_usd is set, but no price is known for model "
                        f"{job.request.model!r}, so the budget could not be kept; add a [pricing] table "
                        "(input_per_mtok and output_per_mtok) or remove [budget]")
-    price_ids = DESCRIPTORS[job.api.provider].price_ids
-    warnings = [] if price is not None else [no_price_warning(job.request.model, price_ids)]
+    warnings = [] if price is not None else [no_price_for(job)]
     warnings += endpoint_of(job.request.endpoint).family_warnings(job)
     return Checked(job, provider, source, renderer, price, output_key_schema(job, source), warnings)
 

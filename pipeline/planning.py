@@ -9,14 +9,14 @@ from __future__ import annotations
 
 from array import array
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from functools import partial
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 import polars as pl
 
 from pipeline.endpoints import price_for
-from pipeline.estimate import Estimate, EstimateBuilder, counting_basis
+from pipeline.estimate import Estimate, EstimateBuilder
 from pipeline.job import Job
 from pipeline.pricing import Price
 from pipeline.render import PreparedChunk, Renderer
@@ -48,7 +48,7 @@ class PassOptions:
     keep: Callable[[RenderedChunk], None] | None = None
     exact: Mapping[str, int] | None = None
     prints: RowPrints | None = None
-    measured: Measured | None = field(default=None)
+    measured: Measured | None = None
 
 
 class Planned(NamedTuple):
@@ -141,7 +141,7 @@ def planning_pass(job: Job, source: Source, renderer: Renderer, price: Price | N
     builder = EstimateBuilder(job, price, measured, (renderer.static_prefix_tokens, renderer.cached_prefix_tokens,
                                                      renderer.cache.style == "breakpoint"))
     est = builder.est
-    est.prompt_tokens_exact, est.prompt_tokens_basis = counting_basis(renderer)
+    est.prompt_tokens_exact, est.prompt_tokens_basis = renderer.counter.exact, renderer.counter.basis
     if job.request.tools and est.prompt_tokens_exact:
         est.prompt_tokens_exact = False
         est.prompt_tokens_basis = "close (tiktoken; the tool definitions counted as their JSON)"

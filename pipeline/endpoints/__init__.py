@@ -5,7 +5,7 @@ from __future__ import annotations
 from pipeline.endpoints.base import Endpoint, JobParts, Vectors
 from pipeline.endpoints.chat import Chat
 from pipeline.endpoints.embeddings import Embeddings
-from pipeline.pricing import Price, lookup_price
+from pipeline.pricing import Price, lookup_price, no_price_warning
 from pipeline.providers.registry import DESCRIPTORS
 
 ENDPOINTS: dict[str, Endpoint] = {e.name: e for e in (Chat(), Embeddings())}
@@ -23,4 +23,9 @@ def price_for(job: JobParts) -> Price | None:
                         price_ids=DESCRIPTORS[job.api.provider].price_ids)
 
 
-__all__ = ["ENDPOINTS", "Endpoint", "Vectors", "endpoint_of", "price_for"]
+def no_price_for(job: JobParts) -> str:
+    """What the user is told when ``price_for`` knows no price: the nearest names under the provider's ids."""
+    return no_price_warning(job.request.model, DESCRIPTORS[job.api.provider].price_ids)
+
+
+__all__ = ["ENDPOINTS", "Endpoint", "Vectors", "endpoint_of", "no_price_for", "price_for"]
