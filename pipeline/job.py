@@ -280,11 +280,9 @@ def _parse_api(api: Table, request: RequestSpec) -> ApiSpec:
         # time, so "" here; resolve_base_url says what is missing if nothing does.
         base_url = d.default_base_url
     for other in DESCRIPTORS.values():
-        for key in other.own_keys:
+        for key, why in other.own_keys.items():
             if api.has(key) and key not in d.own_keys:
-                raise api.fail(key, f'is for provider = "{other.name}" only'
-                               + (": OpenAI's and Azure's json_object takes no schema (it goes in the prompt)"
-                                  if key == "json_object_schema" else ""))
+                raise api.fail(key, f'is for provider = "{other.name}" only' + (f": {why}" if why else ""))
     if api.has("max_tokens_field") and not d.max_tokens_fields:
         raise api.fail("max_tokens_field", f'does not apply to provider = "{provider}" (it always sends max_tokens)')
     fields = d.max_tokens_fields or MAX_TOKENS_FIELDS  # (unused where fixed: kept as it always was)

@@ -250,7 +250,7 @@ DESCRIPTOR = Descriptor(
     max_tokens_fields=(),  # the Messages API always takes max_tokens
     max_images=100,  # "up to 100 images in a single API request" (docs.anthropic.com, vision)
     batch_limits=(100_000, 256_000_000),  # per Message Batch (docs.anthropic.com, batch processing)
-    endpoints=("chat",), own_keys=("anthropic_version",), request_keys_refused=("seed", "reasoning_effort"),
+    endpoints=("chat",), own_keys={"anthropic_version": ""}, request_keys_refused=("seed", "reasoning_effort"),
     image_detail=False,  # Claude resizes large images itself
     image_limits=CLAUDE_LIMITS, image_rule=claude_rule, price_ids=("anthropic",),
     make=lambda api, request: AnthropicProvider(api, user_tools=bool(request.tools)))

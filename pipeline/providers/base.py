@@ -233,7 +233,8 @@ class Descriptor:
     max_images: int                      # images one request may carry (the provider's vision docs)
     batch_limits: tuple[int, int]        # Batch API (requests, bytes) per file or batch
     endpoints: tuple[str, ...]           # the [request].endpoint values it serves
-    own_keys: tuple[str, ...] = ()       # [api] keys only this provider takes
+    # [api] keys only this provider takes, each with why another provider has no use for it ("": no more to say)
+    own_keys: Mapping[str, str] = field(default_factory=dict)
     requires: Mapping[str, str] = field(default_factory=dict)  # [api] key -> the key it needs beside it
     request_keys_refused: tuple[str, ...] = ()  # [request] keys its API has no counterpart for
     image_detail: bool = True            # images take a `detail` setting
