@@ -181,7 +181,7 @@ class RunPlan:
 def output_writer(c: Checked, paths: OutputPaths, *, stage: bool = True) -> PartWriter:
     """The output writer of a checked job (``stage=False``: a frame builder, with no parts folder)."""
     job = c.job
-    vectors = endpoint_of(job.request.endpoint).vectors(job, c.renderer.codec)
+    vectors = c.renderer.endpoint.vectors(c.renderer.codec)
     checker, columns = answer_checker(job)
     return PartWriter(paths, c.key_schema, answer_columns=columns, checker=checker, vectors=vectors is not None,
                       vector_dims=vectors.dims if vectors else None, stage=stage)

@@ -105,7 +105,7 @@ class Endpoint(ABC):
         """The most tokens one request may hold (the estimate's over-context check)."""
         return model_window
 
-    def vectors(self, job: JobParts, codec: Codec) -> Vectors | None:
+    def vectors(self, codec: Codec) -> Vectors | None:
         """The vector column of the output, if answers are vectors."""
         return None
 

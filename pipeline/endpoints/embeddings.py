@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, cast
 
 import numpy as np
 
-from pipeline.endpoints.base import Endpoint, JobParts, Vectors, mode_of
+from pipeline.endpoints.base import Endpoint, Vectors, mode_of
 from pipeline.errors import RowError
 from pipeline.outcome import Outcome, VectorBlock, embedding_outcome, failed, split_tokens, unsendable_input
 from pipeline.pricing import Usage
@@ -94,7 +94,7 @@ class Embeddings(Endpoint):
         """The model's input limit (``max_input_tokens``), not a chat context window."""
         return spec.max_input_tokens
 
-    def vectors(self, job: JobParts, codec: Codec) -> Vectors:
+    def vectors(self, codec: Codec) -> Vectors:
         """The vector column, of the model's dimensions where the provider knows them."""
         return Vectors(cast("EmbeddingsCodec", codec).dims())
 
