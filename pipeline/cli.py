@@ -91,6 +91,8 @@ def print_estimate(est: Any, console: Console) -> None:
         t.add_row("duplicate rows (sent once)", f"{est.duplicate_rows:,}")
     t.add_row("requests to send", f"{est.http_requests:,}" + (f" ({est.requests:,} inputs)"
                                                                 if est.http_requests != est.requests else ""))
+    if est.made is not None:
+        t.add_row(f"{est.made[0]} to make", f"{est.made[1]:,}")
     kind = "exact" if est.prompt_tokens_exact else est.prompt_tokens_basis.split(" (")[0]
     t.add_row(f"prompt tokens ({kind})", f"{est.prompt_tokens:,}")
     if est.image_tokens_basis is not None:

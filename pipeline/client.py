@@ -149,6 +149,24 @@ class ApiClient:
         except TRANSPORT_ERRORS as e:
             raise transport_error(e, self._timeout, lambda t: redact(t, self._key)) from None
 
+    async def get(self, url: str) -> tuple[int, Any, bytes]:
+        """Fetch an absolute URL an answer gave (a generated image): without the provider's headers, so the key
+        never goes to another host; connection failures become TransientError like a request's."""
+        try:
+            async with asyncio.timeout(self._timeout):
+                if self._aiohttp is None:
+                    assert self._open is not None, "use ApiClient as an async context manager"
+                    resp = await self._open.handle_async_request(httpx.Request(
+                        "GET", url, extensions={"timeout": self._timeouts}))
+                    try:
+                        return resp.status_code, resp.headers, await resp.aread()
+                    finally:
+                        await resp.aclose()
+                async with self._aiohttp.get(url, allow_redirects=True, **self._proxy) as r:
+                    return r.status, r.headers, await r.read()
+        except TRANSPORT_ERRORS as e:
+            raise transport_error(e, self._timeout, lambda t: redact(t, self._key)) from None
+
     async def _through_transport(self, url: httpx.URL, body: bytes) -> tuple[int, httpx.Headers, bytes]:
         """The injected transport's route: straight to it, without httpx.AsyncClient's layers (URL and header
         merging, auth flow, redirects, cookies, event hooks), which these requests do not need."""

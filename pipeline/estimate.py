@@ -45,6 +45,7 @@ class Estimate:
     rows_already_done: int = 0
     requests: int = 0
     http_requests: int = 0
+    made: tuple[str, int] | None = None     # what the requests make, where it is not rows' answers ("images", n)
     duplicate_rows: int = 0
     prompt_tokens: int = 0
     prompt_tokens_exact: bool = True        # False: an upper bound, or the tokenizer is only close
@@ -99,6 +100,8 @@ class EstimateBuilder:
             self.expected_out = math.ceil(measured.output_tokens_mean)
             self.est.expected_output_basis = (f"measured by `--sample` on {measured.requests} request(s): "
                                               f"{measured.output_tokens_mean:,.1f} output tokens each")
+        elif (known := self.endpoint.known_output(job.request)) is not None:
+            self.expected_out, self.est.expected_output_basis = known
         self._seen: set[int] = set()  # 64 bits a key: a third of the strings' memory (bench/estimate.py)
         self._over_context: set[int] = set()  # keys of requests over the context window (their repeats are too)
         self._costs = [0.0, 0.0, 0.0, 0.0]
@@ -218,6 +221,7 @@ class EstimateBuilder:
                 est.batch_cost_usd_expected = self._costs[3] - saved[1]
         est.http_requests = self.endpoint.http_requests(self.job.request, est.requests - est.over_context_rows,
                                                         self._budget_tokens)
+        est.made = self.endpoint.made(self.job.request, est.requests - est.over_context_rows)
         by_limit = {}
         if lim.requests_per_minute:
             by_limit["requests_per_minute"] = est.http_requests / lim.requests_per_minute * 60

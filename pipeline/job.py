@@ -219,6 +219,8 @@ def parse_job(raw: Mapping[str, Any], *, file: str = "<job>", base: Path | None 
                                              f"({batch.poll_interval_s:g})")
     bt.done()
     engine = _parse_engine(Table(file, "engine", top.get("engine") or {}))
+    if engine.kind == "ray" and not endpoint.ray:
+        raise JobError(f'{file}: [engine].kind = "ray": endpoint = "{endpoint.name}" runs on the local engine only')
     st = Table(file, "storage", top.get("storage") or {})
     storage = StorageSpec(endpoint_url=st.str("endpoint_url"))
     st.done()
@@ -315,6 +317,9 @@ def _parse_api(api: Table, request: RequestSpec) -> ApiSpec:
         serving = ", ".join(f'"{o.name}"' for o in DESCRIPTORS.values() if request.endpoint in o.endpoints)
         raise JobError(f"{api.file}: [request].endpoint = \"{request.endpoint}\": provider = \"{provider}\" has "
                        f"no {request.endpoint} API; use a provider that serves it (provider = {serving})")
+    if request.mode == "batch" and request.endpoint not in d.batch_endpoints:
+        raise JobError(f"{api.file}: [request].mode = \"batch\": the Batch API of provider = \"{provider}\" does not "
+                       f"take {request.endpoint} requests; run online (mode = \"online\")")
     spec = ApiSpec(base_url=base_url.rstrip("/"), provider=provider,
                    api_key_env=api.str("api_key_env", d.key_env),
                    deployment=api.str("deployment"), api_version=api.str("api_version"),

@@ -44,7 +44,7 @@ def run_online(plan: RunPlan, *, transport: httpx.AsyncBaseTransport | None = No
         from pipeline.tokens import release_encodings
 
         release_encodings()
-    lookup = plan.store.reader(retry_failed=plan.retry_failed)
+    lookup = plan.settled_reader()
     stopped: PipelineError | None = None
     stats = RunStats(rows_total=plan.estimate.rows)
 

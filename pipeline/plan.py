@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 from array import array
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -21,7 +21,7 @@ import polars as pl
 
 from pipeline.client import check_transport_security, resolve_api_key, resolve_base_url
 from pipeline.endpoints import endpoint_of, no_price_for, price_for
-from pipeline.endpoints.base import MODES
+from pipeline.endpoints.base import MODES, AnswerColumns
 from pipeline.errors import (
     BudgetExceeded,
     Interrupted,
@@ -41,6 +41,7 @@ from pipeline.outcome import RESULT_SCHEMA, RUN_TOTALS, Outcome, RunStats
 from pipeline.planning import PassOptions, planning_pass
 from pipeline.pricing import Price
 from pipeline.providers import Provider, provider_for
+from pipeline.providers.registry import DESCRIPTORS
 from pipeline.render import KeptChunks, Renderer
 from pipeline.rowprints import RowPrints
 from pipeline.runlock import RunLock
@@ -55,8 +56,8 @@ from pipeline.sink import (
 )
 from pipeline.source import Source, open_source
 from pipeline.storage import is_url
-from pipeline.structured import AnswerChecker, Checker, columns_of
-from pipeline.tools import ToolChecker, argument_columns
+from pipeline.structured import columns_of
+from pipeline.tools import argument_columns
 
 IN_BATCH = Outcome("", "in_batch")
 MAX_RUNS = 50  # runs kept in the manifest's history
@@ -114,6 +115,11 @@ def output_key_schema(job: Job, source: Source) -> dict[str, pl.DataType]:
         if clash:
             raise UsageError(f"{job.source}: [request].response_schema propert(ies) {', '.join(clash)} would "
                              "clash with output columns of the same name; rename them in the schema")
+    if job.request.image is not None:
+        clash = [c for c in answer_columns(job, Path(job.output.local)).columns or {} if c in schema]
+        if clash:
+            raise UsageError(f"{job.source}: [input].keep column(s) {', '.join(clash)} clash with the image columns "
+                             "of the same name; leave them out of keep")
     if job.request.tools:
         names = argument_columns(job.request.tools)
         clash = [c for c in names if c in taken or c in ("tool_name", "tool_calls")]
@@ -124,15 +130,9 @@ def output_key_schema(job: Job, source: Source) -> dict[str, pl.DataType]:
     return schema
 
 
-def answer_checker(job: Job) -> tuple[Checker | None, dict[str, pl.DataType] | None]:
-    """What checks a job's answers and the typed columns it gives: a response schema's, or the tools'."""
-    req = job.request
-    if req.response_schema is not None:
-        return AnswerChecker(req.response_schema), columns_of(req.response_schema)
-    if req.tools:
-        checker = ToolChecker(req.tools, req.tool_choice)
-        return checker, checker.columns
-    return None, None
+def answer_columns(job: Job, output: Path) -> AnswerColumns:
+    """How the job's answers become typed columns of the output at ``output`` (its endpoint says)."""
+    return endpoint_of(job.request.endpoint).answers(job.request, output)
 
 
 @dataclass
@@ -169,6 +169,10 @@ class RunPlan:
         """The output writer of this run, and the function giving a row's id and kept values."""
         return output_writer(self.checked, self.paths), key_function(self.job)
 
+    def settled_reader(self) -> Reader:
+        """The journal's lookup of settled answers for this run (``settled_reader``)."""
+        return settled_reader(self.store, self.job, self.paths, retry_failed=self.retry_failed)
+
     def close(self) -> None:
         """Release the journal and the run's lock."""
         try:
@@ -182,8 +186,9 @@ def output_writer(c: Checked, paths: OutputPaths, *, stage: bool = True) -> Part
     """The output writer of a checked job (``stage=False``: a frame builder, with no parts folder)."""
     job = c.job
     vectors = c.renderer.endpoint.vectors(c.renderer.codec)
-    checker, columns = answer_checker(job)
-    return PartWriter(paths, c.key_schema, answer_columns=columns, checker=checker, vectors=vectors is not None,
+    answers = c.renderer.endpoint.answers(job.request, paths.output)
+    return PartWriter(paths, c.key_schema, answer_columns=answers.columns, checker=answers.checker,
+                      vectors=vectors is not None,
                       vector_dims=vectors.dims if vectors else None, stage=stage)
 
 
@@ -213,6 +218,9 @@ def prepare(job: Job, *, mode: str | None = None, base_url: str | None = None, l
         raise UsageError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
     if mode == "batch" and not journal:
         raise UsageError("Batch API mode needs the journal: it is where submitted files and batches are recorded")
+    if mode == "batch" and job.request.endpoint not in DESCRIPTORS[job.api.provider].batch_endpoints:
+        raise UsageError(f"{job.source}: the Batch API of provider = \"{job.api.provider}\" does not take "
+                         f"{job.request.endpoint} requests; run it online")
     checked = check(job)
     url = resolve_base_url(job, base_url)
     key = resolve_api_key(job, url)
@@ -243,7 +251,7 @@ def prepare(job: Job, *, mode: str | None = None, base_url: str | None = None, l
                              f"`pipeline batches cancel {job.source}`, before running online")
         # key ids of the requests in open batches: paid for there, so neither estimated nor staged again
         in_batches = {key_id(k) for p in open_parts for k in ledger.part_keys(p.part)} if ledger else set()
-        lookup = store.reader(retry_failed=retry_failed)
+        lookup = settled_reader(store, job, paths, retry_failed=retry_failed)
         try:
             settled = _with_batched_as_done(lookup, in_batches) if in_batches else lookup
             counted: array[int] = array("i")
@@ -274,6 +282,28 @@ def prepare(job: Job, *, mode: str | None = None, base_url: str | None = None, l
     return RunPlan(checked=checked, mode=mode, url=url, api_key=key, paths=paths, store=store, ledger=ledger,
                    estimate=est, todo=todo, counted=counted, kept=kept, stage=stage, limit=limit,
                    retry_failed=retry_failed, fresh=fresh, lock=lock, set_aside=set_aside)
+
+
+def settled_reader(store: OutcomeStore, job: Job, paths: OutputPaths, *, retry_failed: bool) -> Reader:
+    """The journal's lookup of settled answers, without those no longer whole (an image file deleted or
+    changed since): their rows are sent again rather than written to the output with a path to nothing."""
+    reader = store.reader(retry_failed=retry_failed)
+    whole = answer_columns(job, paths.output).whole
+    return reader if whole is None else _WholeOnly(reader, whole)
+
+
+class _WholeOnly:
+    """A settled-answers lookup that passes only the answers ``whole`` accepts (failures pass as they are)."""
+
+    def __init__(self, reader: Reader, whole: Callable[[Outcome], bool]) -> None:
+        self._reader, self._whole = reader, whole
+
+    def __call__(self, keys: Sequence[str]) -> dict[str, Outcome]:
+        found = self._reader(keys)
+        return {k: o for k, o in found.items() if o.status != "ok" or self._whole(o)}
+
+    def close(self) -> None:
+        self._reader.close()
 
 
 def _refuse_lost_journal(paths: OutputPaths) -> None:

@@ -133,6 +133,15 @@ def _rate(value: Any) -> Rate | None:
     return Rate(float(base), tuple((int(t.start), float(t.price)) for t in getattr(value, "tiers", ())))
 
 
+def _output_rate(prices: Any, keys: tuple[str, ...]) -> Rate | None:
+    """The rate of the first of ``keys`` the table gives."""
+    for key in keys:
+        rate = _rate(getattr(prices, key, None))
+        if rate is not None:
+            return rate
+    return None
+
+
 def _table_version() -> str:
     try:
         return importlib.metadata.version("genai-prices")
@@ -154,10 +163,13 @@ def _newest_price_date(model_info: Any) -> str | None:
 
 
 def lookup_price(model: str, overrides: PricingSpec | None = None, *, now: datetime | None = None,
-                 input_only: bool = False, price_ids: PriceIds = OPENAI_PRICES) -> Price | None:
+                 input_only: bool = False, price_ids: PriceIds = OPENAI_PRICES,
+                 output_keys: tuple[str, ...] = ("output_mtok",)) -> Price | None:
     """The price of ``model``, or None when neither the job nor the price table knows it.
 
     Models that bill input tokens only (``input_only``: embeddings) take a missing output price as 0, and only they do.
+    ``output_keys``: the table's fields that price the answer's tokens, the first the model has (image generation
+    answers in image tokens: ``output_image_mtok``, which image-only models leave to ``output_mtok``).
     """
     overrides = overrides or PricingSpec()
     inp: Rate | None
@@ -183,7 +195,7 @@ def lookup_price(model: str, overrides: PricingSpec | None = None, *, now: datet
     else:
         return None
     std = info.get_prices(when)
-    inp, out = _rate(std.input_mtok), _rate(std.output_mtok)
+    inp, out = _rate(std.input_mtok), _output_rate(std, output_keys)
     if input_only and out is None:
         out = Rate(0.0)  # embedding models bill input tokens only
     if inp is None or out is None:
@@ -195,7 +207,7 @@ def lookup_price(model: str, overrides: PricingSpec | None = None, *, now: datet
     if has_batch:
         b_in = _rate(batch.input_mtok) or inp.scaled(BATCH_DISCOUNT)
         b_cached = _rate(batch.cache_read_mtok) or cached
-        b_out = _rate(batch.output_mtok) or out.scaled(BATCH_DISCOUNT)
+        b_out = _output_rate(batch, output_keys) or out.scaled(BATCH_DISCOUNT)
         b_write = _rate(batch.cache_write_mtok) or (write.scaled(BATCH_DISCOUNT) if write else None)
     else:
         b_in, b_cached, b_out = (r.scaled(BATCH_DISCOUNT) for r in (inp, cached, out))

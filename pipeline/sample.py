@@ -111,9 +111,9 @@ def run_sample(job: Job, n: int, *, seed: int = 0, base_url: str | None = None, 
         inputs = _inputs(plan, picks)
         rows = inputs.join(out.drop([c for c in out.columns if c in inputs.columns and c != _id(job)]),
                            on=_id(job), how="left") if inputs.height else out
-        from pipeline.plan import answer_checker
+        from pipeline.plan import answer_columns
 
-        columns = answer_checker(job)[1] or {}
+        columns = answer_columns(job, sample_plan.paths.output).columns or {}
         inputs_shown = [c for c in plan.checked.renderer.template_columns if c != _id(job)]
         return SampleResult(rows, _id(job), inputs_shown, [c for c in columns if c != "tool_calls"], measured,
                             projection, sample_plan.paths.output, end.stats.requests_sent,

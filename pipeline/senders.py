@@ -20,14 +20,21 @@ from pipeline.errors import AbortError, BudgetExceeded, PipelineError, ProviderE
 from pipeline.limits import RateBudget
 from pipeline.outcome import Outcome, Result, RunStats
 from pipeline.pricing import Price, Usage
-from pipeline.providers.base import Answer, EmbeddingAnswer
+from pipeline.rates import RateInfo
 from pipeline.retry import RetryPolicy
 
 if TYPE_CHECKING:
     from pipeline.client import ApiClient
     from pipeline.rendered import Request
 
-T = TypeVar("T", Answer, EmbeddingAnswer)
+class Answered(Protocol):
+    """What ``Sending.call`` reads of any answer: the server's rate-limit readings."""
+
+    @property
+    def rate(self) -> RateInfo: ...
+
+
+T = TypeVar("T", bound=Answered)
 R = TypeVar("R")
 ABORT_AFTER = 3  # systemic errors tolerated once some rows succeeded (a flaky 403 is not a verdict)
 

@@ -59,6 +59,10 @@ def show_rows(output: str | Path, *, rows: int = 10, where: str | None = None, s
         answers.remove("tool_calls")
     if "embedding" in df.columns:
         answers = [c for c in answers if c != "embedding"] + ["embedding"]
+    # Nothing to read in a hash, nor in a column no row has (the revised prompts of a model that makes none).
+    answers = [c for c in answers if c != "image_sha256" and df.get_column(c).null_count() < df.height]
+    if df.schema.get("image_path") == pl.String:  # shorter, and still a path the user can open from here
+        df = df.with_columns(pl.col("image_path").map_elements(_near, return_dtype=pl.String))
     inputs = kept[1:]
     df, joined = _with_inputs(df, manifest, id_column)
     inputs = [*joined, *[c for c in inputs if c not in joined]]
@@ -66,6 +70,17 @@ def show_rows(output: str | Path, *, rows: int = 10, where: str | None = None, s
                                                                 < df.height)]
     shown = [id_column, *inputs, *answers, *results]
     return Shown(df.select(shown), id_column, inputs, answers, total)
+
+
+def _near(path: str) -> str:
+    """``path`` relative to the working folder when that is shorter."""
+    import os
+
+    try:
+        rel = os.path.relpath(path)
+    except ValueError:  # another drive
+        return path
+    return rel if len(rel) < len(path) else path
 
 
 def _with_inputs(df: pl.DataFrame, manifest: dict, id_column: str) -> tuple[pl.DataFrame, list[str]]:

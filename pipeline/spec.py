@@ -44,6 +44,22 @@ class ToolSpec:
 
 
 @dataclass(frozen=True)
+class ImageGenSpec:
+    """What one image-generation request asks for (``endpoint = "images"``): the model's own parameters, as
+    the job gave them (None: the API's default, left out of the body)."""
+
+    n: int = 1
+    size: str | None = None
+    quality: str | None = None
+    background: str | None = None
+    output_format: str | None = None
+    output_compression: int | None = None
+    moderation: str | None = None
+    style: str | None = None
+    response_format: str | None = None
+
+
+@dataclass(frozen=True)
 class InputSpec:
     """Where the rows come from and which of their columns travel to the output."""
 
@@ -82,6 +98,7 @@ class RequestSpec:
     image_position: str = "after"  # the images follow the prompt's text in the user message, or precede it
     tools: tuple[ToolSpec, ...] = ()
     tool_choice: str = "auto"  # "auto", "required", or one tool's name
+    image: ImageGenSpec | None = None  # images: what each generation asks for
 
 
 @dataclass(frozen=True)

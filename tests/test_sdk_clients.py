@@ -70,6 +70,31 @@ def test_openai_files_and_batches(sim):
         assert sorted(x["custom_id"] for x in out) == ["r0", "r1", "r2"]
 
 
+def test_openai_images_generate_and_what_the_api_refuses(sim):
+    with sim(api_key=SECRET) as s:
+        c = _client(s)
+        r = c.images.generate(model="gpt-image-1.5", prompt="a red lamp", size="1024x1536", quality="low", n=2,
+                              output_format="jpeg", output_compression=80)
+        assert len(r.data) == 2 and r.output_format == "jpeg" and r.size == "1024x1536"
+        assert r.usage is not None and r.usage.output_tokens == 2 * 408  # the guide's table: low, 1024x1536
+        for d in r.data:
+            assert d.b64_json is not None
+            with Image.open(io.BytesIO(base64.b64decode(d.b64_json))) as im:
+                assert im.size == (1024, 1536) and im.format == "JPEG"
+        refused = [dict(style="vivid"), dict(response_format="url"), dict(quality="hd"), dict(size="1792x1024"),
+                   dict(n=11), dict(output_format="png", output_compression=50),
+                   dict(background="transparent", output_format="jpeg")]
+        for params in refused:
+            with pytest.raises(openai.BadRequestError):
+                c.images.generate(model="gpt-image-1.5", prompt="a lamp", **params)  # type: ignore[arg-type]
+        with pytest.raises(openai.NotFoundError):
+            c.images.generate(model="dall-e-3", prompt="a lamp")  # retired
+        free = c.images.generate(model="gpt-image-2", prompt="a lamp", size="1536x864")
+        assert free.data and free.data[0].b64_json
+        with Image.open(io.BytesIO(base64.b64decode(free.data[0].b64_json))) as im:
+            assert im.size == (1536, 864)
+
+
 def test_azure_both_url_styles(sim):
     with sim(api_key=SECRET) as s:
         root = s.base_url.removesuffix("/v1")

@@ -5,10 +5,11 @@ from __future__ import annotations
 from pipeline.endpoints.base import Endpoint, JobParts, Vectors
 from pipeline.endpoints.chat import Chat
 from pipeline.endpoints.embeddings import Embeddings
+from pipeline.endpoints.images import Images
 from pipeline.pricing import Price, lookup_price, no_price_warning
 from pipeline.providers.registry import DESCRIPTORS
 
-ENDPOINTS: dict[str, Endpoint] = {e.name: e for e in (Chat(), Embeddings())}
+ENDPOINTS: dict[str, Endpoint] = {e.name: e for e in (Chat(), Embeddings(), Images())}
 
 
 def endpoint_of(name: str) -> Endpoint:
@@ -19,8 +20,9 @@ def endpoint_of(name: str) -> Endpoint:
 def price_for(job: JobParts) -> Price | None:
     """The price of the job's model, with the job's overrides (an endpoint without output tokens needs no
     output rate)."""
-    return lookup_price(job.request.model, job.pricing, input_only=not endpoint_of(job.request.endpoint).bills_output,
-                        price_ids=DESCRIPTORS[job.api.provider].price_ids)
+    endpoint = endpoint_of(job.request.endpoint)
+    return lookup_price(job.request.model, job.pricing, input_only=not endpoint.bills_output,
+                        price_ids=DESCRIPTORS[job.api.provider].price_ids, output_keys=endpoint.price_output)
 
 
 def no_price_for(job: JobParts) -> str:

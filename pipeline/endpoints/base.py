@@ -14,6 +14,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar, Protocol
 
+import polars as pl
+
 from pipeline.spec import ApiSpec, PricingSpec, RequestSpec
 from pipeline.tables import Table, default_of, shown
 
@@ -56,6 +58,18 @@ def mode_of(req: Table) -> str:
 
 
 @dataclass(frozen=True)
+class AnswerColumns:
+    """How an endpoint's answers become the output's typed columns: the ``checker`` reads them (and checks them
+    where the sender asks), ``columns`` are their types; ``whole`` says whether a recorded answer is still whole
+    (an answer that lives in files beside the output: they are there and unchanged), so a resume sends again what
+    was lost rather than calling it done."""
+
+    checker: Checker | None = None
+    columns: dict[str, pl.DataType] | None = None
+    whole: Callable[[Outcome], bool] | None = None
+
+
+@dataclass(frozen=True)
 class Vectors:
     """An endpoint whose answers are vectors: the output gets a float32 column of this many dimensions
     (None: not known before the first answer)."""
@@ -73,6 +87,9 @@ class Endpoint(ABC):
     bills_output: ClassVar[bool]   # answers carry output tokens (a price needs an output rate)
     row_prints: ClassVar[bool]     # a resume may know rows by their cells' print (an answer is one row's own)
     size_limit: ClassVar[str]      # what a request too large for the model exceeds, in words
+    # the price table's fields that price the answer's tokens, the first a model has
+    price_output: ClassVar[tuple[str, ...]] = ("output_mtok",)
+    ray: ClassVar[bool] = True     # runs on the Ray engine too
 
     @abstractmethod
     def parse(self, req: Table, base: Path) -> RequestSpec:
@@ -101,9 +118,22 @@ class Endpoint(ABC):
         """How many HTTP requests ``sendable`` requests of ``tokens`` prompt tokens in all will take."""
         return sendable
 
+    def made(self, spec: RequestSpec, requests: int) -> tuple[str, int] | None:
+        """What ``requests`` requests make, in words and number, where the estimate should say it (images)."""
+        return None
+
+    def known_output(self, spec: RequestSpec) -> tuple[int, str] | None:
+        """The output tokens of every answer, with where that comes from, when the endpoint knows them before the
+        run (the expected cost is then the bound)."""
+        return None
+
     def context_window(self, spec: RequestSpec, model_window: int | None) -> int | None:
         """The most tokens one request may hold (the estimate's over-context check)."""
         return model_window
+
+    def answers(self, spec: RequestSpec, output: Path) -> AnswerColumns:
+        """The typed answer columns of the output at ``output`` (none beyond ``content`` by default)."""
+        return AnswerColumns()
 
     def vectors(self, codec: Codec) -> Vectors | None:
         """The vector column of the output, if answers are vectors."""

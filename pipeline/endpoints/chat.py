@@ -12,7 +12,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, cast
 
-from pipeline.endpoints.base import Endpoint, JobParts, mode_of
+from pipeline.endpoints.base import AnswerColumns, Endpoint, JobParts, mode_of
 from pipeline.outcome import Outcome, answered, failed, invalid_answer, too_large
 from pipeline.pricing import Usage
 from pipeline.providers.families import check_family
@@ -137,6 +137,19 @@ class Chat(Endpoint):
         """A row per request, schema retries as the job says."""
         return ChatSender(sending, cast("ChatCodec", codec), checker=checker, schema_retries=spec.schema_retries,
                           counter=counter)
+
+    def answers(self, spec: RequestSpec, output: Path) -> AnswerColumns:
+        """A response schema's properties, or the tools' arguments, as typed columns, checked as they come."""
+        if spec.response_schema is not None:
+            from pipeline.structured import AnswerChecker, columns_of
+
+            return AnswerColumns(AnswerChecker(spec.response_schema), columns_of(spec.response_schema))
+        if spec.tools:
+            from pipeline.tools import ToolChecker
+
+            checker = ToolChecker(spec.tools, spec.tool_choice)
+            return AnswerColumns(checker, checker.columns)
+        return AnswerColumns()
 
     def family_warnings(self, job: JobParts) -> list[str]:
         """The model family's rules (``providers.families``) applied to the job's sampling parameters."""

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.client import check_transport_security, resolve_api_key, resolve_base_url
+from pipeline.endpoints import endpoint_of
 from pipeline.engines.commit import committed, covered
 from pipeline.engines.partitions import Partition, plan_partitions
 from pipeline.engines.task import TaskSpec, run_partition
@@ -126,6 +127,8 @@ def run_ray(job: Job, *, base_url: str | None = None, address: str | None = None
     ``on_progress(stats, partitions_finished, partitions_to_run)`` is called as each task ends. ``sink_wrapper``
     goes in front of every task's sink (the tests' fault injection: ``engines.task.TaskSpec``)."""
     t0, started = time.monotonic(), datetime.now(tz=UTC)
+    if not endpoint_of(job.request.endpoint).ray:
+        raise UsageError(f'{job.source}: endpoint = "{job.request.endpoint}" runs on the local engine only')
     checked = check(job)
     url = resolve_base_url(job, base_url)
     check_transport_security(url, resolve_api_key(job, url) is not None, allow_insecure)

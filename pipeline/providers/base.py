@@ -59,6 +59,28 @@ class Answer:
 
 
 @dataclass(frozen=True, slots=True)
+class GeneratedImage:
+    """One image of an image-generation answer: its bytes (decoded from base64), or the URL to fetch them from
+    at once (URLs expire)."""
+
+    data: bytes | None
+    url: str | None = None
+    revised_prompt: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ImageAnswer:
+    """An image-generation response: the images in order, their file format where the API says it, and the
+    usage (text input tokens as prompt tokens, image output tokens as completion tokens)."""
+
+    images: list[GeneratedImage]
+    output_format: str | None
+    model: str | None
+    usage: Usage | None
+    rate: RateInfo
+
+
+@dataclass(frozen=True, slots=True)
 class EmbeddingAnswer:
     """An embeddings response: one float32 vector (little-endian bytes) per input, in input order."""
 
@@ -97,7 +119,7 @@ class BatchResult:
     """One request's result in a Batch API results file: its answer, or why it has none."""
 
     key: str
-    answer: Answer | EmbeddingAnswer | None = None
+    answer: Answer | EmbeddingAnswer | ImageAnswer | None = None
     error: ProviderError | None = None
     attempts: int = 1  # 0: never executed (the batch ended first)
 
@@ -218,6 +240,18 @@ class EmbeddingsCodec(Codec, Protocol):
         ...
 
 
+class ImagesCodec(Codec, Protocol):
+    """The image-generation endpoint's codec."""
+
+    def body(self, prompt: str) -> bytes:
+        """One row's image-generation body from its rendered prompt."""
+        ...
+
+    def answer(self, status: int, headers: Any, body: bytes) -> ImageAnswer:
+        """An image-generation response as its images, or raise its error class."""
+        ...
+
+
 @dataclass(frozen=True)
 class Descriptor:
     """A provider's facts, declared once in its module: what the job file's parser checks ``[api]`` and
@@ -236,6 +270,7 @@ class Descriptor:
     # [api] keys only this provider takes, each with why another provider has no use for it ("": no more to say)
     own_keys: Mapping[str, str] = field(default_factory=dict)
     requires: Mapping[str, str] = field(default_factory=dict)  # [api] key -> the key it needs beside it
+    batch_endpoints: tuple[str, ...] = ("chat", "embeddings")  # the endpoints its Batch API takes
     request_keys_refused: tuple[str, ...] = ()  # [request] keys its API has no counterpart for
     image_detail: bool = True            # images take a `detail` setting
     image_limits: ImageLimits = OPENAI_LIMITS  # what one image may be (the provider's vision docs)

@@ -22,19 +22,24 @@ from pipeline.providers.base import (
     BatchResult,
     Descriptor,
     EmbeddingAnswer,
+    ImageAnswer,
     PromptCache,
 )
 from pipeline.providers.openai_wire import (
+    chat_answer,
     classify,
+    embeddings_answer,
+    images_answer,
     parse_chat,
     parse_embeddings,
+    parse_images,
 )
 from pipeline.spec import DEFAULT_BASE_URL, OPENAI_BATCH_LIMITS, ApiSpec, RequestSpec
 from pipeline.tokens import ChatTokenCounter
 
 # -- requests --------------------------------------------------------------------------------------------------
 
-PATHS = {"chat": "/chat/completions", "embeddings": "/embeddings"}
+PATHS = {"chat": "/chat/completions", "embeddings": "/embeddings", "images": "/images/generations"}
 OPENAI_CACHE = PromptCache("automatic", min_tokens=1024, step=128)
 EMBEDDING_DIMS = {"text-embedding-3-small": 1536, "text-embedding-3-large": 3072, "text-embedding-ada-002": 1536}
 SCHEMA_INSTRUCTION = "Answer with one JSON object, and nothing else, that is valid for this JSON Schema:\n"
@@ -65,6 +70,9 @@ def static_body(spec: RequestSpec, job_name: str, api: ApiSpec | None = None,
         if spec.dimensions is not None:
             body["dimensions"] = spec.dimensions
         body["encoding_format"] = spec.encoding_format
+        return body
+    if spec.image is not None:  # image generation: the model's own parameters, only those the job gave
+        body.update((k, v) for k, v in vars(spec.image).items() if v is not None and (k != "n" or v != 1))
         return body
     if spec.temperature is not None:
         body["temperature"] = spec.temperature
@@ -187,7 +195,12 @@ class _OpenAICodec(OpenAIBodies):
         """One line of a results or errors file."""
         from pipeline.providers.openai_batch import batch_result
 
-        return batch_result(raw, self.endpoint)
+        return batch_result(raw, self.read_result)
+
+    @staticmethod
+    def read_result(body: Any) -> Any:
+        """The answer of a Batch API result line's body (parsed JSON), as this endpoint's answer type."""
+        return chat_answer(body)
 
 
 class OpenAIChatCodec(_OpenAICodec):
@@ -222,9 +235,39 @@ class OpenAIEmbeddingsCodec(_OpenAICodec):
         """The vector size to expect: the job's ``dimensions``, else the model's default when known."""
         return self.spec.dimensions or EMBEDDING_DIMS.get(self.spec.model)
 
+    @staticmethod
+    def read_result(body: Any) -> Any:
+        """A one-input embeddings list of a Batch API result line."""
+        return embeddings_answer(body, 1)
 
-CODECS: dict[str, type[OpenAIChatCodec] | type[OpenAIEmbeddingsCodec]] = {
-    "chat": OpenAIChatCodec, "embeddings": OpenAIEmbeddingsCodec}
+
+class OpenAIImagesCodec(_OpenAICodec):
+    """``/images/generations``: a row's prompt in, its images (base64, or URLs) out."""
+
+    endpoint = "images"
+
+    def __init__(self, spec: RequestSpec, job_name: str, api: ApiSpec, model: str, *, path: str,
+                 batch_url: str) -> None:
+        super().__init__(spec, job_name, api, model, path=path, batch_url=batch_url)
+        # A row's body is this prefix, its prompt as a JSON string, and "}" (the prompt last, like an input).
+        self._prompt_prefix = orjson.dumps(self.head)[:-1] + b',"prompt":'  # the head holds "model" at least
+
+    def body(self, prompt: str) -> bytes:
+        """One row's body: the job's parameters, then the row's prompt."""
+        return self._prompt_prefix + orjson.dumps(prompt) + b"}"
+
+    def answer(self, status: int, headers: Any, body: bytes) -> ImageAnswer:
+        """An image-generation response: the images, or the error class."""
+        return classify(status, headers, body, parse_images)  # type: ignore[no-any-return]
+
+    @staticmethod
+    def read_result(body: Any) -> Any:
+        """The images of a Batch API result line."""
+        return images_answer(body)
+
+
+CODECS: dict[str, type[_OpenAICodec]] = {
+    "chat": OpenAIChatCodec, "embeddings": OpenAIEmbeddingsCodec, "images": OpenAIImagesCodec}
 
 
 def shape_hint(api: ApiSpec, message: str) -> str:
@@ -269,11 +312,11 @@ class OpenAIProvider:
         """The model name sent in the body."""
         return spec.model
 
-    def codec(self, spec: RequestSpec, job_name: str) -> OpenAIChatCodec | OpenAIEmbeddingsCodec:
+    def codec(self, spec: RequestSpec, job_name: str) -> _OpenAICodec:
         """The codec of the job's endpoint, with this dialect's path and Batch API url for it."""
         endpoint = spec.endpoint
         return CODECS[endpoint](spec, job_name, self.api, self.model(spec), path=self.path(endpoint),
-                                batch_url=self.batch_urls()[endpoint])
+                                batch_url=self.batch_urls().get(endpoint, ""))
 
     def headers(self, api_key: str | None) -> dict[str, str]:
         """Every request's headers; the key goes in ``Authorization`` and nowhere else."""
@@ -312,5 +355,5 @@ DESCRIPTOR = Descriptor(
     max_tokens_fields=("max_completion_tokens", "max_tokens"),
     max_images=500,  # "500 images per request" (platform.openai.com/docs/guides/images-vision)
     batch_limits=OPENAI_BATCH_LIMITS,  # 50,000 requests, 200 MB per input file (platform.openai.com/docs/guides/batch)
-    endpoints=("chat", "embeddings"),
+    endpoints=("chat", "embeddings", "images"), batch_endpoints=("chat", "embeddings", "images"),
     make=lambda api, request: OpenAIProvider(api))

@@ -18,12 +18,12 @@ from tenacity import Retrying
 
 from pipeline.errors import ProviderError, RowError, TransientError
 from pipeline.providers.base import BatchResult, BatchState
-from pipeline.providers.openai_wire import chat_answer, classify, embeddings_answer, raise_for_status
+from pipeline.providers.openai_wire import classify, raise_for_status
 from pipeline.redact import redact
 from pipeline.retry import RetryPolicy, transport_error
 
 T = TypeVar("T")
-BATCH_URLS = {"chat": "/v1/chat/completions", "embeddings": "/v1/embeddings"}
+BATCH_URLS = {"chat": "/v1/chat/completions", "embeddings": "/v1/embeddings", "images": "/v1/images/generations"}
 FINAL = frozenset({"completed", "failed", "expired", "cancelled"})
 
 
@@ -34,8 +34,9 @@ def batch_line(key: str, url: str, body: bytes) -> bytes:
             + b'","body":' + body + b"}\n")
 
 
-def batch_result(raw: bytes, endpoint: str) -> BatchResult | None:
-    """One line of a results (or errors) file; None for a line that is not a result of ours."""
+def batch_result(raw: bytes, read: Callable[[Any], Any]) -> BatchResult | None:
+    """One line of a results (or errors) file, its answer read by ``read`` (the endpoint's reader of a parsed
+    body); None for a line that is not a result of ours."""
     try:
         line = orjson.loads(raw)
         key = str(line["custom_id"])
@@ -52,7 +53,7 @@ def batch_result(raw: bytes, endpoint: str) -> BatchResult | None:
         status = int(resp.get("status_code") or 0)
         if status != 200:
             raise_for_status(status, {}, orjson.dumps(body))
-        answer = embeddings_answer(body, 1) if endpoint == "embeddings" else chat_answer(body)
+        answer = read(body)
     except ProviderError as e:  # the line's own error, as its status code classes it
         return BatchResult(key, error=e)
     return BatchResult(key, answer=answer)

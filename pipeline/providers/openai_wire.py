@@ -1,5 +1,5 @@
 """OpenAI's wire format as it comes back: rate-limit headers, what an error status means, and answers (chat,
-embeddings) read from a response body. Shared by the online provider (``openai.py``) and the Batch API's result
+embeddings, images) read from a response body. Shared by the online provider (``openai.py``) and the Batch API's result
 lines (``openai_batch.py``), which read the same answers. Pure functions of bytes and headers, so every branch of
 the error table in ``../shared/openai-wire.md`` is tested without a server.
 """
@@ -22,6 +22,8 @@ from pipeline.providers.base import (
     NO_RATE,
     Answer,
     EmbeddingAnswer,
+    GeneratedImage,
+    ImageAnswer,
     RateInfo,
 )
 
@@ -216,3 +218,41 @@ def embeddings_answer(data: Any, n_inputs: int, rate: RateInfo = NO_RATE) -> Emb
                              f"{n_inputs} inputs", kind="malformed_response", status=200)
     return EmbeddingAnswer(vectors=vectors, prompt_tokens=int(usage.get("prompt_tokens") or 0),  # type: ignore[arg-type]
                            model=data.get("model"), rate=rate)
+
+
+def parse_images(body: bytes, headers: Any) -> ImageAnswer:
+    """A 200 image-generation response."""
+    try:
+        data = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        data = None
+    return images_answer(data, parse_rate(headers))
+
+
+def images_answer(data: Any, rate: RateInfo = NO_RATE) -> ImageAnswer:
+    """An image-generation response already parsed from JSON (a Batch API result line carries it that way): each
+    image decoded from base64 (GPT image models) or kept as its URL (servers that answer with URLs)."""
+    try:
+        images = []
+        for item in data["data"]:
+            b64, url = item.get("b64_json"), item.get("url")
+            if not isinstance(b64, str) and not isinstance(url, str):
+                raise ValueError("an image with neither b64_json nor url")
+            images.append(GeneratedImage(data=pybase64.b64decode(b64, validate=True) if isinstance(b64, str) else None,
+                                         url=None if isinstance(b64, str) else url,
+                                         revised_prompt=item.get("revised_prompt")))
+        u = data.get("usage")
+        usage = None
+        if isinstance(u, dict) and ("input_tokens" in u or "output_tokens" in u):
+            details = u.get("input_tokens_details") or {}
+            usage = Usage(prompt_tokens=int(u.get("input_tokens") or 0),
+                          completion_tokens=int(u.get("output_tokens") or 0),
+                          cached_tokens=int(details.get("cached_tokens") or 0))
+    except (KeyError, IndexError, TypeError, ValueError, AttributeError, binascii.Error):
+        raise TransientError("HTTP 200 with a malformed body (not an image-generation response)",
+                             kind="malformed_response", status=200) from None
+    if not images:
+        raise TransientError("HTTP 200 with no image in the response", kind="malformed_response", status=200)
+    fmt = data.get("output_format")
+    return ImageAnswer(images=images, output_format=fmt if isinstance(fmt, str) else None, model=data.get("model"),
+                       usage=usage, rate=rate)

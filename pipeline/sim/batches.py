@@ -25,7 +25,8 @@ if TYPE_CHECKING:
 
 MAX_LINES = 50_000
 MAX_FILE_BYTES = 200 * 1024 * 1024
-ENDPOINTS = ("/v1/chat/completions", "/v1/embeddings", "/chat/completions", "/embeddings")  # OpenAI's, Azure's
+ENDPOINTS = ("/v1/chat/completions", "/v1/embeddings", "/v1/images/generations",  # OpenAI's
+             "/chat/completions", "/embeddings")  # Azure's
 FINAL = ("completed", "failed", "expired", "cancelled")
 SLICES = 10  # a batch's lines are answered in this many steps, spread over the configured delay
 
@@ -244,10 +245,7 @@ class BatchService:
                 sim.stats.injected["batch_line_error"] += 1
                 raise SimFailure(500, "The server had an error while processing your request (injected).",
                                  "server_error")
-            if endpoint.endswith("/chat/completions"):
-                body = sim.chat_answer(sim.chat_call(line["body"]))
-            else:
-                body = sim.embeddings_answer(sim.embeddings_call(line["body"]))
+            body = sim.answer_body(endpoint, line["body"])
             status, ok = 200, True
         except SimFailure as f:
             body, status, ok = f.body(), f.status, False

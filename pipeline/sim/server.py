@@ -1,12 +1,13 @@
 """A local stand-in for the providers' APIs, for the demo, the integration tests and the benchmarks.
 
-It speaks OpenAI's wire format (``/v1/chat/completions``, ``/v1/embeddings``, ``/v1/models``, Files and
-Batches), the same under Azure OpenAI's paths and ``api-key`` header (``/openai/v1/...`` and the older
-``/openai/deployments/DEPLOYMENT/...?api-version=``), and Anthropic's Messages API with ``count_tokens`` and
-Message Batches (``sim/anthropic.py``). It counts ``usage`` (OpenAI's with the same tokenizer as the client,
-Claude's by the rule stated in ``sim/anthropic.py``), enforces requests- and tokens-per-minute limits the way
-each provider does (a bucket per minute, charged at admission with prompt + max output tokens, with the real
-rate-limit headers and 429 bodies) and injects faults on demand. Its answers are deterministic stand-ins.
+It speaks OpenAI's wire format (``/v1/chat/completions``, ``/v1/embeddings``, ``/v1/images/generations`` in
+``sim/images.py``, ``/v1/models``, Files and Batches), the same under Azure OpenAI's paths and ``api-key`` header
+(``/openai/v1/...`` and the older ``/openai/deployments/DEPLOYMENT/...?api-version=``), and Anthropic's Messages
+API with ``count_tokens`` and Message Batches (``sim/anthropic.py``). It counts ``usage`` (OpenAI's with the same
+tokenizer as the client, Claude's by the rule stated in ``sim/anthropic.py``), enforces requests- and
+tokens-per-minute limits the way each provider does (a bucket per minute, charged at admission with prompt + max
+output tokens, with the real rate-limit headers and 429 bodies) and injects faults on demand. Its answers are
+deterministic stand-ins.
 
 Test hooks (documented so tests can aim at one row): a prompt containing ``SIM_400`` gets a 400, one containing
 ``SIM_REFUSE`` gets a refusal, one containing ``SIM_BAD_JSON`` gets malformed JSON content.
@@ -76,6 +77,9 @@ class Simulator:
         from pipeline.sim.anthropic import AnthropicService
 
         self.anthropic = AnthropicService(self)
+        from pipeline.sim.images import ImagesService
+
+        self.images = ImagesService(self)
 
     def app(self) -> web.Application:
         """The aiohttp application with every provider's routes."""
@@ -91,6 +95,7 @@ class Simulator:
         r.add_post("/v1/sim/reset", self.reset)
         self.batch_api.routes(app)
         self.anthropic.routes(app)
+        self.images.routes(app)
         return app
 
     def counter(self, model: str) -> ChatTokenCounter:
@@ -476,6 +481,16 @@ class Simulator:
             return self._finish(f.response())
         await self.delay()
         return self._finish(await self.respond(request, raw, payload))
+
+    def answer_body(self, url: str, body: dict[str, Any]) -> dict[str, Any]:
+        """The answer to one Batch API line's body, by its ``url``; raises SimFailure."""
+        if url.endswith("/chat/completions"):
+            return self.chat_answer(self.chat_call(body))
+        if url.endswith("/embeddings"):
+            return self.embeddings_answer(self.embeddings_call(body))
+        from pipeline.sim.images import image_answer, image_call
+
+        return image_answer(image_call(body, self.config.lenient))
 
     def embeddings_call(self, body: dict[str, Any]) -> EmbeddingsCall:
         """Check an embeddings body and count its tokens; raises SimFailure."""
