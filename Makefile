@@ -45,7 +45,7 @@ bench: $(STAMP)
 
 # Our own figures in more depth: 1M-row estimate, throughput, journal overhead and resume, embeddings.
 bench-detail: $(STAMP)
-	cd bench && ../$(PY) estimate.py && ../$(PY) throughput.py && ../$(PY) resume.py && ../$(PY) embed.py && ../$(PY) frames.py
+	cd bench && ../$(PY) estimate.py && ../$(PY) throughput.py && ../$(PY) resume.py && ../$(PY) embed.py && ../$(PY) frames.py && ../$(PY) images_out.py
 
 clean:
 	rm -rf $(VENV) out bench/out

@@ -1,0 +1,81 @@
+"""Benchmark: image generation (``endpoint = "images"``) against the simulator in its own process.
+
+1. peak RSS of a 10,000-image job against the same job at 1,000 rows, on the unlimited simulator (target: within
+   1.2x: an answer's images go to files and are let go, the journal keeps their names and hashes only);
+2. an RPM-bound run (RPM=1,200, 200 ms latency): the achieved share of the limit's floor duration
+   (target >= 98%, as chat jobs at the binding limit), and the 429s the server answered.
+
+Each row asks for one 1024x1024 PNG at low quality (the simulator makes a real image per row, distinct by prompt).
+Run: .venv/bin/python bench/images_out.py [--quick]
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from common import WORK, dataset, sim_stats, simulator, timed_run
+
+
+def image_job(name: str, data: Path, *, concurrency: int = 64, rpm: int | None = None) -> Path:
+    limits = f"concurrency = {concurrency}\n" + (f"requests_per_minute = {rpm}\n" if rpm else "")
+    job = WORK / f"{name}.toml"
+    job.write_text(f'''name = "{name}"
+[input]
+path = "{data}"
+id = "review_id"
+keep = ["product"]
+[request]
+endpoint = "images"
+model = "gpt-image-1.5"
+prompt = {json.dumps("A catalogue photo of the {{ product }} this review is about: {{ text }}")}
+size = "1024x1024"
+quality = "low"
+[output]
+path = "{WORK / 'out' / name}.parquet"
+[api]
+provider = "openai"
+[limits]
+{limits}''')
+    return job
+
+
+def memory(rows: int) -> dict:
+    job = image_job(f"images-{rows}", dataset(rows))
+    with simulator() as url:
+        r = timed_run(job, url)
+    m = r["manifest"]
+    return {"rows": rows, "ok": m["totals"]["ok"], "peak_rss_mib": r["peak_rss_mib"], "run_s": m["duration_s"],
+            "req_per_s": m["totals"]["requests_sent"] / m["duration_s"]}
+
+
+def limited(rows: int, rpm: int) -> dict:
+    job = image_job(f"images-limited-{rows}", dataset(rows), rpm=rpm)
+    with simulator("--rpm", str(rpm), "--latency-ms", "200") as url:
+        r = timed_run(job, url)
+        stats = sim_stats(url)
+    m = r["manifest"]
+    sent = m["totals"]["requests_sent"]
+    # The floor: every request at the limit's rate (the client paces evenly at the limit, as for chat jobs in
+    # throughput.py); the share is the floor over the time the run took.
+    floor_s = sent / rpm * 60
+    return {"rows": rows, "sent": sent, "run_s": m["duration_s"], "floor_s": floor_s,
+            "share": floor_s / m["duration_s"] if m["duration_s"] else 0.0, "server_429": stats["rate_limited"]}
+
+
+def main() -> None:
+    quick = "--quick" in sys.argv
+    big = 3_000 if quick else 10_000
+    small, large = memory(1_000), memory(big)
+    print(f"[1] peak RSS: {large['rows']:,} images {large['peak_rss_mib']:,.0f} MiB vs {small['rows']:,} images "
+          f"{small['peak_rss_mib']:,.0f} MiB: ratio {large['peak_rss_mib'] / small['peak_rss_mib']:.2f} "
+          f"[target <= 1.2]; {large['req_per_s']:,.0f} images/s unlimited ({large['ok']:,} ok)")
+    rpm = 1_200
+    b = limited(1_500 if quick else 3_600, rpm)
+    print(f"[2] RPM={rpm:,}, 200 ms latency, {b['rows']:,} rows: {b['run_s']:.1f} s against a floor of "
+          f"{b['floor_s']:.1f} s: {b['share']:.1%} of the limit's rate, {b['server_429']} 429s [target >= 98%]")
+
+
+if __name__ == "__main__":
+    main()
