@@ -1,11 +1,15 @@
-"""Benchmark: image generation (``endpoint = "images"``) against the simulator in its own process.
+"""Benchmark: files out and files in: image generation (``endpoint = "images"``) and transcription
+(``endpoint = "transcriptions"``) against the simulator in its own process.
 
 1. peak RSS of a 10,000-image job against the same job at 1,000 rows, on the unlimited simulator (target: within
    1.2x: an answer's images go to files and are let go, the journal keeps their names and hashes only);
-2. an RPM-bound run (RPM=1,200, 200 ms latency): the achieved share of the limit's floor duration
-   (target >= 98%, as chat jobs at the binding limit), and the 429s the server answered.
+2. an RPM-bound image run (RPM=1,200, 200 ms latency): the achieved share of the limit's floor duration
+   (target >= 98%, as chat jobs at the binding limit), and the 429s the server answered;
+3. peak RSS of a 2,000-file transcription job against the same job at 1,000 files (target: within 1.2x: a file is
+   read when its request is sent and let go).
 
-Each row asks for one 1024x1024 PNG at low quality (the simulator makes a real image per row, distinct by prompt).
+Each image row asks for one 1024x1024 PNG at low quality (the simulator makes a real image per row, distinct by
+prompt); each transcription row uploads its own 2-second WAV (made once under bench/data/, distinct by content).
 Run: .venv/bin/python bench/images_out.py [--quick]
 """
 
@@ -64,6 +68,54 @@ def limited(rows: int, rpm: int) -> dict:
             "share": floor_s / m["duration_s"] if m["duration_s"] else 0.0, "server_429": stats["rate_limited"]}
 
 
+def calls(files: int) -> Path:
+    """A table of ``files`` distinct 2-second WAV calls (made once), by path."""
+    import importlib.util
+
+    import polars as pl
+
+    spec = importlib.util.spec_from_file_location("make_calls", Path(__file__).resolve().parent.parent / "data" /
+                                                  "make_calls.py")
+    assert spec is not None and spec.loader is not None
+    make_calls = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(make_calls)
+    folder = WORK / "calls"
+    folder.mkdir(parents=True, exist_ok=True)
+    names = [f"call{i:05d}.wav" for i in range(files)]
+    for i, name in enumerate(names):
+        if not (folder / name).exists():
+            (folder / name).write_bytes(make_calls.wav(2.0, f"Call number {i} about order {10_000 + i}."))
+    table = WORK / f"calls-{files}.csv"
+    pl.DataFrame({"call_id": [n.removesuffix(".wav") for n in names],
+                  "file": [f"calls/{n}" for n in names]}).write_csv(table)
+    return table
+
+
+def transcription_memory(files: int) -> dict:
+    name = f"transcribe-{files}"
+    job = WORK / f"{name}.toml"
+    job.write_text(f'''name = "{name}"
+[input]
+path = "{calls(files)}"
+id = "call_id"
+[request]
+endpoint = "transcriptions"
+model = "whisper-1"
+audio = "{{{{ file }}}}"
+response_format = "verbose_json"
+[output]
+path = "{WORK / 'out' / name}.parquet"
+[api]
+provider = "openai"
+[limits]
+concurrency = 64
+''')
+    with simulator() as url:
+        r = timed_run(job, url)
+    m = r["manifest"]
+    return {"files": files, "ok": m["totals"]["ok"], "peak_rss_mib": r["peak_rss_mib"], "run_s": m["duration_s"]}
+
+
 def main() -> None:
     quick = "--quick" in sys.argv
     big = 3_000 if quick else 10_000
@@ -75,6 +127,10 @@ def main() -> None:
     b = limited(1_500 if quick else 3_600, rpm)
     print(f"[2] RPM={rpm:,}, 200 ms latency, {b['rows']:,} rows: {b['run_s']:.1f} s against a floor of "
           f"{b['floor_s']:.1f} s: {b['share']:.1%} of the limit's rate, {b['server_429']} 429s [target >= 98%]")
+    few, many = transcription_memory(1_000), transcription_memory(2_000)
+    print(f"[3] peak RSS: {many['files']:,} transcriptions {many['peak_rss_mib']:,.0f} MiB vs {few['files']:,} "
+          f"{few['peak_rss_mib']:,.0f} MiB: ratio {many['peak_rss_mib'] / few['peak_rss_mib']:.2f} [target <= 1.2]; "
+          f"{many['files'] / many['run_s']:,.0f} files/s unlimited ({many['ok']:,} ok)")
 
 
 if __name__ == "__main__":

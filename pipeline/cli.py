@@ -86,13 +86,13 @@ def print_estimate(est: Any, console: Console) -> None:
     if est.rows_skipped:
         t.add_row("rows skipped (null cells)", f"{est.rows_skipped:,}")
     if est.rows_bad_image:
-        t.add_row("rows failing before the run (bad image)", f"{est.rows_bad_image:,}")
+        t.add_row("rows failing before the run (a file that cannot be sent)", f"{est.rows_bad_image:,}")
     if est.duplicate_rows:
         t.add_row("duplicate rows (sent once)", f"{est.duplicate_rows:,}")
     t.add_row("requests to send", f"{est.http_requests:,}" + (f" ({est.requests:,} inputs)"
                                                                 if est.http_requests != est.requests else ""))
     if est.made is not None:
-        t.add_row(f"{est.made[0]} to make", f"{est.made[1]:,}")
+        t.add_row(*est.made)
     kind = "exact" if est.prompt_tokens_exact else est.prompt_tokens_basis.split(" (")[0]
     t.add_row(f"prompt tokens ({kind})", f"{est.prompt_tokens:,}")
     if est.image_tokens_basis is not None:
@@ -106,12 +106,14 @@ def print_estimate(est: Any, console: Console) -> None:
     t.add_row("cost, upper bound", _money(est.cost_usd_max))
     if est.cost_usd_expected is not None:
         t.add_row("cost, expected", _money(est.cost_usd_expected))
-    t.add_row("cost at Batch API price, upper bound", _money(est.batch_cost_usd_max))
-    if est.batch_cost_usd_expected is not None:
-        t.add_row("cost at Batch API price, expected", _money(est.batch_cost_usd_expected))
+    if est.batch_available:
+        t.add_row("cost at Batch API price, upper bound", _money(est.batch_cost_usd_max))
+        if est.batch_cost_usd_expected is not None:
+            t.add_row("cost at Batch API price, expected", _money(est.batch_cost_usd_expected))
     limit = f" (bound by {est.binding_limit})" if est.binding_limit else ""
     t.add_row(f"duration under the limits{limit}", _duration(est.duration_s))
-    t.add_row("Batch API duration", "up to 24 h (usually much less)")
+    if est.batch_available:
+        t.add_row("Batch API duration", "up to 24 h (usually much less)")
     if est.context_window:
         t.add_row("rows over the input limit" if est.http_requests != est.requests or est.max_output_tokens == 0
                   else "rows over the context window", f"{est.over_context_rows:,} (window {est.context_window:,})")
@@ -131,8 +133,12 @@ def print_estimate(est: Any, console: Console) -> None:
     if est.expected_output_basis and "sample" in est.expected_output_basis:
         console.print(f"expected output tokens: {escape(est.expected_output_basis)}")
     if est.price:
-        console.print(f"prices: ${est.price['input_per_mtok']}/M input, ${est.price['cached_input_per_mtok']}/M "
-                      f"cached, ${est.price['output_per_mtok']}/M output; source: {est.price['source']}"
+        per_minute = est.price.get("per_audio_minute_usd")
+        rates = (f"${per_minute:g} per minute of audio" if per_minute and not est.price["input_per_mtok"] else
+                 f"${est.price['input_per_mtok']}/M input, ${est.price['cached_input_per_mtok']}/M cached, "
+                 f"${est.price['output_per_mtok']}/M output" + (f" (estimated ${per_minute:g} per minute of audio)"
+                                                               if per_minute else ""))
+        console.print(f"prices: {rates}; source: {est.price['source']}"
                       + (f", prices as of {est.price['source_date']}" if est.price.get("source_date") else ""))
     if est.over_context_ids:
         shown = ", ".join(str(i) for i in est.over_context_ids[:20])

@@ -149,6 +149,34 @@ class ApiClient:
         except TRANSPORT_ERRORS as e:
             raise transport_error(e, self._timeout, lambda t: redact(t, self._key)) from None
 
+    async def post_form(self, path: str, fields: list[tuple[str, str]],
+                        file: tuple[str, str, bytes, str]) -> tuple[int, Any, bytes]:
+        """Send a multipart form: ``fields``, then ``file`` as (field, file name, bytes, content type). The
+        provider's headers go with it but for their JSON content type (the form sets its own, with its boundary)."""
+        headers = {k: v for k, v in self._headers.items() if k.lower() != "content-type"}
+        name, filename, data, mime = file
+        try:
+            async with asyncio.timeout(self._timeout):
+                if self._aiohttp is None:
+                    assert self._open is not None, "use ApiClient as an async context manager"
+                    request = httpx.Request("POST", self.base_url + path, headers=headers, data=dict(fields),
+                                            files=[(name, (filename, data, mime))],
+                                            extensions={"timeout": self._timeouts})
+                    resp = await self._open.handle_async_request(request)
+                    try:
+                        return resp.status_code, resp.headers, await resp.aread()
+                    finally:
+                        await resp.aclose()
+                form = aiohttp.FormData()
+                for key, value in fields:
+                    form.add_field(key, value)
+                form.add_field(name, data, filename=filename, content_type=mime)
+                async with self._aiohttp.post(self.base_url + path, data=form, headers=headers,
+                                              allow_redirects=False, **self._proxy) as r:
+                    return r.status, r.headers, await r.read()
+        except TRANSPORT_ERRORS as e:
+            raise transport_error(e, self._timeout, lambda t: redact(t, self._key)) from None
+
     async def get(self, url: str) -> tuple[int, Any, bytes]:
         """Fetch an absolute URL an answer gave (a generated image): without the provider's headers, so the key
         never goes to another host; connection failures become TransientError like a request's."""

@@ -23,6 +23,7 @@ from pipeline.endpoints import endpoint_of, no_price_for
 from pipeline.job import Job
 from pipeline.keys import key_id
 from pipeline.pricing import Price, Usage
+from pipeline.providers.registry import DESCRIPTORS
 from pipeline.source import ROW
 
 if TYPE_CHECKING:
@@ -45,7 +46,8 @@ class Estimate:
     rows_already_done: int = 0
     requests: int = 0
     http_requests: int = 0
-    made: tuple[str, int] | None = None     # what the requests make, where it is not rows' answers ("images", n)
+    batch_available: bool = True            # the provider's Batch API takes this endpoint's requests
+    made: tuple[str, str] | None = None     # what the requests make or take, where rows do not say it: (what, how much)
     duplicate_rows: int = 0
     prompt_tokens: int = 0
     prompt_tokens_exact: bool = True        # False: an upper bound, or the tokenizer is only close
@@ -90,7 +92,8 @@ class EstimateBuilder:
         self.endpoint = endpoint_of(job.request.endpoint)
         # (the static prefix's tokens, what each request after the first reads of it, whether the first writes)
         self._cache = cache
-        self.est = Estimate(job=job.name, model=job.request.model)
+        self.est = Estimate(job=job.name, model=job.request.model,
+                            batch_available=job.request.endpoint in DESCRIPTORS[job.api.provider].batch_endpoints)
         self._largest: list[tuple[int, int, Any]] = []  # a min-heap of (prompt tokens, row, id): the largest rows
         # A typical answer's length: the job's own figure wins; else what the latest sample measured.
         self.expected_out: int | None = job.estimate.output_tokens
@@ -105,6 +108,7 @@ class EstimateBuilder:
         self._seen: set[int] = set()  # 64 bits a key: a third of the strings' memory (bench/estimate.py)
         self._over_context: set[int] = set()  # keys of requests over the context window (their repeats are too)
         self._costs = [0.0, 0.0, 0.0, 0.0]
+        self._units = 0.0  # billed units that are not tokens (seconds of audio), summed over the requests
         self._budget_tokens = 0
         self._flat = price is None or price.flat
         if price is None:
@@ -132,6 +136,8 @@ class EstimateBuilder:
         costs = self._costs
         per_request = price is not None and not self._flat
         largest = self._largest
+        units_of = self.endpoint.units if self.endpoint.billed_units else None
+        u = 0.0
         for r in chunk.requests:
             seen_id = key_id(r.key)
             if ctx is not None and (r.budget_tokens > ctx or seen_id in self._over_context):
@@ -148,6 +154,9 @@ class EstimateBuilder:
                 continue
             self._seen.add(seen_id)
             est.requests += 1
+            if units_of is not None:
+                u = units_of(r)
+                self._units += u
             est.prompt_tokens += r.prompt_tokens
             est.image_tokens += r.image_tokens
             est.max_output_tokens += r.max_output_tokens
@@ -158,11 +167,11 @@ class EstimateBuilder:
                 (heapq.heappush if len(largest) < LARGEST_LISTED else heapq.heapreplace)(largest, item)
             if per_request:
                 assert price is not None
-                costs[0] += price.cost(Usage(r.prompt_tokens, r.max_output_tokens))
-                costs[1] += price.cost(Usage(r.prompt_tokens, r.max_output_tokens), batch=True)
+                costs[0] += price.cost(Usage(r.prompt_tokens, r.max_output_tokens, units=u))
+                costs[1] += price.cost(Usage(r.prompt_tokens, r.max_output_tokens, units=u), batch=True)
                 if expected_out is not None:
-                    costs[2] += price.cost(Usage(r.prompt_tokens, expected_out))
-                    costs[3] += price.cost(Usage(r.prompt_tokens, expected_out), batch=True)
+                    costs[2] += price.cost(Usage(r.prompt_tokens, expected_out, units=u))
+                    costs[3] += price.cost(Usage(r.prompt_tokens, expected_out, units=u), batch=True)
 
     def _cache_savings(self) -> tuple[float, float]:
         """What prompt caching takes off the expected cost (standard and Batch prices): every request after the
@@ -209,10 +218,11 @@ class EstimateBuilder:
             est.expected_output_tokens = self.expected_out * est.requests
         if self.price is not None and self.price.flat:
             expected_out = est.expected_output_tokens or 0
-            self._costs = [self.price.cost(Usage(est.prompt_tokens, est.max_output_tokens)),
-                           self.price.cost(Usage(est.prompt_tokens, est.max_output_tokens), batch=True),
-                           self.price.cost(Usage(est.prompt_tokens, expected_out)),
-                           self.price.cost(Usage(est.prompt_tokens, expected_out), batch=True)]
+            units = self._units
+            self._costs = [self.price.cost(Usage(est.prompt_tokens, est.max_output_tokens, units=units)),
+                           self.price.cost(Usage(est.prompt_tokens, est.max_output_tokens, units=units), batch=True),
+                           self.price.cost(Usage(est.prompt_tokens, expected_out, units=units)),
+                           self.price.cost(Usage(est.prompt_tokens, expected_out, units=units), batch=True)]
         saved = self._cache_savings()
         if self.price is not None:
             est.cost_usd_max, est.batch_cost_usd_max = self._costs[0], self._costs[1]  # bounds rely on no cache
@@ -221,7 +231,7 @@ class EstimateBuilder:
                 est.batch_cost_usd_expected = self._costs[3] - saved[1]
         est.http_requests = self.endpoint.http_requests(self.job.request, est.requests - est.over_context_rows,
                                                         self._budget_tokens)
-        est.made = self.endpoint.made(self.job.request, est.requests - est.over_context_rows)
+        est.made = self.endpoint.made(self.job.request, est.requests - est.over_context_rows, self._units)
         by_limit = {}
         if lim.requests_per_minute:
             by_limit["requests_per_minute"] = est.http_requests / lim.requests_per_minute * 60

@@ -184,6 +184,7 @@ def parse_job(raw: Mapping[str, Any], *, file: str = "<job>", base: Path | None 
         cached_input_per_mtok=pr.number("cached_input_per_mtok", low=0.0, strict_low=False),
         output_per_mtok=pr.number("output_per_mtok", low=0.0, strict_low=False),
         context_window=pr.int("context_window"),
+        per_audio_minute_usd=pr.number("per_audio_minute_usd", low=0.0, strict_low=False),
     )
     pr.done()
     endpoint = ENDPOINTS[request_spec.endpoint]

@@ -74,6 +74,8 @@ class Usage:
     cached_tokens: int = 0        # of the prompt: read from the provider's prompt cache
     reasoning_tokens: int = 0
     cache_write_tokens: int = 0   # of the prompt: written to the cache (Anthropic bills them at their own rate)
+    audio_tokens: int = 0         # of the prompt: audio (a transcription model bills them at their own rate)
+    units: float = 0.0            # billed units that are not tokens: seconds of audio (per-minute models)
 
 
 @dataclass(frozen=True)
@@ -92,6 +94,8 @@ class Price:
     context_window: int | None = None
     cache_write: Rate | None = None        # None: cache writes cost what plain input does
     batch_cache_write: Rate | None = None
+    audio_input: Rate | None = None        # audio prompt tokens (transcription models priced by token)
+    per_unit: float = 0.0                  # USD per billed unit that is not a token (a second of audio)
 
     def cost(self, usage: Usage, *, batch: bool = False) -> float:
         """USD for one answer: uncached prompt, cached prompt, prompt written to the cache, and completion
@@ -104,8 +108,12 @@ class Price:
                      self.batch_cache_write or self.batch_input)
         else:
             rates = (self.input, self.cached_input, self.output, self.cache_write or self.input)
-        return ((p - cached - written) * rates[0].at(p) + cached * rates[1].at(p) + written * rates[3].at(p)
-                + usage.completion_tokens * rates[2].at(p)) / 1_000_000
+        tokens = ((p - cached - written) * rates[0].at(p) + cached * rates[1].at(p) + written * rates[3].at(p)
+                  + usage.completion_tokens * rates[2].at(p)) / 1_000_000
+        if usage.audio_tokens and self.audio_input is not None:  # at the audio rate instead of the text one
+            audio = min(usage.audio_tokens, p - cached - written)
+            tokens += audio * (self.audio_input.at(p) - rates[0].at(p)) / 1_000_000
+        return tokens + usage.units * self.per_unit * (BATCH_DISCOUNT if batch else 1.0) if usage.units else tokens
 
     @property
     def flat(self) -> bool:
@@ -119,7 +127,8 @@ class Price:
                 "cache_write_per_mtok": (self.cache_write or self.input).base, "output_per_mtok": self.output.base,
                 "batch_input_per_mtok": self.batch_input.base,
                 "batch_output_per_mtok": self.batch_output.base, "source": self.source,
-                "source_date": self.source_date}
+                "source_date": self.source_date,
+                **({"per_audio_minute_usd": round(self.per_unit * 60, 9)} if self.per_unit else {})}
 
 
 def _rate(value: Any) -> Rate | None:
@@ -216,3 +225,51 @@ def lookup_price(model: str, overrides: PricingSpec | None = None, *, now: datet
                  source=f"genai-prices {_table_version()} (bundled table, model {info.id})",
                  source_date=_newest_price_date(info),
                  context_window=overrides.context_window or info.context_window)
+
+
+# OpenAI's published "estimated cost" per minute of the token-priced transcription models (pricing page, speech to
+# text, read 2026-12-06): what the estimate prices a minute of audio at before the run (the run's cost is the usage
+# the API reports, at the bundled table's token rates).
+TRANSCRIPTION_PER_MINUTE = {"gpt-4o-transcribe": 0.006, "gpt-4o-mini-transcribe": 0.003,
+                            "gpt-4o-transcribe-diarize": 0.006}
+
+
+def lookup_audio_price(model: str, overrides: PricingSpec | None = None, *, now: datetime | None = None,
+                       price_ids: PriceIds = OPENAI_PRICES) -> Price | None:
+    """The price of a transcription model: per second of audio (whisper-1's table price per hour), or its token
+    rates (text in, audio in, text out) with the published per-minute figure for the estimate; None when unknown.
+    A job's ``[pricing].per_audio_minute_usd`` overrides both."""
+    overrides = overrides or PricingSpec()
+    if overrides.per_audio_minute_usd is not None:
+        zero = Rate(0.0)
+        return Price(model, zero, zero, zero, zero, zero, zero, source="job [pricing] table", source_date=None,
+                     per_unit=overrides.per_audio_minute_usd / 60)
+    from genai_prices import data_snapshot
+
+    when = now or datetime.now(tz=UTC)
+    snapshot = data_snapshot.get_snapshot()
+    for price_id in price_ids:
+        try:
+            _provider, info = snapshot.find_provider_model(model, None, price_id, None)
+            break
+        except LookupError:
+            continue
+    else:
+        return None
+    std = info.get_prices(when)
+    hours = getattr(std, "input_audio_hours", None) or getattr(std, "audio_hours", None)
+    inp, out, audio = _rate(std.input_mtok) or Rate(0.0), _rate(std.output_mtok) or Rate(0.0), _rate(
+        getattr(std, "input_audio_mtok", None))
+    base = next((m for m in TRANSCRIPTION_PER_MINUTE if model == m or model.startswith(m + "-")), None)
+    if hours is not None:
+        per_second = float(hours) / 3600
+    elif base is not None and audio is not None:
+        per_second = TRANSCRIPTION_PER_MINUTE[base] / 60
+    else:
+        return None
+    source = f"genai-prices {_table_version()} (bundled table, model {info.id})"
+    if hours is None:
+        source += "; per minute before the run: OpenAI's published estimate"
+    return Price(model, inp, inp, out, inp.scaled(BATCH_DISCOUNT), inp.scaled(BATCH_DISCOUNT),
+                 out.scaled(BATCH_DISCOUNT), source=source, source_date=_newest_price_date(info), audio_input=audio,
+                 per_unit=per_second)

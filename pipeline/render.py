@@ -23,6 +23,7 @@ from jinja2.runtime import new_context
 from jinja2.sandbox import SandboxedEnvironment
 
 from pipeline.endpoints import endpoint_of
+from pipeline.endpoints.base import MediaProblem
 from pipeline.errors import TemplateError
 from pipeline.images import Image, ImageLoader, ImageProblem
 from pipeline.job import Job
@@ -178,6 +179,13 @@ class Renderer:
         self.template_columns = self._referenced_columns(source)
         self._binary = [p.pieces[0][1] if p.pieces is not None and len(p.pieces) == 1 and p.pieces[0][0]
                         and source.schema[p.pieces[0][1]] == pl.Binary else None for p, _ in self.image_parts]
+        # A request carrying a file the endpoint reads (a transcription's audio): the last template names it, a
+        # path or a bare reference to a binary column (its bytes are the file).
+        self.media = endpoint.media(req, _input_folder(job.input.path))
+        last = self.parts[-1]
+        self._media_column = (last.pieces[0][1] if self.media is not None and last.pieces is not None
+                              and len(last.pieces) == 1 and last.pieces[0][0]
+                              and source.schema[last.pieces[0][1]] == pl.Binary else None)
         # Plain substitutions of string and integer columns render in polars, a chunk at a time: the same text
         # Jinja would produce (nulls as "", integers in decimal), without a Python call per row.
         self.parts = [p if p.pieces is None or all(not is_col or isinstance(source.schema[v], _PLAIN_DTYPES)
@@ -190,6 +198,7 @@ class Renderer:
         provider = provider or provider_for(job)
         facts = DESCRIPTORS[provider.name]
         self.images = ImageLoader(_input_folder(job.input.path), facts.image_limits) if req.images else None
+
         self.image_rule = facts.image_rule(req.model)
         self.counter = provider.counter(req.model)
         self.codec = provider.codec(req, job.name)
@@ -436,7 +445,7 @@ class Renderer:
             ids = chunk.get_column(self.id_column).to_list() if self.id_column else rows
             keep_cols = [chunk.get_column(c).to_list() for c in self.job.input.keep]
             keeps = list(zip(*keep_cols, strict=True)) if keep_cols else [()] * len(rows)
-        needs_values = self.job.input.skip_nulls or bool(self.image_parts) or any(
+        needs_values = self.job.input.skip_nulls or bool(self.image_parts) or self.media is not None or any(
             p.template is not None and p.pieces is None for p in self.parts)
         values_iter = chunk.select(self.template_columns).iter_rows(named=True) \
             if self.template_columns and needs_values else ({} for _ in rows)
@@ -467,8 +476,23 @@ class Renderer:
                     if nulls:
                         skipped.append(Skipped(row, row_id, f"skipped: null in column(s) {', '.join(nulls)}", keep))
                         continue
-                msgs = self.render_messages(values, row_id, {i: col[n] for i, col in fast.items()} if fast else None)
+                prerendered = {i: col[n] for i, col in fast.items()} if fast else {}
+                if self._media_column is not None:  # the file's bytes are the value, not a text to render
+                    prerendered[len(self.parts) - 1] = ""
+                msgs = self.render_messages(values, row_id, prerendered or None)
                 image_tokens = 0
+                if self.media is not None:
+                    value = values[self._media_column] if self._media_column is not None else msgs[-1]["content"]
+                    try:
+                        body, logical = self.media.body(msgs, value)
+                    except MediaProblem as e:
+                        skipped.append(Skipped(row, row_id, str(e), keep, error_type=e.kind))
+                        continue
+                    # the file's name is no prompt text: counted as none
+                    pending.append((row, row_id, keep, tuple("" if i == len(self.parts) - 1 else msgs[i]["content"]
+                                                             for i in variable), body,
+                                    request_key(endpoint, logical), 0))
+                    continue
                 if self.image_parts:
                     try:
                         images = self.row_images(values, row_id)

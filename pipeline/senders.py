@@ -169,13 +169,14 @@ class Sending:
         if self.stats.ok == 0 or self._aborts >= ABORT_AFTER:
             self.stopper.request_stop(e)
 
-    async def spending(self, prompt_tokens: int, completion_tokens: int, ask: Callable[[], Awaitable[R]]) -> R | None:
+    async def spending(self, prompt_tokens: int, completion_tokens: int, ask: Callable[[], Awaitable[R]], *,
+                       units: float = 0.0) -> R | None:
         """``ask()`` with the most it can cost held against ``max_cost_usd`` while it is in flight; None (and the
         run stops) when that could cross the budget: counting requests in flight at their maximum keeps the
         budget from being crossed by answers already on their way."""
         if self.max_cost_usd is None or self.price is None:
             return await ask()
-        cost = self.price.cost(Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens))
+        cost = self.price.cost(Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens, units=units))
         if self.stats.cost_usd + self._reserved + cost > self.max_cost_usd:
             self.stopper.request_stop(BudgetExceeded(
                 f"stopped before crossing [budget].max_cost_usd = ${self.max_cost_usd:g}: spent "

@@ -60,6 +60,18 @@ class ImageGenSpec:
 
 
 @dataclass(frozen=True)
+class TranscriptionSpec:
+    """What one transcription request asks for (``endpoint = "transcriptions"``); the audio's template is the
+    request's ``prompt`` and the model's text prompt, a template too, is ``hint`` (None: the API's defaults)."""
+
+    hint: str | None = None
+    language: str | None = None
+    response_format: str = "json"
+    temperature: float | None = None
+    timestamp_granularities: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
 class InputSpec:
     """Where the rows come from and which of their columns travel to the output."""
 
@@ -99,6 +111,7 @@ class RequestSpec:
     tools: tuple[ToolSpec, ...] = ()
     tool_choice: str = "auto"  # "auto", "required", or one tool's name
     image: ImageGenSpec | None = None  # images: what each generation asks for
+    transcription: TranscriptionSpec | None = None  # transcriptions: what each one asks for
 
 
 @dataclass(frozen=True)
@@ -179,6 +192,7 @@ class PricingSpec:
     cached_input_per_mtok: float | None = None
     output_per_mtok: float | None = None
     context_window: int | None = None
+    per_audio_minute_usd: float | None = None  # transcription: USD per minute of audio
 
 
 @dataclass(frozen=True)

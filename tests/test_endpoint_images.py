@@ -90,7 +90,7 @@ def test_an_image_job_writes_whole_images_of_the_asked_size_priced_by_the_table(
     est = json.loads(estimate.output)
     key = "batch_cost_usd_expected" if mode == "batch" else "cost_usd_expected"
     assert est[key] == pytest.approx(expected, rel=1e-9)  # a documented size and quality: the estimate is exact
-    assert est["made"] == ["images", 200]
+    assert est["made"] == ["images to make", "200"]
 
 
 def test_several_images_per_row_are_lists_and_a_bad_row_fails_alone(make_job, sim, tmp_path):

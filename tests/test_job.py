@@ -117,7 +117,7 @@ def test_messages_role_checked(make_job):
 
 def test_unknown_endpoint_is_refused_clearly(make_job):
     _bad(make_job(request='endpoint = "responses"\nmodel = "m"\nprompt = "x"'),
-         'job.toml: [request].endpoint must be one of chat, embeddings, images, got "responses"')
+         'job.toml: [request].endpoint must be one of chat, embeddings, images, transcriptions, got "responses"')
 
 
 def test_pricing_needs_both_prices(make_job):

@@ -95,6 +95,34 @@ def test_openai_images_generate_and_what_the_api_refuses(sim):
             assert im.size == (1536, 864)
 
 
+def test_openai_audio_transcriptions_and_what_the_api_refuses(sim):
+    from tests.test_endpoint_transcriptions import wav
+
+    call = wav(2.0, "Where is my parcel?")
+    with sim(api_key=SECRET) as s:
+        c = _client(s)
+        verbose = c.audio.transcriptions.create(model="whisper-1", file=("call.wav", call, "audio/wav"),
+                                                response_format="verbose_json", timestamp_granularities=["word"])
+        assert verbose.text == "Where is my parcel?" and verbose.duration == pytest.approx(2.0)
+        assert verbose.words and verbose.words[0].word == "Where" and verbose.segments
+        plain = c.audio.transcriptions.create(model="gpt-4o-mini-transcribe", file=("call.wav", call, "audio/wav"),
+                                              prompt="A support call.")
+        assert plain.text == "Where is my parcel?" and plain.usage is not None and plain.usage.type == "tokens"
+        srt = c.audio.transcriptions.create(model="whisper-1", file=("call.wav", call), response_format="srt")
+        assert "00:00:00,000 --> 00:00:02,000" in srt
+        refused = [dict(model="gpt-4o-transcribe", response_format="verbose_json"),
+                   dict(model="whisper-1", timestamp_granularities=["word"]),
+                   dict(model="whisper-1", language="english"), dict(model="whisper-1", temperature=1.5)]
+        for params in refused:
+            with pytest.raises(openai.BadRequestError):
+                c.audio.transcriptions.create(file=("call.wav", call), **params)  # type: ignore[call-overload]
+        with pytest.raises(openai.BadRequestError):  # not audio, whatever its name says
+            c.audio.transcriptions.create(model="whisper-1", file=("call.wav", b"plain text, not audio"))
+        with pytest.raises(openai.APIStatusError) as big:
+            c.audio.transcriptions.create(model="whisper-1", file=("big.wav", call + b"\x00" * 26_214_400))
+        assert big.value.status_code == 413
+
+
 def test_azure_both_url_styles(sim):
     with sim(api_key=SECRET) as s:
         root = s.base_url.removesuffix("/v1")

@@ -6,10 +6,11 @@ from pipeline.endpoints.base import Endpoint, JobParts, Vectors
 from pipeline.endpoints.chat import Chat
 from pipeline.endpoints.embeddings import Embeddings
 from pipeline.endpoints.images import Images
-from pipeline.pricing import Price, lookup_price, no_price_warning
+from pipeline.endpoints.transcriptions import Transcriptions
+from pipeline.pricing import Price, no_price_warning
 from pipeline.providers.registry import DESCRIPTORS
 
-ENDPOINTS: dict[str, Endpoint] = {e.name: e for e in (Chat(), Embeddings(), Images())}
+ENDPOINTS: dict[str, Endpoint] = {e.name: e for e in (Chat(), Embeddings(), Images(), Transcriptions())}
 
 
 def endpoint_of(name: str) -> Endpoint:
@@ -20,9 +21,7 @@ def endpoint_of(name: str) -> Endpoint:
 def price_for(job: JobParts) -> Price | None:
     """The price of the job's model, with the job's overrides (an endpoint without output tokens needs no
     output rate)."""
-    endpoint = endpoint_of(job.request.endpoint)
-    return lookup_price(job.request.model, job.pricing, input_only=not endpoint.bills_output,
-                        price_ids=DESCRIPTORS[job.api.provider].price_ids, output_keys=endpoint.price_output)
+    return endpoint_of(job.request.endpoint).price(job, DESCRIPTORS[job.api.provider].price_ids)
 
 
 def no_price_for(job: JobParts) -> str:

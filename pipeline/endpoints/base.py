@@ -12,7 +12,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, ClassVar, Protocol
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 import polars as pl
 
@@ -23,8 +23,9 @@ if TYPE_CHECKING:
     from pathlib import Path
 
     from pipeline.outcome import Outcome
-    from pipeline.pricing import Price
+    from pipeline.pricing import Price, PriceIds
     from pipeline.providers.base import BatchResult, Codec
+    from pipeline.rendered import Request
     from pipeline.senders import Sender, Sending
     from pipeline.structured import Checker
     from pipeline.tokens import ChatTokenCounter
@@ -69,6 +70,23 @@ class AnswerColumns:
     whole: Callable[[Outcome], bool] | None = None
 
 
+class MediaProblem(Exception):
+    """Why a row's file (its audio) cannot be sent: the row fails alone, before the run, with this reason."""
+
+    def __init__(self, message: str, kind: str) -> None:
+        super().__init__(message)
+        self.kind = kind
+
+
+class Media(Protocol):
+    """What builds the body of a row whose request carries a file the endpoint reads (transcriptions' audio)."""
+
+    def body(self, messages: list[dict[str, str]], value: Any) -> tuple[bytes, bytes]:
+        """(the row's body, what its request key hashes) from its rendered messages and the value its last
+        template names (a rendered path, or a binary column's bytes); MediaProblem when the file cannot go."""
+        ...
+
+
 @dataclass(frozen=True)
 class Vectors:
     """An endpoint whose answers are vectors: the output gets a float32 column of this many dimensions
@@ -90,6 +108,7 @@ class Endpoint(ABC):
     # the price table's fields that price the answer's tokens, the first a model has
     price_output: ClassVar[tuple[str, ...]] = ("output_mtok",)
     ray: ClassVar[bool] = True     # runs on the Ray engine too
+    billed_units: ClassVar[bool] = False  # requests bill units that are not tokens (``units``)
 
     @abstractmethod
     def parse(self, req: Table, base: Path) -> RequestSpec:
@@ -98,6 +117,11 @@ class Endpoint(ABC):
     @abstractmethod
     def body(self, codec: Codec, messages: list[dict[str, str]]) -> bytes:
         """The exact JSON body of one row's rendered messages (its bytes are hashed into the request key)."""
+
+    def media(self, spec: RequestSpec, input_folder: Path) -> Media | None:
+        """The builder of rows' bodies when a request carries a file the endpoint reads (None: rendering alone
+        makes the body)."""
+        return None
 
     def text_body(self, codec: Codec) -> Callable[[str], bytes] | None:
         """A builder from the prompt's text straight to a body, when the endpoint takes plain text (no
@@ -118,9 +142,21 @@ class Endpoint(ABC):
         """How many HTTP requests ``sendable`` requests of ``tokens`` prompt tokens in all will take."""
         return sendable
 
-    def made(self, spec: RequestSpec, requests: int) -> tuple[str, int] | None:
-        """What ``requests`` requests make, in words and number, where the estimate should say it (images)."""
+    def price(self, job: JobParts, price_ids: PriceIds) -> Price | None:
+        """The price of the job's model, with the job's overrides (looked up under ``price_ids``)."""
+        from pipeline.pricing import lookup_price
+
+        return lookup_price(job.request.model, job.pricing, input_only=not self.bills_output, price_ids=price_ids,
+                            output_keys=self.price_output)
+
+    def made(self, spec: RequestSpec, requests: int, units: float) -> tuple[str, str] | None:
+        """What ``requests`` requests (of ``units`` billed units) make or take, where the estimate should say it:
+        (what, how much)."""
         return None
+
+    def units(self, req: Request) -> float:
+        """The billed units of a request that are not tokens (seconds of audio); read when ``billed_units``."""
+        return 0.0
 
     def known_output(self, spec: RequestSpec) -> tuple[int, str] | None:
         """The output tokens of every answer, with where that comes from, when the endpoint knows them before the

@@ -125,9 +125,9 @@ class Images(Endpoint):
         assert isinstance(checker, ImageFiles), "the images endpoint's answers are its files (``answers``)"
         return ImagesSender(sending, cast("ImagesCodec", codec), checker)
 
-    def made(self, spec: RequestSpec, requests: int) -> tuple[str, int]:
+    def made(self, spec: RequestSpec, requests: int, units: float) -> tuple[str, str]:
         """The images the requests make (``n`` each)."""
-        return "images", requests * (spec.image.n if spec.image else 1)
+        return "images to make", f"{requests * (spec.image.n if spec.image else 1):,}"
 
     def known_output(self, spec: RequestSpec) -> tuple[int, str] | None:
         """A documented model at a stated quality and size bills the table's tokens per image, exactly."""

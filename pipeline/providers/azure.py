@@ -69,7 +69,7 @@ DESCRIPTOR = Descriptor(
     hosts=(".openai.azure.com", ".cognitiveservices.azure.com", ".services.ai.azure.com"),
     structured_outputs=("json_schema", "json_object", "none"),
     max_tokens_fields=("max_completion_tokens", "max_tokens"), max_images=500, batch_limits=OPENAI_BATCH_LIMITS,
-    endpoints=("chat", "embeddings", "images"), own_keys={"deployment": "", "api_version": ""},
+    endpoints=("chat", "embeddings", "images", "transcriptions"), own_keys={"deployment": "", "api_version": ""},
     requires={"api_version": "deployment"},  # the older URLs name the deployment
     price_ids=("azure", "openai"),  # Azure sells OpenAI's models; one listed for OpenAI only is priced as OpenAI's
     example_base_url="https://RESOURCE.openai.azure.com/openai/v1",

@@ -81,6 +81,20 @@ class ImageAnswer:
 
 
 @dataclass(frozen=True, slots=True)
+class TranscriptAnswer:
+    """A transcription response: the text, and what the response format adds (language, duration, segments),
+    with the usage the API reports (tokens, or seconds of audio as ``units``; None when it sends none)."""
+
+    text: str
+    language: str | None
+    duration_s: float | None
+    segments: list[dict[str, Any]] | None
+    model: str | None
+    usage: Usage | None
+    rate: RateInfo
+
+
+@dataclass(frozen=True, slots=True)
 class EmbeddingAnswer:
     """An embeddings response: one float32 vector (little-endian bytes) per input, in input order."""
 
@@ -119,7 +133,7 @@ class BatchResult:
     """One request's result in a Batch API results file: its answer, or why it has none."""
 
     key: str
-    answer: Answer | EmbeddingAnswer | ImageAnswer | None = None
+    answer: Answer | EmbeddingAnswer | ImageAnswer | TranscriptAnswer | None = None
     error: ProviderError | None = None
     attempts: int = 1  # 0: never executed (the batch ended first)
 
@@ -249,6 +263,18 @@ class ImagesCodec(Codec, Protocol):
 
     def answer(self, status: int, headers: Any, body: bytes) -> ImageAnswer:
         """An image-generation response as its images, or raise its error class."""
+        ...
+
+
+class TranscriptionsCodec(Codec, Protocol):
+    """The transcription endpoint's codec: a multipart form of the request's fields and its audio file."""
+
+    def form(self, body: Mapping[str, Any]) -> list[tuple[str, str]]:
+        """The form fields (all but the file) of a request from its logical body."""
+        ...
+
+    def answer(self, status: int, headers: Any, body: bytes) -> TranscriptAnswer:
+        """A transcription response as its text and parts, or raise its error class."""
         ...
 
 

@@ -41,7 +41,7 @@ DESCRIPTOR = Descriptor(
     name="openai-compatible", default_base_url="", key_env="OPENAI_API_KEY", hosts=(),
     structured_outputs=("json_schema", "json_object", "none"),
     max_tokens_fields=("max_tokens", "max_completion_tokens"),  # what most servers (vLLM, llama.cpp) read
-    max_images=500, batch_limits=OPENAI_BATCH_LIMITS, endpoints=("chat", "embeddings", "images"),
+    max_images=500, batch_limits=OPENAI_BATCH_LIMITS, endpoints=("chat", "embeddings", "images", "transcriptions"),
     batch_endpoints=("chat", "embeddings", "images"),  # OpenAI's Batch API's; a server without them refuses
     own_keys={"json_object_schema": "OpenAI's and Azure's json_object takes no schema (it goes in the prompt)"},
     price_ids=(None,),  # a served model is priced by its name alone

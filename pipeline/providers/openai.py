@@ -24,6 +24,7 @@ from pipeline.providers.base import (
     EmbeddingAnswer,
     ImageAnswer,
     PromptCache,
+    TranscriptAnswer,
 )
 from pipeline.providers.openai_wire import (
     chat_answer,
@@ -33,13 +34,15 @@ from pipeline.providers.openai_wire import (
     parse_chat,
     parse_embeddings,
     parse_images,
+    transcript_reader,
 )
 from pipeline.spec import DEFAULT_BASE_URL, OPENAI_BATCH_LIMITS, ApiSpec, RequestSpec
 from pipeline.tokens import ChatTokenCounter
 
 # -- requests --------------------------------------------------------------------------------------------------
 
-PATHS = {"chat": "/chat/completions", "embeddings": "/embeddings", "images": "/images/generations"}
+PATHS = {"chat": "/chat/completions", "embeddings": "/embeddings", "images": "/images/generations",
+         "transcriptions": "/audio/transcriptions"}
 OPENAI_CACHE = PromptCache("automatic", min_tokens=1024, step=128)
 EMBEDDING_DIMS = {"text-embedding-3-small": 1536, "text-embedding-3-large": 3072, "text-embedding-ada-002": 1536}
 SCHEMA_INSTRUCTION = "Answer with one JSON object, and nothing else, that is valid for this JSON Schema:\n"
@@ -70,6 +73,8 @@ def static_body(spec: RequestSpec, job_name: str, api: ApiSpec | None = None,
         if spec.dimensions is not None:
             body["dimensions"] = spec.dimensions
         body["encoding_format"] = spec.encoding_format
+        return body
+    if spec.transcription is not None:  # a multipart form, built per row by its codec (``form``)
         return body
     if spec.image is not None:  # image generation: the model's own parameters, only those the job gave
         body.update((k, v) for k, v in vars(spec.image).items() if v is not None and (k != "n" or v != 1))
@@ -266,8 +271,37 @@ class OpenAIImagesCodec(_OpenAICodec):
         return images_answer(body)
 
 
+class OpenAITranscriptionsCodec(_OpenAICodec):
+    """``/audio/transcriptions``: a multipart form of the job's fields and a row's audio file; the text out."""
+
+    endpoint = "transcriptions"
+
+    def __init__(self, spec: RequestSpec, job_name: str, api: ApiSpec, model: str, *, path: str,
+                 batch_url: str) -> None:
+        super().__init__(spec, job_name, api, model, path=path, batch_url=batch_url)
+        assert spec.transcription is not None
+        self._read = transcript_reader(spec.transcription.response_format)
+        self._model = model
+
+    def form(self, body: Mapping[str, Any]) -> list[tuple[str, str]]:
+        """The form fields, in the API's names (a list per granularity, as the API reads arrays in forms)."""
+        fields = [("model", self._model)]
+        for key in ("language", "prompt", "response_format"):
+            if body.get(key) is not None:
+                fields.append((key, str(body[key])))
+        if body.get("temperature") is not None:
+            fields.append(("temperature", repr(float(body["temperature"]))))
+        fields += [("timestamp_granularities[]", g) for g in body.get("timestamp_granularities") or ()]
+        return fields
+
+    def answer(self, status: int, headers: Any, body: bytes) -> TranscriptAnswer:
+        """A transcription response in the job's response format, or the error class."""
+        return classify(status, headers, body, self._read)  # type: ignore[no-any-return]
+
+
 CODECS: dict[str, type[_OpenAICodec]] = {
-    "chat": OpenAIChatCodec, "embeddings": OpenAIEmbeddingsCodec, "images": OpenAIImagesCodec}
+    "chat": OpenAIChatCodec, "embeddings": OpenAIEmbeddingsCodec, "images": OpenAIImagesCodec,
+    "transcriptions": OpenAITranscriptionsCodec}
 
 
 def shape_hint(api: ApiSpec, message: str) -> str:
@@ -355,5 +389,5 @@ DESCRIPTOR = Descriptor(
     max_tokens_fields=("max_completion_tokens", "max_tokens"),
     max_images=500,  # "500 images per request" (platform.openai.com/docs/guides/images-vision)
     batch_limits=OPENAI_BATCH_LIMITS,  # 50,000 requests, 200 MB per input file (platform.openai.com/docs/guides/batch)
-    endpoints=("chat", "embeddings", "images"), batch_endpoints=("chat", "embeddings", "images"),
+    endpoints=("chat", "embeddings", "images", "transcriptions"), batch_endpoints=("chat", "embeddings", "images"),
     make=lambda api, request: OpenAIProvider(api))

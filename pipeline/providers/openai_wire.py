@@ -25,6 +25,7 @@ from pipeline.providers.base import (
     GeneratedImage,
     ImageAnswer,
     RateInfo,
+    TranscriptAnswer,
 )
 
 RETRYABLE_STATUS = frozenset({408, 409, 429, 500, 502, 503, 504})
@@ -256,3 +257,44 @@ def images_answer(data: Any, rate: RateInfo = NO_RATE) -> ImageAnswer:
     fmt = data.get("output_format")
     return ImageAnswer(images=images, output_format=fmt if isinstance(fmt, str) else None, model=data.get("model"),
                        usage=usage, rate=rate)
+
+
+def transcript_reader(response_format: str) -> Callable[[bytes, Any], TranscriptAnswer]:
+    """The reader of a 200 transcription response in ``response_format``: JSON for json and verbose_json, the
+    body's own text for text, srt and vtt."""
+    def read(body: bytes, headers: Any) -> TranscriptAnswer:
+        rate = parse_rate(headers)
+        if response_format not in ("json", "verbose_json"):
+            try:
+                return TranscriptAnswer(body.decode("utf-8"), None, None, None, None, None, rate)
+            except UnicodeDecodeError:
+                raise TransientError("HTTP 200 with a transcript that is not UTF-8 text", kind="malformed_response",
+                                     status=200) from None
+        try:
+            data = orjson.loads(body)
+            text = data["text"]
+            if not isinstance(text, str):
+                raise TypeError
+            segments = data.get("segments")
+            duration = data.get("duration")
+            return TranscriptAnswer(text, data.get("language"), float(duration) if duration is not None else None,
+                                    [{"id": s.get("id"), "start": s.get("start"), "end": s.get("end"),
+                                      "text": s.get("text")} for s in segments] if isinstance(segments, list)
+                                    else None, data.get("model"), transcript_usage(data.get("usage")), rate)
+        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError):
+            raise TransientError("HTTP 200 with a malformed body (not a transcription)", kind="malformed_response",
+                                 status=200) from None
+
+    return read
+
+
+def transcript_usage(u: Any) -> Usage | None:
+    """A transcription's usage: tokens (the gpt-4o models: text and audio in, text out), or seconds of audio
+    (whisper-1, billed by duration)."""
+    if not isinstance(u, dict):
+        return None
+    if u.get("type") == "duration":
+        return Usage(units=float(u.get("seconds") or 0.0))
+    details = u.get("input_token_details") or {}
+    return Usage(prompt_tokens=int(u.get("input_tokens") or 0), completion_tokens=int(u.get("output_tokens") or 0),
+                 audio_tokens=int(details.get("audio_tokens") or 0))

@@ -1,13 +1,13 @@
 """A local stand-in for the providers' APIs, for the demo, the integration tests and the benchmarks.
 
 It speaks OpenAI's wire format (``/v1/chat/completions``, ``/v1/embeddings``, ``/v1/images/generations`` in
-``sim/images.py``, ``/v1/models``, Files and Batches), the same under Azure OpenAI's paths and ``api-key`` header
-(``/openai/v1/...`` and the older ``/openai/deployments/DEPLOYMENT/...?api-version=``), and Anthropic's Messages
-API with ``count_tokens`` and Message Batches (``sim/anthropic.py``). It counts ``usage`` (OpenAI's with the same
-tokenizer as the client, Claude's by the rule stated in ``sim/anthropic.py``), enforces requests- and
-tokens-per-minute limits the way each provider does (a bucket per minute, charged at admission with prompt + max
-output tokens, with the real rate-limit headers and 429 bodies) and injects faults on demand. Its answers are
-deterministic stand-ins.
+``sim/images.py``, ``/v1/audio/transcriptions`` in ``sim/audio.py``, ``/v1/models``, Files and Batches), the same
+under Azure OpenAI's paths and ``api-key`` header (``/openai/v1/...`` and the older
+``/openai/deployments/DEPLOYMENT/...?api-version=``), and Anthropic's Messages API with ``count_tokens`` and
+Message Batches (``sim/anthropic.py``). It counts ``usage`` (OpenAI's with the same tokenizer as the client,
+Claude's by the rule stated in ``sim/anthropic.py``), enforces requests- and tokens-per-minute limits the way each
+provider does (a bucket per minute, charged at admission with prompt + max output tokens, with the real rate-limit
+headers and 429 bodies) and injects faults on demand. Its answers are deterministic stand-ins.
 
 Test hooks (documented so tests can aim at one row): a prompt containing ``SIM_400`` gets a 400, one containing
 ``SIM_REFUSE`` gets a refusal, one containing ``SIM_BAD_JSON`` gets malformed JSON content.
@@ -80,6 +80,9 @@ class Simulator:
         from pipeline.sim.images import ImagesService
 
         self.images = ImagesService(self)
+        from pipeline.sim.audio import AudioService
+
+        self.audio = AudioService(self)
 
     def app(self) -> web.Application:
         """The aiohttp application with every provider's routes."""
@@ -96,6 +99,7 @@ class Simulator:
         self.batch_api.routes(app)
         self.anthropic.routes(app)
         self.images.routes(app)
+        self.audio.routes(app)
         return app
 
     def counter(self, model: str) -> ChatTokenCounter:
@@ -246,7 +250,7 @@ class Simulator:
         if cfg.malformed_rate and r() < cfg.malformed_rate:
             self.stats.injected["malformed"] += 1
             return web.Response(body=data[: len(data) // 2], content_type="application/json", headers=headers)
-        self._count_ok(raw)
+        self.count_ok(raw)
         if cfg.slow_body_rate and r() < cfg.slow_body_rate:
             self.stats.injected["slow_body"] += 1
             resp = web.StreamResponse(headers={**headers, "Content-Type": "application/json"})
@@ -259,7 +263,9 @@ class Simulator:
             return resp
         return web.Response(body=data, content_type="application/json", headers=headers)
 
-    def _count_ok(self, raw: bytes) -> None:
+    def count_ok(self, raw: bytes) -> None:
+        """Count an answered request, and whether its body was answered before (``raw``: its bytes, or what
+        stands for them where the wire bytes vary, as a multipart boundary does)."""
         self.stats.ok += 1
         digest = hashlib.blake2b(raw, digest_size=16).digest()
         if digest in self._answered:
