@@ -1,7 +1,8 @@
 """Audio in requests (transcription jobs): where each file comes from, what it really is, whether the API takes it,
 and how long it is.
 
-A row's audio is a local file (relative to the input's folder, as images are) or the bytes of a binary column. It is
+A row's audio is a local file (relative to the input's folder, as images are), an ``https://`` URL (downloaded once
+into this machine's temporary folder: the API takes uploads only), or the bytes of a binary column. It is
 checked before anything is sent, so a bad file fails its row alone with the reason: its container and codec read
 from its first bytes (never from its name), its size against the API's limit, and its duration read from its
 headers by mutagen (a maintained, pure-Python reader of audio metadata: it reads headers only, decodes nothing,
@@ -124,9 +125,9 @@ class AudioLoader:
             raise AudioProblem(f"not a file's path ({len(value):,} characters): a binary column is given as the bare "
                                "template {{ column }}")
         if value.startswith(("https://", "http://")):
-            raise AudioProblem("an audio URL: download the files first (the API takes uploads only), and give "
-                               "their paths")
-        path = Path(value) if Path(value).is_absolute() else self.base_dir / value
+            path = self._downloaded(value)
+        else:
+            path = Path(value) if Path(value).is_absolute() else self.base_dir / value
         try:
             size = path.stat().st_size
             if not path.is_file():
@@ -145,6 +146,46 @@ class AudioLoader:
             return self._check(data, str(path))
         except AudioProblem as e:
             raise AudioProblem(f"{value}: {e}") from None
+
+    @staticmethod
+    def _downloaded(url: str) -> Path:
+        """A URL's file, fetched once into this machine's temporary folder (named by the URL's hash, so a rerun
+        finds it there): the API takes uploads only. What it holds is checked like any file (its hash is the
+        request's identity, so a URL whose content changed is a new request)."""
+        import os
+        import tempfile
+
+        import httpx
+
+        folder = Path(tempfile.gettempdir()) / f"pipeline-audio-{os.getuid() if hasattr(os, 'getuid') else 0}"
+        path = folder / hashlib.sha256(url.encode()).hexdigest()[:32]
+        if path.is_file():
+            return path
+        folder.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".part")
+        last = "no attempt"
+        for _attempt in range(3):
+            try:
+                with httpx.stream("GET", url, follow_redirects=True, timeout=60.0) as r:
+                    if r.status_code != 200:
+                        last = f"HTTP {r.status_code}"
+                        if r.status_code < 500 and r.status_code != 429:
+                            break
+                        continue
+                    size = 0
+                    with open(tmp, "wb") as fh:
+                        for chunk in r.iter_bytes(1 << 20):
+                            size += len(chunk)
+                            if size > MAX_BYTES:
+                                raise AudioProblem(f"{url}: more than the API takes ({MAX_BYTES / 1e6:.1f} MB)")
+                            fh.write(chunk)
+                os.replace(tmp, path)
+                return path
+            except httpx.HTTPError as e:
+                last = f"{type(e).__name__}: {e}"
+            finally:
+                tmp.unlink(missing_ok=True)
+        raise AudioProblem(f"{url}: cannot be downloaded ({last})")
 
     @staticmethod
     def _check(data: bytes, path: str | None) -> Audio:

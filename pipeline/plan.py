@@ -131,8 +131,10 @@ def output_key_schema(job: Job, source: Source) -> dict[str, pl.DataType]:
 
 
 def answer_columns(job: Job, output: Path) -> AnswerColumns:
-    """How the job's answers become typed columns of the output at ``output`` (its endpoint says)."""
-    return endpoint_of(job.request.endpoint).answers(job.request, output)
+    """How the job's answers become typed columns of the output at ``output`` (its endpoint says); for an
+    object-storage output, files the answers live in are named by their object's URL."""
+    url = job.output.path if is_url(job.output.path) else None
+    return endpoint_of(job.request.endpoint).answers(job.request, output, url)
 
 
 @dataclass
@@ -186,7 +188,7 @@ def output_writer(c: Checked, paths: OutputPaths, *, stage: bool = True) -> Part
     """The output writer of a checked job (``stage=False``: a frame builder, with no parts folder)."""
     job = c.job
     vectors = c.renderer.endpoint.vectors(c.renderer.codec)
-    answers = c.renderer.endpoint.answers(job.request, paths.output)
+    answers = answer_columns(job, paths.output)
     return PartWriter(paths, c.key_schema, answer_columns=answers.columns, checker=answers.checker,
                       vectors=vectors is not None,
                       vector_dims=vectors.dims if vectors else None, stage=stage)

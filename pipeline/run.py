@@ -24,8 +24,8 @@ from pipeline.interrupts import StopSignals
 from pipeline.job import Job
 from pipeline.ledger import BatchPart
 from pipeline.outcome import RunStats
-from pipeline.plan import RunPlan, finish, prepare
-from pipeline.storage import is_url, pull_manifest, push_output
+from pipeline.plan import RunPlan, answer_columns, finish, prepare
+from pipeline.storage import is_url, pull_manifest, push_files, push_output
 
 
 @dataclass
@@ -117,6 +117,9 @@ def run(job: Job, *, base_url: str | None = None, limit: int | None = None, fres
                                  grace_s=grace_s, release_memory=release_memory)
             manifest = finish(plan, end)
             if remote:
+                answers = answer_columns(job, plan.paths.output)
+                if answers.folder is not None and answers.folder_url is not None:
+                    push_files(answers.folder, answers.folder_url, job.storage.endpoint_url)
                 push_output(job, plan.paths.output, plan.paths.manifest)
         finally:
             plan.close()

@@ -193,6 +193,20 @@ def pull_manifest(job: Any) -> None:
         local.write_bytes(data)
 
 
+def push_files(folder: Path, url_dir: str, endpoint_url: str | None = None) -> int:
+    """Upload the files of a local folder under a prefix, those the prefix does not hold yet (their names carry
+    their hashes, so a name there is the same file); before the table that names them. Returns how many."""
+    if not folder.is_dir():
+        return 0
+    there = set(list_names(url_dir, endpoint_url))
+    sent = 0
+    for f in sorted(folder.iterdir()):
+        if f.is_file() and not f.name.startswith(".") and f.name not in there:
+            upload(f, f"{url_dir.rstrip('/')}/{f.name}", endpoint_url)
+            sent += 1
+    return sent
+
+
 def push_output(job: Any, output: Path, manifest: Path) -> None:
     """After a run to object storage: the table, then its manifest (a reader that finds the manifest finds
     the table it describes)."""

@@ -148,3 +148,29 @@ def run_virtual(coro: Any) -> Any:
     """Run a coroutine on a fresh virtual-time loop; returns its result."""
     with asyncio.Runner(loop_factory=VirtualTimeLoop) as runner:
         return runner.run(coro)
+
+
+@pytest.fixture
+def s3(monkeypatch: pytest.MonkeyPatch) -> Any:
+    """A local S3 server (moto) on 127.0.0.1 with a bucket ``data``; yields pyarrow's filesystem on it."""
+    import logging
+
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    from pipeline.sim.server import free_port
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    for k, v in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_REGION": "us-east-1",
+                 "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}"}.items():
+        monkeypatch.setenv(k, v)
+    boto3.client("s3").create_bucket(Bucket="data")
+    from pipeline.storage import filesystem
+
+    try:
+        yield lambda url: filesystem(url)[0]
+    finally:
+        server.stop()

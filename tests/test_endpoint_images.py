@@ -210,3 +210,21 @@ def test_images_run_on_the_local_engine_only(make_job):
     job.write_text(job.read_text() + '\n[engine]\nkind = "ray"\n')
     with pytest.raises(JobError, match="runs on the local engine only"):
         Job.load(job)
+
+
+def test_beside_an_object_storage_output_the_images_are_objects_too(make_job, sim, tmp_path, s3):
+    fs = s3("s3://data/")
+    with sim() as s:
+        job = image_job(make_job, s.base_url, rows=6)
+        job.write_text(job.read_text().replace('path = "out/result.parquet"', 'path = "s3://data/out/art.parquet"'))
+        assert run(Job.load(job)).exit_code == 0
+        assert run(Job.load(job)).stats.requests_sent == 0  # the stage on this machine keeps the journal and files
+        assert s.stats.requests == 6
+    import pyarrow.parquet as pq
+
+    out = pl.from_arrow(pq.read_table("data/out/art.parquet", filesystem=fs))
+    assert isinstance(out, pl.DataFrame) and out.height == 6
+    for url, digest in out.select("image_path", "image_sha256").iter_rows():
+        assert url.startswith("s3://data/out/art.images/")
+        data = fs.open_input_stream(url.removeprefix("s3://")).read()
+        assert hashlib.sha256(data).hexdigest() == digest

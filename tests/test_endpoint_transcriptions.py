@@ -165,3 +165,31 @@ def test_what_the_api_refuses_is_refused_before_the_run(make_job, tmp_path, requ
     with pytest.raises(JobError) as e:
         check(Job.load(job))
     assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_audio_by_url_is_downloaded_once_and_a_dead_link_fails_its_row(make_job, sim, tmp_path):
+    import functools
+    import http.server
+    import threading
+    import uuid
+
+    served = tmp_path / "served"
+    served.mkdir()
+    tag = uuid.uuid4().hex  # a fresh URL: nothing of another run is in the download folder
+    (served / f"{tag}.wav").write_bytes(wav(1.25, "Calling from a link."))
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(served))
+    handler.log_message = lambda *a, **k: None  # type: ignore[assignment]
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    root = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        data = pl.DataFrame({"call_id": ["web", "dead"], "file": [f"{root}/{tag}.wav", f"{root}/{tag}-gone.wav"]})
+        with sim() as s:
+            job = transcription_job(make_job, s.base_url, data)
+            result = run(Job.load(job))
+            assert result.stats.ok == 1 and result.stats.failed == 1
+    finally:
+        server.shutdown()
+    out = pl.read_parquet(tmp_path / "out/result.parquet").sort("call_id")
+    assert out["text"].to_list() == [None, "Calling from a link."]
+    assert "cannot be downloaded (HTTP 404)" in out["error"][0]

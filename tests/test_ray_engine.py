@@ -3,10 +3,9 @@ local S3 server (moto's server mode) for object storage. Ray is installed by ``m
 
 from __future__ import annotations
 
-import logging
 import os
 import textwrap
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -150,28 +149,6 @@ def test_the_library_run_follows_the_jobs_engine_and_refuses_what_ray_cannot_do(
     assert result.exit_code == 0 and result.estimate is None
     assert result.manifest_data["engine"]["kind"] == "ray"
     assert Path(result.output).is_dir() and result.frame().height == 60
-
-
-@pytest.fixture
-def s3(monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[[str], Any]]:
-    """A local S3 server (moto) on 127.0.0.1 with a bucket ``data``; yields pyarrow's filesystem on it."""
-    import boto3
-    from moto.server import ThreadedMotoServer
-
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)
-    port = free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    for k, v in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_REGION": "us-east-1",
-                 "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}"}.items():
-        monkeypatch.setenv(k, v)
-    boto3.client("s3").create_bucket(Bucket="data")
-    from pipeline.storage import filesystem
-
-    try:
-        yield lambda url: filesystem(url)[0]
-    finally:
-        server.stop()
 
 
 def test_both_engines_read_from_and_write_to_a_local_s3_server(tmp_path: Path, s3: Callable[[str], Any]) -> None:

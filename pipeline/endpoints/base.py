@@ -68,6 +68,8 @@ class AnswerColumns:
     checker: Checker | None = None
     columns: dict[str, pl.DataType] | None = None
     whole: Callable[[Outcome], bool] | None = None
+    folder: Path | None = None     # where the answers' files are written (uploaded beside an object-storage output)
+    folder_url: str | None = None  # and where they go on object storage
 
 
 class MediaProblem(Exception):
@@ -167,8 +169,9 @@ class Endpoint(ABC):
         """The most tokens one request may hold (the estimate's over-context check)."""
         return model_window
 
-    def answers(self, spec: RequestSpec, output: Path) -> AnswerColumns:
-        """The typed answer columns of the output at ``output`` (none beyond ``content`` by default)."""
+    def answers(self, spec: RequestSpec, output: Path, url: str | None = None) -> AnswerColumns:
+        """The typed answer columns of the output at ``output`` (none beyond ``content`` by default); ``url``:
+        the object-storage output ``output`` is the stage of."""
         return AnswerColumns()
 
     def vectors(self, codec: Codec) -> Vectors | None:

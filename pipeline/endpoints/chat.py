@@ -138,7 +138,7 @@ class Chat(Endpoint):
         return ChatSender(sending, cast("ChatCodec", codec), checker=checker, schema_retries=spec.schema_retries,
                           counter=counter)
 
-    def answers(self, spec: RequestSpec, output: Path) -> AnswerColumns:
+    def answers(self, spec: RequestSpec, output: Path, url: str | None = None) -> AnswerColumns:
         """A response schema's properties, or the tools' arguments, as typed columns, checked as they come."""
         if spec.response_schema is not None:
             from pipeline.structured import AnswerChecker, columns_of

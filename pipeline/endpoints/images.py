@@ -142,10 +142,13 @@ class Images(Endpoint):
         """No context window: a prompt is limited in characters, which the API checks."""
         return None
 
-    def answers(self, spec: RequestSpec, output: Path) -> AnswerColumns:
-        """The image files' columns; a recorded answer is whole while its files are."""
-        files = ImageFiles(output.with_suffix(f".{self.name}"), spec.image.n if spec.image else 1)
-        return AnswerColumns(files, files.columns, files.whole)
+    def answers(self, spec: RequestSpec, output: Path, url: str | None = None) -> AnswerColumns:
+        """The image files' columns; a recorded answer is whole while its files are. Beside an object-storage
+        output, the files are uploaded after the run and the columns name their objects."""
+        folder = output.with_suffix(f".{self.name}")
+        folder_url = None if url is None else (url.removesuffix(".parquet") + f".{self.name}")
+        files = ImageFiles(folder, spec.image.n if spec.image else 1, folder_url)
+        return AnswerColumns(files, files.columns, files.whole, folder, folder_url)
 
     def family_warnings(self, job: JobParts) -> list[str]:
         """The image model's documented rules (``providers.image_models``) applied to the job's parameters."""
@@ -260,11 +263,12 @@ class ImageFiles:
     """The image files of one output (``OUT.images/``) and the answer columns that point at them.
 
     An answer's record (the outcome's ``content``) is JSON: each image's file name, size and SHA-256, its MIME
-    type and the model's revised prompts. The columns hold the files' full paths (a list per row when ``n`` > 1).
+    type and the model's revised prompts. The columns hold the files' full paths (a list per row when ``n`` > 1), or
+    their objects' URLs beside an object-storage output.
     """
 
-    def __init__(self, folder: Path, n: int) -> None:
-        self.folder, self.n = folder, n
+    def __init__(self, folder: Path, n: int, folder_url: str | None = None) -> None:
+        self.folder, self.n, self.folder_url = folder, n, folder_url
         many = n > 1
 
         def col(dtype: pl.DataType) -> pl.DataType:
@@ -366,7 +370,7 @@ class ImageFiles:
         if record is None:
             return [None] * len(self.columns)
         files = record["files"]
-        paths = [str(self.folder / f["name"]) for f in files]
+        paths = [f"{self.folder_url}/{f['name']}" if self.folder_url else str(self.folder / f["name"]) for f in files]
         hashes = [f["sha256"] for f in files]
         sizes = [f["bytes"] for f in files]
         revised = record.get("revised_prompt") or [None] * len(files)

@@ -1,6 +1,6 @@
 """The transcription endpoint: one row's audio file in (a multipart upload), its text out.
 
-``[request].audio`` names the row's file (a path relative to the input, or a binary column); each file is checked
+``[request].audio`` names the row's file (a path relative to the input, an URL, or a binary column); each file is checked
 before anything is sent (``pipeline.audio``: its container and codec from its bytes, its size, its duration from its
 headers), so a bad file fails its row alone. A request's identity is its logical request (the model's fields and
 the audio's SHA-256), never the multipart bytes, whose boundary is random. The file is read when its request is sent,
@@ -121,7 +121,7 @@ class Transcriptions(Endpoint):
         """No context window: a file's limit is its size, checked before the run."""
         return None
 
-    def answers(self, spec: RequestSpec, output: Path) -> AnswerColumns:
+    def answers(self, spec: RequestSpec, output: Path, url: str | None = None) -> AnswerColumns:
         """The transcript's columns."""
         assert spec.transcription is not None
         columns = TranscriptColumns(spec.transcription.response_format == "verbose_json")
