@@ -1,6 +1,6 @@
 """The transcription endpoint: one row's audio file in (a multipart upload), its text out.
 
-``[request].audio`` names the row's file (a path relative to the input, an URL, or a binary column); each file is checked
+``[request].audio`` names the row's file (a path relative to the input, a URL, or a binary column); each is checked
 before anything is sent (``pipeline.audio``: its container and codec from its bytes, its size, its duration from its
 headers), so a bad file fails its row alone. A request's identity is its logical request (the model's fields and
 the audio's SHA-256), never the multipart bytes, whose boundary is random. The file is read when its request is sent,
