@@ -34,32 +34,35 @@ def is_url(path: str | os.PathLike[str]) -> bool:
 
 
 @functools.lru_cache(maxsize=16)
-def _filesystem(scheme: str, endpoint_url: str | None) -> Any:
+def _filesystem(kind: str, endpoint: str | None, region: str | None, account: str | None) -> Any:
     import pyarrow.fs as pafs
 
-    kind = SCHEMES[scheme]
     if kind == "s3":
-        endpoint = endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
         options: dict[str, Any] = {}
         if endpoint:
             parts = urlsplit(endpoint if "://" in endpoint else f"https://{endpoint}")
             options.update(endpoint_override=parts.netloc, scheme=parts.scheme or "https")
-        region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
         if region or endpoint:
             options["region"] = region or "us-east-1"
         return pafs.S3FileSystem(**options)
     if kind == "gs":
         return pafs.GcsFileSystem()
-    account = os.environ.get("AZURE_STORAGE_ACCOUNT_NAME") or os.environ.get("AZURE_STORAGE_ACCOUNT")
     if not account:
         raise InputError("az:// paths need the storage account: set AZURE_STORAGE_ACCOUNT_NAME")
     return pafs.AzureFileSystem(account_name=account)
 
 
 def filesystem(url: str, endpoint_url: str | None = None) -> tuple[Any, str]:
-    """The pyarrow filesystem of ``url`` and the path inside it (``bucket/key``)."""
+    """The pyarrow filesystem of ``url`` and the path inside it (``bucket/key``). Built once per settings: the
+    environment's endpoint, region and account are part of what it is cached by, so a process that changes them
+    (a notebook, a test) gets a filesystem on the new ones."""
     parts = urlsplit(url)
-    return _filesystem(parts.scheme, endpoint_url), f"{parts.netloc}{parts.path}"
+    kind = SCHEMES[parts.scheme]
+    env = os.environ.get
+    endpoint = (endpoint_url or env("AWS_ENDPOINT_URL_S3") or env("AWS_ENDPOINT_URL")) if kind == "s3" else None
+    region = (env("AWS_REGION") or env("AWS_DEFAULT_REGION")) if kind == "s3" else None
+    account = (env("AZURE_STORAGE_ACCOUNT_NAME") or env("AZURE_STORAGE_ACCOUNT")) if kind == "az" else None
+    return _filesystem(kind, endpoint, region, account), f"{parts.netloc}{parts.path}"
 
 
 def _url(scheme: str, path: str) -> str:
