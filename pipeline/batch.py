@@ -229,7 +229,8 @@ def write_rows(plan: RunPlan, stage: BatchStage, sink: PartWriter, key_of_row: C
     the estimate (the input is read for its ids and kept columns only); rows still waiting in a batch are left
     out and counted as pending."""
     job = plan.job
-    columns = [*([job.input.id] if job.input.id else []), *job.input.keep]
+    # a job with no id and nothing kept still reads one column: rows are counted by what is read
+    columns = [*([job.input.id] if job.input.id else []), *job.input.keep] or list(plan.checked.source.schema)[:1]
     recorded = plan.store.reader(any_outcome=True)
     seen: set[int] = set()
     try:

@@ -20,14 +20,18 @@ import dataclasses
 import hashlib
 import json
 import os
+import sys
+import threading
+import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import polars as pl
 
-from pipeline.errors import UsageError
+from pipeline.errors import Interrupted, UsageError
 from pipeline.estimate import Estimate
+from pipeline.interrupts import StopSignals
 from pipeline.job import Job
 from pipeline.outcome import RESULT_SCHEMA
 from pipeline.planning import estimate as estimate_job
@@ -41,6 +45,9 @@ _TABLES = {
     "timeout_s": "limits", "max_cost_usd": "budget", "provider": "api", "base_url": "api", "api_key_env": "api",
     "deployment": "api", "api_version": "api", "max_tokens_field": "api", "structured_output": "api",
     "anthropic_version": "api", "skip_nulls": "input", "output_tokens": "estimate",
+    "poll_interval_s": "batch", "poll_max_interval_s": "batch", "max_requests_per_file": "batch",
+    "max_bytes_per_file": "batch", "input_per_mtok": "pricing", "output_per_mtok": "pricing",
+    "cached_input_per_mtok": "pricing", "per_audio_minute_usd": "pricing",
 }
 _RENAMED = {"schema": "response_schema"}
 
@@ -173,34 +180,93 @@ def _staged(df: pl.DataFrame, job: Job | None, keys: Mapping[str, Any], workdir:
     return the_job
 
 
-def _in_thread_if_a_loop_runs(fn: Callable[[], Any]) -> Any:
-    """Call ``fn`` here, or in a thread of its own when this thread already runs an event loop (a notebook)."""
+def _interruptible(call: Callable[[StopSignals | None], Any]) -> Any:
+    """``call(signals)`` here, or in a thread of its own when this thread already runs an event loop (a
+    notebook, an async app), since the engine runs its own loop.
+
+    From the main thread, an interrupt (Ctrl-C, the kernel's interrupt button) stops the run the way it stops
+    ``pipeline run``: the signal handlers are installed here, where signals arrive, and stop the run wherever it
+    goes on; this thread then waits for it to write what was answered."""
     try:
         asyncio.get_running_loop()
+        loop_runs = True
     except RuntimeError:
-        return fn()
-    with concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="pipeline-map") as pool:
-        return pool.submit(fn).result()
+        loop_runs = False
+    main = threading.current_thread() is threading.main_thread()
+    if not main:
+        if not loop_runs:
+            return call(None)
+        with concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="pipeline-map") as pool:
+            return pool.submit(call, None).result()
+    with StopSignals() as signals:
+        if not loop_runs:
+            return call(signals)
+        with concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="pipeline-map") as pool:
+            future = pool.submit(call, signals)
+            while True:
+                try:
+                    return future.result()
+                except (Interrupted, KeyboardInterrupt):
+                    if future.done():
+                        raise
+                    # raised here by the handler before the run could take the signal itself: the run has seen
+                    # it (``signals.reason``) and stops; wait for it to finish writing
 
 
-def map(frame: Any, job: Job | None = None, *, workdir: str | Path | None = None, fresh: bool = False,
-        name: str | None = None, base_url: str | None = None, mode: str | None = None,
-        on_estimate: Callable[[Estimate], bool] | None = None, on_progress: Callable[[Any], None] | None = None,
-        as_models: bool = False, **keys: Any) -> Any:
-    """Send every row of ``frame`` and return it with the answers as new columns (the same kind of frame).
+class _ProgressLine:
+    """A run's progress as one line updated in place: a notebook output updated by its display id, else a
+    terminal line rewritten with a carriage return (never a scrolling wall of text)."""
 
-    ``job`` or the job's keys as keywords: ``model=``, ``prompt=``, ``system=``, ``schema=`` (a dict of JSON
-    Schema, a pydantic model or a dataclass), ``max_tokens=``, the limits, ``max_cost_usd=``, ``provider=``...
-    A stopped run (budget, abort) returns the rows answered so far, the others with null answers.
-    ``as_models`` (with a pydantic ``schema=``): an ``answer`` column of validated model instances as well."""
+    def __init__(self) -> None:
+        self._handle: Any = None
+        self._last = 0.0
+        self._text = ""
+        try:
+            from IPython import get_ipython
+
+            shell = get_ipython()
+            if shell is not None and getattr(shell, "kernel", None) is not None:
+                from IPython.display import display
+
+                self._handle = display("pipeline: starting ...", display_id=True)
+        except ImportError:
+            pass
+
+    def __call__(self, stats: Any) -> None:
+        now = time.monotonic()
+        if now - self._last < 0.25 and stats.rows_done < stats.rows_total:
+            return
+        self._last = now
+        self._text = (f"pipeline: {stats.rows_done:,}/{stats.rows_total:,} rows | {stats.failed:,} failed | "
+                      f"${stats.cost_usd:.4f} | {stats.elapsed_s:,.0f} s")
+        if self._handle is not None:
+            self._handle.update(self._text)
+        else:
+            sys.stderr.write("\r" + self._text)
+            sys.stderr.flush()
+
+    def close(self) -> None:
+        """End the line (a terminal's next output starts on a line of its own)."""
+        if self._handle is None and self._text:
+            sys.stderr.write("\n")
+            sys.stderr.flush()
+
+
+def _run(job: Job, *, progress: bool, on_progress: Callable[[Any], None] | None, **kwargs: Any) -> Any:
+    """Run ``job`` locally (the frame is in this process) with the progress asked for, interruptibly."""
     from pipeline.run import run
 
-    df, kind = _as_polars(frame)
-    the_job = _staged(df, job, keys, workdir, name)
-    # The frame is in this process: a map runs here (engine="local") whatever the job's [engine] says.
-    result = _in_thread_if_a_loop_runs(lambda: run(the_job, base_url=base_url, fresh=fresh, mode=mode,
-                                                   on_estimate=on_estimate, on_progress=on_progress,
-                                                   engine="local"))
+    line = _ProgressLine() if progress and on_progress is None else None
+    try:
+        return _interruptible(lambda signals: run(job, on_progress=on_progress or line, signals=signals,
+                                                  engine="local", **kwargs))
+    finally:
+        if line is not None:
+            line.close()
+
+
+def _joined(df: pl.DataFrame, kind: str, result: Any, schema: Any, as_models: bool) -> Any:
+    """The frame with the run's answers as columns, one row per input row in input order, as the kind given."""
     answers = pl.read_parquet(result.output)
     # The frame's columns, then the answer (the schema's or the tools' typed columns, else content), then the rest.
     typed = [c for c in answers.columns if c not in RESULT_SCHEMA and c != ROW_COLUMN]
@@ -211,8 +277,51 @@ def map(frame: Any, job: Job | None = None, *, workdir: str | Path | None = None
     if result.stopped is not None and not answers.height:
         raise result.stopped
     if as_models:
-        joined = joined.with_columns(_models(joined, keys.get("schema"), first))
+        joined = joined.with_columns(_models(joined, schema, first))
     return _back(joined, kind)
+
+
+def map(frame: Any, job: Job | None = None, *, workdir: str | Path | None = None, fresh: bool = False,
+        name: str | None = None, base_url: str | None = None, mode: str | None = None, wait: bool = True,
+        on_estimate: Callable[[Estimate], bool] | None = None, on_progress: Callable[[Any], None] | None = None,
+        progress: bool = True, as_models: bool = False, **keys: Any) -> Any:
+    """Send every row of ``frame`` and return it with the answers as new columns (the same kind of frame).
+
+    ``job`` or the job's keys as keywords: ``model=``, ``prompt=``, ``system=``, ``schema=`` (a dict of JSON
+    Schema, a pydantic model or a dataclass), ``max_tokens=``, the limits, ``max_cost_usd=``, ``provider=``...
+    A stopped run (budget, abort, an interrupt) returns the rows answered so far, the others with null answers.
+    ``progress``: one line updated in place (a notebook output, or the terminal's line); ``on_progress`` replaces
+    it. ``mode="batch"`` with ``wait=False`` submits to the Batch API and returns a ``BatchHandle`` to collect
+    later. ``as_models`` (with a pydantic ``schema=``): an ``answer`` column of validated model instances as well."""
+    df, kind = _as_polars(frame)
+    the_job = _staged(df, job, keys, workdir, name)
+    if mode == "batch" and not wait:
+        first = _run(the_job, progress=False, on_progress=None, base_url=base_url, fresh=fresh, mode="batch",
+                     wait=False, on_estimate=on_estimate)
+        return BatchHandle(the_job, df, kind, keys.get("schema"), as_models, base_url, first)
+    result = _run(the_job, progress=progress, on_progress=on_progress, base_url=base_url, fresh=fresh, mode=mode,
+                  on_estimate=on_estimate)
+    return _joined(df, kind, result, keys.get("schema"), as_models)
+
+
+@dataclasses.dataclass
+class BatchHandle:
+    """A ``map`` submitted to the Batch API without waiting (``mode="batch", wait=False``): ``collect()`` later.
+    The job's journal records the batches, so a new ``map`` of the same frame with the same keys finds them too."""
+
+    job: Job
+    frame: pl.DataFrame
+    kind: str
+    schema: Any
+    as_models: bool
+    base_url: str | None
+    submitted: Any  # the submitting run's RunResult
+
+    def collect(self, *, wait: bool = True) -> Any:
+        """The frame with its answers: waits for the batches (``wait=False``: what has come back so far, the
+        rest with null answers; nothing is submitted twice)."""
+        result = _run(self.job, progress=False, on_progress=None, base_url=self.base_url, mode="batch", wait=wait)
+        return _joined(self.frame, self.kind, result, self.schema, self.as_models)
 
 
 def _models(df: pl.DataFrame, schema: Any, fields: list[str]) -> pl.Series:

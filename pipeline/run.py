@@ -70,7 +70,8 @@ def run(job: Job, *, base_url: str | None = None, limit: int | None = None, fres
         on_estimate: Callable[[Estimate], bool] | None = None, handle_signals: bool = False,
         grace_s: float = 5.0, journal: bool = True, data: pl.DataFrame | None = None, mode: str | None = None,
         wait: bool = True, on_batches: Callable[[list[BatchPart]], None] | None = None,
-        release_memory: bool = False, engine: str | None = None) -> RunResult:
+        release_memory: bool = False, engine: str | None = None,
+        signals: StopSignals | None = None) -> RunResult:
     """Run a job to the end (or until stopped); resumes from the journal unless ``fresh``.
 
     ``on_estimate`` sees the estimate before anything is sent and returns False to cancel (the CLI asks the
@@ -87,14 +88,18 @@ def run(job: Job, *, base_url: str | None = None, limit: int | None = None, fres
 
     ``engine`` overrides ``[engine].kind``: ``"ray"`` runs the job's partitions on Ray (as ``pipeline run``
     does), online over whole partitions.
+
+    ``signals``: handlers the caller installed in its main thread while this run goes on in another (a notebook's
+    ``map``): an interrupt there stops this run as ``handle_signals`` would.
     """
     if (engine or job.engine.kind) == "ray":
         return _run_ray(job, base_url=base_url, fresh=fresh, allow_insecure=allow_insecure, limit=limit,
                         retry_failed=retry_failed, data=data, mode=mode, transport=transport)
     if data is not None:
         job = _with_frame_input(job, data)
-    signals = StopSignals() if handle_signals else contextlib.nullcontext()
-    with signals:
+    owned = StopSignals() if handle_signals and signals is None else None
+    with owned if owned is not None else contextlib.nullcontext():
+        signals = owned or signals
         remote = is_url(job.output.path)
         if remote:
             pull_manifest(job)

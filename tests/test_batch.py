@@ -58,6 +58,15 @@ def test_120k_rows_go_through_three_batch_files_and_every_row_comes_back_once(ma
     assert not Path("out/result.batches").exists()  # local batch files are removed once the provider has them
 
 
+def test_a_batch_job_without_an_id_or_kept_columns_writes_every_row(make_job, sim):
+    job = make_job(rows=12, request=REQUEST, input='path = "input.parquet"',
+                   extra="[batch]\npoll_interval_s = 0.05\npoll_max_interval_s = 0.2\n")
+    with sim(batch_delay_s=0.2) as s:
+        assert run(Job.load(job), base_url=s.base_url).exit_code == 0
+    out = pl.read_parquet("out/result.parquet")
+    assert out["row"].to_list() == list(range(12)) and (out["status"] == "ok").all()
+
+
 def test_batch_costs_are_half_the_online_ones_for_the_same_usage(make_job, sim):
     job = batch_job(make_job, rows=30)
     online = Path("online.toml")

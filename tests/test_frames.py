@@ -121,3 +121,74 @@ def test_as_models_gives_validated_model_instances(sim, tmp_path):
     labels = out["answer"].to_list()
     assert all(isinstance(x, Label) for x in labels)
     assert [x.sentiment for x in labels] == out["sentiment"].to_list()
+
+
+INTERRUPTED = '''
+import asyncio, sys
+import polars as pl
+import pipeline
+
+df = pl.DataFrame({"text": [f"review {i}" for i in range(400)]})
+
+def cell():
+    return pipeline.map(df, model="gpt-4o-mini", prompt="Say {{ text }}", max_tokens=20, concurrency=4,
+                        base_url=sys.argv[1], workdir=sys.argv[2], progress=False)
+
+async def notebook():  # a cell of a notebook: an event loop already runs in this thread
+    return cell()
+
+out = asyncio.run(notebook()) if sys.argv[3] == "loop" else cell()
+print("answered", int((out["status"] == "ok").sum()), out.height, flush=True)
+'''
+
+
+@pytest.mark.parametrize("where", ["script", "loop"])
+def test_an_interrupted_map_keeps_its_answers_and_the_next_pays_only_the_rest(sim, tmp_path, where):
+    import signal
+    import subprocess
+    import sys
+
+    from tests.conftest import wait_for
+
+    script = tmp_path / "cell.py"
+    script.write_text(INTERRUPTED)
+    with sim(latency_ms=20) as s:
+        proc = subprocess.Popen([sys.executable, str(script), s.base_url, str(tmp_path / "work"), where],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+        wait_for(lambda: s.stats.ok >= 40 or proc.poll() is not None)
+        assert proc.poll() is None
+        proc.send_signal(signal.SIGINT)  # the kernel's interrupt button sends this
+        out, err = proc.communicate(timeout=60)
+        assert proc.returncode == 0, err
+        answered = int(out.split()[1])
+        assert out.split()[2] == "400" and 40 <= answered < 400
+        first = s.stats.ok
+        done = subprocess.run([sys.executable, str(script), s.base_url, str(tmp_path / "work"), where],
+                              capture_output=True, text=True, cwd=ROOT, timeout=120)
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.split()[1] == "400"
+        assert s.stats.duplicate_ok <= first - answered  # only what was in flight at the interrupt
+        assert s.stats.ok - first == 400 - answered + (first - answered)
+
+
+def test_progress_is_one_line_updated_in_place(sim, tmp_path, capsys):
+    with sim() as s:
+        pipeline.map(frame(30), model="gpt-4o-mini", prompt="Say {{ text }}", max_tokens=20, base_url=s.base_url,
+                     workdir=tmp_path)
+    err = capsys.readouterr().err
+    assert "pipeline: 30/30 rows" in err and err.count("\n") == 1 and err.endswith("\n")
+    with sim() as s:
+        pipeline.map(frame(30), model="gpt-4o-mini", prompt="Say {{ text }}", max_tokens=20, base_url=s.base_url,
+                     workdir=tmp_path, progress=False, fresh=True)
+    assert capsys.readouterr().err == ""
+
+
+def test_a_batch_map_without_waiting_returns_a_handle_collected_later(sim, tmp_path):
+    df = frame(8)
+    with sim(batch_delay_s=0.3) as s:
+        handle = pipeline.map(df, model="gpt-4o-mini", prompt="Say {{ text }}", max_tokens=20, base_url=s.base_url,
+                              workdir=tmp_path, mode="batch", wait=False, poll_interval_s=0.05)
+        assert isinstance(handle, pipeline.frames.BatchHandle) and s.stats.batches_created == 1
+        out = handle.collect()
+        assert out["n"].to_list() == list(range(8)) and (out["status"] == "ok").all()
+        assert s.stats.batches_created == 1  # collected, never submitted again
