@@ -7,7 +7,8 @@ would send one request per call, one at a time). Every call shares one work fold
 whole query: an identical question is sent once, and running the query again pays only for rows not answered
 yet. DuckDB may call the function from several threads; the calls take turns (one run per work folder at a time).
 The price is one short run per 2,048 rows (the estimate pass, the journal's check): measured in
-``bench/frames.py``.
+``bench/frames.py``. For a whole table at once, ``map_query`` is the other shape: the query's result is one
+``map`` (one run, every row in flight under the limits), returned as a DuckDB relation to query on.
 
 DuckDB is not a dependency of the package: ``pip install duckdb`` to use this.
 """
@@ -38,6 +39,7 @@ def register(connection: Any, name: str = "llm", *, answer: str = "content", wor
     except ImportError:  # pragma: no cover - pyarrow is a dependency
         raise UsageError("the SQL door needs pyarrow") from None
     keys.setdefault("prompt", "{{ text }}")
+    keys.setdefault("progress", False)  # one run per 2,048 rows: a progress line each would be noise
     turn = threading.Lock()
 
     def call(values: Any) -> Any:
@@ -51,3 +53,15 @@ def register(connection: Any, name: str = "llm", *, answer: str = "content", wor
 
     connection.create_function(name, call, ["VARCHAR"], "VARCHAR", type="arrow", null_handling="special",
                                side_effects=True)
+
+
+def map_query(connection: Any, query: str, *, workdir: str | Path | None = None, base_url: str | None = None,
+              **keys: Any) -> Any:
+    """The rows of ``query`` with the answers as new columns, as a DuckDB relation: one ``map`` of the whole
+    result (the prompt reads the query's columns by name), so it runs as one job rather than one per 2,048 rows.
+    ``SELECT ... FROM`` the relation, or ``.create("table")`` it."""
+    from pipeline.frames import map as map_frame
+
+    frame = connection.sql(query).pl()
+    out = map_frame(frame, workdir=workdir, base_url=base_url, **keys)
+    return connection.from_arrow(out.to_arrow())
