@@ -53,11 +53,13 @@ keys = dict(model="gpt-4o-mini", prompt="Summarise this review: {{ text }}", max
 t = time.perf_counter()
 if door == "sql":
     con = duckdb.connect()
+    con.execute("SET enable_progress_bar = false")
     pipeline.sql.register(con, **keys)
     rows = con.execute(f"SELECT llm(text) FROM read_parquet('{data}')").fetchall()
     n = len(rows)
 elif door == "query":
     con = duckdb.connect()
+    con.execute("SET enable_progress_bar = false")
     n = len(pipeline.sql.map_query(con, f"SELECT text FROM read_parquet('{data}')", **keys).fetchall())
 else:
     n = pipeline.map(pl.read_parquet(data).select("text"), **keys).height
