@@ -74,8 +74,29 @@ def _duration(s: float | None) -> str:
     return f"{s / 3600:,.1f} h"
 
 
+def print_chain(est: Any, console: Console) -> None:
+    """The reduce step's rounds as a small table: what each round sends and the chain's cost bound."""
+    chain = est.chain
+    t = Table(title="Reduce: the fold, round by round", title_justify="left")
+    for col in ("step", "round", "requests", "prompt tokens"):
+        t.add_column(col, justify="right" if col != "step" else "left")
+    if est.rows:
+        t.add_row("map", "", f"{est.http_requests:,}", f"{est.prompt_tokens:,}")
+    for r in chain["rounds"]:
+        t.add_row("reduce", str(r["round"]), f"{r['requests']:,}", f"{r['prompt_tokens']:,}")
+    console.print(t)
+    basis = ("the items' own tokens" if chain["exact_first_round"] else
+             "the map's max_tokens per answer") + "; later rounds at the reduce's max_tokens per partial answer"
+    total = None if chain["cost_usd_max"] is None else chain["cost_usd_max"] + (est.cost_usd_max or 0.0)
+    console.print(f"{chain['groups']:,} groups of {chain['items']:,} items; reduce cost bound "
+                  f"{_money(chain['cost_usd_max'])}, whole chain {_money(total)} (round 1 from {basis})")
+
+
 def print_estimate(est: Any, console: Console) -> None:
     """The estimate as a table for people."""
+    if est.chain is not None and not est.rows and not est.requests:  # a job of [reduce] alone
+        print_chain(est, console)
+        return
     t = Table(title=f"Estimate for job {est.job!r} ({est.model})", show_header=False, title_justify="left")
     t.add_column("what", style="bold")
     t.add_column("value", justify="right")
@@ -146,6 +167,8 @@ def print_estimate(est: Any, console: Console) -> None:
         console.print(f"[yellow]rows over the context window:[/] {shown}{more}")
     if est.bad_images:
         print_bad_images(est.bad_images, est.rows_bad_image, console)
+    if est.chain is not None:
+        print_chain(est, console)
     for w in est.warnings:
         console.print(f"[yellow]warning:[/] {escape(w)}")
 
@@ -453,8 +476,15 @@ def _run(job_path: str, fresh: bool, retry_failed: bool, limit: int | None, base
             else f"cost unknown: no price for {job.request.model!r}")
     took = result.manifest_data.get("duration_s")
     took_text = f" in {_duration(took)}" if isinstance(took, int | float) else ""
-    click.echo(f"wrote {result.output}{took_text} ({s.rows_done:,} rows: {s.ok:,} ok, {s.failed:,} failed, "
-               f"{s.skipped:,} skipped, {s.resumed:,} from the journal, {s.deduplicated:,} deduplicated; {cost})")
+    if job.maps:
+        click.echo(f"wrote {result.output}{took_text} ({s.rows_done:,} rows: {s.ok:,} ok, {s.failed:,} failed, "
+                   f"{s.skipped:,} skipped, {s.resumed:,} from the journal, {s.deduplicated:,} deduplicated; {cost})")
+    if result.reduce is not None:
+        r = result.reduce
+        click.echo(f"wrote {r.output} ({r.groups:,} groups: {r.ok:,} ok, {r.failed:,} failed; {r.rounds} round(s), "
+                   f"{r.requests_sent:,} requests sent this run; ${r.cost_usd:,.4f} over the folds)")
+        if r.stopped is not None:
+            click.echo(f"stopped: {r.stopped}", err=True)
     if s.errors:
         click.echo("errors: " + ", ".join(f"{k} {v:,}" for k, v in s.errors.most_common()), err=True)
     for name, server in (result.manifest_data.get("paced_by_server_limits") or {}).items():

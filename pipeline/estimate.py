@@ -47,6 +47,7 @@ class Estimate:
     requests: int = 0
     http_requests: int = 0
     batch_available: bool = True            # the provider's Batch API takes this endpoint's requests
+    chain: dict[str, Any] | None = None     # [reduce]: the fold's rounds (requests, prompt tokens) and cost bound
     made: tuple[str, str] | None = None     # what the requests make or take, where rows do not say it: (what, how much)
     duplicate_rows: int = 0
     prompt_tokens: int = 0

@@ -30,10 +30,11 @@ from pipeline.spec import (
     LimitsSpec,
     OutputSpec,
     PricingSpec,
+    ReduceSpec,
     RequestSpec,
     StorageSpec,
 )
-from pipeline.tables import Table, default_of, resolve_path, shown
+from pipeline.tables import Table, default_of, resolve_path, shown, type_name
 
 ENGINES = ("local", "ray")
 MAX_TOKENS_FIELDS = ("max_completion_tokens", "max_tokens")
@@ -55,6 +56,8 @@ class Job:
     batch: BatchSpec = field(default_factory=BatchSpec)
     engine: EngineSpec = field(default_factory=EngineSpec)
     storage: StorageSpec = field(default_factory=StorageSpec)
+    reduce: ReduceSpec | None = None  # [reduce]: the map's answers (or the input's rows) folded by group
+    maps: bool = True                  # False: a job of [reduce] alone, over the input's rows
     source: str = field(default="<job>", compare=False)  # where it was read from: for messages only
     raw: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)  # the keys as given
     base: Path = field(default_factory=Path.cwd, compare=False, repr=False)  # what relative paths were resolved by
@@ -132,7 +135,8 @@ def parse_job(raw: Mapping[str, Any], *, file: str = "<job>", base: Path | None 
     top = Table(file, "", raw)
     name = top.str("name", required=True)
     assert name is not None
-    for section in ("input", "request", "output"):
+    maps = top.has("request") or not top.has("reduce")  # a job of [reduce] alone reduces the input's rows
+    for section in ("input", "request", "output") if maps else ("input", "output"):
         if not top.has(section):
             raise JobError(f"{file}: [{section}] is required")
 
@@ -147,7 +151,14 @@ def parse_job(raw: Mapping[str, Any], *, file: str = "<job>", base: Path | None 
     )
     inp.done()
 
-    request_spec = _parse_request(Table(file, "request", top.get("request")), base)
+    if maps:
+        request_spec = _parse_request(Table(file, "request", top.get("request")), base)
+    else:
+        red = top.get("reduce")
+        model = red.get("model") if isinstance(red, dict) else None
+        if not isinstance(model, str):
+            raise JobError(f"{file}: [reduce].model is required in a job without [request]")
+        request_spec = RequestSpec(model=model, prompt="")
 
     out = Table(file, "output", top.get("output"))
     out_path = out.str("path", required=True)
@@ -225,10 +236,41 @@ def parse_job(raw: Mapping[str, Any], *, file: str = "<job>", base: Path | None 
     st = Table(file, "storage", top.get("storage") or {})
     storage = StorageSpec(endpoint_url=st.str("endpoint_url"))
     st.done()
+    reduce = _parse_reduce(Table(file, "reduce", top.get("reduce")), request_spec, output_spec.path, maps, base) \
+        if top.has("reduce") else None
+    if reduce is not None and engine.kind == "ray":
+        raise JobError(f'{file}: [engine].kind = "ray": a job with [reduce] runs on the local engine')
     top.done()
     return Job(name=name, input=input_spec, request=request_spec, output=output_spec, api=api_spec,
                limits=limits, budget=budget, pricing=pricing, estimate=estimate, batch=batch, engine=engine,
-               storage=storage, source=file, raw=dict(raw), base=base)
+               storage=storage, reduce=reduce, maps=maps, source=file, raw=dict(raw), base=base)
+
+
+def _parse_reduce(red: Table, request: RequestSpec, output: str, maps: bool, base: Path) -> ReduceSpec:
+    """[reduce]: group_by, prompt (a template of group, items, round, partial), and what defaults to the map's."""
+    prompt = red.str("prompt", required=True)
+    assert prompt is not None
+    model = red.str("model", request.model)
+    if maps and request.endpoint != "chat":
+        raise red.fail("prompt", f'reduces a chat job\'s answers; [request].endpoint is "{request.endpoint}"')
+    schema = red.get("response_schema")
+    if schema is not None:
+        if not isinstance(schema, dict):
+            raise red.fail("response_schema", f"must be a table (a JSON Schema object), got {type_name(schema)}")
+        from pipeline.structured import check_schema
+
+        check_schema(schema, red.where("response_schema"))
+    out = red.str("output")
+    if out is not None and not out.endswith(".parquet"):
+        raise red.fail("output", f"must end in .parquet, got {shown(out)}")
+    spec = ReduceSpec(
+        prompt=prompt, model=model or request.model,
+        max_tokens=red.int("max_tokens", request.max_tokens if maps else default_of(RequestSpec, "max_tokens")),
+        group_by=red.str_list("group_by"), items=red.str_list("items"), order_by=red.str_list("order_by"),
+        system=red.str("system"), max_items_tokens=red.int("max_items_tokens"), response_schema=schema,
+        output=resolve_path(base, out) if out is not None else output.removesuffix(".parquet") + ".reduce.parquet")
+    red.done()
+    return spec
 
 
 def _parse_engine(eng: Table) -> EngineSpec:

@@ -220,6 +220,12 @@ def estimate(job: Job, *, limit: int | None = None, on_chunk: Callable[[int], No
     only thing an estimate ever sends), cached beside the output."""
     from pipeline.measured import measured_output
 
+    if job.reduce is not None and not job.maps:  # [reduce] alone: the fold over the input's rows is the estimate
+        from pipeline.reduce import chain_estimate
+
+        est = Estimate(job=job.name, model=job.reduce.model)
+        est.chain = chain_estimate(job, limit).to_dict()
+        return est
     source = open_source(job.input.path, job.storage.endpoint_url)
     renderer = Renderer(job, source)
     price = price_for(job)
@@ -229,10 +235,15 @@ def estimate(job: Job, *, limit: int | None = None, on_chunk: Callable[[int], No
                             PassOptions(limit=limit, on_chunk=on_chunk, measured=measured)).estimate
         if exact:
             est.warnings.append("--exact: the offline count is already exact for this provider")
-        return est
-    counts = _provider_counts(job, source, renderer, limit=limit, base_url=base_url)
-    return planning_pass(job, source, renderer, price,
-                         PassOptions(limit=limit, on_chunk=on_chunk, exact=counts, measured=measured)).estimate
+    else:
+        counts = _provider_counts(job, source, renderer, limit=limit, base_url=base_url)
+        est = planning_pass(job, source, renderer, price,
+                            PassOptions(limit=limit, on_chunk=on_chunk, exact=counts, measured=measured)).estimate
+    if job.reduce is not None:
+        from pipeline.reduce import chain_estimate
+
+        est.chain = chain_estimate(job, limit).to_dict()
+    return est
 
 
 def _provider_counts(job: Job, source: Source, renderer: Renderer, *, limit: int | None,

@@ -25,6 +25,7 @@ from pipeline.job import Job
 from pipeline.ledger import BatchPart
 from pipeline.outcome import RunStats
 from pipeline.plan import RunPlan, answer_columns, finish, prepare
+from pipeline.reduce import ReduceResult, run_reduce
 from pipeline.storage import is_url, pull_manifest, push_files, push_output
 
 
@@ -39,6 +40,7 @@ class RunResult:
     stopped: PipelineError | None = None
     manifest_data: dict[str, Any] = field(default_factory=dict)
     set_aside: list[Path] = field(default_factory=list)  # where --fresh moved the earlier output and journal
+    reduce: ReduceResult | None = None  # the [reduce] step's, when the job has one and it ran
 
     def frame(self) -> pl.DataFrame:
         """The output table, read back (for notebooks: ``run(job, data=df).frame()``)."""
@@ -48,10 +50,12 @@ class RunResult:
 
     @property
     def exit_code(self) -> int:
-        """0 all rows answered, 1 some failed, 3 stopped or aborted (the CLI's exit status)."""
-        if self.stopped is not None:
-            return self.stopped.exit_code
-        return 1 if self.stats.failed else 0
+        """0 all rows answered, 1 some failed, 3 stopped or aborted (the CLI's exit status); the reduce step's
+        count too."""
+        for stopped in (self.stopped, self.reduce.stopped if self.reduce is not None else None):
+            if stopped is not None:
+                return int(stopped.exit_code)
+        return 1 if self.stats.failed or (self.reduce is not None and self.reduce.failed) else 0
 
 
 def _with_frame_input(job: Job, data: pl.DataFrame) -> Job:
@@ -97,6 +101,10 @@ def run(job: Job, *, base_url: str | None = None, limit: int | None = None, fres
                         retry_failed=retry_failed, data=data, mode=mode, transport=transport)
     if data is not None:
         job = _with_frame_input(job, data)
+    if job.reduce is not None and not job.maps:  # [reduce] alone: the input's rows folded by group
+        red = run_reduce(job, base_url=base_url, transport=transport)
+        return RunResult(output=red.output, manifest=_reduce_manifest(red), stats=RunStats(), estimate=None,
+                         reduce=red)
     owned = StopSignals() if handle_signals and signals is None else None
     with owned if owned is not None else contextlib.nullcontext():
         signals = owned or signals
@@ -128,9 +136,33 @@ def run(job: Job, *, base_url: str | None = None, limit: int | None = None, fres
                 push_output(job, plan.paths.output, plan.paths.manifest)
         finally:
             plan.close()
-    return RunResult(output=plan.paths.output, manifest=plan.paths.manifest, stats=end.stats,
-                     estimate=plan.estimate, stopped=end.stopped, manifest_data=manifest,
-                     set_aside=plan.set_aside)
+    result = RunResult(output=plan.paths.output, manifest=plan.paths.manifest, stats=end.stats,
+                       estimate=plan.estimate, stopped=end.stopped, manifest_data=manifest,
+                       set_aside=plan.set_aside)
+    if job.reduce is not None and end.stopped is None and not end.stats.pending:
+        # the map is complete: its answers are folded (a stopped or pending map is reduced on the rerun that ends it)
+        result.reduce = run_reduce(job, base_url=base_url, transport=transport)
+        result.manifest_data["reduce"] = _reduce_summary(result.reduce)
+        import json
+
+        plan.paths.manifest.write_text(json.dumps(result.manifest_data, indent=2, default=str))
+    return result
+
+
+def _reduce_summary(red: ReduceResult) -> dict[str, Any]:
+    """The reduce step as the manifest records it."""
+    return {"output": str(red.output), "groups": red.groups, "ok": red.ok, "failed": red.failed, "rounds": red.rounds,
+            "requests_sent": red.requests_sent, "cost_usd": red.cost_usd,
+            "stopped": str(red.stopped) if red.stopped is not None else None}
+
+
+def _reduce_manifest(red: ReduceResult) -> Path:
+    """A reduce-only job's manifest, beside its table."""
+    import json
+
+    path = red.output.with_suffix(".manifest.json")
+    path.write_text(json.dumps({"reduce": _reduce_summary(red)}, indent=2))
+    return path
 
 
 def _run_ray(job: Job, *, base_url: str | None, fresh: bool, allow_insecure: bool, limit: int | None,

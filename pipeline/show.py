@@ -55,6 +55,8 @@ def show_rows(output: str | Path, *, rows: int = 10, where: str | None = None, s
     answers = [c for c in df.columns[first_result:] if c not in RESULT_SCHEMA]
     if "content" in df.columns and not answers:
         answers = ["content"]
+    if "rounds" in df.columns and "content" in df.columns and df.get_column("content").null_count() < df.height:
+        answers.insert(0, "content")  # a reduce's table: the fold's answer, then its items, rounds and requests
     if "tool_calls" in answers and len(answers) > 1:  # the raw calls, when their arguments have columns already
         answers.remove("tool_calls")
     if "embedding" in df.columns:

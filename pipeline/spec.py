@@ -72,6 +72,23 @@ class TranscriptionSpec:
 
 
 @dataclass(frozen=True)
+class ReduceSpec:
+    """``[reduce]``: the rows (or the map's answers) of each group folded into one answer, in as many rounds as the
+    context window requires. Unset fields take the map's (model, system prompt's absence, max_tokens)."""
+
+    prompt: str
+    model: str
+    max_tokens: int
+    group_by: tuple[str, ...] = ()
+    items: tuple[str, ...] = ()       # the columns each item carries (default: the map's answer, or every input column)
+    order_by: tuple[str, ...] = ()
+    system: str | None = None
+    max_items_tokens: int | None = None  # the most prompt tokens a request may hold (default: the context window's)
+    response_schema: Mapping[str, Any] | None = None
+    output: str = ""                  # the reduce's table (default: OUT.reduce.parquet beside the map's)
+
+
+@dataclass(frozen=True)
 class InputSpec:
     """Where the rows come from and which of their columns travel to the output."""
 

@@ -1,0 +1,140 @@
+"""Map then reduce over the simulator: a group that fits is one request; a large group folds round by round within
+the budget, in the rounds the estimate planned; a rerun (after a kill, or with one group changed) pays only for
+what is new."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import polars as pl
+
+from pipeline.job import Job
+from pipeline.planning import estimate
+from pipeline.run import run
+from tests.conftest import wait_for
+
+PIPELINE = str(Path(sys.executable).parent / "pipeline")
+REDUCE = textwrap.dedent('''\
+    [reduce]
+    model = "gpt-4o-mini"
+    group_by = ["shop"]
+    order_by = ["n"]
+    items = ["n", "note"]
+    system = "Summarise the notes."
+    prompt = """{% if partial %}Merge these partial summaries:{% else %}Summarise these notes:{% endif %}
+    {% for item in items %}- {% if partial %}{{ item.content }}{% else %}[{{ item.n }}] {{ item.note }}{% endif %}
+    {% endfor %}"""
+    max_tokens = 8
+    ''')
+
+
+def notes(groups: dict[str, int]) -> pl.DataFrame:
+    rows = [(shop, n) for shop, count in groups.items() for n in range(count)]
+    return pl.DataFrame({"shop": [r[0] for r in rows], "n": [r[1] for r in rows],
+                         "note": [f"note number {n} of {shop}" for shop, n in rows]})
+
+
+def reduce_job(tmp_path: Path, base_url: str, data: pl.DataFrame, budget: int = 2_000) -> Path:
+    data.write_parquet(tmp_path / "notes.parquet")
+    job = tmp_path / "fold.toml"
+    job.write_text(f'name = "fold"\n[input]\npath = "notes.parquet"\n[output]\npath = "out/fold.parquet"\n'
+                   f'[api]\nbase_url = "{base_url}"\n[limits]\nconcurrency = 16\n'
+                   + REDUCE + f"max_items_tokens = {budget}\n")
+    return job
+
+
+def test_a_group_that_fits_is_one_request_and_a_large_one_folds_in_the_planned_rounds(sim, tmp_path):
+    data = notes({"small": 12, "large": 5000})
+    with sim() as s:
+        job = reduce_job(tmp_path, s.base_url, data)
+        chain = estimate(Job.load(job)).chain
+        assert chain is not None
+        result = run(Job.load(job))
+        assert result.exit_code == 0 and result.reduce is not None
+    out = pl.read_parquet(tmp_path / "out/fold.reduce.parquet")
+    by = {r["shop"]: r for r in out.iter_rows(named=True)}
+    assert by["small"]["requests"] == 1 and by["small"]["rounds"] == 1 and by["small"]["items"] == 12
+    assert by["large"]["items"] == 5000 and by["large"]["status"] == "ok"
+    assert by["large"]["rounds"] == len(chain["rounds"])  # the rounds the estimate planned
+    work = tmp_path / "out/fold.reduce.work"
+    first = pl.read_parquet(work / "round-1.parquet")
+    assert first.height == chain["rounds"][0]["requests"]  # round 1 exactly as planned (the items are known)
+    assert s.stats.requests == result.reduce.requests_sent <= chain["requests"]  # later rounds: at most the bound
+    for r in range(1, by["large"]["rounds"] + 1):  # every request within the budget
+        assert pl.read_parquet(work / f"round-{r}.parquet")["prompt_tokens"].max() <= 2_000
+    packs = pl.read_parquet(work / "round-1.input.parquet")["__pack"].to_list()
+    for shop, count in (("small", 12), ("large", 5000)):  # every item in exactly one pack of round 1
+        for n in range(count):
+            needle = f"] note number {n} of {shop}\n"
+            assert sum(p.count(needle) for p in packs) == 1, (shop, n)
+
+
+def test_killed_in_round_two_then_rerun_pays_nothing_again_from_round_one(sim, tmp_path):
+    data = notes({"a": 3000, "b": 2500})
+    with sim(latency_ms=15) as s:
+        job = reduce_job(tmp_path, s.base_url, data, budget=1_500)
+        chain = estimate(Job.load(job)).chain
+        assert chain is not None and len(chain["rounds"]) >= 2
+        round_one = chain["rounds"][0]["requests"]
+        proc = subprocess.Popen([PIPELINE, "run", str(job), "--plain", "--yes"], stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
+        work = tmp_path / "out/fold.reduce.work"
+        wait_for(lambda: (work / "round-2.input.parquet").exists() or proc.poll() is not None, timeout_s=120)
+        wait_for(lambda: s.stats.ok > round_one or proc.poll() is not None)
+        assert proc.poll() is None
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+        sent_before = s.stats.requests
+        final = subprocess.run([PIPELINE, "run", str(job), "--plain", "--yes"], capture_output=True, text=True,
+                               timeout=180)
+        assert final.returncode == 0, final.stderr
+        assert s.stats.duplicate_ok <= 16  # only what was in flight at the kill, none of round 1
+        assert s.stats.requests - sent_before < chain["requests"] - round_one + 16
+    out = pl.read_parquet(tmp_path / "out/fold.reduce.parquet")
+    assert (out["status"] == "ok").all() and out.height == 2
+
+
+def test_changing_one_group_resends_only_that_groups_packs(sim, tmp_path):
+    data = notes({"a": 800, "b": 800, "c": 5})
+    with sim() as s:
+        job = reduce_job(tmp_path, s.base_url, data, budget=1_200)
+        assert run(Job.load(job)).exit_code == 0
+        before = pl.read_parquet(tmp_path / "out/fold.reduce.parquet").sort("shop")
+        first = s.stats.requests
+        changed = data.with_columns(pl.when((pl.col("shop") == "b") & (pl.col("n") == 10))
+                                    .then(pl.lit("a different note")).otherwise(pl.col("note")).alias("note"))
+        changed.write_parquet(tmp_path / "notes.parquet")
+        assert run(Job.load(job)).exit_code == 0
+        again = s.stats.requests - first
+    after = pl.read_parquet(tmp_path / "out/fold.reduce.parquet").sort("shop")
+    b = before.filter(pl.col("shop") == "b").row(0, named=True)
+    # b's packs from the changed one on are cut anew (a shorter note moves the boundaries after it), and its path up
+    # the fold: never a pack of a or c
+    assert 1 <= again <= b["requests"]
+    assert after.filter(pl.col("shop") != "b")["content"].to_list() == \
+        before.filter(pl.col("shop") != "b")["content"].to_list()
+
+
+def test_map_then_reduce_folds_the_maps_answers_by_a_kept_column(sim, make_job, tmp_path):
+    request = 'model = "gpt-4o-mini"\nprompt = "One line on {{ text }}"\nmax_tokens = 20'
+    with sim() as s:
+        job = make_job(rows=60, request=request, extra=f'[api]\nbase_url = "{s.base_url}"\n' + textwrap.dedent('''\
+            [reduce]
+            group_by = ["product"]
+            items = ["content"]
+            prompt = """Themes of {{ group.product }}:
+            {% for item in items %}- {{ item.content }}
+            {% endfor %}"""
+            max_tokens = 30
+            max_items_tokens = 3000
+            '''))
+        result = run(Job.load(job))
+        assert result.exit_code == 0 and result.reduce is not None
+        assert s.stats.requests == 60 + 3  # the map's rows, then one request per product
+    out = pl.read_parquet(tmp_path / "out/result.reduce.parquet").sort("product")
+    assert out["product"].to_list() == ["kettle", "lamp", "tent"] and (out["items"] == 20).all()
+    assert result.manifest_data["reduce"]["groups"] == 3
