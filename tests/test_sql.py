@@ -32,9 +32,9 @@ def test_map_query_answers_a_whole_query_as_one_map_and_gives_a_relation(sim, tm
         con = duckdb.connect()
         con.execute(f"CREATE TABLE reviews AS SELECT i AS id, 'review number ' || i::VARCHAR AS text, i % 3 AS shop "
                     f"FROM range({n}) r(i)")
-        rel = pipeline.sql.map_query(  # noqa: F841 (the SQL below reads it by its name)con, "SELECT id, text FROM reviews WHERE shop = 1", model="gpt-4o-mini",
-                                     prompt="Summarise: {{ text }}", max_tokens=30, base_url=s.base_url,
-                                     workdir=tmp_path)
+        rel = pipeline.sql.map_query(  # noqa: F841 (the SQL below reads it by its name)
+            con, "SELECT id, text FROM reviews WHERE shop = 1", model="gpt-4o-mini", prompt="Summarise: {{ text }}",
+            max_tokens=30, base_url=s.base_url, workdir=tmp_path)
         rows = con.sql("SELECT id, content, status FROM rel ORDER BY id").fetchall()
         assert s.stats.requests == n // 3
     assert [r[0] for r in rows] == list(range(1, n, 3)) and all(r[2] == "ok" and r[1] for r in rows)
