@@ -20,7 +20,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from pipeline.errors import Interrupted, JournalUnusable, PipelineError
+from pipeline.errors import Interrupted, JournalUnusable, PipelineError, UsageError
 
 if TYPE_CHECKING:
     from pipeline.interrupts import StopSignals
@@ -266,10 +266,25 @@ def validate(job_path: str, n: int) -> None:
 def estimate(job_path: str, as_json: bool, limit: int | None, exact: bool, base_url: str | None) -> None:
     """Tokens, cost (also at the Batch API price) and duration of a run; nothing is sent (but with --exact,
     the token counts)."""
+    from pipeline.chain import complete, dependencies
     from pipeline.job import Job
     from pipeline.planning import estimate as run_estimate
 
-    est = run_estimate(Job.load(job_path), limit=limit, exact=exact, base_url=base_url)
+    job = Job.load(job_path)
+    waiting = [dep for dep in dependencies(job) if not complete(dep)]
+    if waiting:  # the chain's steps still to run: each one's estimate, as far as its input exists
+        total = 0.0
+        for dep in waiting:
+            if dep.input.from_job is not None and any(d.source == dep.input.from_job for d in waiting):
+                click.echo(f"{dep.source}: after {dep.input.from_job} (estimated once its input exists)")
+                continue
+            dep_est = run_estimate(dep, limit=limit)
+            total += (dep_est.cost_usd_max or 0.0) + ((dep_est.chain or {}).get("cost_usd_max") or 0.0)
+            click.echo(f"{dep.source}: " + estimate_line(dep_est))
+        raise UsageError(f"{job_path}: reads the output of {waiting[-1].source}, not run yet: the steps before it "
+                         f"are estimated above (up to ${total:,.4f}); this step is estimated once its input exists "
+                         f"(`pipeline run {job_path} --with-deps` runs the chain)")
+    est = run_estimate(job, limit=limit, exact=exact, base_url=base_url)
     if as_json:
         click.echo(json.dumps(est.to_dict(), indent=2, default=str))
     else:
@@ -340,11 +355,15 @@ def _interrupts_stop(job_path: str) -> StopSignals:
               "partitions on a Ray cluster under one global rate budget.")
 @click.option("--address", help="Ray engine: the cluster's address (default [engine].address, else a local Ray).")
 @click.option("--workers", type=click.IntRange(min=1), help="Ray engine: tasks at once (default [engine].workers).")
+@click.option("--with-deps", is_flag=True, help="Run first the jobs whose output this one reads ([input].from_job) "
+              "that have not completed.")
 @handle_errors
 def run(job_path: str, fresh: bool, retry_failed: bool, limit: int | None, sample: int | None, seed: int,
         base_url: str | None, yes: bool, allow_insecure: bool, plain: bool, mode: str | None, no_wait: bool,
-        engine: str | None, address: str | None, workers: int | None) -> None:
+        engine: str | None, address: str | None, workers: int | None, with_deps: bool) -> None:
     """Send every row's request and write the results; resumes where the last run stopped."""
+    if with_deps:
+        _run_dependencies(job_path, base_url, yes, allow_insecure, plain)
     if engine == "ray" or (engine is None and (address is not None or _job_engine(job_path) == "ray")):
         if sample is not None or limit or mode == "batch" or no_wait or retry_failed:
             raise click.UsageError("the Ray engine runs online over whole partitions: not with --sample, --limit, "
@@ -361,6 +380,25 @@ def run(job_path: str, fresh: bool, retry_failed: bool, limit: int | None, sampl
         return
     with _interrupts_stop(job_path):
         _run(job_path, fresh, retry_failed, limit, base_url, yes, allow_insecure, plain, mode, no_wait)
+
+
+def _run_dependencies(job_path: str, base_url: str | None, yes: bool, allow_insecure: bool, plain: bool) -> None:
+    """Run, deepest first, the jobs this one reads from that have not completed; stop at one that stops."""
+    from pipeline.chain import complete, dependencies
+    from pipeline.job import Job
+
+    for dep in dependencies(Job.load(job_path)):
+        if complete(dep):
+            continue
+        click.echo(f"--with-deps: running {dep.source} first", err=True)
+        try:
+            with _interrupts_stop(dep.source):
+                _run(dep.source, False, False, None, base_url, yes, allow_insecure, plain, None, False)
+        except SystemExit as e:
+            if e.code not in (0, 1, None):  # stopped, refused or aborted: the next step would read a partial output
+                raise
+        if not complete(dep):
+            raise UsageError(f"--with-deps: {dep.source} did not complete; {job_path} was not run")
 
 
 def _job_engine(job_path: str) -> str:

@@ -141,9 +141,17 @@ def parse_job(raw: Mapping[str, Any], *, file: str = "<job>", base: Path | None 
             raise JobError(f"{file}: [{section}] is required")
 
     inp = Table(file, "input", top.get("input"))
-    input_path = inp.str("path", required=True)
+    from_job = inp.str("from_job")
+    if from_job is not None:
+        if inp.has("path"):
+            raise inp.fail("from_job", "conflicts with [input].path: give one of them")
+        from_job = resolve_path(base, from_job)
+        input_path: str | None = _output_of(from_job, inp.where("from_job"))
+    else:
+        input_path = inp.str("path", required=True)
     assert input_path is not None
     input_spec = InputSpec(
+        from_job=from_job,
         path=resolve_path(base, input_path),
         id=inp.str("id"),
         keep=inp.str_list("keep"),
@@ -244,6 +252,24 @@ def parse_job(raw: Mapping[str, Any], *, file: str = "<job>", base: Path | None 
     return Job(name=name, input=input_spec, request=request_spec, output=output_spec, api=api_spec,
                limits=limits, budget=budget, pricing=pricing, estimate=estimate, batch=batch, engine=engine,
                storage=storage, reduce=reduce, maps=maps, source=file, raw=dict(raw), base=base)
+
+
+_LOADING: list[str] = []  # the job files being read, for a chain of [input].from_job that loops
+
+
+def _output_of(job_file: str, where: str) -> str:
+    """The table another job writes (its reduce's, if it has one): what ``[input].from_job`` reads."""
+    key = str(Path(job_file).resolve())
+    if key in _LOADING:
+        raise JobError(f"{where}: the jobs' [input].from_job loop back to {job_file}")
+    _LOADING.append(key)
+    try:
+        dep = load_job(job_file)
+    except JobError as e:
+        raise JobError(f"{where}: {e}") from None
+    finally:
+        _LOADING.pop()
+    return dep.reduce.output if dep.reduce is not None else dep.output.path
 
 
 def _parse_reduce(red: Table, request: RequestSpec, output: str, maps: bool, base: Path) -> ReduceSpec:

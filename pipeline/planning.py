@@ -218,8 +218,10 @@ def estimate(job: Job, *, limit: int | None = None, on_chunk: Callable[[int], No
     """Render every row (without sending anything) and add up what the run will cost. With ``exact``, prompt
     tokens a tokenizer cannot count exactly offline are counted by the provider (its free endpoint; the
     only thing an estimate ever sends), cached beside the output."""
+    from pipeline.chain import check_ready
     from pipeline.measured import measured_output
 
+    check_ready(job)  # the input of a chained job is its dependency's output, once that run completed
     if job.reduce is not None and not job.maps:  # [reduce] alone: the fold over the input's rows is the estimate
         from pipeline.reduce import chain_estimate
 

@@ -101,9 +101,12 @@ def run(job: Job, *, base_url: str | None = None, limit: int | None = None, fres
                         retry_failed=retry_failed, data=data, mode=mode, transport=transport)
     if data is not None:
         job = _with_frame_input(job, data)
+    from pipeline.chain import check_ready
+
+    check_ready(job)  # a dependency's output is read only once its run completed
     if job.reduce is not None and not job.maps:  # [reduce] alone: the input's rows folded by group
         red = run_reduce(job, base_url=base_url, transport=transport)
-        return RunResult(output=red.output, manifest=_reduce_manifest(red), stats=RunStats(), estimate=None,
+        return RunResult(output=red.output, manifest=_reduce_manifest(job, red), stats=RunStats(), estimate=None,
                          reduce=red)
     owned = StopSignals() if handle_signals and signals is None else None
     with owned if owned is not None else contextlib.nullcontext():
@@ -156,12 +159,16 @@ def _reduce_summary(red: ReduceResult) -> dict[str, Any]:
             "stopped": str(red.stopped) if red.stopped is not None else None}
 
 
-def _reduce_manifest(red: ReduceResult) -> Path:
-    """A reduce-only job's manifest, beside its table."""
+def _reduce_manifest(job: Job, red: ReduceResult) -> Path:
+    """A job of [reduce] alone: its manifest where a map's would be (what a job reading its output checks)."""
     import json
 
-    path = red.output.with_suffix(".manifest.json")
-    path.write_text(json.dumps({"reduce": _reduce_summary(red)}, indent=2))
+    from pipeline.sink import OutputPaths
+
+    path = OutputPaths(Path(job.output.local)).manifest
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"job": job.name, "status": "complete" if red.stopped is None else "stopped",
+                                "reduce": _reduce_summary(red)}, indent=2))
     return path
 
 

@@ -96,6 +96,7 @@ class InputSpec:
     id: str | None = None
     keep: tuple[str, ...] = ()
     skip_nulls: bool = False
+    from_job: str | None = None  # the job file whose output this job reads (its reduce's table, if it has one)
 
 
 @dataclass(frozen=True)
