@@ -57,7 +57,7 @@ def chain(tmp_path: Path, base_url: str) -> tuple[Path, Path]:
 
 def test_a_job_reads_another_jobs_output_only_once_that_run_completed(sim, tmp_path):
     with sim() as s:
-        first, second = chain(tmp_path, s.base_url)
+        _first, second = chain(tmp_path, s.base_url)
         job = Job.load(second)
         assert job.input.path == str(tmp_path / "out/summaries.parquet")
         with pytest.raises(UsageError, match="has not completed a run yet"):
