@@ -13,9 +13,11 @@ through instead, and both routes give the caller the same (status, headers, body
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
 import os
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
@@ -150,30 +152,37 @@ class ApiClient:
             raise transport_error(e, self._timeout, lambda t: redact(t, self._key)) from None
 
     async def post_form(self, path: str, fields: list[tuple[str, str]],
-                        file: tuple[str, str, bytes, str]) -> tuple[int, Any, bytes]:
-        """Send a multipart form: ``fields``, then ``file`` as (field, file name, bytes, content type). The
-        provider's headers go with it but for their JSON content type (the form sets its own, with its boundary)."""
+                        file: tuple[str, str, bytes | Path, str]) -> tuple[int, Any, bytes]:
+        """Send a multipart form: ``fields``, then ``file`` as (field, file name, its bytes or its path, content
+        type); a path is streamed from the file, never read whole. The provider's headers go with it but for
+        their JSON content type (the form sets its own, with its boundary)."""
         headers = {k: v for k, v in self._headers.items() if k.lower() != "content-type"}
         name, filename, data, mime = file
         try:
             async with asyncio.timeout(self._timeout):
                 if self._aiohttp is None:
                     assert self._open is not None, "use ApiClient as an async context manager"
-                    request = httpx.Request("POST", self.base_url + path, headers=headers, data=dict(fields),
-                                            files=[(name, (filename, data, mime))],
+                    content = data if isinstance(data, bytes) else await asyncio.to_thread(data.read_bytes)
+                    values: dict[str, list[str]] = {}
+                    for key, value in fields:
+                        values.setdefault(key, []).append(value)
+                    request = httpx.Request("POST", self.base_url + path, headers=headers, data=values,
+                                            files=[(name, (filename, content, mime))],
                                             extensions={"timeout": self._timeouts})
                     resp = await self._open.handle_async_request(request)
                     try:
                         return resp.status_code, resp.headers, await resp.aread()
                     finally:
                         await resp.aclose()
-                form = aiohttp.FormData()
-                for key, value in fields:
-                    form.add_field(key, value)
-                form.add_field(name, data, filename=filename, content_type=mime)
-                async with self._aiohttp.post(self.base_url + path, data=form, headers=headers,
-                                              allow_redirects=False, **self._proxy) as r:
-                    return r.status, r.headers, await r.read()
+                with contextlib.ExitStack() as files:
+                    body: Any = data if isinstance(data, bytes) else files.enter_context(open(data, "rb"))
+                    form = aiohttp.FormData()
+                    for key, value in fields:
+                        form.add_field(key, value)
+                    form.add_field(name, body, filename=filename, content_type=mime)
+                    async with self._aiohttp.post(self.base_url + path, data=form, headers=headers,
+                                                  allow_redirects=False, **self._proxy) as r:
+                        return r.status, r.headers, await r.read()
         except TRANSPORT_ERRORS as e:
             raise transport_error(e, self._timeout, lambda t: redact(t, self._key)) from None
 

@@ -145,3 +145,30 @@ def test_error_messages_are_redacted():
     with pytest.raises(AbortError) as e:
         asyncio.run(go())
     assert "sk-secret" not in str(e.value)
+
+
+def test_a_form_carries_every_field_and_the_file_from_its_path_without_the_json_content_type(tmp_path):
+    audio = tmp_path / "call.wav"
+    audio.write_bytes(b"RIFF0000WAVE" + b"\x01" * 100)
+    seen: dict[str, bytes | str] = {}
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen["type"] = request.headers["content-type"]
+        seen["auth"] = request.headers["authorization"]
+        seen["body"] = request.read()
+        return httpx.Response(200, json={"text": "ok"})
+
+    async def go() -> tuple[int, object, bytes]:
+        async with ApiClient("http://x/v1", "sk-test", timeout_s=5, concurrency=1,
+                             transport=httpx.MockTransport(handler)) as c:
+            return await c.post_form("/audio/transcriptions", [("model", "whisper-1"),
+                                                               ("timestamp_granularities[]", "word"),
+                                                               ("timestamp_granularities[]", "segment")],
+                                     ("file", "audio.wav", audio, "audio/wav"))
+
+    status, _headers, _body = asyncio.run(go())
+    body = seen["body"]
+    assert status == 200 and str(seen["type"]).startswith("multipart/form-data; boundary=")
+    assert seen["auth"] == "Bearer sk-test"
+    assert isinstance(body, bytes) and body.count(b'name="timestamp_granularities[]"') == 2
+    assert b'filename="audio.wav"' in body and audio.read_bytes() in body

@@ -3,15 +3,14 @@
 ``[request].audio`` names the row's file (a path relative to the input, a URL, or a binary column); each is checked
 before anything is sent (``pipeline.audio``: its container and codec from its bytes, its size, its duration from its
 headers), so a bad file fails its row alone. A request's identity is its logical request (the model's fields and
-the audio's SHA-256), never the multipart bytes, whose boundary is random. The file is read when its request is sent,
-one per request in flight, and never held for the whole run.
+the audio's SHA-256), never the multipart bytes, whose boundary is random. The file is streamed from disk when its
+request is sent, never held whole for the run.
 
 Transcription has no Batch API: a batch-mode job is refused before the run (the providers' descriptors say so).
 """
 
 from __future__ import annotations
 
-import asyncio
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, cast
 
@@ -206,8 +205,8 @@ class TranscriptionsSender:
         audio = _audio_of(req.body, logical)
         fields = codec.form(logical)
 
-        async def upload() -> TranscriptAnswer:
-            data = audio.data if audio.data is not None else await asyncio.to_thread(Path(str(audio.path)).read_bytes)
+        async def upload() -> TranscriptAnswer:  # a file is streamed from disk, at every attempt anew
+            data = audio.data if audio.data is not None else Path(str(audio.path))
             status, headers, body = await s.client.post_form(codec.path, fields, ("file", audio.filename, data,
                                                                                   audio.mime))
             return codec.answer(status, headers, body)
