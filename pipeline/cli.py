@@ -684,6 +684,12 @@ def report(output: str, as_json: bool, html_path: str | None) -> None:
     lat = r["latency_ms"]
     if lat["p50"] is not None:
         t.add_row("latency p50 / p95 / p99", f"{lat['p50']:,.0f} / {lat['p95']:,.0f} / {lat['p99']:,.0f} ms")
+    red = r.get("reduce")
+    if red:  # the second step of a map then reduce
+        t.add_row("reduce: groups (ok / failed)", f"{red['groups']:,} ({red['ok']:,} / {red['failed']:,})")
+        t.add_row("reduce: rounds / requests / cost", f"{red['rounds']} / {red.get('requests', 0):,} / "
+                                                      f"{_money(red['cost_usd'])}")
+        t.add_row("reduce: table", str(red["output"]))
     console.print(t)
     if r["price_source"]:
         as_of = f", as of {r['price_date']}" if r["price_date"] else ""

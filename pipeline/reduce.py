@@ -277,9 +277,10 @@ class ReduceResult:
     ok: int
     failed: int
     rounds: int
-    requests_sent: int
+    requests_sent: int  # by this run
     cost_usd: float
     stopped: Any = None
+    requests: int = 0   # over the whole folds, whichever run sent them
 
 
 def run_reduce(job: Job, *, base_url: str | None = None, price: Price | None = None,
@@ -355,7 +356,7 @@ def run_reduce(job: Job, *, base_url: str | None = None, price: Price | None = N
     ok = sum(f.answer is not None for f in folds.values())
     return ReduceResult(Path(spec.output), len(order), ok, len(order) - ok, max((f.rounds for f in folds.values()),
                                                                              default=0),
-                        sent, total, stopped)
+                        sent, total, stopped, sum(f.requests for f in folds.values()))
 
 
 def _table(job: Job, folds: Iterable[GroupFold]) -> pl.DataFrame:

@@ -67,6 +67,7 @@ def build_report(output: str | Path) -> dict[str, Any]:
     report["distributions"] = _distributions(df)
     report["cache_write_tokens"] = int(charged["cache_write_tokens"].sum() or 0)
     report["cache_saved_usd"] = _cache_saved(report, manifest.get("price"))
+    report["reduce"] = manifest.get("reduce")  # the [reduce] step's summary, when the job has one
     return report
 
 

@@ -155,7 +155,7 @@ def run(job: Job, *, base_url: str | None = None, limit: int | None = None, fres
 def _reduce_summary(red: ReduceResult) -> dict[str, Any]:
     """The reduce step as the manifest records it."""
     return {"output": str(red.output), "groups": red.groups, "ok": red.ok, "failed": red.failed, "rounds": red.rounds,
-            "requests_sent": red.requests_sent, "cost_usd": red.cost_usd,
+            "requests": red.requests, "requests_sent": red.requests_sent, "cost_usd": red.cost_usd,
             "stopped": str(red.stopped) if red.stopped is not None else None}
 
 

@@ -137,4 +137,8 @@ def test_map_then_reduce_folds_the_maps_answers_by_a_kept_column(sim, make_job, 
         assert s.stats.requests == 60 + 3  # the map's rows, then one request per product
     out = pl.read_parquet(tmp_path / "out/result.reduce.parquet").sort("product")
     assert out["product"].to_list() == ["kettle", "lamp", "tent"] and (out["items"] == 20).all()
-    assert result.manifest_data["reduce"]["groups"] == 3
+    assert result.manifest_data["reduce"]["groups"] == 3 and result.manifest_data["reduce"]["requests"] == 3
+    from tests.conftest import run_cli
+
+    report = run_cli("report", tmp_path / "out/result.parquet")
+    assert "reduce: groups (ok / failed)" in report.output and "3 (3 / 0)" in report.output
