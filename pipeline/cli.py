@@ -222,8 +222,16 @@ def init(data: str, job_path: str | None) -> None:
 @handle_errors
 def validate(job_path: str, n: int) -> None:
     """Check the job and its input, and show the first rendered requests."""
+    from pipeline.job import Job
     from pipeline.validate import validate_job
 
+    job = Job.load(job_path)
+    if job.reduce is not None and not job.maps:  # [reduce] alone: its check is planning the fold over the input
+        from pipeline.planning import estimate as run_estimate
+
+        print_chain(run_estimate(job), _out_console())
+        click.echo(f"ok: {job_path} is valid (a reduce of the input's rows)")
+        return
     report = validate_job(job_path, n)
     console = _out_console()
     for w in report.warnings:

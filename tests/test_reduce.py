@@ -142,3 +142,12 @@ def test_map_then_reduce_folds_the_maps_answers_by_a_kept_column(sim, make_job, 
 
     report = run_cli("report", tmp_path / "out/result.parquet")
     assert "reduce: groups (ok / failed)" in report.output and "3 (3 / 0)" in report.output
+
+
+def test_a_job_of_reduce_alone_validates_and_estimates_its_fold(tmp_path):
+    from tests.conftest import run_cli
+
+    job = reduce_job(tmp_path, "http://127.0.0.1:9/v1", notes({"a": 30, "b": 3}))
+    checked = run_cli("validate", job)
+    assert checked.exit_code == 0 and "a reduce of the input's rows" in checked.output
+    assert "reduce │     1 │        2" in checked.output  # one request per group: both fit
