@@ -285,8 +285,9 @@ class ReduceResult:
 
 def run_reduce(job: Job, *, base_url: str | None = None, price: Price | None = None,
                counter: ChatTokenCounter | None = None, on_round: Callable[[int, int], None] | None = None,
-               transport: Any = None) -> ReduceResult:
-    """Fold every group to one answer, round by round, each round a run of the engine with its own journal."""
+               transport: Any = None, fresh: bool = False) -> ReduceResult:
+    """Fold every group to one answer, round by round, each round a run of the engine with its own journal.
+    ``fresh`` (``--fresh``): the earlier rounds' folder is moved aside (kept, not deleted) and every pack sent again."""
     from pipeline.run import run
 
     spec = job.reduce
@@ -300,6 +301,10 @@ def run_reduce(job: Job, *, base_url: str | None = None, price: Price | None = N
     order, groups = items_of(job, map_items(job))
     folds = {k: GroupFold(groups[k][0], groups[k][1], len(groups[k][1])) for k in order}
     folder = Path(spec.output).with_suffix(".work")
+    if fresh and folder.exists():
+        from pipeline.plan import _move_aside
+
+        _move_aside(folder)
     folder.mkdir(parents=True, exist_ok=True)
     pending = [k for k in order if folds[k].items]
     round_, sent, stopped = 1, 0, None

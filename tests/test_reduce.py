@@ -151,3 +151,14 @@ def test_a_job_of_reduce_alone_validates_and_estimates_its_fold(tmp_path):
     checked = run_cli("validate", job)
     assert checked.exit_code == 0 and "a reduce of the input's rows" in checked.output
     assert "reduce │     1 │        2" in checked.output  # one request per group: both fit
+
+
+def test_fresh_sends_every_pack_again_and_keeps_the_earlier_rounds_aside(sim, tmp_path):
+    with sim() as s:
+        job = reduce_job(tmp_path, s.base_url, notes({"a": 40, "b": 40}))
+        assert run(Job.load(job)).exit_code == 0
+        first = s.stats.requests
+        assert run(Job.load(job), fresh=True).exit_code == 0
+        assert s.stats.requests == 2 * first
+    aside = [p.name for p in (tmp_path / "out").iterdir() if p.name.startswith("fold.reduce.2")]
+    assert len(aside) == 1  # the earlier rounds, kept
