@@ -13,9 +13,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, cast
 
 from pipeline.endpoints.base import AnswerColumns, Endpoint, JobParts, mode_of
-from pipeline.outcome import Outcome, answered, failed, invalid_answer, too_large
+from pipeline.outcome import Outcome, answered, failed, invalid_answer
 from pipeline.pricing import Usage
 from pipeline.providers.families import check_family
+from pipeline.senders import RowSender
 from pipeline.spec import ImageSpec, Message, RequestSpec, ToolSpec
 from pipeline.tables import Table, default_of, resolve_path, shown, type_name
 
@@ -30,7 +31,7 @@ if TYPE_CHECKING:
     from pipeline.pricing import Price
     from pipeline.providers.base import Answer, BatchResult, ChatCodec, Codec
     from pipeline.rendered import Request
-    from pipeline.senders import Sending, Sent
+    from pipeline.senders import Sending
     from pipeline.structured import Checker
     from pipeline.tokens import ChatTokenCounter
 
@@ -171,7 +172,7 @@ class Chat(Endpoint):
         return outcome
 
 
-class ChatSender:
+class ChatSender(RowSender):
     """One row per request. With a response schema, an answer that is not valid JSON for it is asked again up
     to ``schema_retries`` times; every answer paid for is counted."""
 
@@ -179,27 +180,6 @@ class ChatSender:
                  schema_retries: int = 1, counter: ChatTokenCounter | None = None) -> None:
         self.sending, self.codec, self.checker, self.counter = sending, codec, checker, counter
         self.rounds = 1 + (schema_retries if checker is not None else 0)
-
-    def refuse(self, req: Request) -> Outcome | None:
-        """A request larger than a minute of tokens can never be admitted."""
-        budget = self.sending.budget
-        if budget.fits(req.budget_tokens, req.max_output_tokens):
-            return None
-        return too_large(req.key, req.budget_tokens, budget.tpm or budget.itpm or budget.otpm)
-
-    def add(self, req: Request) -> list[Request]:
-        """Every request is a unit of its own."""
-        return [req]
-
-    def drain(self) -> None:
-        """Nothing is ever held back."""
-        return None
-
-    async def send(self, unit: list[Request]) -> Sent:
-        """Send one row's request to its final outcome."""
-        req = unit[0]
-        outcome = await self.sending.spending(req.prompt_tokens, req.max_output_tokens, lambda: self._ask(req))
-        return [] if outcome is None else [(unit, outcome)]
 
     async def _ask(self, req: Request) -> Outcome | None:
         s, client = self.sending, self.sending.client

@@ -22,7 +22,7 @@ import polars as pl
 
 from pipeline.endpoints.base import AnswerColumns, Endpoint, JobParts, mode_of
 from pipeline.errors import TransientError
-from pipeline.outcome import Outcome, answered, failed, too_large
+from pipeline.outcome import Outcome, answered, failed
 from pipeline.pricing import Usage
 from pipeline.providers.base import Answer, GeneratedImage, ImageAnswer
 from pipeline.providers.image_models import (
@@ -34,6 +34,7 @@ from pipeline.providers.image_models import (
     image_model,
 )
 from pipeline.rates import NO_RATE
+from pipeline.senders import RowSender
 from pipeline.spec import ImageGenSpec, RequestSpec
 from pipeline.tables import Table, shown
 
@@ -41,7 +42,7 @@ if TYPE_CHECKING:
     from pipeline.pricing import Price
     from pipeline.providers.base import BatchResult, Codec, ImagesCodec
     from pipeline.rendered import Request
-    from pipeline.senders import Sending, Sent
+    from pipeline.senders import Sending
     from pipeline.structured import Checker
     from pipeline.tokens import ChatTokenCounter
 
@@ -182,34 +183,13 @@ class _Fetched:
     rate: Any = NO_RATE
 
 
-class ImagesSender:
+class ImagesSender(RowSender):
     """One row per request: the answer's images go to files (off the event loop) before the row's outcome is
     recorded, so a journaled answer always has its files."""
 
     def __init__(self, sending: Sending, codec: ImagesCodec, files: ImageFiles) -> None:
         self.sending, self.codec, self.files = sending, codec, files
         files.sweep()
-
-    def refuse(self, req: Request) -> Outcome | None:
-        """A request larger than a minute of tokens can never be admitted."""
-        budget = self.sending.budget
-        if budget.fits(req.budget_tokens, req.max_output_tokens):
-            return None
-        return too_large(req.key, req.budget_tokens, budget.tpm or budget.itpm or budget.otpm)
-
-    def add(self, req: Request) -> list[Request]:
-        """Every request is a unit of its own."""
-        return [req]
-
-    def drain(self) -> None:
-        """Nothing is ever held back."""
-        return None
-
-    async def send(self, unit: list[Request]) -> Sent:
-        """Send one row's request, write its images, and give its outcome."""
-        req = unit[0]
-        outcome = await self.sending.spending(req.prompt_tokens, req.max_output_tokens, lambda: self._ask(req))
-        return [] if outcome is None else [(unit, outcome)]
 
     async def _ask(self, req: Request) -> Outcome | None:
         s, codec = self.sending, self.codec

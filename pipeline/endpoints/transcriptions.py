@@ -22,6 +22,7 @@ from pipeline.endpoints.base import AnswerColumns, Endpoint, JobParts, Media, Me
 from pipeline.outcome import Outcome, answered, failed
 from pipeline.pricing import Usage
 from pipeline.providers.base import Answer, TranscriptAnswer
+from pipeline.senders import RowSender
 from pipeline.spec import Message, RequestSpec, TranscriptionSpec
 from pipeline.tables import Table, shown, type_name
 
@@ -173,7 +174,7 @@ class AudioMedia:
         return (where if audio.data is None else where + b"\n" + audio.data), key_line
 
 
-class TranscriptionsSender:
+class TranscriptionsSender(RowSender):
     """One row per request: its audio read (off the event loop) and uploaded as a multipart form."""
 
     def __init__(self, sending: Sending, codec: TranscriptionsCodec) -> None:
@@ -183,24 +184,17 @@ class TranscriptionsSender:
         """Checked before the run (``AudioMedia``)."""
         return None
 
-    def add(self, req: Request) -> list[Request]:
-        """Every request is a unit of its own."""
-        return [req]
-
-    def drain(self) -> None:
-        """Nothing is ever held back."""
-        return None
-
     async def send(self, unit: list[Request]) -> Sent:
-        """Send one row's audio, to its transcript."""
+        """Send one row's audio, to its transcript: its seconds held against the budget (read from the logical
+        request once, for the budget and the upload alike)."""
         req = unit[0]
         logical = _logical(req.body)
         seconds = float(logical["file"]["duration_s"])
-        outcome = await self.sending.spending(req.prompt_tokens, 0, lambda: self._ask(req, logical, seconds),
+        outcome = await self.sending.spending(req.prompt_tokens, 0, lambda: self._upload(req, logical, seconds),
                                               units=seconds)
         return [] if outcome is None else [(unit, outcome)]
 
-    async def _ask(self, req: Request, logical: dict[str, Any], seconds: float) -> Outcome | None:
+    async def _upload(self, req: Request, logical: dict[str, Any], seconds: float) -> Outcome | None:
         s, codec = self.sending, self.codec
         audio = _audio_of(req.body, logical)
         fields = codec.form(logical)
