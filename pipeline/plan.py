@@ -51,6 +51,7 @@ from pipeline.sink import (
     answered_rows,
     check_free_space,
     claim_output,
+    move_aside,
     read_manifest,
     write_manifest,
 )
@@ -339,25 +340,8 @@ def _set_aside(paths: OutputPaths) -> list[Path]:
     """``--fresh``: the earlier output, its manifest and its journal are moved aside, never overwritten with
     nothing (a fresh run that stops at once would otherwise leave an empty table where answers were)."""
     stamp = datetime.now(tz=UTC).strftime("%Y%m%dT%H%M%SZ")
-    moved = [_move_aside(p, stamp) for p in (paths.output, paths.manifest, paths.journal)]
+    moved = [move_aside(p, stamp) for p in (paths.output, paths.manifest, paths.journal)]
     return [p for p in moved if p is not None]
-
-
-def _move_aside(path: Path, stamp: str | None = None) -> Path | None:
-    if not path.exists():
-        return None
-    stamp = stamp or datetime.now(tz=UTC).strftime("%Y%m%dT%H%M%SZ")
-    aside = path.with_name(f"{path.stem}.{stamp}{path.suffix}")
-    n = 1
-    while aside.exists():  # never overwrite an older journal set aside in the same second
-        aside = path.with_name(f"{path.stem}.{stamp}-{n}{path.suffix}")
-        n += 1
-    path.replace(aside)
-    for extra in ("-wal", "-shm"):
-        sidecar = Path(str(path) + extra)
-        if sidecar.exists():
-            sidecar.replace(Path(str(aside) + extra))
-    return aside
 
 
 def stop_reason_kind(e: PipelineError) -> str:

@@ -19,7 +19,6 @@ every round's partials), giving each round's requests and prompt tokens, and the
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -97,31 +96,34 @@ class Packer:
         return self.system_tokens + self.counter.count_text(text) + FRAMING_TOKENS
 
     def packs(self, group: dict[str, Any], items: Sequence[dict[str, Any]], round_: int,
-              marginal: Callable[[dict[str, Any]], int] | None = None) -> list[tuple[int, int, int]]:
-        """The group's items cut into consecutive packs: (start, end, prompt tokens) each. Items are added while
-        the sum of their own token counts fits the budget; each pack is then rendered and measured, and an
-        item that tipped it over moves to the next pack, so every request is within the budget."""
+              marginal: Callable[[dict[str, Any]], int] | None = None) -> list[tuple[int, int, int, str | None]]:
+        """The group's items cut into consecutive packs: (start, end, prompt tokens, the rendered prompt) each.
+        Items are added while the sum of their own token counts fits the budget; each pack is then rendered and
+        measured, and an item that tipped it over moves to the next pack, so every request is within the budget.
+        With ``marginal`` (a plan: items' token counts given, not their texts), nothing is rendered: no text."""
         empty = self.tokens(self.render(group, [], round_))
         own = marginal or (lambda item: max(1, self.tokens(self.render(group, [item], round_)) - empty))
         weights = [own(i) for i in items]
-        out: list[tuple[int, int, int]] = []
+        out: list[tuple[int, int, int, str | None]] = []
         start = 0
         while start < len(items):
-            end, total = start, empty
+            end, total, text = start, empty, None
             while end < len(items) and (end == start or total + weights[end] <= self.budget):
                 total += weights[end]
                 end += 1
             if marginal is None:  # the exact text: give back items until the pack fits
-                measured = self.tokens(self.render(group, items[start:end], round_))
+                text = self.render(group, items[start:end], round_)
+                measured = self.tokens(text)
                 while measured > self.budget and end - start > 1:
                     end -= 1
-                    measured = self.tokens(self.render(group, items[start:end], round_))
+                    text = self.render(group, items[start:end], round_)
+                    measured = self.tokens(text)
                 if measured > self.budget:
                     raise JobError(f"{self.where}: [reduce]: one item of group {group} needs {measured:,} prompt "
                                    f"tokens, more than a request holds ({self.budget:,}); raise max_items_tokens or "
                                    "shorten the items")
                 total = measured
-            out.append((start, end, total))
+            out.append((start, end, total, text))
             start = end
         return out
 
@@ -187,14 +189,29 @@ def items_of(job: Job, frame: pl.DataFrame) -> tuple[list[str], dict[str, tuple[
     return order, groups
 
 
+def _input_rows(job: Job, columns: Sequence[str] = (), limit: int | None = None) -> pl.DataFrame:
+    """The input's rows, these of its columns (every one by default)."""
+    from pipeline.source import iter_chunks, open_source
+
+    source = open_source(job.input.path, job.storage.endpoint_url)
+    wanted = [c for c in columns if c in source.schema] if columns else list(source.schema)
+    chunks = list(iter_chunks(source, wanted or list(source.schema)[:1], limit=limit))
+    return pl.concat(chunks).drop("row", strict=False) if chunks else pl.DataFrame()
+
+
+def reduce_price(job: Job) -> Price | None:
+    """The price of the reduce's model (a chat model), with the job's overrides."""
+    from pipeline.endpoints import price_for
+
+    spec = job.reduce
+    assert spec is not None
+    return price_for(replace(job, request=replace(job.request, model=spec.model, endpoint="chat")))
+
+
 def map_items(job: Job) -> pl.DataFrame:
     """The reduce's rows: the map's answered rows (its id, kept and answer columns), or the input's rows."""
     if not job.maps:
-        from pipeline.source import iter_chunks, open_source
-
-        source = open_source(job.input.path, job.storage.endpoint_url)
-        chunks = list(iter_chunks(source, list(source.schema)))
-        return pl.concat(chunks).drop("row", strict=False) if chunks else pl.DataFrame()
+        return _input_rows(job)
     out = pl.read_parquet(job.output.local)
     answered = out.filter(pl.col("status") == "ok")
     from pipeline.outcome import RESULT_SCHEMA
@@ -283,28 +300,20 @@ class ReduceResult:
     requests: int = 0   # over the whole folds, whichever run sent them
 
 
-def run_reduce(job: Job, *, base_url: str | None = None, price: Price | None = None,
-               counter: ChatTokenCounter | None = None, on_round: Callable[[int, int], None] | None = None,
-               transport: Any = None, fresh: bool = False) -> ReduceResult:
-    """Fold every group to one answer, round by round, each round a run of the engine with its own journal.
-    ``fresh`` (``--fresh``): the earlier rounds' folder is moved aside (kept, not deleted) and every pack sent again."""
-    from pipeline.run import run
+def run_reduce(job: Job, run_round: Callable[[Job, pl.DataFrame], Any], *, fresh: bool = False) -> ReduceResult:
+    """Fold every group to one answer, round by round. ``run_round(round_job, packs)`` runs one round through the
+    engine (``run.run`` with the frame of packs as its input), so each round has its own journal. ``fresh``
+    (``--fresh``): the earlier rounds' folder is moved aside (kept, not deleted) and every pack sent again."""
+    from pipeline.sink import move_aside
 
     spec = job.reduce
     assert spec is not None
-    counter = counter or ChatTokenCounter(spec.model)
-    if price is None:
-        from pipeline.endpoints import price_for
-
-        price = price_for(replace(job, request=replace(job.request, model=spec.model, endpoint="chat")))
-    packer = Packer(spec, counter, budget_of(job, price), job.source)
+    packer = Packer(spec, ChatTokenCounter(spec.model), budget_of(job, reduce_price(job)), job.source)
     order, groups = items_of(job, map_items(job))
     folds = {k: GroupFold(groups[k][0], groups[k][1], len(groups[k][1])) for k in order}
     folder = Path(spec.output).with_suffix(".work")
-    if fresh and folder.exists():
-        from pipeline.plan import _move_aside
-
-        _move_aside(folder)
+    if fresh:
+        move_aside(folder)
     folder.mkdir(parents=True, exist_ok=True)
     pending = [k for k in order if folds[k].items]
     round_, sent, stopped = 1, 0, None
@@ -314,15 +323,12 @@ def run_reduce(job: Job, *, base_url: str | None = None, price: Price | None = N
         for key in pending:
             fold = folds[key]
             names = []
-            for n, (start, end, _tokens) in enumerate(packer.packs(fold.group, fold.items, round_)):
+            for n, (_start, _end, _tokens, text) in enumerate(packer.packs(fold.group, fold.items, round_)):
                 name = f"{round_}:{len(rows)}:{n}"
-                rows.append({"pack": name, PACK: packer.render(fold.group, fold.items[start:end], round_)})
+                rows.append({"pack": name, PACK: text})
                 names.append(name)
             cuts[key] = names
-        if on_round is not None:
-            on_round(round_, len(rows))
-        result = run(reduce_job(job, round_, folder), data=pl.DataFrame(rows), base_url=base_url, engine="local",
-                     transport=transport)
+        result = run_round(reduce_job(job, round_, folder), pl.DataFrame(rows))
         sent += result.stats.requests_sent
         out = pl.read_parquet(result.output)
         answers = {r["pack"]: r for r in out.iter_rows(named=True)}
@@ -391,31 +397,15 @@ def _table(job: Job, folds: Iterable[GroupFold]) -> pl.DataFrame:
     return df
 
 
-def rounds_needed(items: int, per_pack: int) -> int:
-    """How many rounds ``items`` items take when a pack holds ``per_pack`` of them (for docs and checks)."""
-    rounds, n = 0, items
-    while True:
-        rounds += 1
-        n = math.ceil(n / per_pack)
-        if n <= 1:
-            return rounds
-
-
 def chain_estimate(job: Job, limit: int | None = None) -> Chain:
     """The reduce step's plan before the run: over the input's rows (exact round 1 for a job of [reduce] alone),
     or over the map's answers still to come (each at the map's ``max_tokens``)."""
-    from pipeline.endpoints import price_for
-    from pipeline.source import iter_chunks, open_source
-
     spec = job.reduce
     assert spec is not None
-    price = price_for(replace(job, request=replace(job.request, model=spec.model, endpoint="chat")))
-    source = open_source(job.input.path, job.storage.endpoint_url)
-    wanted = list(source.schema) if not job.maps else [
-        c for c in dict.fromkeys((*spec.group_by, *spec.order_by, *spec.items)) if c in source.schema]
-    chunks = list(iter_chunks(source, wanted or list(source.schema)[:1], limit=limit))
-    rows = pl.concat(chunks).drop("row", strict=False) if chunks else pl.DataFrame()
-    if job.maps:
+    if job.maps:  # the map's answers are still to come: the input's columns the reduce reads, and an empty answer
+        rows = _input_rows(job, list(dict.fromkeys((*spec.group_by, *spec.order_by, *spec.items))), limit)
         rows = rows.with_columns(pl.lit("").alias("content"))
-    return plan_chain(job, price, ChatTokenCounter(spec.model), map_rows=rows,
+    else:
+        rows = _input_rows(job, limit=limit)
+    return plan_chain(job, reduce_price(job), ChatTokenCounter(spec.model), map_rows=rows,
                       map_max_tokens=job.request.max_tokens if job.maps else None)

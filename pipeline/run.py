@@ -105,7 +105,7 @@ def run(job: Job, *, base_url: str | None = None, limit: int | None = None, fres
 
     check_ready(job)  # a dependency's output is read only once its run completed
     if job.reduce is not None and not job.maps:  # [reduce] alone: the input's rows folded by group
-        red = run_reduce(job, base_url=base_url, transport=transport, fresh=fresh)
+        red = run_reduce(job, _round_runner(base_url, transport), fresh=fresh)
         return RunResult(output=red.output, manifest=_reduce_manifest(job, red), stats=RunStats(), estimate=None,
                          reduce=red)
     owned = StopSignals() if handle_signals and signals is None else None
@@ -144,12 +144,18 @@ def run(job: Job, *, base_url: str | None = None, limit: int | None = None, fres
                        set_aside=plan.set_aside)
     if job.reduce is not None and end.stopped is None and not end.stats.pending:
         # the map is complete: its answers are folded (a stopped or pending map is reduced on the rerun that ends it)
-        result.reduce = run_reduce(job, base_url=base_url, transport=transport, fresh=fresh)
+        result.reduce = run_reduce(job, _round_runner(base_url, transport), fresh=fresh)
         result.manifest_data["reduce"] = _reduce_summary(result.reduce)
         import json
 
         plan.paths.manifest.write_text(json.dumps(result.manifest_data, indent=2, default=str))
     return result
+
+
+def _round_runner(base_url: str | None, transport: httpx.AsyncBaseTransport | None) -> Callable[[Job, pl.DataFrame],
+                                                                                                 RunResult]:
+    """How the reduce runs one round: this function, on the round's frame of packs, on the local engine."""
+    return lambda round_job, packs: run(round_job, data=packs, base_url=base_url, engine="local", transport=transport)
 
 
 def _reduce_summary(red: ReduceResult) -> dict[str, Any]:

@@ -17,6 +17,7 @@ import math
 import os
 import shutil
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -459,3 +460,22 @@ def write_manifest(paths: OutputPaths, manifest: dict[str, Any]) -> None:
         tmp.replace(paths.manifest)
     except OSError as e:
         raise OutputError(f"{paths.manifest}: cannot write the manifest: {e.strerror}") from None
+
+
+def move_aside(path: Path, stamp: str | None = None) -> Path | None:
+    """Rename a file or folder to NAME.STAMP.SUFFIX beside it (``--fresh`` keeps what it sets aside; None when
+    there is nothing there), with its SQLite sidecars."""
+    if not path.exists():
+        return None
+    stamp = stamp or datetime.now(tz=UTC).strftime("%Y%m%dT%H%M%SZ")
+    aside = path.with_name(f"{path.stem}.{stamp}{path.suffix}")
+    n = 1
+    while aside.exists():  # never overwrite an older journal set aside in the same second
+        aside = path.with_name(f"{path.stem}.{stamp}-{n}{path.suffix}")
+        n += 1
+    path.replace(aside)
+    for extra in ("-wal", "-shm"):
+        sidecar = Path(str(path) + extra)
+        if sidecar.exists():
+            sidecar.replace(Path(str(aside) + extra))
+    return aside

@@ -38,9 +38,9 @@ from pipeline.errors import (
 from pipeline.job import Job
 from pipeline.journal import Journal, journal_fingerprint
 from pipeline.outcome import RunStats
-from pipeline.plan import _move_aside, check, manifest_of, stop_from
+from pipeline.plan import check, manifest_of, stop_from
 from pipeline.runlock import RunLock
-from pipeline.sink import OutputPaths, claim_output, read_manifest, write_manifest
+from pipeline.sink import OutputPaths, claim_output, move_aside, read_manifest, write_manifest
 from pipeline.storage import filesystem, is_url, manifest_url, pull_manifest, upload
 
 TASK_RETRIES = 3          # a task whose worker dies is run again this many times
@@ -151,7 +151,7 @@ def run_ray(job: Job, *, base_url: str | None = None, address: str | None = None
         write_manifest(paths, {"job": job.name, "fingerprint": job.fingerprint(), "status": "running",
                                "engine": {"kind": "ray"}, "output": dataset, "runs": earlier})
         if fresh:
-            _move_aside(paths.journal)
+            move_aside(paths.journal)
             _clear(dataset, job)
         if not remote:
             Path(dataset).mkdir(parents=True, exist_ok=True)
