@@ -171,6 +171,20 @@ def _newest_price_date(model_info: Any) -> str | None:
     return max(dates).isoformat() if dates else None
 
 
+def _table_model(model: str, price_ids: PriceIds) -> Any:
+    """The bundled table's entry of ``model`` under the first of ``price_ids`` that lists it (Azure sells OpenAI's
+    models); None when none does."""
+    from genai_prices import data_snapshot
+
+    snapshot = data_snapshot.get_snapshot()
+    for price_id in price_ids:
+        try:
+            return snapshot.find_provider_model(model, None, price_id, None)[1]
+        except LookupError:
+            continue
+    return None
+
+
 def lookup_price(model: str, overrides: PricingSpec | None = None, *, now: datetime | None = None,
                  input_only: bool = False, price_ids: PriceIds = OPENAI_PRICES,
                  output_keys: tuple[str, ...] = ("output_mtok",)) -> Price | None:
@@ -191,18 +205,10 @@ def lookup_price(model: str, overrides: PricingSpec | None = None, *, now: datet
         return Price(model, inp, cached, out, inp.scaled(BATCH_DISCOUNT), cached.scaled(BATCH_DISCOUNT),
                      out.scaled(BATCH_DISCOUNT), source="job [pricing] table", source_date=None,
                      context_window=overrides.context_window)
-    from genai_prices import data_snapshot
-
-    when = now or datetime.now(tz=UTC)
-    snapshot = data_snapshot.get_snapshot()
-    for price_id in price_ids:  # the first that lists the model (Azure sells OpenAI's models)
-        try:
-            _provider, info = snapshot.find_provider_model(model, None, price_id, None)
-            break
-        except LookupError:
-            continue
-    else:
+    info = _table_model(model, price_ids)
+    if info is None:
         return None
+    when = now or datetime.now(tz=UTC)
     std = info.get_prices(when)
     inp, out = _rate(std.input_mtok), _output_rate(std, output_keys)
     if input_only and out is None:
@@ -244,19 +250,10 @@ def lookup_audio_price(model: str, overrides: PricingSpec | None = None, *, now:
         zero = Rate(0.0)
         return Price(model, zero, zero, zero, zero, zero, zero, source="job [pricing] table", source_date=None,
                      per_unit=overrides.per_audio_minute_usd / 60)
-    from genai_prices import data_snapshot
-
-    when = now or datetime.now(tz=UTC)
-    snapshot = data_snapshot.get_snapshot()
-    for price_id in price_ids:
-        try:
-            _provider, info = snapshot.find_provider_model(model, None, price_id, None)
-            break
-        except LookupError:
-            continue
-    else:
+    info = _table_model(model, price_ids)
+    if info is None:
         return None
-    std = info.get_prices(when)
+    std = info.get_prices(now or datetime.now(tz=UTC))
     hours = getattr(std, "input_audio_hours", None) or getattr(std, "audio_hours", None)
     inp, out, audio = _rate(std.input_mtok) or Rate(0.0), _rate(std.output_mtok) or Rate(0.0), _rate(
         getattr(std, "input_audio_mtok", None))
