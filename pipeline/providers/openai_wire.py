@@ -139,13 +139,18 @@ def raise_for_status(status: int, headers: Any, body: bytes) -> None:
     raise RowError(text, kind=kind, status=status)
 
 
+def _json_or_none(body: bytes) -> Any:
+    """A 200's body as JSON, or None when it is not JSON (a proxy's page, a cut stream): the reader of each answer
+    then raises the transient fault it calls for."""
+    try:
+        return orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return None
+
+
 def parse_chat(body: bytes, headers: Any) -> Answer:
     """A 200 chat completion; a body that is not the expected JSON is a transient fault (a proxy, a cut stream)."""
-    try:
-        data = orjson.loads(body)
-    except orjson.JSONDecodeError:
-        data = None
-    return chat_answer(data, parse_rate(headers))
+    return chat_answer(_json_or_none(body), parse_rate(headers))
 
 
 def chat_answer(data: Any, rate: RateInfo = NO_RATE) -> Answer:
@@ -190,11 +195,7 @@ def _tool_calls(calls: Any) -> str | None:
 
 def parse_embeddings(body: bytes, headers: Any, n_inputs: int) -> EmbeddingAnswer:
     """A 200 embeddings response, mapped back by ``index`` (the order of ``data`` is not promised)."""
-    try:
-        data = orjson.loads(body)
-    except orjson.JSONDecodeError:
-        data = None
-    return embeddings_answer(data, n_inputs, parse_rate(headers))
+    return embeddings_answer(_json_or_none(body), n_inputs, parse_rate(headers))
 
 
 def embeddings_answer(data: Any, n_inputs: int, rate: RateInfo = NO_RATE) -> EmbeddingAnswer:
@@ -223,11 +224,7 @@ def embeddings_answer(data: Any, n_inputs: int, rate: RateInfo = NO_RATE) -> Emb
 
 def parse_images(body: bytes, headers: Any) -> ImageAnswer:
     """A 200 image-generation response."""
-    try:
-        data = orjson.loads(body)
-    except orjson.JSONDecodeError:
-        data = None
-    return images_answer(data, parse_rate(headers))
+    return images_answer(_json_or_none(body), parse_rate(headers))
 
 
 def images_answer(data: Any, rate: RateInfo = NO_RATE) -> ImageAnswer:
