@@ -46,26 +46,26 @@ provider = "openai"
     return job
 
 
-def memory(rows: int) -> dict:
-    job = image_job(f"images-{rows}", dataset(rows))
+def unlimited(job: Path) -> dict:
+    """``job`` on the unlimited simulator: its answers, peak RSS and pace."""
     with simulator() as url:
         r = timed_run(job, url)
     m = r["manifest"]
-    return {"rows": rows, "ok": m["totals"]["ok"], "peak_rss_mib": r["peak_rss_mib"], "run_s": m["duration_s"],
+    return {"ok": m["totals"]["ok"], "peak_rss_mib": r["peak_rss_mib"], "run_s": m["duration_s"],
             "req_per_s": m["totals"]["requests_sent"] / m["duration_s"]}
 
 
-def limited(rows: int, rpm: int) -> dict:
-    job = image_job(f"images-limited-{rows}", dataset(rows), rpm=rpm)
+def at_limit(job: Path, rpm: int) -> dict:
+    """``job`` against a simulator holding ``rpm`` requests a minute, 200 ms latency. The floor: every request at the
+    limit's rate (the client paces evenly at the limit, as for chat jobs in throughput.py); the share is the floor
+    over the time the run took."""
     with simulator("--rpm", str(rpm), "--latency-ms", "200") as url:
         r = timed_run(job, url)
         stats = sim_stats(url)
     m = r["manifest"]
     sent = m["totals"]["requests_sent"]
-    # The floor: every request at the limit's rate (the client paces evenly at the limit, as for chat jobs in
-    # throughput.py); the share is the floor over the time the run took.
     floor_s = sent / rpm * 60
-    return {"rows": rows, "sent": sent, "run_s": m["duration_s"], "floor_s": floor_s,
+    return {"sent": sent, "run_s": m["duration_s"], "floor_s": floor_s,
             "share": floor_s / m["duration_s"] if m["duration_s"] else 0.0, "server_429": stats["rate_limited"]}
 
 
@@ -115,43 +115,26 @@ concurrency = 64
     return job
 
 
-def transcription_memory(files: int) -> dict:
-    job = transcription_job(files)
-    with simulator() as url:
-        r = timed_run(job, url)
-    m = r["manifest"]
-    return {"files": files, "ok": m["totals"]["ok"], "peak_rss_mib": r["peak_rss_mib"], "run_s": m["duration_s"]}
-
-
-def transcription_limited(files: int, rpm: int) -> dict:
-    job = transcription_job(files, rpm)
-    with simulator("--rpm", str(rpm), "--latency-ms", "200") as url:
-        r = timed_run(job, url)
-        stats = sim_stats(url)
-    m = r["manifest"]
-    sent = m["totals"]["requests_sent"]
-    floor_s = sent / rpm * 60
-    return {"files": files, "sent": sent, "run_s": m["duration_s"], "floor_s": floor_s,
-            "share": floor_s / m["duration_s"] if m["duration_s"] else 0.0, "server_429": stats["rate_limited"]}
-
-
 def main() -> None:
     quick = "--quick" in sys.argv
     big = 3_000 if quick else 10_000
-    small, large = memory(1_000), memory(big)
-    print(f"[1] peak RSS: {large['rows']:,} images {large['peak_rss_mib']:,.0f} MiB vs {small['rows']:,} images "
+    small = unlimited(image_job("images-1000", dataset(1_000)))
+    large = unlimited(image_job(f"images-{big}", dataset(big)))
+    print(f"[1] peak RSS: {big:,} images {large['peak_rss_mib']:,.0f} MiB vs 1,000 images "
           f"{small['peak_rss_mib']:,.0f} MiB: ratio {large['peak_rss_mib'] / small['peak_rss_mib']:.2f} "
           f"[target <= 1.2]; {large['req_per_s']:,.0f} images/s unlimited ({large['ok']:,} ok)")
     rpm = 1_200
-    b = limited(1_500 if quick else 3_600, rpm)
-    print(f"[2] RPM={rpm:,}, 200 ms latency, {b['rows']:,} rows: {b['run_s']:.1f} s against a floor of "
+    rows = 1_500 if quick else 3_600
+    b = at_limit(image_job(f"images-limited-{rows}", dataset(rows), rpm=rpm), rpm)
+    print(f"[2] RPM={rpm:,}, 200 ms latency, {rows:,} rows: {b['run_s']:.1f} s against a floor of "
           f"{b['floor_s']:.1f} s: {b['share']:.1%} of the limit's rate, {b['server_429']} 429s [target >= 98%]")
-    few, many = transcription_memory(1_000), transcription_memory(2_000)
-    print(f"[3] peak RSS: {many['files']:,} transcriptions {many['peak_rss_mib']:,.0f} MiB vs {few['files']:,} "
+    few, many = unlimited(transcription_job(1_000)), unlimited(transcription_job(2_000))
+    print(f"[3] peak RSS: 2,000 transcriptions {many['peak_rss_mib']:,.0f} MiB vs 1,000 "
           f"{few['peak_rss_mib']:,.0f} MiB: ratio {many['peak_rss_mib'] / few['peak_rss_mib']:.2f} [target <= 1.2]; "
-          f"{many['files'] / many['run_s']:,.0f} files/s unlimited ({many['ok']:,} ok)")
-    t = transcription_limited(1_500 if quick else 2_400, rpm)
-    print(f"[4] transcription, RPM={rpm:,}, 200 ms latency, {t['files']:,} files: {t['run_s']:.1f} s against a floor "
+          f"{many['req_per_s']:,.0f} files/s unlimited ({many['ok']:,} ok)")
+    files = 1_500 if quick else 2_400
+    t = at_limit(transcription_job(files, rpm), rpm)
+    print(f"[4] transcription, RPM={rpm:,}, 200 ms latency, {files:,} files: {t['run_s']:.1f} s against a floor "
           f"of {t['floor_s']:.1f} s: {t['share']:.1%} of the limit's rate, {t['server_429']} 429s [target >= 98%]")
 
 
