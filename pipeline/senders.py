@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
 from pipeline.breaker import Breaker
 from pipeline.errors import AbortError, BudgetExceeded, PipelineError, ProviderError, RateLimited
 from pipeline.limits import RateBudget
-from pipeline.outcome import Outcome, Result, RunStats, too_large
+from pipeline.outcome import Outcome, Result, RunStats
 from pipeline.pricing import Price, Usage
 from pipeline.rates import RateInfo
 from pipeline.retry import RetryPolicy
@@ -188,34 +188,3 @@ class Sending:
         finally:  # what it really cost is in the stats now
             self._reserved -= cost
 
-
-class RowSender:
-    """What the senders of one row per request share (chat, images, transcriptions): every request is a unit of
-    its own, sent with the most it may cost held against the budget; a subclass gives ``_ask`` (one row's request to
-    its outcome) and sets ``sending``."""
-
-    sending: Sending
-
-    def refuse(self, req: Request) -> Outcome | None:
-        """A request larger than a minute of tokens can never be admitted."""
-        budget = self.sending.budget
-        if budget.fits(req.budget_tokens, req.max_output_tokens):
-            return None
-        return too_large(req.key, req.budget_tokens, budget.tpm or budget.itpm or budget.otpm)
-
-    def add(self, req: Request) -> list[Request]:
-        """Every request is a unit of its own."""
-        return [req]
-
-    def drain(self) -> None:
-        """Nothing is ever held back."""
-        return None
-
-    async def send(self, unit: list[Request]) -> Sent:
-        """Send one row's request to its final outcome."""
-        req = unit[0]
-        outcome = await self.sending.spending(req.prompt_tokens, req.max_output_tokens, lambda: self._ask(req))
-        return [] if outcome is None else [(unit, outcome)]
-
-    async def _ask(self, req: Request) -> Outcome | None:
-        raise NotImplementedError

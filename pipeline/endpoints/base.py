@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 import polars as pl
 
+from pipeline.outcome import too_large
 from pipeline.spec import ApiSpec, PricingSpec, RequestSpec
 from pipeline.tables import Table, default_of, shown
 
@@ -26,7 +27,7 @@ if TYPE_CHECKING:
     from pipeline.pricing import Price, PriceIds
     from pipeline.providers.base import BatchResult, Codec
     from pipeline.rendered import Request
-    from pipeline.senders import Sender, Sending
+    from pipeline.senders import Sender, Sending, Sent
     from pipeline.structured import Checker
     from pipeline.tokens import ChatTokenCounter
 
@@ -186,3 +187,35 @@ class Endpoint(ABC):
     def batch_outcome(self, r: BatchResult, price: Price | None, *, codec: Codec,
                       checker: Checker | None) -> Outcome:
         """One answered Batch API result line as its row's outcome, priced at the Batch API price."""
+
+
+class RowSender:
+    """What the senders of one row per request share (chat, images, transcriptions): every request is a unit of
+    its own, sent with the most it may cost held against the budget; a subclass gives ``_ask`` (one row's request to
+    its outcome) and sets ``sending``."""
+
+    sending: Sending
+
+    def refuse(self, req: Request) -> Outcome | None:
+        """A request larger than a minute of tokens can never be admitted."""
+        budget = self.sending.budget
+        if budget.fits(req.budget_tokens, req.max_output_tokens):
+            return None
+        return too_large(req.key, req.budget_tokens, budget.tpm or budget.itpm or budget.otpm)
+
+    def add(self, req: Request) -> list[Request]:
+        """Every request is a unit of its own."""
+        return [req]
+
+    def drain(self) -> None:
+        """Nothing is ever held back."""
+        return None
+
+    async def send(self, unit: list[Request]) -> Sent:
+        """Send one row's request to its final outcome."""
+        req = unit[0]
+        outcome = await self.sending.spending(req.prompt_tokens, req.max_output_tokens, lambda: self._ask(req))
+        return [] if outcome is None else [(unit, outcome)]
+
+    async def _ask(self, req: Request) -> Outcome | None:
+        raise NotImplementedError

@@ -12,11 +12,10 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, cast
 
-from pipeline.endpoints.base import AnswerColumns, Endpoint, JobParts, mode_of
+from pipeline.endpoints.base import AnswerColumns, Endpoint, JobParts, RowSender, mode_of
 from pipeline.outcome import Outcome, answered, failed, invalid_answer
 from pipeline.pricing import Usage
 from pipeline.providers.families import check_family
-from pipeline.senders import RowSender
 from pipeline.spec import ImageSpec, Message, RequestSpec, ToolSpec
 from pipeline.tables import Table, default_of, resolve_path, shown, type_name
 

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, cast
 import orjson
 import polars as pl
 
-from pipeline.endpoints.base import AnswerColumns, Endpoint, JobParts, mode_of
+from pipeline.endpoints.base import AnswerColumns, Endpoint, JobParts, RowSender, mode_of
 from pipeline.errors import TransientError
 from pipeline.outcome import Outcome, answered, failed
 from pipeline.pricing import Usage
@@ -34,7 +34,6 @@ from pipeline.providers.image_models import (
     image_model,
 )
 from pipeline.rates import NO_RATE
-from pipeline.senders import RowSender
 from pipeline.spec import ImageGenSpec, RequestSpec
 from pipeline.tables import Table, shown
 

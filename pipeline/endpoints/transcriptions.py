@@ -18,11 +18,10 @@ import orjson
 import polars as pl
 
 from pipeline.audio import Audio, AudioLoader, AudioProblem
-from pipeline.endpoints.base import AnswerColumns, Endpoint, JobParts, Media, MediaProblem, mode_of
+from pipeline.endpoints.base import AnswerColumns, Endpoint, JobParts, Media, MediaProblem, RowSender, mode_of
 from pipeline.outcome import Outcome, answered, failed
 from pipeline.pricing import Usage
 from pipeline.providers.base import Answer, TranscriptAnswer
-from pipeline.senders import RowSender
 from pipeline.spec import Message, RequestSpec, TranscriptionSpec
 from pipeline.tables import Table, shown, type_name
 
