@@ -28,7 +28,7 @@ def complete(job: Job) -> bool:
     """Whether the job's last run ended with every row answered or failed for good, its reduce included."""
     manifest = read_manifest(OutputPaths(Path(job.output.local)))
     if manifest is None or manifest.get("status") != "complete" or (job.reduce is not None and (
-            not manifest.get("reduce") or manifest["reduce"].get("stopped"))):
+            not manifest.get("reduce") or manifest["reduce"].get("stopped") or manifest["reduce"].get("pending"))):
         return False
     return not job.reduce or Path(job.reduce.output).is_file()
 

@@ -75,21 +75,38 @@ def _duration(s: float | None) -> str:
 
 
 def print_chain(est: Any, console: Console) -> None:
-    """The reduce step's rounds as a small table: what each round sends and the chain's cost bound."""
+    """The reduce step's rounds as a small table: what each round sends, its cost bound, the chain's total; after a
+    ``--sample`` of the map, the rounds expected from the measured answer lengths beside them."""
     chain = est.chain
+    expected = chain.get("expected")
     t = Table(title="Reduce: the fold, round by round", title_justify="left")
-    for col in ("step", "round", "requests", "prompt tokens"):
+    columns = ["step", "round", "requests", "prompt tokens", "cost bound"]
+    if expected:
+        columns += ["expected requests", "expected prompt tokens"]
+    for col in columns:
         t.add_column(col, justify="right" if col != "step" else "left")
+    map_cost = (est.batch_cost_usd_max if chain.get("map_batch") else est.cost_usd_max) if est.rows else None
     if est.rows:
-        t.add_row("map", "", f"{est.http_requests:,}", f"{est.prompt_tokens:,}")
+        t.add_row("map", "", f"{est.http_requests:,}", f"{est.prompt_tokens:,}", _money(map_cost),
+                  *([f"{est.http_requests:,}", f"{est.prompt_tokens:,}"] if expected else []))
+    guessed = {r["round"]: r for r in expected["rounds"]} if expected else {}
     for r in chain["rounds"]:
-        t.add_row("reduce", str(r["round"]), f"{r['requests']:,}", f"{r['prompt_tokens']:,}")
+        more = []
+        if expected:
+            e = guessed.get(r["round"])
+            more = [f"{e['requests']:,}", f"{e['prompt_tokens']:,}"] if e else ["0", "0"]
+        t.add_row("reduce", str(r["round"]), f"{r['requests']:,}", f"{r['prompt_tokens']:,}",
+                  _money(r.get("cost_usd_max")), *more)
     console.print(t)
     basis = ("the items' own tokens" if chain["exact_first_round"] else
              "the map's max_tokens per answer") + "; later rounds at the reduce's max_tokens per partial answer"
-    total = None if chain["cost_usd_max"] is None else chain["cost_usd_max"] + (est.cost_usd_max or 0.0)
+    total = None if chain["cost_usd_max"] is None else chain["cost_usd_max"] + (map_cost or 0.0)
+    price = " at the Batch API price" if chain.get("batch") else ""
     console.print(f"{chain['groups']:,} groups of {chain['items']:,} items; reduce cost bound "
-                  f"{_money(chain['cost_usd_max'])}, whole chain {_money(total)} (round 1 from {basis})")
+                  f"{_money(chain['cost_usd_max'])}{price}, whole chain {_money(total)} (round 1 from {basis})")
+    if expected:
+        console.print(f"expected after the sample: {expected['requests']:,} reduce requests, "
+                      f"{_money(expected['cost_usd'])} ({expected['basis']})")
 
 
 def print_estimate(est: Any, console: Console) -> None:
@@ -499,8 +516,9 @@ def _run(job_path: str, fresh: bool, retry_failed: bool, limit: int | None, base
 
     job = Job.load(job_path)
     again = rerun_command(job_path, base_url=base_url, mode=mode)
-    mode = mode or job.request.mode
-    if no_wait and mode != "batch":
+    given, mode = mode, mode or job.request.mode
+    batches = mode == "batch" or (given is None and job.reduce is not None and job.reduce.mode == "batch")
+    if no_wait and not batches:
         raise click.UsageError("--no-wait applies to --mode batch only")
     click.echo(f"checking {job_path} and counting every row's tokens (nothing is sent yet) ...", err=True)
     try:
@@ -508,7 +526,7 @@ def _run(job_path: str, fresh: bool, retry_failed: bool, limit: int | None, base
             result = run_job(job, base_url=base_url, limit=limit, fresh=fresh, retry_failed=retry_failed,
                              allow_insecure=allow_insecure, on_progress=progress.update,
                              on_estimate=lambda est: _confirm_estimate(est, job, yes, batch=mode == "batch"),
-                             handle_signals=True, mode=mode, wait=not no_wait, on_batches=BatchDisplay().update,
+                             handle_signals=True, mode=given, wait=not no_wait, on_batches=BatchDisplay().update,
                              release_memory=True, engine="local")  # `run` chose the engine already
     except JournalUnusable as e:
         raise JournalUnusable(f"{e}{_fresh_cost(job, limit)}") from None
@@ -531,6 +549,10 @@ def _run(job_path: str, fresh: bool, retry_failed: bool, limit: int | None, base
                    f"{r.requests_sent:,} requests sent this run; ${r.cost_usd:,.4f} over the folds)")
         if r.stopped is not None:
             click.echo(f"stopped: {r.stopped}", err=True)
+        elif r.pending:
+            collect = rerun_command(job_path, base_url=base_url, mode=given)
+            click.echo(f"reduce round {r.pending_round}: {r.pending:,} packs are still in batches at the provider; "
+                       f"run `{collect}` again to collect them and go on to the next round", err=True)
     if s.errors:
         click.echo("errors: " + ", ".join(f"{k} {v:,}" for k, v in s.errors.most_common()), err=True)
     for name, server in (result.manifest_data.get("paced_by_server_limits") or {}).items():

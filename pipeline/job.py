@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.endpoints import ENDPOINTS
+from pipeline.endpoints.base import mode_of
 from pipeline.errors import JobError
 from pipeline.providers.registry import DEFAULT as DEFAULT_PROVIDER
 from pipeline.providers.registry import DESCRIPTORS, descriptor_of_url
@@ -294,7 +295,8 @@ def _parse_reduce(red: Table, request: RequestSpec, output: str, maps: bool, bas
         max_tokens=red.int("max_tokens", request.max_tokens if maps else default_of(RequestSpec, "max_tokens")),
         group_by=red.str_list("group_by"), items=red.str_list("items"), order_by=red.str_list("order_by"),
         system=red.str("system"), max_items_tokens=red.int("max_items_tokens"), response_schema=schema,
-        output=resolve_path(base, out) if out is not None else output.removesuffix(".parquet") + ".reduce.parquet")
+        output=resolve_path(base, out) if out is not None else output.removesuffix(".parquet") + ".reduce.parquet",
+        mode=mode_of(red) if red.has("mode") else request.mode)
     red.done()
     return spec
 

@@ -244,7 +244,7 @@ def estimate(job: Job, *, limit: int | None = None, on_chunk: Callable[[int], No
     if job.reduce is not None:
         from pipeline.reduce import chain_estimate
 
-        est.chain = chain_estimate(job, limit).to_dict()
+        est.chain = chain_estimate(job, limit, measured.output_tokens_mean if measured else None).to_dict()
     return est
 
 

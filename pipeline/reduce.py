@@ -46,6 +46,7 @@ class Round:
     number: int
     requests: int = 0
     prompt_tokens: int = 0
+    cost_usd_max: float | None = None  # its prompt tokens, and every answer at max_tokens
 
 
 @dataclass
@@ -57,6 +58,12 @@ class Chain:
     items: int = 0
     cost_usd_max: float | None = None
     exact_first_round: bool = False  # the items are known (input rows): round 1 is what the run will send
+    batch: bool = False              # the rounds go through the Batch API: the bound is at its price
+    map_batch: bool = False          # the map goes through the Batch API (the whole chain's bound is at its price)
+    # after a --sample of the map: the rounds again with the map's answers at the sample's mean length
+    expected: list[Round] | None = None
+    expected_cost_usd: float | None = None
+    expected_basis: str | None = None
 
     @property
     def requests(self) -> int:
@@ -66,9 +73,16 @@ class Chain:
     def to_dict(self) -> dict[str, Any]:
         """For the estimate's JSON and the manifest."""
         return {"groups": self.groups, "items": self.items, "requests": self.requests,
-                "cost_usd_max": self.cost_usd_max, "exact_first_round": self.exact_first_round,
-                "rounds": [{"round": r.number, "requests": r.requests, "prompt_tokens": r.prompt_tokens}
-                           for r in self.rounds]}
+                "cost_usd_max": self.cost_usd_max, "exact_first_round": self.exact_first_round, "batch": self.batch,
+                "map_batch": self.map_batch, "rounds": _rounds(self.rounds),
+                "expected": None if self.expected is None else {
+                    "requests": sum(r.requests for r in self.expected), "cost_usd": self.expected_cost_usd,
+                    "basis": self.expected_basis, "rounds": _rounds(self.expected)}}
+
+
+def _rounds(rounds: list[Round]) -> list[dict[str, Any]]:
+    return [{"round": r.number, "requests": r.requests, "prompt_tokens": r.prompt_tokens,
+             "cost_usd_max": r.cost_usd_max} for r in rounds]
 
 
 class Packer:
@@ -142,22 +156,27 @@ def budget_of(job: Job, price: Price | None) -> int:
     return window - spec.max_tokens
 
 
-def reduce_job(job: Job, round_: int, folder: Path) -> Job:
-    """The job of one round: the reduce model and system prompt, each request a pack's rendered prompt."""
+def reduce_job(job: Job, round_: int, folder: Path, budget_left: float | None = None) -> Job:
+    """The job of one round: the reduce model and system prompt, each request a pack's rendered prompt.
+    ``budget_left``: what the chain's ``[budget].max_cost_usd`` leaves this round (the map's and the earlier rounds'
+    spending taken off), so the budget bounds the whole chain, not each of its runs."""
     spec = job.reduce
     assert spec is not None
     raw = json.loads(json.dumps(dict(job.raw)))
-    request: dict[str, Any] = {"model": spec.model, "prompt": "{{ " + PACK + " }}", "max_tokens": spec.max_tokens}
+    request: dict[str, Any] = {"model": spec.model, "prompt": "{{ " + PACK + " }}", "max_tokens": spec.max_tokens,
+                               "mode": spec.mode}
     if spec.system:
         request["system"] = spec.system
     if spec.response_schema is not None:
         request["response_schema"] = spec.response_schema
-    keys = {"name": f"{job.name}-reduce", "input": {"path": str(folder / f"round-{round_}.input.parquet"),
-                                                    "id": "pack", "keep": ["pack"]},
-            "request": request, "output": {"path": str(folder / f"round-{round_}.parquet")}}
+    keys: dict[str, Any] = {
+        "name": f"{job.name}-reduce", "request": request, "output": {"path": str(folder / f"round-{round_}.parquet")},
+        "input": {"path": str(folder / f"round-{round_}.input.parquet"), "id": "pack", "keep": ["pack"]}}
     for table in ("api", "limits", "budget", "pricing", "batch", "storage"):
         if table in raw:
             keys[table] = raw[table]
+    if budget_left is not None:
+        keys["budget"] = {**keys.get("budget", {}), "max_cost_usd": budget_left}
     return Job.from_dict(keys, base=job.base, source=job.source)
 
 
@@ -262,10 +281,12 @@ def plan_chain(job: Job, price: Price | None, counter: ChatTokenCounter, *, map_
                 nxt[key] = len(packs)
         chain.rounds.append(r)
         pending, round_ = nxt, round_ + 1
+    chain.batch = spec.mode == "batch"
     if price is not None:
-        chain.cost_usd_max = sum(price.cost(Usage(prompt_tokens=r.prompt_tokens,
-                                                  completion_tokens=r.requests * spec.max_tokens))
-                                 for r in chain.rounds)
+        for r in chain.rounds:
+            r.cost_usd_max = price.cost(Usage(prompt_tokens=r.prompt_tokens,
+                                              completion_tokens=r.requests * spec.max_tokens), batch=chain.batch)
+        chain.cost_usd_max = sum(r.cost_usd_max or 0.0 for r in chain.rounds)
     return chain
 
 
@@ -283,6 +304,7 @@ class GroupFold:
     cost_usd: float = 0.0
     answer: str | None = None
     error: str | None = None
+    pending: bool = False  # its last round's packs are in a batch at the provider
 
 
 @dataclass
@@ -298,12 +320,18 @@ class ReduceResult:
     cost_usd: float
     stopped: Any = None
     requests: int = 0   # over the whole folds, whichever run sent them
+    pending: int = 0    # Batch API mode without waiting: the packs of the last round still at the provider
+    pending_round: int = 0
 
 
-def run_reduce(job: Job, run_round: Callable[[Job, pl.DataFrame], Any], *, fresh: bool = False) -> ReduceResult:
+def run_reduce(job: Job, run_round: Callable[[Job, pl.DataFrame], Any], *, fresh: bool = False,
+               spent: float = 0.0) -> ReduceResult:
     """Fold every group to one answer, round by round. ``run_round(round_job, packs)`` runs one round through the
     engine (``run.run`` with the frame of packs as its input), so each round has its own journal. ``fresh``
-    (``--fresh``): the earlier rounds' folder is moved aside (kept, not deleted) and every pack sent again."""
+    (``--fresh``): the earlier rounds' folder is moved aside (kept, not deleted) and every pack sent again.
+    ``spent``: what this run's map step spent, taken off ``[budget].max_cost_usd`` with each round's spending, so
+    one budget bounds the run's whole chain."""
+    from pipeline.errors import BudgetExceeded
     from pipeline.sink import move_aside
 
     spec = job.reduce
@@ -316,7 +344,7 @@ def run_reduce(job: Job, run_round: Callable[[Job, pl.DataFrame], Any], *, fresh
         move_aside(folder)
     folder.mkdir(parents=True, exist_ok=True)
     pending = [k for k in order if folds[k].items]
-    round_, sent, stopped = 1, 0, None
+    round_, sent, stopped, waiting = 1, 0, None, 0
     while pending:
         rows: list[dict[str, Any]] = []
         cuts: dict[str, list[str]] = {}
@@ -328,8 +356,19 @@ def run_reduce(job: Job, run_round: Callable[[Job, pl.DataFrame], Any], *, fresh
                 rows.append({"pack": name, PACK: text})
                 names.append(name)
             cuts[key] = names
-        result = run_round(reduce_job(job, round_, folder), pl.DataFrame(rows))
+        cap = job.budget.max_cost_usd
+        left = None if cap is None else cap - spent
+        if left is not None and left <= 0:
+            stopped = BudgetExceeded(f"stopped before reduce round {round_}: this run spent ${spent:,.4f} of "
+                                     f"[budget].max_cost_usd = ${cap:g} on the steps before it")
+            break
+        try:
+            result = run_round(reduce_job(job, round_, folder, left), pl.DataFrame(rows))
+        except BudgetExceeded as e:  # a round of batches whose bound is above what is left: nothing submitted
+            stopped = e
+            break
         sent += result.stats.requests_sent
+        spent += result.stats.cost_usd
         out = pl.read_parquet(result.output)
         answers = {r["pack"]: r for r in out.iter_rows(named=True)}
         nxt = []
@@ -345,10 +384,12 @@ def run_reduce(job: Job, run_round: Callable[[Job, pl.DataFrame], Any], *, fresh
                 fold.completion_tokens += a.get("completion_tokens") or 0
                 fold.cost_usd += a.get("cost_usd") or 0.0
             bad = [a for a in got if a is None or a["status"] != "ok"]
-            if bad:
+            if result.stats.pending and any(a is None for a in got):
+                fold.pending = True  # its packs are in a batch at the provider: the run that collects goes on
+            elif bad:
                 first = bad[0]
-                fold.error = ("a pack was not answered (the round stopped)" if first is None
-                              else f"round {round_}: {first['error']}")
+                fold.error = (f"round {round_}: a pack was not answered: {result.stopped or 'the round stopped'}"
+                              if first is None else f"round {round_}: {first['error']}")
                 continue
             contents = [a["content"] for a in got if a is not None]
             if len(contents) == 1:
@@ -359,15 +400,25 @@ def run_reduce(job: Job, run_round: Callable[[Job, pl.DataFrame], Any], *, fresh
         if result.stopped is not None:
             stopped = result.stopped
             break
+        if result.stats.pending:  # submitted without waiting: a later run collects this round and goes on
+            waiting = result.stats.pending
+            break
         pending, round_ = nxt, round_ + 1
+    if stopped is not None:
+        for key in pending:
+            fold = folds[key]
+            if fold.answer is None and fold.error is None:
+                fold.error = f"not reduced: {stopped}"
     table = _table(job, [folds[k] for k in order])
     Path(spec.output).parent.mkdir(parents=True, exist_ok=True)
     table.write_parquet(spec.output)
     total = sum(f.cost_usd for f in folds.values())
     ok = sum(f.answer is not None for f in folds.values())
-    return ReduceResult(Path(spec.output), len(order), ok, len(order) - ok, max((f.rounds for f in folds.values()),
+    failed = sum(f.answer is None and not f.pending for f in folds.values())
+    return ReduceResult(Path(spec.output), len(order), ok, failed, max((f.rounds for f in folds.values()),
                                                                              default=0),
-                        sent, total, stopped, sum(f.requests for f in folds.values()))
+                        sent, total, stopped, sum(f.requests for f in folds.values()), waiting,
+                        round_ if waiting else 0)
 
 
 def _table(job: Job, folds: Iterable[GroupFold]) -> pl.DataFrame:
@@ -379,7 +430,8 @@ def _table(job: Job, folds: Iterable[GroupFold]) -> pl.DataFrame:
         rows.append({**f.group, "content": f.answer, "items": f.input_items, "rounds": f.rounds,
                      "requests": f.requests, "prompt_tokens": f.prompt_tokens,
                      "completion_tokens": f.completion_tokens, "cost_usd": round(f.cost_usd, 12),
-                     "status": "ok" if f.answer is not None else "error", "error": f.error})
+                     "status": "ok" if f.answer is not None else "pending" if f.pending else "error",
+                     "error": f.error})
     schema: dict[str, pl.DataType] = {"content": pl.String(), "items": pl.Int64(), "rounds": pl.Int32(),
                                       "requests": pl.Int64(), "prompt_tokens": pl.Int64(),
                                       "completion_tokens": pl.Int64(), "cost_usd": pl.Float64(),
@@ -397,15 +449,24 @@ def _table(job: Job, folds: Iterable[GroupFold]) -> pl.DataFrame:
     return df
 
 
-def chain_estimate(job: Job, limit: int | None = None) -> Chain:
+def chain_estimate(job: Job, limit: int | None = None, measured_tokens: float | None = None) -> Chain:
     """The reduce step's plan before the run: over the input's rows (exact round 1 for a job of [reduce] alone),
-    or over the map's answers still to come (each at the map's ``max_tokens``)."""
+    or over the map's answers still to come (each at the map's ``max_tokens``). ``measured_tokens``: the mean
+    answer length a ``--sample`` of the map measured, which plans the rounds a second time as expected figures."""
     spec = job.reduce
     assert spec is not None
+    price, counter = reduce_price(job), ChatTokenCounter(spec.model)
     if job.maps:  # the map's answers are still to come: the input's columns the reduce reads, and an empty answer
         rows = _input_rows(job, list(dict.fromkeys((*spec.group_by, *spec.order_by, *spec.items))), limit)
         rows = rows.with_columns(pl.lit("").alias("content"))
     else:
         rows = _input_rows(job, limit=limit)
-    return plan_chain(job, reduce_price(job), ChatTokenCounter(spec.model), map_rows=rows,
-                      map_max_tokens=job.request.max_tokens if job.maps else None)
+    chain = plan_chain(job, price, counter, map_rows=rows, map_max_tokens=job.request.max_tokens if job.maps else None)
+    chain.map_batch = job.maps and job.request.mode == "batch"
+    if job.maps and measured_tokens is not None:
+        mean = max(1, round(measured_tokens))
+        expected = plan_chain(job, price, counter, map_rows=rows, map_max_tokens=mean)
+        chain.expected, chain.expected_cost_usd = expected.rounds, expected.cost_usd_max
+        chain.expected_basis = (f"the map's answers at the sample's mean of {mean:,} tokens; partial answers at the "
+                                "reduce's max_tokens")
+    return chain

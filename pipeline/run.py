@@ -105,7 +105,7 @@ def run(job: Job, *, base_url: str | None = None, limit: int | None = None, fres
 
     check_ready(job)  # a dependency's output is read only once its run completed
     if job.reduce is not None and not job.maps:  # [reduce] alone: the input's rows folded by group
-        red = run_reduce(job, _round_runner(base_url, transport), fresh=fresh)
+        red = run_reduce(job, _round_runner(base_url, transport, mode, wait, on_batches), fresh=fresh)
         return RunResult(output=red.output, manifest=_reduce_manifest(job, red), stats=RunStats(), estimate=None,
                          reduce=red)
     owned = StopSignals() if handle_signals and signals is None else None
@@ -144,7 +144,8 @@ def run(job: Job, *, base_url: str | None = None, limit: int | None = None, fres
                        set_aside=plan.set_aside)
     if job.reduce is not None and end.stopped is None and not end.stats.pending:
         # the map is complete: its answers are folded (a stopped or pending map is reduced on the rerun that ends it)
-        result.reduce = run_reduce(job, _round_runner(base_url, transport), fresh=fresh)
+        result.reduce = run_reduce(job, _round_runner(base_url, transport, mode, wait, on_batches), fresh=fresh,
+                                   spent=end.stats.cost_usd)
         result.manifest_data["reduce"] = _reduce_summary(result.reduce)
         import json
 
@@ -152,17 +153,21 @@ def run(job: Job, *, base_url: str | None = None, limit: int | None = None, fres
     return result
 
 
-def _round_runner(base_url: str | None, transport: httpx.AsyncBaseTransport | None) -> Callable[[Job, pl.DataFrame],
-                                                                                                 RunResult]:
-    """How the reduce runs one round: this function, on the round's frame of packs, on the local engine."""
-    return lambda round_job, packs: run(round_job, data=packs, base_url=base_url, engine="local", transport=transport)
+def _round_runner(base_url: str | None, transport: httpx.AsyncBaseTransport | None, mode: str | None, wait: bool,
+                  on_batches: Callable[[list[BatchPart]], None] | None) -> Callable[[Job, pl.DataFrame], RunResult]:
+    """How the reduce runs one round: this function, on the round's frame of packs, on the local engine, online or
+    as one batch ([reduce].mode, or the run's ``mode``); without ``wait`` a round left at the provider ends the run,
+    and the next run collects it and goes on."""
+    return lambda round_job, packs: run(round_job, data=packs, base_url=base_url, engine="local", transport=transport,
+                                        mode=mode, wait=wait, on_batches=on_batches)
 
 
 def _reduce_summary(red: ReduceResult) -> dict[str, Any]:
     """The reduce step as the manifest records it."""
     return {"output": str(red.output), "groups": red.groups, "ok": red.ok, "failed": red.failed, "rounds": red.rounds,
             "requests": red.requests, "requests_sent": red.requests_sent, "cost_usd": red.cost_usd,
-            "stopped": str(red.stopped) if red.stopped is not None else None}
+            "stopped": str(red.stopped) if red.stopped is not None else None,
+            "pending": red.pending, "pending_round": red.pending_round}
 
 
 def _reduce_manifest(job: Job, red: ReduceResult) -> Path:
@@ -173,7 +178,8 @@ def _reduce_manifest(job: Job, red: ReduceResult) -> Path:
 
     path = OutputPaths(Path(job.output.local)).manifest
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"job": job.name, "status": "complete" if red.stopped is None else "stopped",
+    status = "stopped" if red.stopped is not None else "submitted" if red.pending else "complete"
+    path.write_text(json.dumps({"job": job.name, "status": status,
                                 "reduce": _reduce_summary(red)}, indent=2))
     return path
 

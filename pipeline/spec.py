@@ -86,6 +86,7 @@ class ReduceSpec:
     max_items_tokens: int | None = None  # the most prompt tokens a request may hold (default: the context window's)
     response_schema: Mapping[str, Any] | None = None
     output: str = ""                  # the reduce's table (default: OUT.reduce.parquet beside the map's)
+    mode: str = "online"              # each round online, or as one Batch API batch (default: the map's mode)
 
 
 @dataclass(frozen=True)

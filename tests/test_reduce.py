@@ -4,6 +4,7 @@ what is new."""
 
 from __future__ import annotations
 
+import json
 import signal
 import subprocess
 import sys
@@ -11,6 +12,7 @@ import textwrap
 from pathlib import Path
 
 import polars as pl
+import pytest
 
 from pipeline.job import Job
 from pipeline.planning import estimate
@@ -162,3 +164,111 @@ def test_fresh_sends_every_pack_again_and_keeps_the_earlier_rounds_aside(sim, tm
         assert s.stats.requests == 2 * first
     aside = [p.name for p in (tmp_path / "out").iterdir() if p.name.startswith("fold.reduce.2")]
     assert len(aside) == 1  # the earlier rounds, kept
+
+
+def _same_folds(a: pl.DataFrame, b: pl.DataFrame) -> None:
+    columns = ["shop", "content", "items", "rounds", "requests", "prompt_tokens", "completion_tokens", "status"]
+    assert a.sort("shop").select(columns).to_dicts() == b.sort("shop").select(columns).to_dicts()
+
+
+def test_batch_mode_gives_the_same_table_as_online_at_half_the_price(sim, tmp_path):
+    data = notes({"a": 600, "b": 40})
+    (tmp_path / "online").mkdir()
+    (tmp_path / "batch").mkdir()
+    with sim(batch_delay_s=0.05) as s:
+        online = reduce_job(tmp_path / "online", s.base_url, data, budget=1_200)
+        assert run(Job.load(online)).exit_code == 0
+        sent_online = s.stats.requests
+        batch = reduce_job(tmp_path / "batch", s.base_url, data, budget=1_200)
+        batch.write_text(batch.read_text() + 'mode = "batch"\n[batch]\npoll_interval_s = 0.05\n'
+                         'poll_max_interval_s = 0.2\n')
+        result = run(Job.load(batch))
+        assert result.exit_code == 0 and result.reduce is not None
+        assert s.stats.requests == sent_online  # nothing of the batch run went online
+    by_online = pl.read_parquet(tmp_path / "online/out/fold.reduce.parquet")
+    by_batch = pl.read_parquet(tmp_path / "batch/out/fold.reduce.parquet")
+    _same_folds(by_online, by_batch)
+    rounds = int(by_batch["rounds"].max())  # type: ignore[arg-type]
+    assert rounds >= 2 and s.stats.batches_created == rounds  # each round is one batch
+    assert by_batch["cost_usd"].sum() == pytest.approx(by_online["cost_usd"].sum() / 2)
+
+
+def test_no_wait_goes_one_round_per_run_until_the_fold_is_done(sim, tmp_path):
+    from tests.conftest import run_cli
+
+    data = notes({"a": 600, "b": 40})
+    with sim(batch_delay_s=0.05) as s:
+        job = reduce_job(tmp_path, s.base_url, data, budget=1_200)
+        runs, manifest = 0, tmp_path / "out/fold.manifest.json"
+        while True:
+            done = run_cli("run", job, "--mode", "batch", "--no-wait", "--yes")
+            runs += 1
+            assert done.exit_code == 0, done.output
+            if json.loads(manifest.read_text())["status"] == "complete":
+                break
+            assert "packs are still in batches" in done.output and runs < 10
+            # the next run (a cron's) comes once the provider has ended the round's batch
+            wait_for(lambda: all(b["status"] == "completed" for b in s.sim.batch_api.batches.values()))
+        rounds = int(pl.read_parquet(tmp_path / "out/fold.reduce.parquet")["rounds"].max())  # type: ignore[arg-type]
+        assert runs == rounds + 1 and s.stats.batches_created == rounds  # no round submitted twice
+        assert s.stats.requests == 0
+    out = pl.read_parquet(tmp_path / "out/fold.reduce.parquet")
+    assert (out["status"] == "ok").all() and out.height == 2
+
+
+def test_after_a_sample_the_chain_estimate_adds_the_rounds_the_measured_answers_need(sim, make_job, tmp_path):
+    from tests.conftest import run_cli
+
+    request = 'model = "gpt-4o-mini"\nprompt = "One line on {{ text }}"\nmax_tokens = 400'
+    with sim() as s:
+        job = make_job(rows=300, request=request, extra=f'[api]\nbase_url = "{s.base_url}"\n' + textwrap.dedent('''\
+            [reduce]
+            group_by = ["product"]
+            items = ["content"]
+            prompt = """Themes of {{ group.product }}:
+            {% for item in items %}- {{ item.content }}
+            {% endfor %}"""
+            max_tokens = 30
+            max_items_tokens = 2500
+            '''))
+        before = run_cli("estimate", job)
+        assert before.exit_code == 0 and "expected after the sample" not in before.output
+        bound = estimate(Job.load(job)).chain
+        sampled = run_cli("run", job, "--sample", "20")
+        assert sampled.exit_code == 0, sampled.output
+        after = estimate(Job.load(job)).chain
+    assert after is not None and bound is not None and after["expected"] is not None
+    # the sim's answers are far shorter than max_tokens = 400: fewer packs than the bound's
+    assert after["expected"]["requests"] < bound["requests"] == after["requests"]
+    assert after["expected"]["cost_usd"] < bound["cost_usd_max"]
+    assert "sample's mean" in after["expected"]["basis"]
+    shown = run_cli("estimate", job)
+    assert "expected after the sample" in shown.output and "cost bound" in shown.output
+
+
+def test_one_budget_bounds_the_map_and_every_reduce_round_of_a_run(sim, make_job, tmp_path):
+    request = 'model = "gpt-4o-mini"\nprompt = "One line on {{ text }}"\nmax_tokens = 20'
+    with sim() as s:
+        job = make_job(rows=600, request=request, extra=f'[api]\nbase_url = "{s.base_url}"\n' + textwrap.dedent('''\
+            [reduce]
+            group_by = ["product"]
+            items = ["content"]
+            prompt = """Themes of {{ group.product }}:
+            {% for item in items %}- {{ item.content }}
+            {% endfor %}"""
+            max_tokens = 30
+            max_items_tokens = 600
+            '''))
+        unlimited = run(Job.load(job))
+        assert unlimited.reduce is not None and unlimited.exit_code == 0
+        map_cost, reduce_cost = unlimited.stats.cost_usd, unlimited.reduce.cost_usd
+        # a budget the map fits in and the whole chain does not: the reduce stops before crossing it
+        cap = map_cost + reduce_cost / 2
+        job.write_text(job.read_text() + f"[budget]\nmax_cost_usd = {cap}\n")
+        capped = run(Job.load(job), fresh=True)
+    assert capped.reduce is not None and type(capped.reduce.stopped).__name__ == "BudgetExceeded"
+    assert capped.stats.cost_usd == pytest.approx(map_cost)
+    assert capped.stats.cost_usd + capped.reduce.cost_usd <= cap
+    assert capped.exit_code == 3
+    out = pl.read_parquet(tmp_path / "out/result.reduce.parquet")
+    assert (out["status"] == "error").all() and out["error"].str.contains("max_cost_usd").all()
