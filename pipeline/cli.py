@@ -297,23 +297,52 @@ def estimate(job_path: str, as_json: bool, limit: int | None, exact: bool, base_
 
     job = Job.load(job_path)
     waiting = [dep for dep in dependencies(job) if not complete(dep)]
-    if waiting:  # the chain's steps still to run: each one's estimate, as far as its input exists
-        total = 0.0
-        for dep in waiting:
-            if dep.input.from_job is not None and any(d.source == dep.input.from_job for d in waiting):
-                click.echo(f"{dep.source}: after {dep.input.from_job} (estimated once its input exists)")
-                continue
-            dep_est = run_estimate(dep, limit=limit)
-            total += (dep_est.cost_usd_max or 0.0) + ((dep_est.chain or {}).get("cost_usd_max") or 0.0)
-            click.echo(f"{dep.source}: " + estimate_line(dep_est))
-        raise UsageError(f"{job_path}: reads the output of {waiting[-1].source}, not run yet: the steps before it "
-                         f"are estimated above (up to ${total:,.4f}); this step is estimated once its input exists "
-                         f"(`pipeline run {job_path} --with-deps` runs the chain)")
+    if waiting:  # the chain's steps still to run, each on a stand-in for its input where that is still to come
+        _estimate_chain(job, waiting, limit, as_json)
+        return
     est = run_estimate(job, limit=limit, exact=exact, base_url=base_url)
     if as_json:
         click.echo(json.dumps(est.to_dict(), indent=2, default=str))
     else:
         print_estimate(est, _out_console())
+
+
+def _estimate_chain(job: Any, waiting: list[Any], limit: int | None, as_json: bool) -> None:
+    """The estimate of a chain whose first steps have not run: each step still to run, then this one, the steps
+    after the first on a stand-in for their input (the answers before them at ``max_tokens``), and the chain's
+    total bound."""
+    import tempfile
+
+    from pipeline.chain import complete, on_stand_in
+    from pipeline.job import Job
+    from pipeline.planning import estimate as run_estimate
+
+    steps, total = [], 0.0
+    with tempfile.TemporaryDirectory(prefix="pipeline-chain-") as tmp:
+        for n, step in enumerate([*waiting, job]):
+            folder = Path(tmp) / str(n)
+            folder.mkdir()
+            stood = on_stand_in(step, folder, limit)
+            if stood is None and step.input.from_job is not None and not complete(Job.load(step.input.from_job)):
+                raise UsageError(f"{job.source}: {step.source} reads {step.input.from_job}, whose answers are not "
+                                 "text: it is estimated once that step ran (`pipeline run "
+                                 f"{job.source} --with-deps` runs the chain)")
+            est = run_estimate(stood or step, limit=limit)
+            mapped = est.batch_cost_usd_max if step.maps and step.request.mode == "batch" else est.cost_usd_max
+            total += (mapped or 0.0) + ((est.chain or {}).get("cost_usd_max") or 0.0)
+            steps.append((step, est, stood is not None))
+    if as_json:
+        click.echo(json.dumps({"steps": [{"job": s.source, "input_stood_in": on, "estimate": e.to_dict()}
+                                         for s, e, on in steps], "cost_usd_max": total}, indent=2, default=str))
+        return
+    console = _out_console()
+    for step, est, on in steps:
+        console.rule(escape(f"{step.source}" + (" (its input: the step before it, answers at max_tokens)"
+                                                if on else "")))
+        print_estimate(est, console)
+    console.print(f"[bold]the chain's {len(steps)} steps: up to {_money(total)}[/] (steps after the first estimated "
+                  "on their input's bound; `pipeline run "
+                  f"{escape(str(job.source))} --with-deps` runs them in order)")
 
 
 def estimate_line(est: Any, *, batch: bool = False) -> str:

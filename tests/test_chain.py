@@ -3,6 +3,7 @@ steps not yet complete first; the estimate of the last lists what the steps befo
 
 from __future__ import annotations
 
+import json
 import textwrap
 from pathlib import Path
 
@@ -63,7 +64,11 @@ def test_a_job_reads_another_jobs_output_only_once_that_run_completed(sim, tmp_p
         with pytest.raises(UsageError, match="has not completed a run yet"):
             run(job)
         est = run_cli("estimate", second)
-        assert est.exit_code == 2 and "summaries.toml: estimate: 30 rows" in est.output
+        assert est.exit_code == 0 and "the chain's 2 steps: up to" in est.output
+        planned = json.loads(run_cli("estimate", second, "--json").output)
+        assert [step["input_stood_in"] for step in planned["steps"]] == [False, True]
+        map_est, reduce_est = (step["estimate"] for step in planned["steps"])
+        assert map_est["requests"] == 30 and reduce_est["chain"]["requests"] == 3  # one fold per product
         assert s.stats.requests == 0
         done = run_cli("run", second, "--with-deps", "--yes", "--plain")
         assert done.exit_code == 0, done.output
@@ -72,6 +77,9 @@ def test_a_job_reads_another_jobs_output_only_once_that_run_completed(sim, tmp_p
         assert again.exit_code == 0 and s.stats.requests == 33  # both steps complete: nothing is sent
     out = pl.read_parquet(tmp_path / "out/themes.reduce.parquet").sort("product")
     assert out["product"].to_list() == ["kettle", "lamp", "tent"] and (out["items"] == 10).all()
+    # the stand-in's answers are at max_tokens: the chain's estimate bounds what the run used
+    assert out["prompt_tokens"].sum() <= reduce_est["chain"]["rounds"][0]["prompt_tokens"]
+    assert out["cost_usd"].sum() <= reduce_est["chain"]["cost_usd_max"]
 
 
 def test_jobs_that_read_each_other_in_a_loop_are_refused(tmp_path):
