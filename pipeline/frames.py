@@ -272,8 +272,14 @@ def _joined(df: pl.DataFrame, kind: str, result: Any, schema: Any, as_models: bo
     typed = [c for c in answers.columns if c not in RESULT_SCHEMA and c != ROW_COLUMN]
     first = typed or ["content"]
     order = [*df.columns, *first, *[c for c in RESULT_SCHEMA if c in answers.columns and c not in first]]
-    joined = (df.with_row_index(ROW_COLUMN).with_columns(pl.col(ROW_COLUMN).cast(pl.Int64))
-              .join(answers, on=ROW_COLUMN, how="left").sort(ROW_COLUMN).select(order))
+    rows = answers.get_column(ROW_COLUMN)
+    if answers.height == df.height and (rows == pl.int_range(0, df.height, eager=True)).all():
+        # every row answered, in input order (a whole run's output): side by side, sharing the frame's columns
+        # instead of copying them through a join (the copy was the largest allocation of a map)
+        joined = pl.concat([df, answers.drop(ROW_COLUMN)], how="horizontal").select(order)
+    else:  # a stopped run: the rows it answered, the others with null answers
+        joined = (df.with_row_index(ROW_COLUMN).with_columns(pl.col(ROW_COLUMN).cast(pl.Int64))
+                  .join(answers, on=ROW_COLUMN, how="left").sort(ROW_COLUMN).select(order))
     if result.stopped is not None and not answers.height:
         raise result.stopped
     if as_models:
