@@ -1,37 +1,52 @@
-"""pipeline: send every row of a table to an OpenAI-compatible API and get a clean Parquet table back."""
+"""pipeline: send every row of a table to an OpenAI-compatible API and get a clean Parquet table back.
 
-import contextlib
-import ctypes
-import os
+The public names load on first use (PEP 562), so ``import pipeline`` is light and changes nothing in the caller's
+process; the ``pipeline`` command sets what it wants for its own process (its allocators, ``cli.own_process``)
+before anything heavy is imported.
+"""
+
+from __future__ import annotations
+
+import importlib
 import sys
+import types
+from typing import TYPE_CHECKING, Any
 
-# Arrow's buffers from the C allocator rather than its bundled mimalloc, which keeps what it took: writing the
-# output's row groups left 18 MiB more resident at the end of a 20k-row run (275 against 257 MiB peak;
-# bench/throughput.py). Read by Arrow when it loads, so it is set before anything imports pyarrow; a user's own setting
-# wins.
-os.environ.setdefault("ARROW_DEFAULT_MEMORY_POOL", "system")
+if TYPE_CHECKING:
+    from pipeline.errors import PipelineError
+    from pipeline.estimate import Estimate
+    from pipeline.frames import amap, estimate, map
+    from pipeline.job import Job
+    from pipeline.run import RunResult, run
 
-
-def _one_malloc_arena() -> None:
-    """The command line's process gets one glibc malloc arena (``MALLOC_ARENA_MAX=1``) unless the user chose.
-
-    glibc gives each thread that allocates an arena of its own, and polars' and pyarrow's worker threads leave
-    memory resident in theirs: the 1M-row estimate peaked at 338 MiB with them and 288 MiB without, in the
-    same time (bench/estimate.py). It must happen before polars and pyarrow start their threads, so here, before they
-    are imported; and only for the `pipeline` command, which owns its process (a library caller's keeps its own).
-    """
-    if os.path.basename(sys.argv[0] if sys.argv else "") != "pipeline" or "MALLOC_ARENA_MAX" in os.environ:
-        return
-    with contextlib.suppress(AttributeError, OSError):  # not glibc: its allocator keeps its own ways
-        ctypes.CDLL(None).mallopt(-8, 1)  # M_ARENA_MAX
+_EXPORTS = {"PipelineError": "pipeline.errors", "Estimate": "pipeline.estimate", "Job": "pipeline.job",
+            "RunResult": "pipeline.run", "run": "pipeline.run", "amap": "pipeline.frames",
+            "estimate": "pipeline.frames", "map": "pipeline.frames"}
+# Functions named like a module of the package: ``pipeline.run(job)`` and ``pipeline.estimate(frame)`` are the
+# functions, while ``from pipeline.run import ...`` still reaches the modules (through sys.modules).
+_FUNCTIONS = frozenset({"run", "estimate"})
 
 
-_one_malloc_arena()
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'pipeline' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
 
-from pipeline.errors import PipelineError  # noqa: E402 - after the allocator's setting
-from pipeline.estimate import Estimate  # noqa: E402 - after the allocator's setting
-from pipeline.frames import amap, estimate, map  # noqa: E402 - last: `estimate` takes a frame or a Job
-from pipeline.job import Job  # noqa: E402 - after the allocator's setting
-from pipeline.run import RunResult, run  # noqa: E402 - after the allocator's setting
+
+class _Package(types.ModuleType):
+    """The package keeps its functions when the modules of the same name load: the import system sets each
+    submodule as an attribute of its package, which would put the module ``pipeline.run`` where the function
+    ``pipeline.run`` is."""
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in _FUNCTIONS and isinstance(value, types.ModuleType):
+            return  # the module stays in sys.modules; the attribute is the function, loaded by __getattr__
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package
 
 __all__ = ["Estimate", "Job", "PipelineError", "RunResult", "amap", "estimate", "map", "run"]
