@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple, TypeVar
 
-from pipeline.client import resolve_api_key, resolve_base_url
+from pipeline.access import resolve_api_key, resolve_base_url
 from pipeline.errors import AbortError, Interrupted, PipelineError, ProviderError, StopRun, TransientError
 from pipeline.job import Job
 from pipeline.journal import Journal

@@ -19,7 +19,7 @@ from typing import Any
 
 import polars as pl
 
-from pipeline.client import check_transport_security, resolve_api_key, resolve_base_url
+from pipeline.access import check_transport_security, resolve_api_key, resolve_base_url
 from pipeline.endpoints import endpoint_of, no_price_for, price_for
 from pipeline.endpoints.base import MODES, AnswerColumns
 from pipeline.errors import (

@@ -253,7 +253,7 @@ def _provider_counts(job: Job, source: Source, renderer: Renderer, *, limit: int
     """Every unique request's exact prompt tokens from the provider (the cache's first)."""
     from pathlib import Path
 
-    from pipeline.client import check_transport_security, resolve_api_key, resolve_base_url
+    from pipeline.access import check_transport_security, resolve_api_key, resolve_base_url
     from pipeline.errors import UsageError
     from pipeline.exact import CountCache, count_exactly
     from pipeline.providers import provider_for

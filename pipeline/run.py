@@ -17,7 +17,7 @@ from typing import Any
 import httpx
 import polars as pl
 
-from pipeline.client import resolve_api_key, resolve_base_url
+from pipeline.access import resolve_api_key, resolve_base_url
 from pipeline.errors import BudgetExceeded, OutputError, PipelineError, StopRun, UsageError
 from pipeline.estimate import Estimate
 from pipeline.interrupts import StopSignals

@@ -4,7 +4,8 @@ import httpx
 import orjson
 import pytest
 
-from pipeline.client import ApiClient, check_transport_security, redact
+from pipeline.access import check_transport_security
+from pipeline.client import ApiClient, redact
 from pipeline.errors import AbortError, RowError, TransientError, UsageError
 from pipeline.providers.openai import OpenAIProvider
 from pipeline.providers.openai_wire import classify, parse_duration, retry_after

@@ -22,7 +22,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from pipeline.client import check_transport_security, resolve_api_key, resolve_base_url
+from pipeline.access import check_transport_security, resolve_api_key, resolve_base_url
 from pipeline.endpoints import endpoint_of
 from pipeline.engines.commit import committed, covered
 from pipeline.engines.partitions import Partition, plan_partitions

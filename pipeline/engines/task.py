@@ -22,7 +22,7 @@ from typing import Any
 
 import httpx
 
-from pipeline.client import resolve_api_key
+from pipeline.access import resolve_api_key
 from pipeline.engines.budget import Ask, LeasedBudget, Report, Tell
 from pipeline.engines.commit import ChunkSink, committed, covered
 from pipeline.engines.partitions import Partition, iter_partition
