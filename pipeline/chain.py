@@ -84,7 +84,9 @@ def input_frame(job: Job, limit: int | None = None) -> pl.DataFrame | None:
 def stand_in(dep: Job, limit: int | None = None) -> pl.DataFrame | None:
     """What ``dep``'s run will write, before it ran: its input's id and kept columns with each answer at the map's
     ``max_tokens``; for a step with ``[reduce]``, one row per group with the fold's answer at the reduce's."""
-    if dep.maps and dep.request.endpoint != "chat":
+    from pipeline.endpoints import endpoint_of
+
+    if dep.maps and not endpoint_of(dep.request.endpoint).text_answers:
         return None
     rows = input_frame(dep, limit)
     if rows is None:

@@ -278,8 +278,9 @@ def _parse_reduce(red: Table, request: RequestSpec, output: str, maps: bool, bas
     prompt = red.str("prompt", required=True)
     assert prompt is not None
     model = red.str("model", request.model)
-    if maps and request.endpoint != "chat":
-        raise red.fail("prompt", f'reduces a chat job\'s answers; [request].endpoint is "{request.endpoint}"')
+    if maps and not ENDPOINTS[request.endpoint].text_answers:
+        raise red.fail("prompt", f'folds answers that are text; [request].endpoint = "{request.endpoint}" gives '
+                       "none")
     schema = red.get("response_schema")
     if schema is not None:
         if not isinstance(schema, dict):

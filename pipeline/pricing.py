@@ -22,10 +22,9 @@ from pipeline.spec import PricingSpec
 # Where a model is looked up in genai-prices: provider ids tried in turn (a provider's descriptor says which;
 # None: by the model's name alone, for a compatible server's model).
 PriceIds = tuple[str | None, ...]
-OPENAI_PRICES: PriceIds = ("openai",)
 
 
-def no_price_warning(model: str, price_ids: PriceIds = OPENAI_PRICES) -> str:
+def no_price_warning(model: str, price_ids: PriceIds) -> str:
     """What the user is told when a model has no known price: the nearest names the price table knows, since
     a typo is the most common reason (and a misspelled model would fail every row at the provider)."""
     near = nearest_models(model, price_ids)
@@ -34,7 +33,7 @@ def no_price_warning(model: str, price_ids: PriceIds = OPENAI_PRICES) -> str:
             "(add a [pricing] table with input_per_mtok and output_per_mtok to the job)")
 
 
-def nearest_models(model: str, price_ids: PriceIds = OPENAI_PRICES, n: int = 3) -> list[str]:
+def nearest_models(model: str, price_ids: PriceIds, n: int = 3) -> list[str]:
     """The model names under ``price_ids`` in the bundled price table closest to ``model``."""
     import difflib
 
@@ -186,7 +185,7 @@ def _table_model(model: str, price_ids: PriceIds) -> Any:
 
 
 def lookup_price(model: str, overrides: PricingSpec | None = None, *, now: datetime | None = None,
-                 input_only: bool = False, price_ids: PriceIds = OPENAI_PRICES,
+                 input_only: bool = False, price_ids: PriceIds,
                  output_keys: tuple[str, ...] = ("output_mtok",)) -> Price | None:
     """The price of ``model``, or None when neither the job nor the price table knows it.
 
@@ -241,7 +240,7 @@ TRANSCRIPTION_PER_MINUTE = {"gpt-4o-transcribe": 0.006, "gpt-4o-mini-transcribe"
 
 
 def lookup_audio_price(model: str, overrides: PricingSpec | None = None, *, now: datetime | None = None,
-                       price_ids: PriceIds = OPENAI_PRICES) -> Price | None:
+                       price_ids: PriceIds) -> Price | None:
     """The price of a transcription model: per second of audio (whisper-1's table price per hour), or its token
     rates (text in, audio in, text out) with the published per-minute figure for the estimate; None when unknown.
     A job's ``[pricing].per_audio_minute_usd`` overrides both."""

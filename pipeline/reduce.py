@@ -28,6 +28,7 @@ import jinja2
 import polars as pl
 from jinja2.sandbox import SandboxedEnvironment
 
+from pipeline.endpoints.chat import Chat
 from pipeline.errors import JobError, TemplateError
 from pipeline.job import Job
 from pipeline.pricing import Price, Usage
@@ -224,7 +225,7 @@ def reduce_price(job: Job) -> Price | None:
 
     spec = job.reduce
     assert spec is not None
-    return price_for(replace(job, request=replace(job.request, model=spec.model, endpoint="chat")))
+    return price_for(replace(job, request=replace(job.request, model=spec.model, endpoint=Chat.name)))
 
 
 def map_items(job: Job) -> pl.DataFrame:

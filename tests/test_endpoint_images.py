@@ -19,9 +19,12 @@ from pipeline.errors import JobError
 from pipeline.job import Job
 from pipeline.plan import check
 from pipeline.pricing import lookup_price
+from pipeline.providers.registry import DESCRIPTORS
 from pipeline.run import run
 from pipeline.tokens import get_encoding
 from tests.conftest import run_cli, wait_for
+
+OPENAI = DESCRIPTORS["openai"].price_ids  # genai-prices' ids of OpenAI's models
 
 PIPELINE = str(Path(sys.executable).parent / "pipeline")
 TOKENS_MEDIUM_1536 = 1568  # the guide's table: one medium 1536x1024 image
@@ -50,7 +53,7 @@ def image_job(make_job, base_url: str, *, rows: int = 20, request: str = "", mod
 
 def table_cost(prompts: list[str], per_image: int, *, batch: bool = False) -> float:
     """What the rows cost by the token rule: text tokens at the input rate, image tokens at the image rate."""
-    price = lookup_price("gpt-image-1.5", output_keys=("output_image_mtok", "output_mtok"))
+    price = lookup_price("gpt-image-1.5", price_ids=OPENAI, output_keys=("output_image_mtok", "output_mtok"))
     assert price is not None
     enc = get_encoding("o200k_base")
     text = sum(len(enc.encode_ordinary(p)) for p in prompts)

@@ -15,8 +15,11 @@ import pytest
 from pipeline.errors import JobError
 from pipeline.job import Job
 from pipeline.plan import check
+from pipeline.providers.registry import DESCRIPTORS
 from pipeline.run import run
 from tests.conftest import run_cli
+
+OPENAI = DESCRIPTORS["openai"].price_ids  # genai-prices' ids of OpenAI's models
 
 RATE = 8_000
 
@@ -138,7 +141,7 @@ def test_a_token_priced_model_is_billed_by_its_usage(make_job, sim, tmp_path):
     out = pl.read_parquet(tmp_path / "out/result.parquet")
     from pipeline.pricing import lookup_audio_price
 
-    price = lookup_audio_price("gpt-4o-mini-transcribe")
+    price = lookup_audio_price("gpt-4o-mini-transcribe", price_ids=OPENAI)
     assert price is not None and price.audio_input is not None
     for r in out.iter_rows(named=True):
         audio = r["prompt_tokens"] - 4  # "A support call." is 4 tokens; the rest is the audio

@@ -9,8 +9,11 @@ import pytest
 from pipeline.errors import AbortError, OutputError, UsageError
 from pipeline.job import Job
 from pipeline.pricing import Usage, lookup_price
+from pipeline.providers.registry import DESCRIPTORS
 from pipeline.run import run
 from tests.conftest import SECRET, reviews, run_cli
+
+OPENAI = DESCRIPTORS["openai"].price_ids  # genai-prices' ids of OpenAI's models
 
 
 def _out(job_path) -> pl.DataFrame:
@@ -55,7 +58,7 @@ def test_costs_equal_tokens_times_price(make_job, sim):
     with sim() as s:
         result = run(Job.load(job), base_url=s.base_url)
     df = _out(job)
-    price = lookup_price("gpt-4o-mini")
+    price = lookup_price("gpt-4o-mini", price_ids=OPENAI)
     assert price is not None
     for p, c, cost in df.select("prompt_tokens", "completion_tokens", "cost_usd").iter_rows():
         assert cost == pytest.approx((p * 0.15 + c * 0.6) / 1e6)

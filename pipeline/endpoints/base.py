@@ -112,6 +112,7 @@ class Endpoint(ABC):
     price_output: ClassVar[tuple[str, ...]] = ("output_mtok",)
     ray: ClassVar[bool] = True     # runs on the Ray engine too
     billed_units: ClassVar[bool] = False  # requests bill units that are not tokens (``units``)
+    text_answers: ClassVar[bool] = False  # the answer is text a later step reads (a [reduce], a chained job)
 
     @abstractmethod
     def parse(self, req: Table, base: Path) -> RequestSpec:

@@ -44,6 +44,7 @@ class Chat(Endpoint):
     bills_output = True
     row_prints = True
     size_limit = "context window"
+    text_answers = True
 
     def parse(self, req: Table, base: Path) -> RequestSpec:
         """The chat keys: model, prompt (or prompt_file), system, messages, sampling, a response schema or tools,

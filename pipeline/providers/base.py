@@ -14,7 +14,7 @@ from typing import Any, Protocol, TypeVar, runtime_checkable
 
 from pipeline.errors import ProviderError
 from pipeline.images import OPENAI_LIMITS, Image, ImageLimits, ImageRule, openai_rule
-from pipeline.pricing import OPENAI_PRICES, PriceIds, Usage
+from pipeline.pricing import PriceIds, Usage
 from pipeline.rates import NO_RATE as NO_RATE  # part of the provider seam, re-exported
 from pipeline.rates import RateInfo as RateInfo
 from pipeline.spec import RequestSpec
@@ -301,7 +301,7 @@ class Descriptor:
     image_detail: bool = True            # images take a `detail` setting
     image_limits: ImageLimits = OPENAI_LIMITS  # what one image may be (the provider's vision docs)
     image_rule: Callable[[str], ImageRule] = openai_rule  # a model's image-token rule
-    price_ids: PriceIds = OPENAI_PRICES  # where its models' prices are looked up (genai-prices' ids, in turn)
+    price_ids: PriceIds = ("openai",)  # where its models' prices are looked up (genai-prices' ids, in turn)
     example_base_url: str = "http://localhost:8000/v1"  # shown when a base URL is missing
     make: Callable[..., Provider] | None = field(default=None, compare=False, repr=False)  # (api, request)
 
