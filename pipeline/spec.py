@@ -60,6 +60,18 @@ class ImageGenSpec:
 
 
 @dataclass(frozen=True)
+class EmbeddingSpec:
+    """What embeddings requests ask for (``endpoint = "embeddings"``; ``input``, the template, is the request's
+    ``prompt``) and how many rows one request groups."""
+
+    dimensions: int | None = None
+    encoding_format: str = "base64"
+    batch_size: int = 2048
+    batch_tokens: int = 300_000
+    max_input_tokens: int = 8192
+
+
+@dataclass(frozen=True)
 class TranscriptionSpec:
     """What one transcription request asks for (``endpoint = "transcriptions"``); the audio's template is the
     request's ``prompt`` and the model's text prompt, a template too, is ``hint`` (None: the API's defaults)."""
@@ -118,17 +130,12 @@ class RequestSpec:
     reasoning_effort: str | None = None
     response_schema: Mapping[str, Any] | None = None
     schema_retries: int = 1
-    # embeddings: `input` is the template (kept in `prompt`); many rows go in one request
-    dimensions: int | None = None
-    encoding_format: str = "base64"
-    batch_size: int = 2048
-    batch_tokens: int = 300_000
-    max_input_tokens: int = 8192
     mode: str = "online"  # or "batch": the Batch API (half the price, results within 24 h)
     images: tuple[ImageSpec, ...] = ()
     image_position: str = "after"  # the images follow the prompt's text in the user message, or precede it
     tools: tuple[ToolSpec, ...] = ()
     tool_choice: str = "auto"  # "auto", "required", or one tool's name
+    embedding: EmbeddingSpec | None = None  # embeddings: what they ask for, and the rows a request groups
     image: ImageGenSpec | None = None  # images: what each generation asks for
     transcription: TranscriptionSpec | None = None  # transcriptions: what each one asks for
 

@@ -96,7 +96,8 @@ def test_the_example_embedding_job_validates():
     from pathlib import Path
 
     job = Job.load(Path(__file__).parent.parent / "jobs" / "embed.toml")
-    assert job.request.endpoint == "embeddings" and job.request.dimensions == 256
+    assert job.request.endpoint == "embeddings" and job.request.embedding is not None
+    assert job.request.embedding.dimensions == 256
 
 
 def _repeated(rows: int, distinct: int) -> pl.DataFrame:

@@ -16,7 +16,7 @@ from pipeline.endpoints.base import Endpoint, Vectors, mode_of
 from pipeline.errors import RowError
 from pipeline.outcome import Outcome, VectorBlock, embedding_outcome, failed, split_tokens, unsendable_input
 from pipeline.pricing import Usage
-from pipeline.spec import RequestSpec
+from pipeline.spec import EmbeddingSpec, RequestSpec
 from pipeline.tables import Table, default_of, shown
 
 EMBEDDING_FORMATS = ("base64", "float")
@@ -30,6 +30,12 @@ if TYPE_CHECKING:
     from pipeline.senders import Sending, Sent
     from pipeline.structured import Checker
     from pipeline.tokens import ChatTokenCounter
+
+
+def _limits(spec: RequestSpec) -> EmbeddingSpec:
+    """The embeddings part of a job's request (its parser always sets it)."""
+    assert spec.embedding is not None
+    return spec.embedding
 
 
 class Embeddings(Endpoint):
@@ -52,18 +58,19 @@ class Embeddings(Endpoint):
         model = req.str("model", required=True)
         template = req.str("input", required=True)
         assert model is not None and template is not None
-        fmt = req.str("encoding_format", default_of(RequestSpec, "encoding_format"))
+        fmt = req.str("encoding_format", default_of(EmbeddingSpec, "encoding_format"))
         if fmt not in EMBEDDING_FORMATS:
             raise req.fail("encoding_format", f"must be one of {', '.join(EMBEDDING_FORMATS)}, got {shown(fmt)}")
-        batch_size = req.int("batch_size", default_of(RequestSpec, "batch_size"))
+        batch_size = req.int("batch_size", default_of(EmbeddingSpec, "batch_size"))
         if batch_size > 2048:
             raise req.fail("batch_size", "can be at most 2048 (the API's limit of inputs per request), got "
                                          f"{batch_size}")
+        embedding = EmbeddingSpec(
+            dimensions=req.int("dimensions"), encoding_format=fmt, batch_size=batch_size,
+            batch_tokens=req.int("batch_tokens", default_of(EmbeddingSpec, "batch_tokens")),
+            max_input_tokens=req.int("max_input_tokens", default_of(EmbeddingSpec, "max_input_tokens")))
         spec = RequestSpec(endpoint=self.name, model=model, prompt=template, prompt_source=req.where("input"),
-                           max_tokens=0, dimensions=req.int("dimensions"), encoding_format=fmt, batch_size=batch_size,
-                           batch_tokens=req.int("batch_tokens", default_of(RequestSpec, "batch_tokens")),
-                           max_input_tokens=req.int("max_input_tokens", default_of(RequestSpec, "max_input_tokens")),
-                           mode=mode_of(req))
+                           max_tokens=0, embedding=embedding, mode=mode_of(req))
         req.done()
         return spec
 
@@ -82,17 +89,17 @@ class Embeddings(Endpoint):
 
     def refuse_staged(self, key: str, prompt_tokens: int, spec: RequestSpec) -> Outcome | None:
         """An input too long for the model, or empty, fails alone rather than fail its Batch API file."""
-        return unsendable_input(key, prompt_tokens, spec.max_input_tokens)
+        return unsendable_input(key, prompt_tokens, _limits(spec).max_input_tokens)
 
     def http_requests(self, spec: RequestSpec, sendable: int, tokens: int) -> int:
         """The requests the batches will make: cut at ``batch_size`` inputs or ``batch_tokens`` tokens."""
         if sendable <= 0:
             return 0
-        return max(math.ceil(sendable / spec.batch_size), math.ceil(tokens / spec.batch_tokens))
+        return max(math.ceil(sendable / _limits(spec).batch_size), math.ceil(tokens / _limits(spec).batch_tokens))
 
     def context_window(self, spec: RequestSpec, model_window: int | None) -> int | None:
         """The model's input limit (``max_input_tokens``), not a chat context window."""
-        return spec.max_input_tokens
+        return _limits(spec).max_input_tokens
 
     def vectors(self, codec: Codec) -> Vectors:
         """The vector column, of the model's dimensions where the provider knows them."""
@@ -115,19 +122,20 @@ class EmbeddingsSender:
 
     def __init__(self, sending: Sending, spec: RequestSpec, codec: EmbeddingsCodec) -> None:
         self.sending, self.spec, self.codec, self.dims = sending, spec, codec, codec.dims()
+        self.limits = _limits(spec)
         self._batch: list[Request] = []
         self._tokens = 0
 
     def refuse(self, req: Request) -> Outcome | None:
         """An input too long for the model, or empty, fails alone before it joins a request."""
-        return unsendable_input(req.key, req.prompt_tokens, self.spec.max_input_tokens)
+        return unsendable_input(req.key, req.prompt_tokens, self.limits.max_input_tokens)
 
     def add(self, req: Request) -> list[Request] | None:
         """Returns the batch this row closed, if it closed one (not a coroutine: it runs once per row)."""
         full = None
         tpm = self.sending.budget.token_cap
-        cap = min(self.spec.batch_tokens, tpm or self.spec.batch_tokens)
-        if self._batch and (len(self._batch) >= self.spec.batch_size or self._tokens + req.prompt_tokens > cap):
+        cap = min(self.limits.batch_tokens, tpm or self.limits.batch_tokens)
+        if self._batch and (len(self._batch) >= self.limits.batch_size or self._tokens + req.prompt_tokens > cap):
             full = self.drain()
         self._batch.append(req)
         self._tokens += req.prompt_tokens

@@ -69,10 +69,10 @@ def static_body(spec: RequestSpec, job_name: str, api: ApiSpec | None = None,
     """
     api = api or ApiSpec()
     body: dict[str, Any] = {"model": model or spec.model}
-    if spec.endpoint == "embeddings":
-        if spec.dimensions is not None:
-            body["dimensions"] = spec.dimensions
-        body["encoding_format"] = spec.encoding_format
+    if spec.embedding is not None:
+        if spec.embedding.dimensions is not None:
+            body["dimensions"] = spec.embedding.dimensions
+        body["encoding_format"] = spec.embedding.encoding_format
         return body
     if spec.transcription is not None:  # a multipart form, built per row by its codec (``form``)
         return body
@@ -238,7 +238,7 @@ class OpenAIEmbeddingsCodec(_OpenAICodec):
 
     def dims(self) -> int | None:
         """The vector size to expect: the job's ``dimensions``, else the model's default when known."""
-        return self.spec.dimensions or EMBEDDING_DIMS.get(self.spec.model)
+        return (self.spec.embedding.dimensions if self.spec.embedding else None) or EMBEDDING_DIMS.get(self.spec.model)
 
     @staticmethod
     def read_result(body: Any) -> Any:
