@@ -146,8 +146,8 @@ def planning_pass(job: Job, source: Source, renderer: Renderer, price: Price | N
         est.prompt_tokens_exact = False
         est.prompt_tokens_basis = "close (tiktoken; the tool definitions counted as their JSON)"
     if job.request.images:
-        est.image_tokens_basis = renderer.image_rule.name
-        est.prompt_tokens_exact = est.prompt_tokens_exact and renderer.image_rule.exact
+        est.image_tokens_basis = renderer.builder.image_rule.name
+        est.prompt_tokens_exact = est.prompt_tokens_exact and renderer.builder.image_rule.exact
     if exact is not None:
         est.prompt_tokens_exact, est.prompt_tokens_basis = True, "counted by the provider, exact"
     todo: array[int] = array("q")

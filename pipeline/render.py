@@ -1,9 +1,9 @@
-"""Rows -> request bodies, through sandboxed Jinja2 templates.
+"""Rows -> messages, through sandboxed Jinja2 templates; the request builder (``bodies.py``) makes them bodies.
 
 The sandbox keeps a template from reaching Python internals, StrictUndefined turns a typo into an error
 instead of an empty prompt, and every column a template names is checked against the input schema before any
 row is rendered. A null cell renders as an empty string, or skips its row when the job says ``skip_nulls``.
-A request's key is a hash of the endpoint and its exact body: the journal and the dedup both rest on it.
+Plain substitutions of a column render in polars a chunk at a time, and then go into the builder's body frame.
 """
 
 from __future__ import annotations
@@ -12,24 +12,22 @@ from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Final, cast
+from typing import Any, Final
 
 import jinja2
 import jinja2.meta
 import jinja2.nodes
-import orjson
 import polars as pl
 from jinja2.runtime import new_context
 from jinja2.sandbox import SandboxedEnvironment
 
+from pipeline.bodies import BodyBuilder
 from pipeline.endpoints import endpoint_of
 from pipeline.endpoints.base import MediaProblem
 from pipeline.errors import TemplateError
 from pipeline.images import Image, ImageLoader, ImageProblem
 from pipeline.job import Job
-from pipeline.keys import request_key, request_keys
 from pipeline.providers import DESCRIPTORS, Provider, provider_for
-from pipeline.providers.base import ChatCodec
 from pipeline.rendered import RenderedChunk, Request, Skipped
 from pipeline.source import ROW, Source, check_columns
 
@@ -144,15 +142,6 @@ def _plain_pieces(ast: jinja2.nodes.Template) -> tuple[tuple[bool, str], ...] | 
     return tuple(pieces)
 
 
-@dataclass(frozen=True)
-class _BodyFrame:
-    """A chat body cut around its templated texts (``Renderer._frame``)."""
-
-    segments: tuple[bytes, ...]  # the bytes between the holes, one more than the holes
-    order: tuple[int, ...]  # which templated part fills each hole, in body order
-    quoted: tuple[bool, ...]  # the hole is a whole JSON string (its quotes included), or part of one
-
-
 def _finalize(value: object) -> object:
     return "" if value is None else value
 
@@ -199,9 +188,10 @@ class Renderer:
         facts = DESCRIPTORS[provider.name]
         self.images = ImageLoader(_input_folder(job.input.path), facts.image_limits) if req.images else None
 
-        self.image_rule = facts.image_rule(req.model)
         self.counter = provider.counter(req.model)
         self.codec = provider.codec(req, job.name)
+        self.builder = BodyBuilder(endpoint, self.codec, facts.image_rule(req.model), self.media,
+                                   plain_input=self.parts[-1].pieces is not None)
         c = self.counter
         if not endpoint.chat_messages:  # a plain-text input: no chat framing
             self.fixed_tokens = sum(c.fixed(p.text) for p in self.parts if p.template is None)
@@ -230,58 +220,10 @@ class Renderer:
         # Rows whose leading messages are templated share a prefix only with rows rendering them alike: a chunk
         # is sent in the order of those texts, so such rows go out close together (the output keeps its order).
         self._sort_by_prefix = endpoint.chat_messages and any(p.template is not None for p in self.parts[:-1])
-        # Plain-text rows (embeddings) whose input is a plain substitution go straight from the column to
-        # their bodies, without a dict and a message list per row.
-        self._text_body = endpoint.text_body(self.codec) if self.parts[-1].pieces is not None else None
-        self._body_frame = self._frame()
-
-    def _frame(self) -> _BodyFrame | None:
-        """The chat body with a hole for each templated part, when every templated part is a plain substitution:
-        a row's body is then the frame's bytes with the row's texts, JSON-escaped, in its holes.
-
-        Why this is exact: JSON escapes a string character by character, so a text's escaped form in place of a
-        marker's is what orjson writes for the whole body with the text in place of the marker. A body builder
-        that does more with a text than place it (strip, measure, split) would not show each marker once,
-        verbatim, and the frame is refused; ``render_chunk`` still checks the frame against the builder on the
-        first row of every chunk.
-        """
-        variable = [i for i, p in enumerate(self.parts) if p.template is not None]
-        if not self.endpoint.chat_messages or self.image_parts or any(self.parts[i].pieces is None for i in variable):
-            return None
-        marks = {i: f"\x00pipeline-hole-{n}\x00" for n, i in enumerate(variable)}
-        body = self.body([{"role": p.role, "content": marks.get(i, p.text)} for i, p in enumerate(self.parts)])
-        holes: list[tuple[int, int, int, bool]] = []  # (where in the body, length, which variable part, quoted)
-        for n, i in enumerate(variable):
-            quoted = orjson.dumps(marks[i])
-            inner = quoted[1:-1]
-            if body.count(inner) != 1:
-                return None
-            whole = body.find(quoted)
-            holes.append((whole, len(quoted), n, True) if whole >= 0 else (body.find(inner), len(inner), n, False))
-        holes.sort()
-        segments, at = [], 0
-        for start, length, _, _ in holes:
-            segments.append(body[at:start])
-            at = start + length
-        segments.append(body[at:])
-        return _BodyFrame(tuple(segments), tuple(n for _, _, n, _ in holes), tuple(q for *_, q in holes))
-
-    @staticmethod
-    def _framed(frame: _BodyFrame, texts_of: Sequence[Sequence[str]]) -> list[bytes]:
-        """The bodies of rows from the frame, given each row's templated texts."""
-        dumps = orjson.dumps
-        if len(frame.segments) == 2 and frame.quoted[0]:  # one text, a whole JSON string: the common case, lean
-            head, tail = frame.segments
-            return [head + dumps(texts[0]) + tail for texts in texts_of]
-        bodies = []
-        for texts in texts_of:
-            out = [frame.segments[0]]
-            for seg, n, quoted in zip(frame.segments[1:], frame.order, frame.quoted, strict=True):
-                escaped = dumps(texts[n])
-                out.append(escaped if quoted else escaped[1:-1])
-                out.append(seg)
-            bodies.append(b"".join(out))
-        return bodies
+        # Every templated part a plain substitution: bodies from the builder's frame, no message list per row.
+        variable_plain = all(p.pieces is not None for p in self.parts if p.template is not None)
+        self._body_frame = None if self.image_parts or not variable_plain else self.builder.frame(
+            [(p.role, None if p.template is not None else p.text) for p in self.parts])
 
     def chunk_rows(self, rows: int) -> int:
         """Rows per chunk: fewer for image jobs, whose bodies carry their images (a chunk's bodies live at once)."""
@@ -347,11 +289,6 @@ class Renderer:
             messages.append({"role": p.role, "content": content})
         return messages
 
-    def _check_frame(self, frame: _BodyFrame, texts: Sequence[str], prerendered: dict[int, str]) -> None:
-        slow = self.body(self.render_messages({}, None, prerendered))
-        if self._framed(frame, [texts])[0] != slow:  # a body builder the frame does not fit: a bug, said loudly
-            raise AssertionError("the framed request body differs from the body builder's")
-
     def _render(self, p: _Part, values: dict[str, Any], row_id: Any) -> str:
         """One templated part for one row."""
         if p.template is None:
@@ -408,8 +345,8 @@ class Renderer:
         return chunk.select(pl.concat_str(exprs).alias("t")).get_column("t").to_list()
 
     def body(self, messages: list[dict[str, str]]) -> bytes:
-        """The exact JSON body; its bytes are hashed into the request key, so field order is fixed."""
-        return self.endpoint.body(self.codec, messages)
+        """The exact body of a row's messages (``BodyBuilder.body``)."""
+        return self.builder.body(messages)
 
     def render_chunk(self, chunk: pl.DataFrame, settled: Callable[[list[str]], Mapping[str, Any]] | None = None,
                      counted: Sequence[int] | None = None,
@@ -450,7 +387,7 @@ class Renderer:
         values_iter = chunk.select(self.template_columns).iter_rows(named=True) \
             if self.template_columns and needs_values else ({} for _ in rows)
         skip_nulls = self.job.input.skip_nulls
-        endpoint = self.job.request.endpoint
+        builder = self.builder
         pending: list[Pending] = []
         url_images = 0
         skipped: list[Skipped] = []
@@ -460,15 +397,17 @@ class Renderer:
             columns = [fast[i] for i in variable]
             texts_of: list[tuple[str, ...]] = list(zip(*columns, strict=True)) if columns else [()] * len(rows)
             if texts_of:  # the frame must build what the builder builds
-                self._check_frame(frame, texts_of[0], {i: col[0] for i, col in fast.items()})
-            bodies = self._framed(frame, texts_of)
-            keys = request_keys(endpoint, bodies)
+                builder.check_frame(frame, texts_of[0],
+                                    self.render_messages({}, None, {i: col[0] for i, col in fast.items()}))
+            bodies = builder.framed(frame, texts_of)
+            keys = builder.keys(bodies)
             pending = [(row, row_id, keep, texts, body, key, 0) for row, row_id, keep, texts, body, key
                        in zip(rows, ids, keeps, texts_of, bodies, keys, strict=True)]
-        elif (text_body := self._text_body) is not None and inputs is not None and not skip_nulls:
+        elif (text_body := builder.text_body) is not None and inputs is not None and not skip_nulls:
+            key_of = builder.key
             for row, row_id, keep, text in zip(rows, ids, keeps, inputs, strict=True):
                 body = text_body(text)
-                pending.append((row, row_id, keep, (text,), body, request_key(endpoint, body), 0))
+                pending.append((row, row_id, keep, (text,), body, key_of(body), 0))
         else:
             for n, (row, row_id, keep, values) in enumerate(zip(rows, ids, keeps, values_iter, strict=True)):
                 if skip_nulls:
@@ -484,14 +423,13 @@ class Renderer:
                 if self.media is not None:
                     value = values[self._media_column] if self._media_column is not None else msgs[-1]["content"]
                     try:
-                        body, logical = self.media.body(msgs, value)
+                        body, key = builder.with_media(msgs, value)
                     except MediaProblem as e:
                         skipped.append(Skipped(row, row_id, str(e), keep, error_type=e.kind))
                         continue
                     # the file's name is no prompt text: counted as none
                     pending.append((row, row_id, keep, tuple("" if i == len(self.parts) - 1 else msgs[i]["content"]
-                                                             for i in variable), body,
-                                    request_key(endpoint, logical), 0))
+                                                             for i in variable), body, key, 0))
                     continue
                 if self.image_parts:
                     try:
@@ -499,14 +437,13 @@ class Renderer:
                     except ImageProblem as e:
                         skipped.append(Skipped(row, row_id, f"bad image: {e}", keep, error_type="bad_image"))
                         continue
-                    body = cast("ChatCodec", self.codec).body(msgs, images)
-                    image_tokens = sum(self.image_rule.tokens(i) for i in images)
-                    url_images += sum(i.url is not None for i in images)
+                    body, image_tokens, urls = builder.with_images(msgs, images)
+                    url_images += urls
                     del images  # the bytes live on in the body alone
                 else:
-                    body = self.body(msgs)
+                    body = builder.body(msgs)
                 pending.append((row, row_id, keep, tuple(msgs[i]["content"] for i in variable), body,
-                                request_key(endpoint, body), image_tokens))
+                                builder.key(body), image_tokens))
         if self._sort_by_prefix:  # the texts of the templated leading messages come first in each row's texts
             leading = sum(1 for i in variable if i < len(self.parts) - 1)
             pending.sort(key=lambda p: p[P_TEXTS][:leading])

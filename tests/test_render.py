@@ -249,7 +249,7 @@ def test_a_body_builder_that_changes_a_text_gets_no_frame(make_job):
     r = Renderer(job, src)
     chat = r.codec.chat
     r.codec.chat = lambda messages, images=(): chat([{**m, "content": m["content"].upper()} for m in messages])
-    assert r._frame() is None
+    assert r.builder.frame([(p.role, None if p.template is not None else p.text) for p in r.parts]) is None
 
 
 def test_row_subscripts_name_exactly_the_columns_read_so_skip_nulls_skips_only_those(make_job):
