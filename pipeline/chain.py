@@ -94,7 +94,7 @@ def stand_in(dep: Job, limit: int | None = None) -> pl.DataFrame | None:
     if dep.maps:
         kept = [c for c in dict.fromkeys((dep.input.id, *dep.input.keep)) if c and c in rows.columns]
         out = rows.select(kept).with_columns(**_answers(rows.height, dep.request.max_tokens,
-                                                         dep.request.response_schema))
+                                                         dep.request.chat.response_schema))
         rows = out.with_columns(status=pl.lit("ok"))
     if dep.reduce is None:
         return rows

@@ -375,15 +375,15 @@ def _parse_api(api: Table, request: RequestSpec) -> ApiSpec:
         if api.has(key) and not api.has(needed):
             raise api.fail(needed, f"is required with {key}")
     for name in d.request_keys_refused:
-        if getattr(request, name) is not None:
+        if getattr(request.chat, name) is not None:
             raise JobError(f"{api.file}: [request].{name} does not apply to provider = \"{provider}\"")
     if not d.image_detail:
-        for i, image in enumerate(request.images):
+        for i, image in enumerate(request.chat.images):
             if image.detail is not None:
                 raise JobError(f"{api.file}: [request].images[{i}].detail does not apply to provider = "
                                f"\"{provider}\" (it has no detail setting; it resizes large images itself)")
-    if len(request.images) > d.max_images:
-        raise JobError(f"{api.file}: [request].images: {len(request.images)} images per request, more than "
+    if len(request.chat.images) > d.max_images:
+        raise JobError(f"{api.file}: [request].images: {len(request.chat.images)} images per request, more than "
                        f"{provider} takes ({d.max_images})")
     if request.endpoint not in d.endpoints:
         serving = ", ".join(f'"{o.name}"' for o in DESCRIPTORS.values() if request.endpoint in o.endpoints)

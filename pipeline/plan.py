@@ -111,8 +111,8 @@ def output_key_schema(job: Job, source: Source) -> dict[str, pl.DataType]:
         raise UsageError(f"{job.source}: [input].keep column(s) {', '.join(clash)} clash with result columns of "
                          "the same name; rename them in the input or leave them out of keep")
     taken = set(schema) | set(RESULT_SCHEMA)
-    if job.request.response_schema is not None:
-        clash = [c for c in columns_of(job.request.response_schema) if c in taken]
+    if job.request.chat.response_schema is not None:
+        clash = [c for c in columns_of(job.request.chat.response_schema) if c in taken]
         if clash:
             raise UsageError(f"{job.source}: [request].response_schema propert(ies) {', '.join(clash)} would "
                              "clash with output columns of the same name; rename them in the schema")
@@ -121,8 +121,8 @@ def output_key_schema(job: Job, source: Source) -> dict[str, pl.DataType]:
         if clash:
             raise UsageError(f"{job.source}: [input].keep column(s) {', '.join(clash)} clash with the image columns "
                              "of the same name; leave them out of keep")
-    if job.request.tools:
-        names = argument_columns(job.request.tools)
+    if job.request.chat.tools:
+        names = argument_columns(job.request.chat.tools)
         clash = [c for c in names if c in taken or c in ("tool_name", "tool_calls")]
         clash += sorted({c for c in names if names.count(c) > 1})
         if clash:
@@ -266,7 +266,7 @@ def prepare(job: Job, *, mode: str | None = None, base_url: str | None = None, l
             prints = (RowPrints(store.db, str(paths.journal), checked.renderer, checked.source,
                                 retry_failed=retry_failed)
                       if mode == "online" and isinstance(store, Journal) and checked.renderer.endpoint.row_prints
-                      and not job.request.images else None)
+                      and not job.request.chat.images else None)
             from pipeline.measured import measured_output
 
             est, todo = planning_pass(job, checked.source, checked.renderer, checked.price, PassOptions(

@@ -142,10 +142,10 @@ def planning_pass(job: Job, source: Source, renderer: Renderer, price: Price | N
                                                      renderer.cache.style == "breakpoint"))
     est = builder.est
     est.prompt_tokens_exact, est.prompt_tokens_basis = renderer.counter.exact, renderer.counter.basis
-    if job.request.tools and est.prompt_tokens_exact:
+    if job.request.chat.tools and est.prompt_tokens_exact:
         est.prompt_tokens_exact = False
         est.prompt_tokens_basis = "close (tiktoken; the tool definitions counted as their JSON)"
-    if job.request.images:
+    if job.request.chat.images:
         est.image_tokens_basis = renderer.builder.image_rule.name
         est.prompt_tokens_exact = est.prompt_tokens_exact and renderer.builder.image_rule.exact
     if exact is not None:

@@ -164,7 +164,7 @@ class Renderer:
             self.parts.append(self._compile(m.role, m.content, f"{job.source}: [request].messages[{i}]"))
         self.parts.append(self._compile(endpoint.prompt_role, req.prompt, req.prompt_source))
         # Images: a template each, or a bare reference to a binary column (its bytes are the image).
-        self.image_parts = [(self._compile("image", i.template, i.where), i.detail) for i in req.images]
+        self.image_parts = [(self._compile("image", i.template, i.where), i.detail) for i in req.chat.images]
         self.template_columns = self._referenced_columns(source)
         self._binary = [p.pieces[0][1] if p.pieces is not None and len(p.pieces) == 1 and p.pieces[0][0]
                         and source.schema[p.pieces[0][1]] == pl.Binary else None for p, _ in self.image_parts]
@@ -186,7 +186,7 @@ class Renderer:
         check_columns(source, job.input.keep, f"{job.source}: [input].keep")
         provider = provider or provider_for(job)
         facts = DESCRIPTORS[provider.name]
-        self.images = ImageLoader(_input_folder(job.input.path), facts.image_limits) if req.images else None
+        self.images = ImageLoader(_input_folder(job.input.path), facts.image_limits) if req.chat.images else None
 
         self.counter = provider.counter(req.model)
         self.codec = provider.codec(req, job.name)

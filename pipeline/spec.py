@@ -113,8 +113,28 @@ class InputSpec:
 
 
 @dataclass(frozen=True)
+class ChatSpec:
+    """What a chat request asks for beyond its messages (``endpoint = "chat"``): sampling, a typed answer (a
+    response schema, or tools), images in the user message."""
+
+    temperature: float | None = None
+    top_p: float | None = None
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    reasoning_effort: str | None = None
+    response_schema: Mapping[str, Any] | None = None
+    schema_retries: int = 1
+    images: tuple[ImageSpec, ...] = ()
+    image_position: str = "after"  # the images follow the prompt's text in the user message, or precede it
+    tools: tuple[ToolSpec, ...] = ()
+    tool_choice: str = "auto"  # "auto", "required", or one tool's name
+
+
+@dataclass(frozen=True)
 class RequestSpec:
-    """How one row becomes one request body."""
+    """How one row becomes one request: the model, the templates every endpoint renders (``system``,
+    ``messages``, ``prompt``), and the endpoint's own part (``chat``, ``embedding``, ``image``, ``transcription``:
+    the one its parser sets)."""
 
     model: str
     endpoint: str = "chat"
@@ -123,18 +143,8 @@ class RequestSpec:
     prompt_source: str = field(default="[request].prompt", compare=False)  # for messages only
     messages: tuple[Message, ...] = ()
     max_tokens: int = 256
-    temperature: float | None = None
-    top_p: float | None = None
-    seed: int | None = None
-    stop: tuple[str, ...] = ()
-    reasoning_effort: str | None = None
-    response_schema: Mapping[str, Any] | None = None
-    schema_retries: int = 1
     mode: str = "online"  # or "batch": the Batch API (half the price, results within 24 h)
-    images: tuple[ImageSpec, ...] = ()
-    image_position: str = "after"  # the images follow the prompt's text in the user message, or precede it
-    tools: tuple[ToolSpec, ...] = ()
-    tool_choice: str = "auto"  # "auto", "required", or one tool's name
+    chat: ChatSpec = ChatSpec()  # chat: sampling, response schema or tools, images (the defaults elsewhere)
     embedding: EmbeddingSpec | None = None  # embeddings: what they ask for, and the rows a request groups
     image: ImageGenSpec | None = None  # images: what each generation asks for
     transcription: TranscriptionSpec | None = None  # transcriptions: what each one asks for

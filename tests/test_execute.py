@@ -30,6 +30,7 @@ from pipeline.rendered import RenderedChunk, Request
 from pipeline.retry import RetryPolicy
 from pipeline.senders import Sending
 from pipeline.sink import OutputPaths, PartWriter
+from pipeline.spec import EmbeddingSpec
 from tests.conftest import run_virtual
 
 
@@ -178,7 +179,8 @@ def test_identical_rows_are_sent_once_and_share_the_answer(tmp_path):
 
 
 def embed_requests(texts: list[str]) -> tuple[list[Request], RequestSpec]:
-    spec = RequestSpec(model="text-embedding-3-small", endpoint="embeddings", batch_size=8, dimensions=2)
+    spec = RequestSpec(model="text-embedding-3-small", endpoint="embeddings",
+                       embedding=EmbeddingSpec(batch_size=8, dimensions=2))
     codec = OpenAIProvider().codec(spec, "t")
     reqs = []
     for i, text in enumerate(texts):

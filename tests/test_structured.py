@@ -69,7 +69,7 @@ def test_inline_schema_in_toml(make_job):
     job = make_job(request='model = "m"\nprompt = "{{ text }}"\n'
                            '[request.response_schema]\ntype = "object"\nadditionalProperties = false\n'
                            'required = ["x"]\n[request.response_schema.properties.x]\ntype = "integer"\n')
-    assert Job.load(job).request.response_schema["properties"] == {"x": {"type": "integer"}}
+    assert Job.load(job).request.chat.response_schema["properties"] == {"x": {"type": "integer"}}
 
 
 def test_dtypes_for_every_json_type():

@@ -16,7 +16,7 @@ from pipeline.endpoints.base import AnswerColumns, Endpoint, JobParts, RowSender
 from pipeline.outcome import Outcome, answered, failed, invalid_answer
 from pipeline.pricing import Usage
 from pipeline.providers.families import check_family
-from pipeline.spec import ImageSpec, Message, RequestSpec, ToolSpec
+from pipeline.spec import ChatSpec, ImageSpec, Message, RequestSpec, ToolSpec
 from pipeline.tables import Table, default_of, resolve_path, shown, type_name
 
 ROLES = ("system", "developer", "user", "assistant")
@@ -102,7 +102,7 @@ class Chat(Endpoint):
             raise req.fail("tools", "conflicts with [request].response_schema: give one of them (tool arguments are "
                                     "already typed columns)")
         tool_choice = _tool_choice(req, tools)
-        position = req.str("image_position", default_of(RequestSpec, "image_position"))
+        position = req.str("image_position", default_of(ChatSpec, "image_position"))
         if position not in IMAGE_POSITIONS:
             raise req.fail("image_position", f"must be one of {', '.join(IMAGE_POSITIONS)}, got {shown(position)}")
         spec = RequestSpec(
@@ -113,18 +113,20 @@ class Chat(Endpoint):
             prompt_source=prompt_source,
             messages=messages,
             max_tokens=req.int("max_tokens", default_of(RequestSpec, "max_tokens")),
-            temperature=req.number("temperature", low=0.0, high=2.0, strict_low=False),
-            top_p=req.number("top_p", low=0.0, high=1.0, strict_low=False),
-            seed=req.int("seed", minimum=0),
-            stop=stop,
-            reasoning_effort=req.str("reasoning_effort"),
-            response_schema=schema,
-            schema_retries=req.int("schema_retries", default_of(RequestSpec, "schema_retries"), minimum=0),
             mode=mode_of(req),
-            images=_images(req),
-            image_position=position,
-            tools=tools,
-            tool_choice=tool_choice,
+            chat=ChatSpec(
+                temperature=req.number("temperature", low=0.0, high=2.0, strict_low=False),
+                top_p=req.number("top_p", low=0.0, high=1.0, strict_low=False),
+                seed=req.int("seed", minimum=0),
+                stop=stop,
+                reasoning_effort=req.str("reasoning_effort"),
+                response_schema=schema,
+                schema_retries=req.int("schema_retries", default_of(ChatSpec, "schema_retries"), minimum=0),
+                images=_images(req),
+                image_position=position,
+                tools=tools,
+                tool_choice=tool_choice,
+            ),
         )
         req.done()
         return spec
@@ -136,28 +138,28 @@ class Chat(Endpoint):
     def sender(self, sending: Sending, spec: RequestSpec, *, codec: Codec, checker: Checker | None,
                counter: ChatTokenCounter | None) -> ChatSender:
         """A row per request, schema retries as the job says."""
-        return ChatSender(sending, cast("ChatCodec", codec), checker=checker, schema_retries=spec.schema_retries,
+        return ChatSender(sending, cast("ChatCodec", codec), checker=checker, schema_retries=spec.chat.schema_retries,
                           counter=counter)
 
     def answers(self, spec: RequestSpec, output: Path, url: str | None = None) -> AnswerColumns:
         """A response schema's properties, or the tools' arguments, as typed columns, checked as they come."""
-        if spec.response_schema is not None:
+        if spec.chat.response_schema is not None:
             from pipeline.structured import AnswerChecker, columns_of
 
-            return AnswerColumns(AnswerChecker(spec.response_schema), columns_of(spec.response_schema))
-        if spec.tools:
+            return AnswerColumns(AnswerChecker(spec.chat.response_schema), columns_of(spec.chat.response_schema))
+        if spec.chat.tools:
             from pipeline.tools import ToolChecker
 
-            checker = ToolChecker(spec.tools, spec.tool_choice)
+            checker = ToolChecker(spec.chat.tools, spec.chat.tool_choice)
             return AnswerColumns(checker, checker.columns)
         return AnswerColumns()
 
     def family_warnings(self, job: JobParts) -> list[str]:
         """The model family's rules (``providers.families``) applied to the job's sampling parameters."""
         req = job.request
-        return check_family(job.source, job.api.provider, req.model, temperature=req.temperature,
-                            top_p=req.top_p, reasoning_effort=req.reasoning_effort, max_tokens=req.max_tokens,
-                            stop=bool(req.stop), anthropic_version=job.api.anthropic_version)
+        return check_family(job.source, job.api.provider, req.model, temperature=req.chat.temperature,
+                            top_p=req.chat.top_p, reasoning_effort=req.chat.reasoning_effort, max_tokens=req.max_tokens,
+                            stop=bool(req.chat.stop), anthropic_version=job.api.anthropic_version)
 
     def batch_outcome(self, r: BatchResult, price: Price | None, *, codec: Codec,
                       checker: Checker | None) -> Outcome:

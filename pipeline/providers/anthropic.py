@@ -80,25 +80,26 @@ def structured_style(api: ApiSpec, model: str) -> str:
 def static_body(spec: RequestSpec, api: ApiSpec) -> dict[str, Any]:
     """The fields every row's body shares, in a fixed order (the body's bytes are its request key)."""
     body: dict[str, Any] = {"model": spec.model, "max_tokens": spec.max_tokens}
-    if spec.temperature is not None:
-        body["temperature"] = spec.temperature
-    if spec.top_p is not None:
-        body["top_p"] = spec.top_p
-    if spec.stop:
-        body["stop_sequences"] = list(spec.stop)
-    if spec.tools:
+    if spec.chat.temperature is not None:
+        body["temperature"] = spec.chat.temperature
+    if spec.chat.top_p is not None:
+        body["top_p"] = spec.chat.top_p
+    if spec.chat.stop:
+        body["stop_sequences"] = list(spec.chat.stop)
+    if spec.chat.tools:
         body["tools"] = [{"name": t.name, **({"description": t.description} if t.description else {}),
                           "input_schema": dict(t.parameters), **({"strict": True} if t.strict else {})}
-                         for t in spec.tools]
-        body["tool_choice"] = ({"type": "auto"} if spec.tool_choice == "auto" else {"type": "any"}
-                               if spec.tool_choice == "required" else {"type": "tool", "name": spec.tool_choice})
-    if spec.response_schema is not None:
+                         for t in spec.chat.tools]
+        choice = spec.chat.tool_choice
+        body["tool_choice"] = ({"type": "auto"} if choice == "auto" else {"type": "any"} if choice == "required"
+                               else {"type": "tool", "name": choice})
+    if spec.chat.response_schema is not None:
         style = structured_style(api, spec.model)
         if style == "json_schema":
-            body["output_config"] = {"format": {"type": "json_schema", "schema": spec.response_schema}}
+            body["output_config"] = {"format": {"type": "json_schema", "schema": spec.chat.response_schema}}
         elif style == "tool":
             body["tools"] = [{"name": TOOL_NAME, "description": "Give the answer, in this structure.",
-                              "input_schema": spec.response_schema}]
+                              "input_schema": spec.chat.response_schema}]
             body["tool_choice"] = {"type": "tool", "name": TOOL_NAME}
     return body
 
@@ -108,14 +109,14 @@ class AnthropicBodies:
 
     def __init__(self, spec: RequestSpec, api: ApiSpec) -> None:
         self.head = static_body(spec, api)
-        self._images_first = spec.image_position == "before"
+        self._images_first = spec.chat.image_position == "before"
         self._cache_system = False  # mark_cache: the system prompt is sent as a block with a breakpoint
-        style = structured_style(api, spec.model) if spec.response_schema is not None else None
-        self.instruction = schema_instruction(spec.response_schema) if style == "none" else None  # type: ignore[arg-type]
+        style = structured_style(api, spec.model) if spec.chat.response_schema is not None else None
+        self.instruction = schema_instruction(spec.chat.response_schema) if style == "none" else None  # type: ignore[arg-type]
         # The tool definition, or the JSON output schema (which the API turns into a system prompt), is prompt
         # the model reads: the bound counts it.
         self._schema_text = (orjson.dumps(self.head["tools"]).decode() if "tools" in self.head else
-                             orjson.dumps(spec.response_schema).decode() if "output_config" in self.head else "")
+                             orjson.dumps(spec.chat.response_schema).decode() if "output_config" in self.head else "")
 
     def chat(self, messages: Sequence[Mapping[str, str]], images: Sequence[Image] = ()) -> bytes:
         """One row's body from its rendered messages, its images in the user message."""
@@ -253,4 +254,4 @@ DESCRIPTOR = Descriptor(
     endpoints=("chat",), own_keys={"anthropic_version": ""}, request_keys_refused=("seed", "reasoning_effort"),
     image_detail=False,  # Claude resizes large images itself
     image_limits=CLAUDE_LIMITS, image_rule=claude_rule, price_ids=("anthropic",),
-    make=lambda api, request: AnthropicProvider(api, user_tools=bool(request.tools)))
+    make=lambda api, request: AnthropicProvider(api, user_tools=bool(request.chat.tools)))

@@ -297,7 +297,7 @@ class Descriptor:
     own_keys: Mapping[str, str] = field(default_factory=dict)
     requires: Mapping[str, str] = field(default_factory=dict)  # [api] key -> the key it needs beside it
     batch_endpoints: tuple[str, ...] = ("chat", "embeddings")  # the endpoints its Batch API takes
-    request_keys_refused: tuple[str, ...] = ()  # [request] keys its API has no counterpart for
+    request_keys_refused: tuple[str, ...] = ()  # chat [request] keys its API has no counterpart for
     image_detail: bool = True            # images take a `detail` setting
     image_limits: ImageLimits = OPENAI_LIMITS  # what one image may be (the provider's vision docs)
     image_rule: Callable[[str], ImageRule] = openai_rule  # a model's image-token rule

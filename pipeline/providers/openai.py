@@ -79,34 +79,34 @@ def static_body(spec: RequestSpec, job_name: str, api: ApiSpec | None = None,
     if spec.image is not None:  # image generation: the model's own parameters, only those the job gave
         body.update((k, v) for k, v in vars(spec.image).items() if v is not None and (k != "n" or v != 1))
         return body
-    if spec.temperature is not None:
-        body["temperature"] = spec.temperature
-    if spec.top_p is not None:
-        body["top_p"] = spec.top_p
-    if spec.seed is not None:
-        body["seed"] = spec.seed
-    if spec.stop:
-        body["stop"] = list(spec.stop)
-    if spec.reasoning_effort:
-        body["reasoning_effort"] = spec.reasoning_effort
+    if spec.chat.temperature is not None:
+        body["temperature"] = spec.chat.temperature
+    if spec.chat.top_p is not None:
+        body["top_p"] = spec.chat.top_p
+    if spec.chat.seed is not None:
+        body["seed"] = spec.chat.seed
+    if spec.chat.stop:
+        body["stop"] = list(spec.chat.stop)
+    if spec.chat.reasoning_effort:
+        body["reasoning_effort"] = spec.chat.reasoning_effort
     body[api.max_tokens_field] = spec.max_tokens
-    if spec.tools:
+    if spec.chat.tools:
         body["tools"] = [{"type": "function", "function": {
             "name": t.name, **({"description": t.description} if t.description else {}),
-            "parameters": dict(t.parameters), **({"strict": True} if t.strict else {})}} for t in spec.tools]
-        body["tool_choice"] = (spec.tool_choice if spec.tool_choice in ("auto", "required")
-                               else {"type": "function", "function": {"name": spec.tool_choice}})
-        if any(t.strict for t in spec.tools) and api.provider in ("openai", "azure"):
+            "parameters": dict(t.parameters), **({"strict": True} if t.strict else {})}} for t in spec.chat.tools]
+        body["tool_choice"] = (spec.chat.tool_choice if spec.chat.tool_choice in ("auto", "required")
+                               else {"type": "function", "function": {"name": spec.chat.tool_choice}})
+        if any(t.strict for t in spec.chat.tools) and api.provider in ("openai", "azure"):
             # OpenAI: strict schemas are not kept for parallel calls, so a strict job asks for one call at a time
             body["parallel_tool_calls"] = False
-    if spec.response_schema is not None:
+    if spec.chat.response_schema is not None:
         if api.structured_output == "json_schema":
             body["response_format"] = {"type": "json_schema", "json_schema": {
-                "name": schema_name(job_name), "schema": spec.response_schema, "strict": True}}
+                "name": schema_name(job_name), "schema": spec.chat.response_schema, "strict": True}}
         elif api.structured_output == "json_object":
             # OpenAI's json_object has no other key (and OpenAI refuses unknown parameters): the schema is in the
             # prompt. Some compatible servers also read it beside the type, when the job says so.
-            body["response_format"] = ({"type": "json_object", "schema": spec.response_schema}
+            body["response_format"] = ({"type": "json_object", "schema": spec.chat.response_schema}
                                        if api.json_object_schema else {"type": "json_object"})
     return body
 
@@ -120,10 +120,11 @@ class OpenAIBodies:
         # Embeddings: a row's body is this prefix, its input as a JSON string, and "}" (``embedding``).
         self._input_prefix = orjson.dumps(self.head)[:-1] + b',"input":'
         # Without strict structured outputs the model learns the schema from the system prompt.
-        self.instruction = (schema_instruction(spec.response_schema)
-                            if spec.response_schema is not None and api.structured_output != "json_schema" else None)
+        schema = spec.chat.response_schema
+        self.instruction = (schema_instruction(schema)
+                            if schema is not None and api.structured_output != "json_schema" else None)
         self._has_system = bool(spec.system)
-        self._images_first = spec.image_position == "before"
+        self._images_first = spec.chat.image_position == "before"
         # The tool definitions are prompt the model reads: the estimate counts their JSON (OpenAI frames them
         # its own undocumented way, so this is close, not exact).
         self._tools_text = orjson.dumps(self.head["tools"]).decode() if "tools" in self.head else ""
