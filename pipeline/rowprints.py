@@ -31,7 +31,7 @@ from pipeline.source import ROW, Source, iter_chunks
 
 _SEEDS = (0x5EED5EED, 0x0B0B0B0B)  # two 64-bit hashes of each row, seeded apart
 # One record per chunk of prints, as arrays (as the journal keeps embeddings): a million rows load in
-# milliseconds, where a row per print took 2-3 s to read back and join with the outcomes.
+# milliseconds, where a row per print took 2-3 s to read back and join with the outcomes (bench/resume.py).
 _CREATE = "CREATE TABLE IF NOT EXISTS row_prints (block INTEGER PRIMARY KEY, hi BLOB, lo BLOB, keys BLOB)"
 _BASIS = "row_print_basis"
 _DIGEST = 16
