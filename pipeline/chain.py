@@ -51,12 +51,11 @@ def check_ready(job: Job) -> None:
                          f"`pipeline run {job.input.from_job}` first, or this job with --with-deps")
 
 
-FILLER = " x"  # one token a piece in every tokenizer we count with: an answer at its bound of n tokens
-
-
 def _answers(height: int, max_tokens: int, schema: Any) -> dict[str, pl.Series]:
     """A chat step's answer columns at their bound: ``content``, and the schema's typed fields (text at
     ``max_tokens`` each, other types empty)."""
+    from pipeline.reduce import FILLER
+
     text = FILLER * max_tokens
     cols = {"content": pl.Series("content", [text] * height, pl.String)}
     if schema is not None:
@@ -74,11 +73,10 @@ def input_frame(job: Job, limit: int | None = None) -> pl.DataFrame | None:
         dep = Job.load(job.input.from_job)
         if not complete(dep):
             return stand_in(dep, limit)
-    from pipeline.source import iter_chunks, open_source
+    from pipeline.reduce import input_rows
 
-    source = open_source(job.input.path, job.storage.endpoint_url)
-    chunks = list(iter_chunks(source, list(source.schema), limit=limit))
-    return pl.concat(chunks).drop("row", strict=False) if chunks else None
+    rows = input_rows(job, limit=limit)
+    return rows if rows.width else None
 
 
 def stand_in(dep: Job, limit: int | None = None) -> pl.DataFrame | None:

@@ -16,10 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import contextlib
-import ctypes
 import dataclasses
-import gc
 import hashlib
 import json
 import os
@@ -268,18 +265,13 @@ def _run(job: Job, *, progress: bool, on_progress: Callable[[Any], None] | None,
             line.close()
 
 
-def _give_back_freed_memory() -> None:
-    """What the run freed goes back to the system before the answers are read in: glibc keeps freed blocks in its
-    heap, so the answers would otherwise be added on top of the run's high-water mark (map's peak RSS 341 MiB
-    against the command's 285 before this; bench/frames.py)."""
-    gc.collect()
-    with contextlib.suppress(AttributeError, OSError):  # not glibc: its allocator keeps what it keeps
-        ctypes.CDLL(None).malloc_trim(0)
-
-
 def _joined(df: pl.DataFrame, kind: str, result: Any, schema: Any, as_models: bool) -> Any:
     """The frame with the run's answers as columns, one row per input row in input order, as the kind given."""
-    _give_back_freed_memory()
+    # what the run freed goes back first, so the answers do not land on top of the run's high-water mark (map's
+    # peak RSS 341 MiB against the command's 285 without this; bench/frames.py)
+    from pipeline.tokens import give_back_freed_memory
+
+    give_back_freed_memory()
     answers = pl.read_parquet(result.output)
     # The frame's columns, then the answer (the schema's or the tools' typed columns, else content), then the rest.
     typed = [c for c in answers.columns if c not in RESULT_SCHEMA and c != ROW_COLUMN]

@@ -29,7 +29,7 @@ import polars as pl
 from jinja2.sandbox import SandboxedEnvironment
 
 from pipeline.endpoints.chat import Chat
-from pipeline.errors import JobError, TemplateError
+from pipeline.errors import BudgetExceeded, JobError, TemplateError
 from pipeline.job import Job
 from pipeline.pricing import Price, Usage
 from pipeline.spec import ReduceSpec
@@ -38,6 +38,7 @@ from pipeline.tokens import ChatTokenCounter
 # what a chat request adds to its text: the framing of two messages and the reply's priming (tiktoken's rule)
 FRAMING_TOKENS = 12
 PACK = "__pack"  # the round job's one template column: a pack's rendered prompt
+FILLER = " x"  # one token a piece in every tokenizer we count with: n of them, an answer at its bound of n tokens
 
 
 @dataclass
@@ -209,7 +210,7 @@ def items_of(job: Job, frame: pl.DataFrame) -> tuple[list[str], dict[str, tuple[
     return order, groups
 
 
-def _input_rows(job: Job, columns: Sequence[str] = (), limit: int | None = None) -> pl.DataFrame:
+def input_rows(job: Job, columns: Sequence[str] = (), limit: int | None = None) -> pl.DataFrame:
     """The input's rows, these of its columns (every one by default)."""
     from pipeline.source import iter_chunks, open_source
 
@@ -231,7 +232,7 @@ def reduce_price(job: Job) -> Price | None:
 def map_items(job: Job) -> pl.DataFrame:
     """The reduce's rows: the map's answered rows (its id, kept and answer columns), or the input's rows."""
     if not job.maps:
-        return _input_rows(job)
+        return input_rows(job)
     out = pl.read_parquet(job.output.local)
     answered = out.filter(pl.col("status") == "ok")
     from pipeline.outcome import RESULT_SCHEMA
@@ -253,12 +254,11 @@ def plan_chain(job: Job, price: Price | None, counter: ChatTokenCounter, *, map_
     order, groups = items_of(job, rows)
     chain.groups, chain.items = len(order), sum(len(groups[k][1]) for k in order)
     chain.exact_first_round = map_max_tokens is None
-    filler = " x"  # one token a piece in every tokenizer we count with
 
     def bound(group: dict[str, Any], round_: int, tokens: int) -> Callable[[dict[str, Any]], int]:
         empty = packer.tokens(packer.render(group, [], round_))
         columns = {c: "0" for c in spec.items if c != "content"} if round_ == 1 else {}
-        one = packer.tokens(packer.render(group, [{**columns, "content": filler * tokens}], round_)) - empty
+        one = packer.tokens(packer.render(group, [{**columns, "content": FILLER * tokens}], round_)) - empty
         return lambda item: max(1, one)
 
     pending = {k: len(groups[k][1]) for k in order}
@@ -332,7 +332,6 @@ def run_reduce(job: Job, run_round: Callable[[Job, pl.DataFrame], Any], *, fresh
     (``--fresh``): the earlier rounds' folder is moved aside (kept, not deleted) and every pack sent again.
     ``spent``: what this run's map step spent, taken off ``[budget].max_cost_usd`` with each round's spending, so
     one budget bounds the run's whole chain."""
-    from pipeline.errors import BudgetExceeded
     from pipeline.sink import move_aside
 
     spec = job.reduce
@@ -458,10 +457,10 @@ def chain_estimate(job: Job, limit: int | None = None, measured_tokens: float | 
     assert spec is not None
     price, counter = reduce_price(job), ChatTokenCounter(spec.model)
     if job.maps:  # the map's answers are still to come: the input's columns the reduce reads, and an empty answer
-        rows = _input_rows(job, list(dict.fromkeys((*spec.group_by, *spec.order_by, *spec.items))), limit)
+        rows = input_rows(job, list(dict.fromkeys((*spec.group_by, *spec.order_by, *spec.items))), limit)
         rows = rows.with_columns(pl.lit("").alias("content"))
     else:
-        rows = _input_rows(job, limit=limit)
+        rows = input_rows(job, limit=limit)
     chain = plan_chain(job, price, counter, map_rows=rows, map_max_tokens=job.request.max_tokens if job.maps else None)
     chain.map_batch = job.maps and job.request.mode == "batch"
     if job.maps and measured_tokens is not None:

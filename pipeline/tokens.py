@@ -110,6 +110,12 @@ def release_encodings() -> None:
     get_encoding.cache_clear()
     for counter in list(_COUNTERS):
         counter._encoding = None
+    give_back_freed_memory()
+
+
+def give_back_freed_memory() -> None:
+    """What Python has freed goes back to the system: glibc keeps freed small blocks in its arenas, so memory a run
+    no longer holds would otherwise stay resident (and the next large allocation would land on top of it)."""
     gc.collect()
     with contextlib.suppress(AttributeError, OSError):  # not glibc: the allocator keeps what it keeps
         ctypes.CDLL(None).malloc_trim(0)
