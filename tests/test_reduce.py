@@ -10,6 +10,7 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from typing import Any
 
 import polars as pl
 import pytest
@@ -47,6 +48,20 @@ def reduce_job(tmp_path: Path, base_url: str, data: pl.DataFrame, budget: int = 
                    f'[api]\nbase_url = "{base_url}"\n[limits]\nconcurrency = 16\n'
                    + REDUCE + f"max_items_tokens = {budget}\n")
     return job
+
+
+def themes_job(make_job: Any, base_url: str, *, rows: int, map_max_tokens: int, max_items_tokens: int) -> Path:
+    """A map (one line per review) then a reduce of the answers by product (30 tokens a fold answer)."""
+    request = f'model = "gpt-4o-mini"\nprompt = "One line on {{{{ text }}}}"\nmax_tokens = {map_max_tokens}'
+    return make_job(rows=rows, request=request, extra=f'[api]\nbase_url = "{base_url}"\n' + textwrap.dedent('''\
+        [reduce]
+        group_by = ["product"]
+        items = ["content"]
+        prompt = """Themes of {{ group.product }}:
+        {% for item in items %}- {{ item.content }}
+        {% endfor %}"""
+        max_tokens = 30
+        ''') + f"max_items_tokens = {max_items_tokens}\n")
 
 
 def test_a_group_that_fits_is_one_request_and_a_large_one_folds_in_the_planned_rounds(sim, tmp_path):
@@ -122,18 +137,8 @@ def test_changing_one_group_resends_only_that_groups_packs(sim, tmp_path):
 
 
 def test_map_then_reduce_folds_the_maps_answers_by_a_kept_column(sim, make_job, tmp_path):
-    request = 'model = "gpt-4o-mini"\nprompt = "One line on {{ text }}"\nmax_tokens = 20'
     with sim() as s:
-        job = make_job(rows=60, request=request, extra=f'[api]\nbase_url = "{s.base_url}"\n' + textwrap.dedent('''\
-            [reduce]
-            group_by = ["product"]
-            items = ["content"]
-            prompt = """Themes of {{ group.product }}:
-            {% for item in items %}- {{ item.content }}
-            {% endfor %}"""
-            max_tokens = 30
-            max_items_tokens = 3000
-            '''))
+        job = themes_job(make_job, s.base_url, rows=60, map_max_tokens=20, max_items_tokens=3000)
         result = run(Job.load(job))
         assert result.exit_code == 0 and result.reduce is not None
         assert s.stats.requests == 60 + 3  # the map's rows, then one request per product
@@ -219,18 +224,8 @@ def test_no_wait_goes_one_round_per_run_until_the_fold_is_done(sim, tmp_path):
 def test_after_a_sample_the_chain_estimate_adds_the_rounds_the_measured_answers_need(sim, make_job, tmp_path):
     from tests.conftest import run_cli
 
-    request = 'model = "gpt-4o-mini"\nprompt = "One line on {{ text }}"\nmax_tokens = 400'
     with sim() as s:
-        job = make_job(rows=300, request=request, extra=f'[api]\nbase_url = "{s.base_url}"\n' + textwrap.dedent('''\
-            [reduce]
-            group_by = ["product"]
-            items = ["content"]
-            prompt = """Themes of {{ group.product }}:
-            {% for item in items %}- {{ item.content }}
-            {% endfor %}"""
-            max_tokens = 30
-            max_items_tokens = 2500
-            '''))
+        job = themes_job(make_job, s.base_url, rows=300, map_max_tokens=400, max_items_tokens=2500)
         before = run_cli("estimate", job)
         assert before.exit_code == 0 and "expected after the sample" not in before.output
         bound = estimate(Job.load(job)).chain
@@ -247,18 +242,8 @@ def test_after_a_sample_the_chain_estimate_adds_the_rounds_the_measured_answers_
 
 
 def test_one_budget_bounds_the_map_and_every_reduce_round_of_a_run(sim, make_job, tmp_path):
-    request = 'model = "gpt-4o-mini"\nprompt = "One line on {{ text }}"\nmax_tokens = 20'
     with sim() as s:
-        job = make_job(rows=600, request=request, extra=f'[api]\nbase_url = "{s.base_url}"\n' + textwrap.dedent('''\
-            [reduce]
-            group_by = ["product"]
-            items = ["content"]
-            prompt = """Themes of {{ group.product }}:
-            {% for item in items %}- {{ item.content }}
-            {% endfor %}"""
-            max_tokens = 30
-            max_items_tokens = 600
-            '''))
+        job = themes_job(make_job, s.base_url, rows=600, map_max_tokens=20, max_items_tokens=600)
         unlimited = run(Job.load(job))
         assert unlimited.reduce is not None and unlimited.exit_code == 0
         map_cost, reduce_cost = unlimited.stats.cost_usd, unlimited.reduce.cost_usd
