@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipeline.endpoints import ENDPOINTS
+from pipeline.endpoints import ENDPOINT_NAMES, endpoint_of
 from pipeline.endpoints.base import mode_of
 from pipeline.errors import JobError
 from pipeline.providers.registry import DEFAULT as DEFAULT_PROVIDER
@@ -110,9 +110,9 @@ def _relative(path: Path, folder: str | Path | None) -> str:
 def _parse_request(req: Table, base: Path) -> RequestSpec:
     """[request]: the endpoint (``endpoints/``) reads its own keys."""
     name = req.str("endpoint", default_of(RequestSpec, "endpoint"))
-    if name not in ENDPOINTS:
-        raise req.fail("endpoint", f"must be one of {', '.join(ENDPOINTS)}, got {shown(name)}")
-    return ENDPOINTS[name].parse(req, base)
+    if name not in ENDPOINT_NAMES:
+        raise req.fail("endpoint", f"must be one of {', '.join(ENDPOINT_NAMES)}, got {shown(name)}")
+    return endpoint_of(name).parse(req, base)
 
 
 def load_job(path: str | Path) -> Job:
@@ -207,7 +207,7 @@ def parse_job(raw: Mapping[str, Any], *, file: str = "<job>", base: Path | None 
         per_audio_minute_usd=pr.number("per_audio_minute_usd", low=0.0, strict_low=False),
     )
     pr.done()
-    endpoint = ENDPOINTS[request_spec.endpoint]
+    endpoint = endpoint_of(request_spec.endpoint)
     if (pricing.input_per_mtok is None) != (pricing.output_per_mtok is None) and not (
             not endpoint.bills_output and pricing.input_per_mtok is not None):
         missing = "output_per_mtok" if pricing.output_per_mtok is None else "input_per_mtok"
@@ -278,7 +278,7 @@ def _parse_reduce(red: Table, request: RequestSpec, output: str, maps: bool, bas
     prompt = red.str("prompt", required=True)
     assert prompt is not None
     model = red.str("model", request.model)
-    if maps and not ENDPOINTS[request.endpoint].text_answers:
+    if maps and not endpoint_of(request.endpoint).text_answers:
         raise red.fail("prompt", f'folds answers that are text; [request].endpoint = "{request.endpoint}" gives '
                        "none")
     schema = red.get("response_schema")

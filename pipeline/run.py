@@ -12,7 +12,7 @@ import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
 import polars as pl
@@ -25,8 +25,10 @@ from pipeline.job import Job
 from pipeline.ledger import BatchPart
 from pipeline.outcome import RunStats
 from pipeline.plan import RunPlan, answer_columns, finish, prepare
-from pipeline.reduce import ReduceResult, run_reduce
 from pipeline.storage import is_url, pull_manifest, push_files, push_output
+
+if TYPE_CHECKING:
+    from pipeline.reduce import ReduceResult
 
 
 @dataclass
@@ -105,6 +107,8 @@ def run(job: Job, *, base_url: str | None = None, limit: int | None = None, fres
 
     check_ready(job)  # a dependency's output is read only once its run completed
     if job.reduce is not None and not job.maps:  # [reduce] alone: the input's rows folded by group
+        from pipeline.reduce import run_reduce  # loaded by jobs with a [reduce] only
+
         red = run_reduce(job, _round_runner(base_url, transport, mode, wait, on_batches), fresh=fresh)
         return RunResult(output=red.output, manifest=_reduce_manifest(job, red), stats=RunStats(), estimate=None,
                          reduce=red)
@@ -144,6 +148,8 @@ def run(job: Job, *, base_url: str | None = None, limit: int | None = None, fres
                        set_aside=plan.set_aside)
     if job.reduce is not None and end.stopped is None and not end.stats.pending:
         # the map is complete: its answers are folded (a stopped or pending map is reduced on the rerun that ends it)
+        from pipeline.reduce import run_reduce
+
         result.reduce = run_reduce(job, _round_runner(base_url, transport, mode, wait, on_batches), fresh=fresh,
                                    spent=end.stats.cost_usd)
         result.manifest_data["reduce"] = _reduce_summary(result.reduce)

@@ -27,6 +27,7 @@ from pipeline.providers.base import (
     TranscriptAnswer,
 )
 from pipeline.providers.openai_wire import (
+    BATCH_URLS,
     chat_answer,
     classify,
     embeddings_answer,
@@ -368,8 +369,6 @@ class OpenAIProvider:
 
     def batch_urls(self) -> dict[str, str]:
         """The ``url`` of each endpoint in a Batch input line (and the batch's ``endpoint``)."""
-        from pipeline.providers.openai_batch import BATCH_URLS
-
         return BATCH_URLS
 
     def batch_params(self) -> dict[str, str] | None:

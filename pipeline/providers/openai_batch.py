@@ -18,12 +18,11 @@ from tenacity import Retrying
 
 from pipeline.errors import ProviderError, RowError, TransientError
 from pipeline.providers.base import BatchResult, BatchState
-from pipeline.providers.openai_wire import classify, raise_for_status
+from pipeline.providers.openai_wire import BATCH_URLS, classify, raise_for_status
 from pipeline.redact import redact
 from pipeline.retry import RetryPolicy, transport_error
 
 T = TypeVar("T")
-BATCH_URLS = {"chat": "/v1/chat/completions", "embeddings": "/v1/embeddings", "images": "/v1/images/generations"}
 FINAL = frozenset({"completed", "failed", "expired", "cancelled"})
 
 

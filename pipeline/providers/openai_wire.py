@@ -28,6 +28,8 @@ from pipeline.providers.base import (
     TranscriptAnswer,
 )
 
+# The ``url`` of each endpoint in a Batch API input line (and the batch's ``endpoint``).
+BATCH_URLS = {"chat": "/v1/chat/completions", "embeddings": "/v1/embeddings", "images": "/v1/images/generations"}
 RETRYABLE_STATUS = frozenset({408, 409, 429, 500, 502, 503, 504})
 MAX_SERVER_WAIT_S = 120.0  # the SDK's rule: a server asking for longer than this is not worth waiting for
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|us|µs|ns|h|m|s)")
