@@ -35,6 +35,7 @@ from pipeline.interrupts import StopSignals
 from pipeline.job import Job
 from pipeline.outcome import RESULT_SCHEMA
 from pipeline.planning import estimate as estimate_job
+from pipeline.providers.registry import DESCRIPTORS
 
 ROW_COLUMN = "row"  # the output's id column when the job names none: the input position
 
@@ -43,12 +44,12 @@ _TABLES = {
     "concurrency": "limits", "requests_per_minute": "limits", "tokens_per_minute": "limits",
     "input_tokens_per_minute": "limits", "output_tokens_per_minute": "limits", "max_attempts": "limits",
     "timeout_s": "limits", "max_cost_usd": "budget", "provider": "api", "base_url": "api", "api_key_env": "api",
-    "deployment": "api", "api_version": "api", "max_tokens_field": "api", "structured_output": "api",
-    "anthropic_version": "api", "skip_nulls": "input", "output_tokens": "estimate",
+    "max_tokens_field": "api", "structured_output": "api", "skip_nulls": "input", "output_tokens": "estimate",
     "poll_interval_s": "batch", "poll_max_interval_s": "batch", "max_requests_per_file": "batch",
     "max_bytes_per_file": "batch", "input_per_mtok": "pricing", "output_per_mtok": "pricing",
     "cached_input_per_mtok": "pricing", "per_audio_minute_usd": "pricing",
 }
+_TABLES |= {key: "api" for d in DESCRIPTORS.values() for key in (*d.options, *d.own_keys)}  # providers' own keys
 _RENAMED = {"schema": "response_schema"}
 
 

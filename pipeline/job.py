@@ -354,9 +354,11 @@ def _parse_api(api: Table, request: RequestSpec) -> ApiSpec:
         # time, so "" here; resolve_base_url says what is missing if nothing does.
         base_url = d.default_base_url
     for other in DESCRIPTORS.values():
-        for key, why in other.own_keys.items():
-            if api.has(key) and key not in d.own_keys:
+        for key, why in [*((k, "") for k in other.options), *other.own_keys.items()]:
+            if api.has(key) and key not in d.own_keys and key not in d.options:
                 raise api.fail(key, f'is for provider = "{other.name}" only' + (f": {why}" if why else ""))
+    options = tuple((key, value) for key, default in d.options.items()
+                    if (value := api.str(key, default)) is not None)
     if api.has("max_tokens_field") and not d.max_tokens_fields:
         raise api.fail("max_tokens_field", f'does not apply to provider = "{provider}" (it always sends max_tokens)')
     fields = d.max_tokens_fields or MAX_TOKENS_FIELDS  # (unused where fixed: kept as it always was)
@@ -394,10 +396,8 @@ def _parse_api(api: Table, request: RequestSpec) -> ApiSpec:
                        f"take {request.endpoint} requests; run online (mode = \"online\")")
     spec = ApiSpec(base_url=base_url.rstrip("/"), provider=provider,
                    api_key_env=api.str("api_key_env", d.key_env),
-                   deployment=api.str("deployment"), api_version=api.str("api_version"),
                    max_tokens_field=max_tokens_field, structured_output=structured,
-                   json_object_schema=json_object_schema,
-                   anthropic_version=api.str("anthropic_version", default_of(ApiSpec, "anthropic_version")))
+                   json_object_schema=json_object_schema, options=options)
     api.done()
     return spec
 

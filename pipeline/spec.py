@@ -186,18 +186,21 @@ class ApiSpec:
     """Where requests go and in which dialect; the key itself is read from the named environment variable only.
 
     ``provider`` picks the wire dialect (``providers/``); the other keys are the points where servers of one
-    dialect differ: Azure's deployment name and API version, and what an OpenAI-compatible server accepts.
+    dialect differ. ``options`` holds the provider's own keys (its descriptor's ``options``, such as Azure's
+    deployment): only the provider reads them, so a provider with keys of its own adds nothing here.
     """
 
     base_url: str = DEFAULT_BASE_URL
     api_key_env: str = "OPENAI_API_KEY"
     provider: str = "openai"
-    deployment: str | None = None         # azure: sent as the model; [request].model names the priced model
-    api_version: str | None = None        # azure: set for the older /openai/deployments/... URLs
     max_tokens_field: str = "max_completion_tokens"
     structured_output: str = "json_schema"
     json_object_schema: bool = False      # openai-compatible: the schema also beside json_object (an extension)
-    anthropic_version: str = "2023-06-01"
+    options: tuple[tuple[str, str], ...] = ()  # (key, value) of the provider's own [api] keys, defaults filled in
+
+    def option(self, key: str) -> str | None:
+        """The provider's own ``[api]`` key ``key``: as the job set it, else its default, else None."""
+        return next((value for k, value in self.options if k == key), None)
 
 
 @dataclass(frozen=True)

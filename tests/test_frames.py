@@ -192,3 +192,16 @@ def test_a_batch_map_without_waiting_returns_a_handle_collected_later(sim, tmp_p
         out = handle.collect()
         assert out["n"].to_list() == list(range(8)) and (out["status"] == "ok").all()
         assert s.stats.batches_created == 1  # collected, never submitted again
+
+
+def test_a_providers_own_keys_in_code_go_to_api_as_in_a_file():
+    from pipeline.frames import job_keys
+
+    keys = job_keys(model="gpt-4o-mini", prompt="{{ text }}", provider="azure", deployment="prod-mini",
+                    api_version="2024-10-21", base_url="https://r.openai.azure.com")
+    assert keys["api"] == {"provider": "azure", "deployment": "prod-mini", "api_version": "2024-10-21",
+                           "base_url": "https://r.openai.azure.com"}
+    claude = job_keys(model="claude-haiku-4-5", prompt="{{ text }}", provider="anthropic",
+                      anthropic_version="2023-06-01")
+    assert claude["api"] == {"provider": "anthropic", "anthropic_version": "2023-06-01"}
+    assert job_keys(model="m", prompt="p", json_object_schema=True)["api"] == {"json_object_schema": True}

@@ -159,7 +159,7 @@ class Chat(Endpoint):
         req = job.request
         return check_family(job.source, job.api.provider, req.model, temperature=req.chat.temperature,
                             top_p=req.chat.top_p, reasoning_effort=req.chat.reasoning_effort, max_tokens=req.max_tokens,
-                            stop=bool(req.chat.stop), anthropic_version=job.api.anthropic_version)
+                            stop=bool(req.chat.stop), options=dict(job.api.options))
 
     def batch_outcome(self, r: BatchResult, price: Price | None, *, codec: Codec,
                       checker: Checker | None) -> Outcome:

@@ -43,6 +43,8 @@ from pipeline.providers.openai import schema_instruction
 from pipeline.spec import ApiSpec, RequestSpec
 from pipeline.tokens import BoundingTokenCounter, ChatTokenCounter
 
+ANTHROPIC_VERSION = "2023-06-01"  # [api].anthropic_version's default: the version every model takes
+
 _FAMILY = re.compile(r"claude-(opus|sonnet|haiku)-(\d+)(?:-(\d{1,2}))?(?!\d)")
 
 
@@ -222,7 +224,7 @@ class AnthropicProvider:
     def headers(self, api_key: str | None) -> dict[str, str]:
         """Every request's headers; the key goes in ``x-api-key`` and nowhere else."""
         headers = {"Content-Type": "application/json", "Accept": "application/json", "User-Agent": "pipeline/0.1",
-                   "anthropic-version": self.api.anthropic_version}
+                   "anthropic-version": self.api.option("anthropic_version") or ANTHROPIC_VERSION}
         if api_key:
             headers["x-api-key"] = api_key
         return headers
@@ -251,7 +253,8 @@ DESCRIPTOR = Descriptor(
     max_tokens_fields=(),  # the Messages API always takes max_tokens
     max_images=100,  # "up to 100 images in a single API request" (docs.anthropic.com, vision)
     batch_limits=(100_000, 256_000_000),  # per Message Batch (docs.anthropic.com, batch processing)
-    endpoints=("chat",), own_keys={"anthropic_version": ""}, request_keys_refused=("seed", "reasoning_effort"),
+    endpoints=("chat",), options={"anthropic_version": ANTHROPIC_VERSION},
+    request_keys_refused=("seed", "reasoning_effort"),
     image_detail=False,  # Claude resizes large images itself
     image_limits=CLAUDE_LIMITS, image_rule=claude_rule, price_ids=("anthropic",),
     make=lambda api, request: AnthropicProvider(api, user_tools=bool(request.chat.tools)))

@@ -35,11 +35,11 @@ class AzureProvider(OpenAIProvider):
 
     def base_url(self, url: str) -> str:
         """v1: ``RESOURCE/openai/v1``; deployment URLs: ``RESOURCE/openai`` (whatever of it was given)."""
-        return self._root(url) + ("/openai" if self.api.api_version else "/openai/v1")
+        return self._root(url) + ("/openai" if self.api.option("api_version") else "/openai/v1")
 
     def model(self, spec: RequestSpec) -> str:
         """The deployment name, which is what Azure routes by (the model name when there is none)."""
-        return self.api.deployment or spec.model
+        return self.api.option("deployment") or spec.model
 
     def headers(self, api_key: str | None) -> dict[str, str]:
         """Every request's headers; the key goes in ``api-key`` and nowhere else."""
@@ -50,10 +50,11 @@ class AzureProvider(OpenAIProvider):
 
     def path(self, endpoint: str) -> str:
         """v1: the OpenAI path; deployment URLs: under the deployment, with the API version."""
-        if not self.api.api_version:
+        version = self.api.option("api_version")
+        if not version:
             return PATHS[endpoint]
-        deployment = quote(self.api.deployment or "", safe="")
-        return f"/deployments/{deployment}{PATHS[endpoint]}?api-version={quote(self.api.api_version, safe='')}"
+        deployment = quote(self.api.option("deployment") or "", safe="")
+        return f"/deployments/{deployment}{PATHS[endpoint]}?api-version={quote(version, safe='')}"
 
     def batch_urls(self) -> dict[str, str]:
         """Azure's Batch input lines and batches name the endpoint without a version prefix."""
@@ -61,7 +62,8 @@ class AzureProvider(OpenAIProvider):
 
     def batch_params(self) -> dict[str, str] | None:
         """The deployment URLs' API version, on every Files and Batches call."""
-        return {"api-version": self.api.api_version} if self.api.api_version else None
+        version = self.api.option("api_version")
+        return {"api-version": version} if version else None
 
 
 DESCRIPTOR = Descriptor(
@@ -69,7 +71,7 @@ DESCRIPTOR = Descriptor(
     hosts=(".openai.azure.com", ".cognitiveservices.azure.com", ".services.ai.azure.com"),
     structured_outputs=("json_schema", "json_object", "none"),
     max_tokens_fields=("max_completion_tokens", "max_tokens"), max_images=500, batch_limits=OPENAI_BATCH_LIMITS,
-    endpoints=("chat", "embeddings", "images", "transcriptions"), own_keys={"deployment": "", "api_version": ""},
+    endpoints=("chat", "embeddings", "images", "transcriptions"), options={"deployment": None, "api_version": None},
     requires={"api_version": "deployment"},  # the older URLs name the deployment
     price_ids=("azure", "openai"),  # Azure sells OpenAI's models; one listed for OpenAI only is priced as OpenAI's
     example_base_url="https://RESOURCE.openai.azure.com/openai/v1",

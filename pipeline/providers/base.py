@@ -293,7 +293,9 @@ class Descriptor:
     max_images: int                      # images one request may carry (the provider's vision docs)
     batch_limits: tuple[int, int]        # Batch API (requests, bytes) per file or batch
     endpoints: tuple[str, ...]           # the [request].endpoint values it serves
-    # [api] keys only this provider takes, each with why another provider has no use for it ("": no more to say)
+    # [api] strings only this provider takes, each with its default (None: unset), kept in ApiSpec.options
+    options: Mapping[str, str | None] = field(default_factory=dict)
+    # other [api] keys only this provider takes, each with why another provider has no use for it
     own_keys: Mapping[str, str] = field(default_factory=dict)
     requires: Mapping[str, str] = field(default_factory=dict)  # [api] key -> the key it needs beside it
     batch_endpoints: tuple[str, ...] = ("chat", "embeddings")  # the endpoints its Batch API takes

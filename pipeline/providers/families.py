@@ -28,6 +28,7 @@ Sources (read 2026-12):
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from pipeline.errors import JobError
@@ -97,7 +98,8 @@ def family_of(provider: str, model: str) -> Family | None:
 
 
 def check_family(job_source: str, provider: str, model: str, *, temperature: float | None, top_p: float | None,
-                 reasoning_effort: str | None, max_tokens: int, stop: bool, anthropic_version: str = "") -> list[str]:
+                 reasoning_effort: str | None, max_tokens: int, stop: bool,
+                 options: Mapping[str, str] | None = None) -> list[str]:
     """Raise JobError for a parameter ``model`` refuses; returns notes for a model no table knows (Azure's
     ``model`` is the priced model, not the deployment, so it names the family there too)."""
     family = family_of(provider, model)
@@ -110,6 +112,7 @@ def check_family(job_source: str, provider: str, model: str, *, temperature: flo
     def refuse(key: str, why: str, fix: str) -> JobError:
         return JobError(f"{where}.{key} {why} ({family.name}): {fix}")
 
+    anthropic_version = (options or {}).get("anthropic_version", "")  # the provider's own [api] key
     sampling_removed = provider == "anthropic" and anthropic_version >= SAMPLING_REMOVED_FROM
     sampling_ok = family.sampling or (family.sampling_with_effort and (reasoning_effort or "none")
                                       in family.sampling_with_effort)
