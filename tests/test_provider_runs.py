@@ -14,13 +14,18 @@ import threading
 import time
 from pathlib import Path
 
+import httpx
 import polars as pl
 import pytest
 from aiohttp import web
 
+from pipeline.errors import JobError
 from pipeline.job import Job
+from pipeline.providers import DESCRIPTORS, Descriptor
+from pipeline.providers.openai import OpenAIProvider
 from pipeline.run import run
 from pipeline.sim.server import free_port
+from pipeline.spec import OPENAI_BATCH_LIMITS
 from tests.conftest import SECRET, run_cli
 
 PIPELINE = str(Path(sys.executable).parent / "pipeline")
@@ -409,3 +414,57 @@ def test_images_and_tools_on_every_provider(make_job, sim, tmp_path, mode):
         assert (out["prompt_tokens"] > 0).all()
     assert all(r == ["refund", "escalate"] * 2 for r in routes.values()), routes
     assert all(s == schemas["openai"] for s in schemas.values()), schemas
+
+
+class _AcmeProvider(OpenAIProvider):
+    """A fifth provider, defined here and nowhere in ``pipeline/``: OpenAI's dialect, a key variable of its own, and
+    an ``[api]`` key of its own (``region``) that it alone reads, sent as a header."""
+
+    name = "acme"
+
+    def headers(self, api_key: str | None) -> dict[str, str]:
+        return {**super().headers(api_key), "acme-region": self.api.option("region") or ""}
+
+
+ACME = Descriptor(
+    name="acme", default_base_url="https://api.acme.test/v1", key_env="ACME_API_KEY", hosts=("api.acme.test",),
+    structured_outputs=("json_schema", "none"), max_tokens_fields=("max_completion_tokens",), max_images=10,
+    batch_limits=OPENAI_BATCH_LIMITS, endpoints=("chat",), batch_endpoints=(), options={"region": "eu"},
+    price_ids=("openai",), make=lambda api, request: _AcmeProvider(api))
+
+
+class _Recording(httpx.AsyncHTTPTransport):
+    """The real loopback transport, noting each request's headers on the way."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.headers: list[httpx.Headers] = []
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        self.headers.append(request.headers)
+        return await super().handle_async_request(request)
+
+
+def test_a_provider_is_its_module_and_one_descriptor_in_the_registry(make_job, sim, monkeypatch):
+    monkeypatch.setitem(DESCRIPTORS, "acme", ACME)  # what its one line in providers/registry.py does
+    monkeypatch.setenv("ACME_API_KEY", SECRET)
+    with sim() as s:
+        job = Job.load(make_job(extra=f'[api]\nprovider = "acme"\nbase_url = "{s.base_url}"\nregion = "us"'))
+        assert job.api.api_key_env == "ACME_API_KEY" and job.api.option("region") == "us"
+        transport = _Recording()
+        result = run(job, transport=transport)
+        assert result.exit_code == 0 and result.stats.ok == 20, (result.stopped, result.stats.errors)
+        assert s.stats.requests == len(transport.headers) == 20
+    assert {h["acme-region"] for h in transport.headers} == {"us"}
+    assert {h["authorization"] for h in transport.headers} == {f"Bearer {SECRET}"}
+    out = pl.read_parquet(result.output)
+    assert out.height == 20 and (out["status"] == "ok").all() and (out["cost_usd"] > 0).all()  # priced as OpenAI's
+    assert result.estimate is not None and result.estimate.cost_usd_max >= out["cost_usd"].sum()
+    # its key's default comes from its descriptor; another provider refuses the key; its host names it
+    assert Job.load(make_job(extra='[api]\nprovider = "acme"')).api.option("region") == "eu"
+    with pytest.raises(JobError, match=r'\[api\]\.region is for provider = "acme" only'):
+        Job.load(make_job(extra='[api]\nprovider = "openai"\nregion = "us"'))
+    assert Job.load(make_job(extra='[api]\nbase_url = "https://api.acme.test/v1"')).api.provider == "acme"
+    with pytest.raises(JobError, match=r'the Batch API of provider = "acme" does not take chat requests'):
+        Job.load(make_job(request='model = "gpt-4o-mini"\nprompt = "{{ text }}"\nmode = "batch"',
+                          extra='[api]\nprovider = "acme"'))
