@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 PIP := $(PY) -m pip install --quiet --disable-pip-version-check
 # The package's bytecode, written once as installing a wheel does: an editable install leaves it to each import,
 # which writes nothing where PYTHONDONTWRITEBYTECODE is set, and then every process (a test's simulator, a Ray
-# worker, a benchmark's run) compiled the package again (0.1-0.25 s of CPU each: docs/benchmarks.md, the seams).
+# worker, a benchmark's run) compiled the package again (about 0.2 s of CPU each: docs/benchmarks.md, the seams).
 # Python ignores a stale file and compiles that module again.
 COMPILE := $(PY) -m compileall -q pipeline >/dev/null
 
