@@ -49,7 +49,7 @@ _TABLES = {
     "max_bytes_per_file": "batch", "input_per_mtok": "pricing", "output_per_mtok": "pricing",
     "cached_input_per_mtok": "pricing", "per_audio_minute_usd": "pricing",
 }
-_TABLES |= {key: "api" for d in DESCRIPTORS.values() for key in (*d.options, *d.own_keys)}  # providers' own keys
+_TABLES |= {key: "api" for d in DESCRIPTORS.values() for key in d.own_api_keys}  # each provider's own keys
 _RENAMED = {"schema": "response_schema"}
 
 

@@ -354,8 +354,8 @@ def _parse_api(api: Table, request: RequestSpec) -> ApiSpec:
         # time, so "" here; resolve_base_url says what is missing if nothing does.
         base_url = d.default_base_url
     for other in DESCRIPTORS.values():
-        for key, why in [*((k, "") for k in other.options), *other.own_keys.items()]:
-            if api.has(key) and key not in d.own_keys and key not in d.options:
+        for key, why in other.own_api_keys.items():
+            if api.has(key) and key not in d.own_api_keys:
                 raise api.fail(key, f'is for provider = "{other.name}" only' + (f": {why}" if why else ""))
     options = tuple((key, value) for key, default in d.options.items()
                     if (value := api.str(key, default)) is not None)

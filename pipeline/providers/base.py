@@ -307,6 +307,12 @@ class Descriptor:
     example_base_url: str = "http://localhost:8000/v1"  # shown when a base URL is missing
     make: Callable[..., Provider] | None = field(default=None, compare=False, repr=False)  # (api, request)
 
+    @property
+    def own_api_keys(self) -> dict[str, str]:
+        """Every ``[api]`` key only this provider takes (its options and its other own keys), each with why another
+        provider has no use for it ("" for an option): what the job parser refuses elsewhere."""
+        return {**dict.fromkeys(self.options, ""), **self.own_keys}
+
     def serves_host(self, host: str) -> bool:
         """Whether ``host`` is one of this API's own."""
         return any(host.endswith(h) if h.startswith(".") else host == h for h in self.hosts)
