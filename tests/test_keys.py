@@ -7,10 +7,8 @@ to keep the old keys (or a decision to let old journals re-send), not a new pin.
 
 import pytest
 
-from pipeline.job import Job
 from pipeline.keys import key_id, request_key
-from pipeline.render import Renderer
-from pipeline.source import iter_chunks, open_source
+from tests.test_render import _render
 
 SCHEMA = ('[request.response_schema]\ntype = "object"\nadditionalProperties = false\nrequired = ["label"]\n'
           '[request.response_schema.properties.label]\ntype = "string"\nenum = ["positive", "negative"]\n')
@@ -59,11 +57,8 @@ PINNED = {
 
 
 def first_keys(make_job, request: str, extra: str, n: int = 3) -> list[str]:
-    job = Job.load(make_job(request=request, extra=extra))
-    source = open_source(job.input.path)
-    renderer = Renderer(job, source)
-    chunk = next(iter(iter_chunks(source, renderer.columns)))
-    return [r.key for r in renderer.render_chunk(chunk).requests[:n]]
+    _, requests = _render(make_job(request=request, extra=extra))
+    return [r.key for r in requests[:n]]
 
 
 @pytest.mark.parametrize("name", list(JOBS))
